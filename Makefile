@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make repro   create .venv, install the project, run the whole DVC pipeline
+#   make test    create .venv, install the project with dev tools, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Stage commands in dvc.yaml call `python`/`torchrun`: run them with the venv first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test lint bench clean-venv
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+repro: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)
