@@ -166,3 +166,26 @@ def section(params: dict, name: str, cls: type[T], where: str = "params.yaml") -
 def load_section(path: str | Path, name: str, cls: type[T]) -> T:
     """Load ``path`` and type its section ``name`` as ``cls`` (the common case for a stage)."""
     return section(load_yaml(path), name, cls, where=str(path))
+
+
+def member_names(params: dict, where: str = "params.yaml") -> list[str]:
+    """Names of the ensemble members (``ensemble.members``), in params order."""
+    members = (params.get("ensemble") or {}).get("members")
+    if not isinstance(members, dict) or not members:
+        raise ConfigError(f"{where}: 'ensemble.members' must be a non-empty mapping of name -> overrides")
+    return list(members)
+
+
+def member_params(params: dict, member: str, where: str = "params.yaml") -> dict:
+    """``params`` with member ``member``'s dotted overrides applied (``{'model.arch': 'resnet34'}``).
+
+    A member that does not override a key follows the base section, so ``-S train.resolution=224``
+    changes every member that does not set ``train.resolution`` itself.
+    """
+    names = member_names(params, where)
+    if member not in names:
+        raise ConfigError(f"{where}: unknown ensemble member '{member}' (members: {', '.join(names)})")
+    overrides = params["ensemble"]["members"][member] or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: 'ensemble.members.{member}' must be a mapping of dotted key -> value")
+    return apply_overrides(params, overrides, where=f"{where} (ensemble.members.{member})")
