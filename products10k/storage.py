@@ -10,12 +10,15 @@ per-image open(), cheap in DataLoader workers (each worker maps the shards lazil
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 SHARD_DIR = "images"
+STAGING_PREFIX = ".images.tmp-"
 
 
 def shard_name(index: int) -> str:
@@ -25,44 +28,73 @@ def shard_name(index: int) -> str:
 class ShardWriter:
     """Append encoded images to shards under ``root/images``; ``add`` returns (shard, offset, length).
 
-    Shards are written under a temporary name and renamed on ``close`` so a killed prepare never
-    leaves a complete-looking shard behind.
+    The whole ``images`` folder is built in a temporary sibling (``root/.images.tmp-*``) and renamed
+    onto ``root/images`` by ``close``, so a killed or failed prepare never leaves a partial or
+    complete-looking ``images`` folder behind; leaving the ``with`` block with an exception removes
+    the temporary folder. Shards are numbered in ``add`` order, so the same input order gives
+    byte-identical shards (DVC then sees an unchanged output).
     """
 
     def __init__(self, root: str | os.PathLike, shard_mb: float = 256.0):
-        self.dir = Path(root) / SHARD_DIR
+        self.root = Path(root)
+        self.dir = self.root / SHARD_DIR
+        # An existing images folder is kept untouched until close(); a missing one is created empty
+        # so that readers see "no shards" rather than "no folder" while the writer works.
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
         self.max_bytes = max(1, int(shard_mb * 1024 * 1024))
         self.index = -1
         self._fh = None
         self._size = 0
-        self._open_next()
-
-    def _tmp(self, index: int) -> Path:
-        return self.dir / (".tmp-" + shard_name(index))
+        self.total_bytes = 0
 
     def _finish_current(self) -> None:
         if self._fh is not None:
             self._fh.close()
-            os.replace(self._tmp(self.index), self.dir / shard_name(self.index))
             self._fh = None
 
     def _open_next(self) -> None:
         self._finish_current()
         self.index += 1
-        self._fh = open(self._tmp(self.index), "wb")  # noqa: SIM115 - closed in _finish_current
+        self._fh = open(self._staging / shard_name(self.index), "wb")  # noqa: SIM115 - closed in _finish_current
         self._size = 0
 
     def add(self, data: bytes) -> tuple[str, int, int]:
-        if self._size > 0 and self._size + len(data) > self.max_bytes:
+        # Shards are opened lazily: no empty shard when nothing is added.
+        if self._fh is None or (self._size > 0 and self._size + len(data) > self.max_bytes):
             self._open_next()
         offset = self._size
         self._fh.write(data)
         self._size += len(data)
+        self.total_bytes += len(data)
         return shard_name(self.index), offset, len(data)
 
+    @property
+    def n_shards(self) -> int:
+        return self.index + 1
+
     def close(self) -> None:
+        """Publish the shards: replace ``root/images`` by the staged folder."""
+        if self._staging is None:
+            return
         self._finish_current()
+        old = None
+        if self.dir.exists():
+            # Two renames rather than rmtree-then-rename: the old folder disappears only once the
+            # new one is complete.
+            old = Path(tempfile.mkdtemp(prefix=".images.old-", dir=self.root))
+            os.replace(self.dir, old / SHARD_DIR)
+        os.replace(self._staging, self.dir)
+        self._staging = None
+        if old is not None:
+            shutil.rmtree(old)
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``root/images`` is left as it was."""
+        self._finish_current()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -70,10 +102,18 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._fh is not None:
-            self._fh.close()
-            self._tmp(self.index).unlink(missing_ok=True)
-            self._fh = None
+        else:
+            self.abort()
+
+
+def remove_stale_staging(root: str | os.PathLike) -> list[Path]:
+    """Delete ``.images.tmp-*`` / ``.images.old-*`` folders a killed ShardWriter left in ``root``."""
+    root = Path(root)
+    prefixes = (STAGING_PREFIX, ".images.old-")
+    stale = [p for p in root.glob(".images.*") if p.is_dir() and p.name.startswith(prefixes)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 class ImageStore:

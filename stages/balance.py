@@ -1,0 +1,44 @@
+"""Stage `balance`: the paper's balanced subset (at most balance.per_class random images per SKU).
+
+Run (as dvc.yaml does):
+
+    python stages/balance.py --params params.yaml --train data/prepared/train.csv \
+        --out data/prepared/balanced.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from products10k.balance import balance
+from products10k.config import load_section
+from products10k.errors import Products10kError
+from products10k.logs import setup_logging
+from products10k.params import BalanceConfig
+
+log = logging.getLogger("stages.balance")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True, help="params file (section 'balance')")
+    parser.add_argument("--train", required=True, help="prepared train.csv")
+    parser.add_argument("--out", required=True, help="balanced CSV to write (same columns as --train)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_section(args.params, "balance", BalanceConfig)
+        balance(args.train, args.out, cfg)
+    except Products10kError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Stage `prepare`: validate the raw tables, pre-resize every image once, split train/val.
+
+Run (as dvc.yaml does):
+
+    python stages/prepare.py --params params.yaml --raw data/raw --out data/prepared
+
+Reads the ``prepare`` section of the params file; see products10k/prepare.py for the contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from products10k.config import load_section
+from products10k.errors import Products10kError
+from products10k.logs import setup_logging
+from products10k.params import PrepareConfig
+from products10k.prepare import prepare
+
+log = logging.getLogger("stages.prepare")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True, help="params file (section 'prepare')")
+    parser.add_argument(
+        "--raw", required=True, help="folder with train.zip, test.zip, train.csv, test_kaggletest.csv"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (images/, train/val/test/label_map CSVs, report.json)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_section(args.params, "prepare", PrepareConfig)
+        prepare(args.raw, args.out, cfg)
+    except Products10kError as exc:
+        # A user-fixable problem: one clear line, no traceback.
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
