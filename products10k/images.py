@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 import zipfile
 import zlib
 
@@ -88,8 +89,9 @@ def _decode_pil(data: bytes) -> np.ndarray:
         raise ImageDefect(reason, f"{type(exc).__name__}: {exc}") from exc
 
 
-def _decode(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[int, int] | None]:
-    """Decode to upright RGB; also return the full-resolution (width, height) read from a JPEG header."""
+def _decode_bgr(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """Decode to upright BGR (OpenCV's order); also return the full-resolution (width, height) read
+    from a JPEG header."""
     if len(data) == 0:
         raise ImageDefect("empty", "file has 0 bytes")
     flag = cv2.IMREAD_COLOR
@@ -106,10 +108,10 @@ def _decode(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[int, i
                     break
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3 and bgr.size > 0:
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), full_wh
+        return bgr, full_wh
     if _looks_truncated(data):
         raise ImageDefect("truncated", f"{len(data)} bytes, image data ends before the end marker")
-    return _decode_pil(data), full_wh
+    return cv2.cvtColor(_decode_pil(data), cv2.COLOR_RGB2BGR), full_wh
 
 
 def decode_rgb(data: bytes, min_side: int | None = None) -> np.ndarray:
@@ -119,7 +121,7 @@ def decode_rgb(data: bytes, min_side: int | None = None) -> np.ndarray:
     shorter side is still >= ``min_side`` (so callers that downscale to ``min_side`` lose
     nothing). Raises :class:`ImageDefect` for empty, truncated or undecodable bytes.
     """
-    return _decode(data, min_side)[0]
+    return cv2.cvtColor(_decode_bgr(data, min_side)[0], cv2.COLOR_BGR2RGB)
 
 
 def target_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -156,12 +158,16 @@ def resize_shorter(rgb: np.ndarray, size: int, full_wh: tuple[int, int] | None =
     return cv2.resize(rgb, (tw, th), interpolation=interpolation)
 
 
+def _encode_bgr(bgr: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # only for empty/odd arrays, which decode_rgb never returns
+        raise ImageDefect("undecodable", f"JPEG encoding failed for an array of shape {bgr.shape}")
+    return buf.tobytes()
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     """Baseline JPEG bytes (no EXIF, so readers need no orientation handling)."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:  # only for empty/odd arrays, which decode_rgb never returns
-        raise ImageDefect("undecodable", f"JPEG encoding failed for an array of shape {rgb.shape}")
-    return buf.tobytes()
+    return _encode_bgr(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
 
 
 def prepare_image(data: bytes, size: int, quality: int) -> tuple[bytes, int, int]:
@@ -169,38 +175,44 @@ def prepare_image(data: bytes, size: int, quality: int) -> tuple[bytes, int, int
 
     Returns (jpeg_bytes, width, height) of the prepared image; raises :class:`ImageDefect`.
     """
-    rgb, full_wh = _decode(data, min_side=size)
-    out = resize_shorter(rgb, size, full_wh=full_wh)
+    # Decode, resize and encode all stay in OpenCV's BGR order: resizing works per channel, so this
+    # gives the same bytes as going through RGB, without two colour conversions (~0.3 ms/image).
+    bgr, full_wh = _decode_bgr(data, min_side=size)
+    out = resize_shorter(bgr, size, full_wh=full_wh)
     h, w = out.shape[:2]
-    return encode_jpeg(out, quality), w, h
+    return _encode_bgr(out, quality), w, h
 
 
-# One open ZipFile per archive and process: a worker reuses it across the chunks it is given.
-_OPEN_ZIPS: dict[tuple[str, int, int], zipfile.ZipFile] = {}
+# One open ZipFile per archive and thread: a ZipFile must not be read from several threads at once
+# (its shared file position and reference count are not thread-safe), so every worker thread of the
+# prepare stage opens its own handle, reused across the chunks it is given. A worker thread's handles
+# are closed with the thread-local storage when the pool shuts down.
+_LOCAL = threading.local()
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)  # a rewritten file at the same path is a new archive
-    zf = _OPEN_ZIPS.get(key)
+    zips = getattr(_LOCAL, "zips", None)
+    if zips is None:
+        zips = _LOCAL.zips = {}
+    zf = zips.get(key)
     if zf is None:
         zf = zipfile.ZipFile(path)
-        _OPEN_ZIPS[key] = zf
+        zips[key] = zf
     return zf
 
 
 def prepare_zip_members(
-    zip_path: str, members: list[str], size: int, quality: int, single_thread: bool = False
+    zip_path: str, members: list[str], size: int, quality: int
 ) -> list[tuple[bytes | None, int, int, str, str]]:
     """:func:`prepare_image` for ``members`` of one archive: (jpeg, width, height, reason, detail) each.
 
-    The prepare stage's joblib task; it lives here rather than in prepare.py so that worker
-    processes import only OpenCV/Pillow/NumPy, not pandas (a faster start). A defect of one image
+    The prepare stage's task, run on its worker threads (OpenCV's decode, resize and encode release
+    the GIL, so threads scale across cores without process start-up or pickling). A defect of one image
     is returned (reason non-empty, jpeg None) rather than raised, so one bad file does not cost the
     rest of the chunk; a member must exist (the caller checks the archive's index).
     """
-    if single_thread:
-        cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
     zf = _open_zip(zip_path)
     out = []
     for member in members:

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from products10k.images import ImageDefect, decode_rgb, prepare_image, resize_shorter, target_size
+from products10k.images import (
+    ImageDefect,
+    decode_rgb,
+    encode_jpeg,
+    prepare_image,
+    resize_shorter,
+    target_size,
+)
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -138,3 +145,20 @@ def test_prepare_image_sizes_and_reduced_decode_match_full_decode(w, h):
     reference = resize_shorter(decode_rgb(data), 256)  # full-resolution decode, then INTER_AREA
     assert reference.shape == dec.shape
     assert np.abs(dec.astype(int) - reference.astype(int)).mean() < 3.0
+
+
+@pytest.mark.parametrize(("w", "h", "fmt"), [(800, 800, "JPEG"), (2000, 1500, "JPEG"), (640, 480, "TGA")])
+def test_prepare_image_bytes_equal_the_public_rgb_path(w, h, fmt):
+    # prepare_image stays in OpenCV's BGR order (no colour conversions); resizing per channel makes
+    # that byte-identical to decode_rgb -> resize_shorter -> encode_jpeg, which is what it documents.
+    rng = np.random.default_rng(5)
+    img = cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)  # fine detail
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt)  # TGA: OpenCV cannot read it, so the Pillow fallback
+    data = buf.getvalue()
+    out, ow, oh = prepare_image(data, size=256, quality=90)
+    full_wh = (w, h) if fmt == "JPEG" else None
+    rgb = resize_shorter(decode_rgb(data, min_side=256), 256, full_wh=full_wh)
+    assert (ow, oh) == (rgb.shape[1], rgb.shape[0])
+    assert out == encode_jpeg(rgb, 90)

@@ -5,9 +5,11 @@ import io
 import json
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -176,11 +178,13 @@ def test_too_many_bad_images_fail_before_writing(tmp_path):
     assert after == before  # the previous outputs are untouched, no staged shards left
 
 
-def test_crash_mid_run_leaves_no_partial_outputs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_crash_mid_run_leaves_no_partial_outputs(tmp_path, monkeypatch, n_jobs):
     raw = make_raw(tmp_path)
     out = tmp_path / "prepared"
     real = prepare_mod.prepare_zip_members
     calls = []
+    cv_threads = cv2.getNumThreads()
 
     def crash_on_second_chunk(*args, **kwargs):
         calls.append(1)
@@ -191,8 +195,11 @@ def test_crash_mid_run_leaves_no_partial_outputs(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_mod, "CHUNK_ROWS", 4)
     monkeypatch.setattr(prepare_mod, "prepare_zip_members", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        prepare(raw, out, CFG)
+        prepare(raw, out, dataclasses.replace(CFG, n_jobs=n_jobs))
     assert [p.name for p in out.iterdir()] == ["images"] and not list((out / "images").iterdir())
+    # The worker threads are gone and OpenCV's process-wide thread setting is restored.
+    assert not [t for t in threading.enumerate() if t.name.startswith("prepare")]
+    assert cv2.getNumThreads() == cv_threads
 
 
 def test_csv_errors_fail_before_any_image_work(tmp_path, monkeypatch):
@@ -244,8 +251,10 @@ def test_parallel_output_is_byte_identical_to_sequential(tmp_path, monkeypatch):
     raw = make_raw(tmp_path)
     prepare(raw, tmp_path / "seq", CFG)
     prepare(raw, tmp_path / "par", dataclasses.replace(CFG, n_jobs=2))
+    prepare(raw, tmp_path / "many", dataclasses.replace(CFG, n_jobs=5))  # more threads than cores
     for name in ["train.csv", "val.csv", "test.csv", "label_map.csv", "images/shard-00000.bin"]:
         assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "par" / name).read_bytes(), name
+        assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
 
 
 def test_shards_roll_over_and_small_images_are_not_upscaled(tmp_path):
