@@ -1,0 +1,55 @@
+"""Losses: cross-entropy (with label smoothing) and the paper's accuracy loss, optionally mixed.
+
+The accuracy loss (Products-10K paper, Sec. 4) is a differentiable surrogate of top-1 error:
+
+    L_acc = 1 - sum_i softmax(logits_i) . onehot(y_i) / N
+
+i.e. one minus the mean probability of the true class. It only pushes the true-class probability
+up (its gradient w.r.t. the true logit is negative), and unlike CE it saturates on confident
+examples, so the paper uses it for a short finetune after CE training.
+
+All losses take per-sample ``weight``s (0 for the DDP samplers' padding entries) and average over
+the weight sum, so padding never counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def accuracy_loss_per_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - softmax(logits)[y]`` per sample, computed in float32."""
+    prob = logits.float().softmax(dim=1)
+    return 1.0 - prob.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+def accuracy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The paper's ``L_acc = 1 - sum(softmax(logits) * onehot(y)) / N``."""
+    return accuracy_loss_per_sample(logits, target).mean()
+
+
+class PhaseLoss(torch.nn.Module):
+    """``(1 - w) * CE(label_smoothing) + w * L_acc``, weighted by per-sample weights."""
+
+    def __init__(self, label_smoothing: float = 0.0, accuracy_loss_weight: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.w = accuracy_loss_weight
+
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        per_sample = torch.zeros(target.shape[0], device=logits.device, dtype=torch.float32)
+        if self.w < 1.0:
+            ce = F.cross_entropy(
+                logits.float(), target, reduction="none", label_smoothing=self.label_smoothing
+            )
+            per_sample = per_sample + (1.0 - self.w) * ce
+        if self.w > 0.0:
+            per_sample = per_sample + self.w * accuracy_loss_per_sample(logits, target)
+        if weight is None:
+            return per_sample.mean()
+        weight = weight.to(per_sample.dtype)
+        # clamp: a batch made only of padding contributes zero loss (and zero gradient)
+        return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)

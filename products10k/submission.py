@@ -1,0 +1,289 @@
+"""The Kaggle submission: build it from ensemble scores, validate it, score it, upload it.
+
+Format (Products-10K on Kaggle): header ``name,class``, one row per image of the official
+``test_kaggletest.csv``, ``class`` = the original SKU id (not the contiguous training label).
+``validate_submission`` checks all of that before anything is written; outputs are written
+atomically, so a failed check or a killed stage never leaves a partial submission behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from products10k import atomic
+from products10k.errors import DataError, Products10kError
+from products10k.metrics import topk_indices
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_COLUMNS = ["name", "class"]
+
+
+def read_test_list(path: str | os.PathLike) -> pd.DataFrame:
+    """The official test list (``name,class,Usage``); ``class``/``Usage`` may be absent (unlabelled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: test list not found (run the download stage)")
+    df = pd.read_csv(path, dtype={"name": str})
+    if "name" not in df.columns:
+        raise DataError(f"{path}: missing column 'name' (columns: {', '.join(df.columns)})")
+    dup = df["name"].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: test image '{df['name'].iloc[row]}' is listed twice")
+    return df
+
+
+def build_submission(
+    names: np.ndarray, probs: np.ndarray, label_skus: np.ndarray, top_k: int = 5
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The submission (name, class) and the top-k file (name, class_1.., score_1..) from scores.
+
+    ``probs`` is (N, K) in training-label order; ``label_skus[label]`` is that label's SKU id.
+    """
+    names = np.asarray(names).astype(str)
+    if len(names) != len(probs):
+        raise DataError(f"{len(probs)} prediction rows for {len(names)} test names")
+    top = topk_indices(probs, top_k)
+    skus = np.asarray(label_skus, dtype=np.int64)[top]
+    scores = np.take_along_axis(probs, top, axis=1)
+    submission = pd.DataFrame({"name": names, "class": skus[:, 0]})
+    topk = pd.DataFrame({"name": names})
+    for j in range(top.shape[1]):
+        topk[f"class_{j + 1}"] = skus[:, j]
+    for j in range(top.shape[1]):
+        topk[f"score_{j + 1}"] = np.round(scores[:, j].astype(np.float64), 6)
+    return submission, topk
+
+
+def validate_submission(
+    submission: pd.DataFrame, test_list: pd.DataFrame, valid_skus, where: str = "submission"
+) -> None:
+    """Raise DataError unless ``submission`` is exactly what Kaggle expects for ``test_list``.
+
+    Checks: columns exactly ``name,class`` (no index or extras), one row per test image, no
+    duplicates, no names outside the list, integer classes that are SKU ids of the training label map.
+    """
+    cols = list(submission.columns)
+    if cols != SUBMISSION_COLUMNS:
+        raise DataError(f"{where}: columns are {cols}, expected exactly {SUBMISSION_COLUMNS}")
+    names = submission["name"].astype(str)
+    expected = test_list["name"].astype(str)
+    if len(submission) != len(expected):
+        missing = sorted(set(expected) - set(names))[:5]
+        raise DataError(
+            f"{where}: {len(submission)} rows but the test list has {len(expected)} images"
+            + (f" (missing e.g. {', '.join(missing)})" if missing else "")
+        )
+    dup = names.duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"{where}: row {row + 2}: image '{names.iloc[row]}' appears more than once")
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        raise DataError(f"{where}: {len(extra)} images not in the test list, e.g. '{extra[0]}'")
+    cls = submission["class"]
+    if not pd.api.types.is_integer_dtype(cls):
+        raise DataError(f"{where}: column 'class' must hold integer SKU ids, got dtype {cls.dtype}")
+    unknown = ~cls.isin(set(int(s) for s in valid_skus))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(
+            f"{where}: row {row + 2}: class {int(cls.iloc[row])} is not a SKU id of the training label map"
+        )
+
+
+def align_to_test_list(names: np.ndarray, probs: np.ndarray, test_list: pd.DataFrame, where: str):
+    """Reorder prediction rows into the test list's order; a count or name mismatch is an error."""
+    names = np.asarray(names).astype(str)
+    expected = test_list["name"].astype(str).to_numpy()
+    if len(names) != len(expected):
+        missing = sorted(set(expected) - set(names))[:5]
+        raise DataError(
+            f"{where}: predictions for {len(names)} test images but the test list has {len(expected)}"
+            + (f" (no prediction for e.g. {', '.join(missing)})" if missing else "")
+        )
+    index = pd.Index(names)
+    if index.has_duplicates:
+        raise DataError(f"{where}: test image '{index[index.duplicated()][0]}' is predicted twice")
+    pos = index.get_indexer(expected)
+    if (pos < 0).any():
+        raise DataError(f"{where}: no prediction for test image '{expected[pos < 0][0]}'")
+    return expected, probs[pos]
+
+
+def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd.DataFrame) -> dict:
+    """Top-1 (and top-k) against the labelled test list: all rows, Public and Private.
+
+    Returns {} when the list has no labels (an unlabelled test set cannot be scored locally).
+    """
+    if "class" not in test_list.columns or test_list["class"].isna().all():
+        return {}
+    truth = test_list.set_index(test_list["name"].astype(str))
+    labelled = truth["class"].notna()
+    merged = (
+        submission.assign(name=submission["name"].astype(str))
+        .set_index("name")
+        .join(truth[["class"]].rename(columns={"class": "truth"}), how="inner")
+    )
+    merged = merged[merged["truth"].notna()]
+    hit1 = (merged["class"].to_numpy() == merged["truth"].to_numpy().astype(np.int64)).astype(float)
+    k_cols = [c for c in topk.columns if c.startswith("class_")]
+    tk = topk.assign(name=topk["name"].astype(str)).set_index("name").loc[merged.index, k_cols].to_numpy()
+    hitk = (tk == merged["truth"].to_numpy().astype(np.int64)[:, None]).any(axis=1).astype(float)
+    out = {"top1": float(hit1.mean()), f"top{len(k_cols)}": float(hitk.mean()), "n": int(labelled.sum())}
+    if "Usage" in truth.columns:
+        usage = truth.loc[merged.index, "Usage"].astype(str).str.lower().to_numpy()
+        for split in ("public", "private"):
+            mask = usage == split
+            if mask.any():
+                out[split] = {
+                    "top1": float(hit1[mask].mean()),
+                    f"top{len(k_cols)}": float(hitk[mask].mean()),
+                    "n": int(mask.sum()),
+                }
+    return out
+
+
+# --- Kaggle upload ---
+
+
+def kaggle_command(competition: str, path: str | os.PathLike, message: str, executable: str = "kaggle"):
+    """The Kaggle CLI call that uploads ``path`` to ``competition``."""
+    return [executable, "competitions", "submit", "-c", competition, "-f", str(path), "-m", message]
+
+
+def _has_credentials(env: dict) -> bool:
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return True
+    if env.get("KAGGLE_API_TOKEN"):
+        return True
+    config_dir = Path(env.get("KAGGLE_CONFIG_DIR") or Path(env.get("HOME", "~")).expanduser() / ".kaggle")
+    return (config_dir / "kaggle.json").is_file() or (config_dir / "access_token").is_file()
+
+
+def kaggle_submit(
+    competition: str, path: str | os.PathLike, message: str, timeout_s: float, env: dict | None = None
+) -> str:
+    """Upload with the Kaggle CLI; returns its output. Clear errors, never waits on a prompt.
+
+    The CLI and credentials are checked first (a missing CLI or ``kaggle.json`` otherwise ends in
+    a traceback deep inside the kaggle package); stdin is closed and a timeout set so that an
+    interactive prompt or a stalled upload fails the stage instead of hanging it.
+    """
+    env = dict(os.environ if env is None else env)
+    exe = shutil.which("kaggle", path=env.get("PATH"))
+    if exe is None:
+        raise Products10kError(
+            "submit.kaggle.enabled is true but the 'kaggle' CLI is not on PATH "
+            "(pip install kaggle, or set submit.kaggle.enabled: false)"
+        )
+    if not _has_credentials(env):
+        raise Products10kError(
+            "submit.kaggle.enabled is true but no Kaggle credentials were found: set KAGGLE_USERNAME and "
+            "KAGGLE_KEY, or put kaggle.json in ~/.kaggle (or $KAGGLE_CONFIG_DIR)"
+        )
+    cmd = kaggle_command(competition, path, message, executable=exe)
+    log.info("uploading %s to Kaggle competition %s", path, competition)
+    try:
+        proc = subprocess.run(
+            cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise Products10kError(
+            f"kaggle competitions submit did not finish within {timeout_s:g}s (submit.kaggle.timeout_s)"
+        ) from exc
+    output = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode != 0:
+        raise Products10kError(
+            f"kaggle competitions submit failed with exit code {proc.returncode}: {output.strip()[-2000:]}"
+        )
+    log.info("kaggle: %s", output.strip())
+    return output
+
+
+# --- the submit stage ---
+
+
+def make_submission(
+    *,
+    members: list[str],
+    prediction_paths: dict[str, str | os.PathLike],
+    weights_spec: str | dict,
+    label_map_path: str | os.PathLike,
+    test_list_path: str | os.PathLike,
+    out: str | os.PathLike,
+    top_k_out: str | os.PathLike,
+    top_k: int = 5,
+) -> dict:
+    """Ensemble the members' predictions, validate and write the submission; return its metrics.
+
+    Nothing is written unless every check passes: members agree on the label map and the
+    rows, the predictions cover the test list exactly, and the submission validates.
+    """
+    from products10k.ensemble import combine, log_likelihood, resolve_weights
+    from products10k.evaluation import load_predictions, read_label_map
+
+    label_map = read_label_map(label_map_path)
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    test_list = read_test_list(test_list_path)
+    preds = {}
+    for m in members:
+        p = load_predictions(prediction_paths[m], m)
+        if not np.array_equal(p["skus"], skus):
+            raise Products10kError(
+                f"ensemble member '{m}': {prediction_paths[m]} was made with a different label map "
+                f"than {label_map_path} (re-run its training and evaluate stages)"
+            )
+        preds[m] = p
+    first = members[0]
+    for m in members[1:]:
+        for key in ("val_names", "test_names"):
+            if not np.array_equal(preds[m][key], preds[first][key]):
+                raise DataError(
+                    f"ensemble members '{first}' and '{m}' predicted different {key.split('_')[0]} rows "
+                    f"({prediction_paths[first]} vs {prediction_paths[m]})"
+                )
+    val_labels = preds[first]["val_labels"]
+    weights = resolve_weights(weights_spec, members, [preds[m]["val_logits"] for m in members], val_labels)
+    log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
+    val_probs = combine([preds[m]["val_logits"] for m in members], [weights[m] for m in members])
+    test_probs = combine([preds[m]["test_logits"] for m in members], [weights[m] for m in members])
+
+    try:
+        names, test_probs = align_to_test_list(
+            preds[first]["test_names"],
+            test_probs,
+            test_list,
+            f"{prediction_paths[first]} vs {test_list_path}",
+        )
+        submission, topk = build_submission(names, test_probs, skus, top_k)
+        validate_submission(submission, test_list, skus, where=str(out))
+    except Products10kError:
+        # a submission from an earlier run must not pass for this run's result
+        for stale in (Path(out), Path(top_k_out)):
+            if stale.exists():
+                log.warning("removing stale %s: this run's submission failed its checks", stale)
+                stale.unlink()
+        raise
+    atomic.write_csv(out, submission)
+    atomic.write_csv(top_k_out, topk)
+    log.info("wrote %s (%d rows) and %s", out, len(submission), top_k_out)
+
+    known = val_labels >= 0
+    metrics = {
+        "test": score_submission(submission, topk, test_list),
+        "val": {
+            "top1": float((val_probs.argmax(1) == val_labels)[known].mean()) if known.any() else float("nan"),
+            "log_likelihood": log_likelihood(val_probs, val_labels),
+        },
+        "ensemble": {"size": len(members), "weights": weights},
+    }
+    return metrics

@@ -1,0 +1,570 @@
+"""One training phase (train / finetune_balanced / finetune_accuracy), single-process or DDP.
+
+``run_phase`` is what ``stages/train.py`` calls. Per epoch it trains on the phase's CSV,
+validates on val.csv (sharded across ranks, counts all-reduced), and on rank 0 writes
+``best.pt`` / ``last.pt`` atomically and logs loss, top-1, lr and throughput with DVCLive.
+
+Determinism and resume: every random stream of an epoch (sampler order, DataLoader worker
+seeds, albumentations' own generator, dropout) is re-seeded from ``(seed, epoch, rank)`` at the
+start of the epoch, so a run resumed from ``last.pt`` (end of the last complete epoch) follows
+the same path as an uninterrupted one. ``last.pt`` carries the optimizer/scheduler/scaler/EMA
+state and a fingerprint of the settings; a checkpoint made with other settings is not resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from products10k import checkpoint as ckpt_lib
+from products10k.atomic import save_torch, write_json
+from products10k.config import from_dict, load_yaml, member_params, section
+from products10k.datasets import (
+    ClassBalancedSampler,
+    EpochSampler,
+    PreparedImageDataset,
+    read_label_map,
+    read_prepared_csv,
+)
+from products10k.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from products10k.errors import ConfigError, Products10kError
+from products10k.losses import PhaseLoss
+from products10k.models import create_model, model_config_dict
+from products10k.optim import create_optimizer, create_scheduler, current_lr
+from products10k.params import PHASES, DistConfig, ModelConfig, PhaseConfig
+from products10k.seeding import seed_everything
+from products10k.transforms import eval_transform, resolve_resize, train_transform
+
+log = logging.getLogger(__name__)
+
+#: settings that may change between a kill and a resume without changing the result
+RESUME_SAFE_KEYS = ("num_workers", "compile", "eval_batch_size")
+
+
+@dataclass(frozen=True)
+class PhasePaths:
+    """Every file a phase reads or writes (all from the stage's command line)."""
+
+    train_csv: Path
+    val_csv: Path
+    label_map: Path
+    images: Path
+    out: Path
+    live: Path | None = None
+    init: Path | None = None  # checkpoint to start from (finetune phases)
+    debug_dir: Path | None = None  # test hook: per-rank seen indices and probe logits
+
+
+def resolve_phase_config(params: dict, phase: str, where: str = "params.yaml") -> PhaseConfig:
+    """``train`` for the train phase; ``train`` updated with the phase's section otherwise.
+
+    The finetune sections are small override sets, so ``-S train.resolution=224`` also changes
+    the finetunes; a key that PhaseConfig does not know fails naming ``<phase>.<key>``.
+    """
+    if phase not in PHASES:
+        raise ConfigError(f"unknown phase '{phase}' (phases: {', '.join(PHASES)})")
+    base = section(params, "train", PhaseConfig, where)
+    if phase == "train":
+        return base
+    if phase not in params:
+        raise ConfigError(f"{where}: no '{phase}' section (the overrides of 'train' for this phase)")
+    overrides = params.get(phase) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: section '{phase}' must be a mapping of train keys to override")
+    known = {f.name for f in dataclasses.fields(PhaseConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{phase}.{unknown[0]}' (a finetune section overrides keys of "
+            f"'train': {', '.join(sorted(known))})"
+        )
+    merged = {**dataclasses.asdict(base), **overrides}
+    return from_dict(PhaseConfig, merged, where=where, prefix=phase)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """None (full precision) or the autocast dtype; ``auto`` = bf16/fp16 on CUDA, off on CPU.
+
+    On CPU, autocast is only worth it on cores with native bf16 (AMX/avx512_bf16); elsewhere it
+    is slower than fp32 (see benchmarks/bench_train.py), hence off for ``auto``.
+    """
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(
+    phase: str, member: str, cfg: PhaseConfig, model_cfg: ModelConfig, world: int, paths: PhasePaths
+) -> str:
+    """Hash of everything a resumed run must share with the killed one."""
+    phase_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE_KEYS}
+    blob = {
+        "phase": phase,
+        "member": member,
+        "cfg": phase_dict,
+        "model": dataclasses.asdict(model_cfg),
+        "world": world,
+        "train_csv": _sha256(paths.train_csv),
+        "label_map": _sha256(paths.label_map),
+        "init": _sha256(paths.init) if paths.init else None,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
+
+
+def _worker_init(worker_id: int) -> None:
+    # albumentations keeps its own RNG: without this every worker would replay the same stream
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % (2**32))
+
+
+class _Live:
+    """DVCLive on rank 0; a no-op elsewhere. Never edits dvc.yaml or creates experiments."""
+
+    def __init__(self, path: Path | None, enabled: bool):
+        self.live = None
+        if path is not None and enabled:
+            from dvclive import Live
+
+            self.live = Live(dir=str(path), dvcyaml=False, save_dvc_exp=False)
+
+    def log_epoch(self, row: dict) -> None:
+        if self.live is None:
+            return
+        for key, value in row.items():
+            if key != "epoch":
+                self.live.log_metric(key, value)
+        self.live.next_step()
+
+    def end(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+class PhaseRunner:
+    """State of one phase on one rank; ``run()`` trains to the end or raises."""
+
+    def __init__(self, params_path: str | Path, phase: str, member: str, paths: PhasePaths):
+        where = str(params_path)
+        params = member_params(load_yaml(params_path), member, where)
+        self.phase, self.member, self.paths = phase, member, paths
+        self.model_cfg = section(params, "model", ModelConfig, where)
+        self.cfg = resolve_phase_config(params, phase, where)
+        self.dist_cfg = section(params, "dist", DistConfig, where)
+        if phase != "train" and paths.init is None:
+            raise ConfigError(f"phase '{phase}' needs --init (the previous phase's best.pt)")
+        self.info: DistInfo = init_distributed(self.dist_cfg)
+        self.resize = resolve_resize(self.cfg.resolution, self.cfg.resize)
+        per_step = self.info.world * self.cfg.grad_accum
+        if self.cfg.batch_size % per_step:
+            raise ConfigError(
+                f"{where}: {phase}.batch_size={self.cfg.batch_size} is not divisible by "
+                f"dist.nproc_per_node ({self.info.world}) x {phase}.grad_accum ({self.cfg.grad_accum})"
+            )
+        self.micro_batch = self.cfg.batch_size // per_step
+        self.amp_dtype = amp_dtype(self.cfg.amp, self.info.device)
+
+    # ----------------------------------------------------------------------------------- data
+    def _load_data(self) -> None:
+        p = self.paths
+        self.label_map = read_label_map(p.label_map)
+        self.labels = [int(s) for s in self.label_map["sku"]]
+        k = len(self.labels)
+        self.train_df = read_prepared_csv(p.train_csv, k)
+        self.val_df = read_prepared_csv(p.val_csv, k)
+        self.train_ds = PreparedImageDataset(
+            self.train_df, p.images, train_transform(self.cfg), min_side=self.resize
+        )
+        self.val_ds = PreparedImageDataset(
+            self.val_df, p.images, eval_transform(self.resize, self.cfg.resolution), min_side=self.resize
+        )
+        info = self.info
+        mb = self.micro_batch
+        if self.cfg.sampler == "class_balanced":
+            self.train_sampler = ClassBalancedSampler(
+                self.train_ds.labels, info.rank, info.world, self.cfg.seed, batch_size=mb
+            )
+        else:
+            self.train_sampler = EpochSampler(
+                len(self.train_ds), info.rank, info.world, True, self.cfg.seed, batch_size=mb
+            )
+        # eval mode uses running BN statistics: a 1-sample batch is fine there
+        self.val_sampler = EpochSampler(len(self.val_ds), info.rank, info.world, shuffle=False)
+        self.batches_per_epoch = math.ceil(len(self.train_sampler) / self.micro_batch)
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.grad_accum)
+
+    def _loader(self, ds, sampler, batch_size: int, seed: int) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.info.device.type == "cuda",
+            drop_last=False,  # every sample counts once per epoch; BN copes with a short batch
+            worker_init_fn=_worker_init if workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False,  # fresh, epoch-seeded workers: resume-exact augmentation
+        )
+
+    # ---------------------------------------------------------------------------------- model
+    def _build_model(self) -> None:
+        cfg, info = self.cfg, self.info
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        k = len(self.labels)
+        init_meta = None
+        if self.paths.init is not None:
+            init = ckpt_lib.read_checkpoint(self.paths.init)
+            init_meta = ckpt_lib.metadata(init)
+            ckpt_lib.check_arch(init_meta, self.model_cfg.arch, self.paths.init)
+            ckpt_lib.check_labels(init_meta, self.label_map, self.paths.init, self.paths.label_map)
+            # the init checkpoint holds all weights: ImageNet weights are not needed
+            model = create_model(self.model_cfg, k, pretrained=False)
+            ckpt_lib.load_state(model, init["model"], self.paths.init, self.model_cfg.arch)
+            log.info(
+                "initialised from %s (phase %s, epoch %s, val top-1 %.4f)",
+                self.paths.init,
+                init_meta.get("phase"),
+                init_meta.get("epoch"),
+                init_meta.get("val_top1", float("nan")),
+            )
+        else:
+            model = create_model(self.model_cfg, k)
+        if self.dist_cfg.sync_bn and info.enabled and info.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(info.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.raw = model
+        self.optimizer = create_optimizer(model, cfg)
+        self.scheduler = create_scheduler(self.optimizer, cfg, self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
+        wrapped: nn.Module = model
+        if info.enabled:
+            wrapped = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        if cfg.compile:
+            wrapped = torch.compile(wrapped)
+        self.model = wrapped
+        self.criterion = PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved as ``model``: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.raw
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self, epoch: int, val_top1: float, with_state: bool) -> dict:
+        ck = {
+            "model": {k: v.detach().cpu() for k, v in self.eval_model.state_dict().items()},
+            "model_config": model_config_dict(self.model_cfg, len(self.labels)),
+            "labels": list(self.labels),
+            "phase": self.phase,
+            "member": self.member,
+            "epoch": epoch,
+            "epochs": self.cfg.epochs,
+            "resolution": self.cfg.resolution,
+            "resize": self.resize,
+            "val_top1": float(val_top1),
+            "best_val_top1": float(self.best_top1),
+            "phase_config": dataclasses.asdict(self.cfg),
+            "history": list(self.history),
+            "fingerprint": self.fp,
+        }
+        if with_state:
+            ck["train_state"] = {
+                "model": self.raw.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "global_step": self.global_step,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                },
+            }
+        return ck
+
+    def _try_resume(self) -> int:
+        """Load ``last.pt`` when it is an incomplete run of the same settings; return start epoch."""
+        last = self.paths.out / "last.pt"
+        if self.info.is_main and self.paths.out.is_dir():
+            # temp files of a save interrupted by SIGKILL (atomic_path names them .<name>.*)
+            for stale in self.paths.out.glob(".*.pt.*"):
+                stale.unlink(missing_ok=True)
+        if not last.is_file():
+            return 0
+        try:
+            ck = ckpt_lib.read_checkpoint(last, map_location=self.info.device)
+        except Products10kError as exc:
+            log.warning("not resuming: %s", exc)
+            return 0
+        if ck.get("fingerprint") != self.fp or "train_state" not in ck:
+            log.info("%s was made with other settings/data: starting the phase afresh", last)
+            return 0
+        if ck["epoch"] >= self.cfg.epochs:
+            log.info("%s is a finished run (epoch %d): starting the phase afresh", last, ck["epoch"])
+            return 0
+        st = ck["train_state"]
+        self.raw.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        if self.ema is not None and st.get("ema") is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.global_step = int(st["global_step"])
+        self.scheduler.step_update(self.global_step)
+        self.history = list(ck.get("history", []))
+        self.best_top1 = float(ck.get("best_val_top1", -1.0))
+        log.info("resuming %s@%s from %s after epoch %d", self.phase, self.member, last, ck["epoch"])
+        return int(ck["epoch"])
+
+    # -------------------------------------------------------------------------------- epochs
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.info.device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        bad = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+        # all ranks must stop together, before the backward all-reduce, or the others would hang
+        (bad,) = all_reduce_sum([bad], self.info)
+        if bad:
+            raise Products10kError(
+                f"{self.phase}@{self.member}: loss is NaN/inf at epoch {epoch + 1}, step {step + 1} "
+                f"(global step {self.global_step}); stopped. The last good checkpoint is kept in "
+                f"{self.paths.out / 'last.pt'}. Lower {self.phase}.lr, enable clip_grad or use amp: off."
+            )
+
+    def _train_epoch(self, epoch: int, seen: list[int] | None) -> dict:
+        cfg, info = self.cfg, self.info
+        seed = _epoch_seed(cfg.seed, epoch, info.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        self.train_sampler.set_epoch(epoch)
+        self.train_ds.transform.set_random_seed(seed)  # used when num_workers == 0
+        loader = self._loader(self.train_ds, self.train_sampler, self.micro_batch, seed)
+        self.model.train()
+        loss_sum = correct = count = 0.0
+        t0 = time.perf_counter()
+        bar = tqdm(
+            loader,
+            total=self.batches_per_epoch,
+            desc=f"{self.phase}@{self.member} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not info.is_main,
+            leave=False,
+            mininterval=1.0,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        pending = 0
+        for step, (images, target, index, weight) in enumerate(bar):
+            images = self._to_device(images)
+            target = target.to(info.device, non_blocking=True)
+            weight = weight.to(info.device, dtype=torch.float32, non_blocking=True)
+            last_micro = (pending + 1) == cfg.grad_accum or (step + 1) == self.batches_per_epoch
+            sync = contextlib.nullcontext()
+            if info.enabled and not last_micro:
+                sync = self.model.no_sync()  # accumulate locally, all-reduce on the last micro-step
+            with sync:
+                with self._autocast():
+                    logits = self.model(images, target)
+                    loss = self.criterion(logits, target, weight)
+                self._check_finite(loss, epoch, step)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            pending += 1
+            if last_micro:
+                self._optimizer_step()
+                pending = 0
+            with torch.no_grad():
+                w_sum = float(weight.sum())
+                loss_sum += float(loss.detach()) * w_sum
+                correct += float(((logits.argmax(1) == target).float() * weight).sum())
+                count += w_sum
+            if seen is not None:
+                seen.extend(int(i) for i, w in zip(index, weight, strict=True) if w > 0)
+            if info.is_main:
+                lr = current_lr(self.optimizer)
+                bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+        return {
+            "train/loss": loss_sum / max(count, 1.0),
+            "train/top1": correct / max(count, 1.0),
+            "throughput": count / max(elapsed, 1e-9),  # images/s over all ranks
+            "epoch_time_s": elapsed,
+        }
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg
+        if cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.scheduler.step_update(self.global_step)
+        if self.ema is not None:
+            self.ema.update(self.raw, step=self.global_step)
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
+        info = self.info
+        model = self.eval_model
+        model.eval()
+        eval_bs = self.cfg.eval_batch_size or 2 * self.micro_batch * self.cfg.grad_accum
+        loader = self._loader(self.val_ds, self.val_sampler, eval_bs, self.cfg.seed)
+        ce = nn.CrossEntropyLoss(reduction="none")
+        loss_sum = correct = count = 0.0
+        for images, target, _, weight in tqdm(
+            loader, desc="validate", disable=not info.is_main, leave=False, mininterval=1.0
+        ):
+            images = self._to_device(images)
+            target = target.to(info.device)
+            weight = weight.to(info.device, dtype=torch.float32)
+            with self._autocast():
+                logits = model(images)
+            loss_sum += float((ce(logits.float(), target) * weight).sum())
+            correct += float(((logits.argmax(1) == target).float() * weight).sum())
+            count += float(weight.sum())
+        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+        return {"val/loss": loss_sum / max(count, 1.0), "val/top1": correct / max(count, 1.0)}
+
+    def _write_debug(self, epoch: int, seen: list[int]) -> None:
+        d = self.paths.debug_dir
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(d / f"seen-rank{self.info.rank}-epoch{epoch + 1}.json", sorted(seen))
+
+    def _write_probe(self) -> None:
+        """Logits of the evaluated model on a fixed input: lets a test compare ranks/checkpoints."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, self.cfg.resolution, self.cfg.resolution, generator=g).to(self.info.device)
+        model = self.eval_model
+        model.eval()
+        with torch.no_grad():
+            logits = model(x).float().cpu()
+        digest = hashlib.sha256()
+        for _, p in sorted(self.raw.named_parameters()):  # DDP keeps parameters identical on ranks
+            digest.update(p.detach().cpu().numpy().tobytes())
+        probe = {"input": x.cpu(), "logits": logits, "param_digest": digest.hexdigest()}
+        save_torch(self.paths.debug_dir / f"probe-rank{self.info.rank}.pt", probe)
+
+    def run(self) -> dict:
+        info = self.info
+        try:
+            self._load_data()
+            self.fp = fingerprint(self.phase, self.member, self.cfg, self.model_cfg, info.world, self.paths)
+            self._build_model()
+            self.global_step = 0
+            self.history: list[dict] = []
+            self.best_top1 = -1.0
+            start = self._try_resume()
+            live = _Live(self.paths.live, info.is_main)
+            for row in self.history:  # a resumed run's curves start at epoch 1, not at the resume
+                live.log_epoch(row)
+            log.info(
+                "%s@%s: %d train / %d val images, %d classes, %s at %d (resize %d), "
+                "%d epoch(s), batch %d = %d rank(s) x %d x accum %d, device %s, amp %s",
+                self.phase,
+                self.member,
+                len(self.train_ds),
+                len(self.val_ds),
+                len(self.labels),
+                self.model_cfg.arch,
+                self.cfg.resolution,
+                self.resize,
+                self.cfg.epochs,
+                self.cfg.batch_size,
+                info.world,
+                self.micro_batch,
+                self.cfg.grad_accum,
+                info.device,
+                self.amp_dtype,
+            )
+            for epoch in range(start, self.cfg.epochs):
+                seen = [] if self.paths.debug_dir is not None else None
+                # lr as the epoch starts (the schedule is stepped per update within the epoch)
+                row = {"epoch": epoch + 1, "lr": current_lr(self.optimizer)}
+                row.update(self._train_epoch(epoch, seen))
+                row.update(self._validate())
+                improved = row["val/top1"] > self.best_top1
+                self.best_top1 = max(self.best_top1, row["val/top1"])
+                row["val/best_top1"] = self.best_top1
+                self.history.append(row)
+                if seen is not None:
+                    self._write_debug(epoch, seen)
+                if info.is_main:
+                    self.paths.out.mkdir(parents=True, exist_ok=True)
+                    top1 = row["val/top1"]
+                    if improved:
+                        save_torch(self.paths.out / "best.pt", self._checkpoint(epoch + 1, top1, False))
+                    # last.pt is written last: its presence marks the epoch as complete
+                    save_torch(self.paths.out / "last.pt", self._checkpoint(epoch + 1, top1, True))
+                    live.log_epoch(row)
+                    log.info(
+                        "%s@%s epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f "
+                        "(best %.4f) | lr %.2e | %.1f img/s",
+                        self.phase,
+                        self.member,
+                        epoch + 1,
+                        self.cfg.epochs,
+                        row["train/loss"],
+                        row["train/top1"],
+                        row["val/loss"],
+                        row["val/top1"],
+                        self.best_top1,
+                        row["lr"],
+                        row["throughput"],
+                    )
+            if self.paths.debug_dir is not None:
+                self._write_probe()
+            live.end()
+            return {"best_val_top1": self.best_top1, "history": self.history}
+        finally:
+            cleanup(info)
+
+
+def run_phase(params_path: str | Path, phase: str, member: str, paths: PhasePaths) -> dict:
+    """Train one phase of one ensemble member; see the module docstring."""
+    return PhaseRunner(params_path, phase, member, paths).run()

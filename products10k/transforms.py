@@ -1,0 +1,79 @@
+"""Image transforms (albumentations): the paper's resize-then-crop for training and evaluation.
+
+Training resizes the shorter side to ``resize`` and takes a random ``resolution`` crop (or a
+random-resized crop); evaluation resizes the same way and takes the centre crop. ``resize``
+defaults to ``round(resolution * 8 / 7)``: the paper's 256/224 and 512/448 ratio, so
+``-S train.resolution=224`` alone gives the low-resolution baseline.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from products10k.params import PhaseConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_resize(resolution: int, resize: int | None) -> int:
+    """Shorter side before cropping: ``resize`` if set, else ``round(resolution * 8 / 7)``."""
+    if resize is not None:
+        if resize < resolution:
+            raise ValueError(f"resize ({resize}) must be >= resolution ({resolution})")
+        return int(resize)
+    return int(round(resolution * 8 / 7))
+
+
+def eval_transform(resize: int, resolution: int) -> A.Compose:
+    """Shorter side to ``resize``, centre crop ``resolution``, ImageNet normalise, CHW float tensor."""
+    return A.Compose(
+        [
+            # INTER_AREA: downscaling from the 512 px prepared image without aliasing fine text
+            A.SmallestMaxSize(max_size=resize, interpolation=cv2.INTER_AREA),
+            A.CenterCrop(height=resolution, width=resolution),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            ToTensorV2(),
+        ]
+    )
+
+
+def train_transform(cfg: PhaseConfig) -> A.Compose:
+    """ImageNet-style training augmentation at ``cfg.resolution`` (see PhaseConfig for the knobs)."""
+    res = cfg.resolution
+    resize = resolve_resize(res, cfg.resize)
+    if cfg.crop == "resize_random":
+        # the paper: resize 512 (256), random crop 448 (224)
+        geometry = [
+            A.SmallestMaxSize(max_size=resize, interpolation=cv2.INTER_AREA),
+            A.RandomCrop(height=res, width=res),
+        ]
+    else:
+        # crop first, then scale the crop to `res`: the classic Inception/ImageNet recipe
+        geometry = [
+            A.SmallestMaxSize(max_size=resize, interpolation=cv2.INTER_AREA),
+            A.RandomResizedCrop(size=(res, res), scale=tuple(cfg.rrc_scale)),
+        ]
+    ops = list(geometry)
+    if cfg.hflip > 0:
+        ops.append(A.HorizontalFlip(p=cfg.hflip))
+    if cfg.color_jitter > 0:
+        s = cfg.color_jitter
+        ops.append(
+            A.ColorJitter(
+                brightness=(max(0.0, 1 - s), 1 + s),
+                contrast=(max(0.0, 1 - s), 1 + s),
+                saturation=(max(0.0, 1 - s), 1 + s),
+                # hue shifts change a product's colour identity: keep them small
+                hue=(-min(0.5, s / 8), min(0.5, s / 8)),
+                p=0.8,
+            )
+        )
+    ops.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    if cfg.random_erasing > 0:
+        # after normalising, like timm's RandomErasing: the hole holds per-pixel noise
+        ops.append(A.Erasing(p=cfg.random_erasing, scale=(0.02, 0.25), fill="random"))
+    ops.append(ToTensorV2())
+    return A.Compose(ops)

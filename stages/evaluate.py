@@ -1,0 +1,88 @@
+"""Evaluate one ensemble member's checkpoint of one training phase.
+
+Run (dvc.yaml generates one stage per member x phase, e.g. ``evaluate@m0-finetune_accuracy``)::
+
+    python stages/evaluate.py --params params.yaml --member m0 --phase finetune_accuracy \
+        --checkpoint models/m0/finetune_accuracy/best.pt --label-map data/prepared/label_map.csv \
+        --train data/prepared/train.csv --val data/prepared/val.csv --test data/prepared/test.csv \
+        --images-root data/prepared --metrics metrics/m0/finetune_accuracy.json \
+        --predictions predictions/finetune_accuracy/m0.npz \
+        --per-group plots/m0/finetune_accuracy/per_group.csv \
+        --confused plots/m0/finetune_accuracy/confused_pairs.csv \
+        --gallery plots/m0/finetune_accuracy/errors.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from products10k.config import load_yaml, member_names, section
+from products10k.errors import Products10kError
+from products10k.evaluation import EvalOutputs, evaluate_phase
+from products10k.logs import setup_logging
+from products10k.params import EvaluateConfig, TTAConfig
+from products10k.seeding import seed_everything
+
+log = logging.getLogger("evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--member", required=True, help="ensemble member name (ensemble.members)")
+    p.add_argument("--phase", required=True, help="training phase whose checkpoint is evaluated")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--label-map", required=True)
+    p.add_argument("--train", required=True, help="train CSV (gallery exemplars of each SKU)")
+    p.add_argument("--val", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--images-root", required=True, help="folder holding images/shard-*.bin")
+    p.add_argument("--metrics", required=True)
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--per-group", required=True)
+    p.add_argument("--confused", required=True)
+    p.add_argument("--gallery", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        params = load_yaml(args.params)
+        cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
+        tta = section(params, "tta", TTAConfig, where=args.params)
+        if args.member not in member_names(params, args.params):
+            raise Products10kError(f"{args.params}: '{args.member}' is not in ensemble.members")
+        if args.phase not in cfg.phases:
+            raise Products10kError(f"{args.params}: phase '{args.phase}' is not in evaluate.phases")
+        seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
+        evaluate_phase(
+            member=args.member,
+            phase=args.phase,
+            checkpoint=args.checkpoint,
+            label_map_path=args.label_map,
+            train_path=args.train,
+            val_path=args.val,
+            test_path=args.test,
+            images_root=args.images_root,
+            outputs=EvalOutputs(
+                metrics=Path(args.metrics),
+                predictions=Path(args.predictions),
+                per_group=Path(args.per_group),
+                confused=Path(args.confused),
+                gallery=Path(args.gallery),
+            ),
+            cfg=cfg,
+            tta=tta,
+        )
+    except Products10kError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

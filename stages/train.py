@@ -1,0 +1,72 @@
+"""Train one phase of one ensemble member: train, finetune_balanced or finetune_accuracy.
+
+Run (one process):
+    python stages/train.py --phase train --member m0 --params params.yaml \
+        --train-csv data/prepared/train.csv --val-csv data/prepared/val.csv \
+        --label-map data/prepared/label_map.csv --images data/prepared \
+        --out models/m0/train --live dvclive/m0/train
+
+DDP: the same arguments after ``torchrun --standalone --nproc_per_node=N`` (dvc.yaml builds this
+from ``dist.nproc_per_node``). Finetune phases add ``--init models/m0/<previous>/best.pt``.
+A re-run after a kill resumes from ``<out>/last.pt`` when the settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from products10k.errors import Products10kError
+from products10k.logs import setup_logging
+from products10k.params import PHASES
+from products10k.train_loop import PhasePaths, run_phase
+
+log = logging.getLogger("stages.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", required=True, choices=PHASES)
+    p.add_argument("--member", required=True, help="ensemble member name (ensemble.members.<name>)")
+    p.add_argument("--params", required=True, type=Path)
+    p.add_argument("--train-csv", required=True, type=Path, help="train.csv or balanced.csv")
+    p.add_argument("--val-csv", required=True, type=Path)
+    p.add_argument("--label-map", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path, help="prepared root holding images/shard-*.bin")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (best.pt, last.pt)")
+    p.add_argument("--live", type=Path, default=None, help="DVCLive folder (rank 0 logs there)")
+    p.add_argument("--init", type=Path, default=None, help="checkpoint to start from (finetunes)")
+    p.add_argument(
+        "--debug-dir",
+        type=Path,
+        default=None,
+        help="test hook: write per-rank seen sample indices and probe logits here",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    paths = PhasePaths(
+        train_csv=args.train_csv,
+        val_csv=args.val_csv,
+        label_map=args.label_map,
+        images=args.images,
+        out=args.out,
+        live=args.live,
+        init=args.init,
+        debug_dir=args.debug_dir,
+    )
+    try:
+        result = run_phase(args.params, args.phase, args.member, paths)
+    except Products10kError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
+
+
+if __name__ == "__main__":
+    main()

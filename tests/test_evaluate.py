@@ -1,0 +1,159 @@
+"""The evaluate stage on a tiny prepared dataset and checkpoint: outputs, metrics, bad input."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from evalfixture import SKUS, make_checkpoint, make_prepared
+
+from products10k.errors import DataError
+from products10k.evaluation import load_predictions, read_label_map, read_split
+from products10k.metrics import hits_at, topk_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stage(name):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _params(tmp_path, **sections):
+    params = {
+        "ensemble": {"members": {"m0": {}}, "weights": "fit"},
+        "evaluate": {"batch_size": 4, "gallery_size": 3, "gallery_tile": 48, "tail_max_images": 3},
+        "tta": {"scales": [1.0, 1.25], "crops": "center", "flip": True},
+    }
+    params.update(sections)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _argv(tmp_path, prepared, ckpt, params, phase="train"):
+    out = tmp_path / "out"
+    return [
+        "--params", str(params), "--member", "m0", "--phase", phase, "--checkpoint", str(ckpt),
+        "--label-map", str(prepared / "label_map.csv"), "--train", str(prepared / "train.csv"),
+        "--val", str(prepared / "val.csv"), "--test", str(prepared / "test.csv"),
+        "--images-root", str(prepared),
+        "--metrics", str(out / "metrics" / f"{phase}.json"),
+        "--predictions", str(out / "predictions" / phase / "m0.npz"),
+        "--per-group", str(out / "plots" / "per_group.csv"),
+        "--confused", str(out / "plots" / "confused_pairs.csv"),
+        "--gallery", str(out / "plots" / "errors.png"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+def test_evaluate_stage_writes_metrics_predictions_and_plots(tmp_path, prepared):
+    ckpt = tmp_path / "models" / "m0" / "train" / "best.pt"
+    make_checkpoint(ckpt, resolution=32)
+    _stage("evaluate").main(_argv(tmp_path, prepared, ckpt, _params(tmp_path)))
+    out = tmp_path / "out"
+
+    metrics = json.loads((out / "metrics" / "train.json").read_text())
+    for key in ("top1", "top5", "mean_class_acc", "n", "tail", "inshop"):
+        assert key in metrics["val"]
+    assert metrics["val"]["n"] == 4 and metrics["test"]["n"] == 9
+    assert metrics["test"]["public"]["n"] + metrics["test"]["private"]["n"] == 9
+    assert metrics["test"]["inshop"]["n"] == 4 and metrics["test"]["customer"]["n"] == 5
+    # n_train is 3 for every SKU and tail_max_images 3: all known SKUs are tail, none head
+    assert "head" not in metrics["test"] and metrics["test"]["tail"]["n"] == 9
+    tta = metrics["tta"]["val"]
+    assert set(tta) == {
+        "all", "32px-center", "32px-center-flip", "40px-center", "40px-center-flip",
+        "without_32px-center", "without_32px-center-flip", "without_40px-center", "without_40px-center-flip",
+    }  # fmt: skip
+    assert metrics["tta"]["views"] == 4 and metrics["resolution"] == 32
+
+    # the saved logits reproduce the reported numbers; test rows keep the test CSV's order
+    preds = load_predictions(out / "predictions" / "train" / "m0.npz", "m0")
+    test = pd.read_csv(prepared / "test.csv")
+    assert preds["test_names"].tolist() == test["name"].tolist()
+    assert preds["skus"].tolist() == SKUS and preds["test_logits"].shape == (9, 4)
+    top = topk_indices(preds["test_logits"], 5)
+    assert hits_at(top, test["label"].to_numpy(), 1).mean() == pytest.approx(metrics["test"]["top1"])
+    assert metrics["test"]["top5"] == pytest.approx(8 / 9)  # K = 4: all but the unknown SKU
+    assert tta["all"] == pytest.approx((preds["val_logits"].argmax(1) == preds["val_labels"]).mean())
+
+    groups = pd.read_csv(out / "plots" / "per_group.csv")
+    assert list(groups.columns) == ["group", "n", "top1", "top5"]
+    assert sorted(groups["group"].tolist()) == [1, 2, 3] and groups["n"].sum() == 9
+    pairs = pd.read_csv(out / "plots" / "confused_pairs.csv")
+    assert list(pairs.columns) == ["pair", "sku_a", "sku_b", "a_as_b", "b_as_a", "count", "same_group"]
+    gallery = cv2.imread(str(out / "plots" / "errors.png"))
+    assert gallery is not None and gallery.shape[1] == 6 + 3 * (48 + 6)
+    n_errors = int(round((1 - metrics["test"]["top1"]) * 9))
+    rows = max(1, min(3, n_errors))
+    assert gallery.shape[0] == 36 + rows * (48 + 34 + 6) + 6
+
+
+def test_missing_checkpoint_message(tmp_path, prepared, caplog):
+    ckpt = tmp_path / "models" / "m0" / "finetune_accuracy" / "best.pt"
+    argv = _argv(tmp_path, prepared, ckpt, _params(tmp_path), phase="finetune_accuracy")
+    with pytest.raises(SystemExit):
+        _stage("evaluate").main(argv)
+    assert "ensemble member 'm0', phase 'finetune_accuracy'" in caplog.text
+    assert str(ckpt) in caplog.text and "not found" in caplog.text
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_checkpoint_from_another_label_map_is_named(tmp_path, prepared, caplog):
+    ckpt = tmp_path / "other.pt"
+    make_checkpoint(ckpt, skus=[1001, 1002, 2001, 3003])
+    with pytest.raises(SystemExit):
+        _stage("evaluate").main(_argv(tmp_path, prepared, ckpt, _params(tmp_path)))
+    assert f"checkpoint {ckpt} was trained on a different label map" in caplog.text
+    assert "label_map.csv" in caplog.text and "SKU 3003" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_params_key_and_phase_fail_at_start(tmp_path, prepared, caplog):
+    ckpt = tmp_path / "best.pt"
+    params = _params(tmp_path, evaluate={"batch_sise": 4})
+    with pytest.raises(SystemExit):
+        _stage("evaluate").main(_argv(tmp_path, prepared, ckpt, params))
+    assert "unknown key 'evaluate.batch_sise'" in caplog.text
+    with pytest.raises(SystemExit):
+        _stage("evaluate").main(_argv(tmp_path, prepared, ckpt, _params(tmp_path), phase="warmup"))
+    assert "phase 'warmup' is not in evaluate.phases" in caplog.text
+
+
+def test_read_split_checks_labels_and_skus(tmp_path, prepared):
+    label_map = read_label_map(prepared / "label_map.csv")
+    val = pd.read_csv(prepared / "val.csv")
+    val.loc[2, "label"] = 7
+    val.to_csv(tmp_path / "val.csv", index=False)
+    with pytest.raises(DataError, match=r"val.csv: row 4 column 'label' is 7"):
+        read_split(tmp_path / "val.csv", label_map)
+    val = pd.read_csv(prepared / "val.csv")
+    val.loc[1, "sku"] = 4242
+    val.to_csv(tmp_path / "val.csv", index=False)
+    with pytest.raises(DataError, match=r"row 3: label 1 has sku 4242, but the label map says sku 1002"):
+        read_split(tmp_path / "val.csv", label_map)
+    with pytest.raises(DataError, match="missing column 'Usage'"):
+        read_split(prepared / "val.csv", label_map, usage=True)
+    assert np.all(read_split(prepared / "test.csv", label_map, usage=True)["label"].to_numpy()[-1] == -1)
+
+
+def test_worst_errors_are_the_most_confident_mistakes():
+    from products10k.gallery import worst_errors
+
+    logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
+    labels = np.array([1, 1, 1, 0])  # rows 0, 2, 3 are wrong with confidence 0.9, 0.6, 0.7
+    errors = worst_errors(logits, labels, 2)
+    assert errors["index"].tolist() == [0, 3] and errors["pred"].tolist() == [0, 1]
+    assert errors["prob"].tolist() == pytest.approx([0.9, 0.7])
+    assert worst_errors(logits, logits.argmax(1), 5).empty

@@ -1,0 +1,194 @@
+"""The three training phases on a tiny fixture, their params handling, and their faults."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from train_fixtures import make_prepared, phase_args, train_stage_main, write_params
+
+from products10k import checkpoint as ckpt_lib
+from products10k.config import load_yaml, member_params
+from products10k.errors import ConfigError, Products10kError
+from products10k.losses import PhaseLoss
+from products10k.train_loop import PhasePaths, resolve_phase_config, run_phase
+
+train_main = train_stage_main()
+CONTRACT_KEYS = {
+    "model",
+    "model_config",
+    "labels",
+    "phase",
+    "member",
+    "epoch",
+    "resolution",
+    "resize",
+    "val_top1",
+}
+
+
+def _paths(data: Path, out: Path, phase: str = "train", csv: str = "train.csv", init=None) -> PhasePaths:
+    return PhasePaths(
+        train_csv=data / csv,
+        val_csv=data / "val.csv",
+        label_map=data / "label_map.csv",
+        images=data,
+        out=out / "models" / phase,
+        live=out / "dvclive" / phase,
+        init=init,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """train -> finetune_balanced -> finetune_accuracy through the stage script's main()."""
+    root = tmp_path_factory.mktemp("phases")
+    data = make_prepared(root / "data", num_classes=4, train_per_class=10, val_per_class=4)
+    params = write_params(root / "params.yaml", train={"epochs": 3, "ema": True, "ema_decay": 0.5})
+    train_main(["--params", str(params), *phase_args(data, root, "train")])
+    models = root / "models"
+    for phase, init in (("finetune_balanced", "train"), ("finetune_accuracy", "finetune_balanced")):
+        args = phase_args(data, root, phase, "balanced.csv", models / init / "best.pt")
+        train_main(["--params", str(params), *args])
+    return root, data, params
+
+
+@pytest.mark.parametrize("phase", ["train", "finetune_balanced", "finetune_accuracy"])
+def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
+    root, data, _ = pipeline
+    out = root / "models" / phase
+    best = torch.load(out / "best.pt", weights_only=False)
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert CONTRACT_KEYS <= set(best) and CONTRACT_KEYS <= set(last)
+    assert best["phase"] == phase and best["member"] == "m0"
+    assert best["labels"] == [1000, 1007, 1014, 1021]
+    assert best["model_config"]["arch"] == "resnet10t" and best["model_config"]["num_classes"] == 4
+    assert best["resolution"] == 32 and best["resize"] == 37
+    assert "train_state" in last and {"optimizer", "scheduler", "ema", "global_step"} <= set(
+        last["train_state"]
+    )
+    expected_epochs = {"train": 3, "finetune_balanced": 1, "finetune_accuracy": 1}[phase]
+    assert last["epoch"] == expected_epochs and len(last["history"]) == expected_epochs
+    assert best["val_top1"] == max(row["val/top1"] for row in last["history"])
+    # 4 classes: chance is 0.25; colour + shape is learnable in a few epochs
+    assert best["val_top1"] >= 0.5, last["history"]
+    model, meta = ckpt_lib.load_model(out / "best.pt")
+    assert meta["val_top1"] == best["val_top1"]
+    # saved weights are the evaluated (EMA) ones: reloading reproduces the recorded val top-1
+    from products10k.datasets import PreparedImageDataset, read_prepared_csv
+    from products10k.transforms import eval_transform
+
+    ds = PreparedImageDataset(read_prepared_csv(data / "val.csv"), data, eval_transform(37, 32))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(best["val_top1"], abs=1e-6)
+
+    metrics = json.loads((root / "dvclive" / phase / "metrics.json").read_text())
+    assert {"loss", "top1"} <= set(metrics["train"]) and {"top1", "best_top1", "loss"} <= set(metrics["val"])
+    assert "lr" in metrics and "throughput" in metrics and metrics["step"] == expected_epochs - 1
+    lines = (root / "dvclive" / phase / "plots" / "metrics" / "val" / "top1.tsv").read_text().splitlines()
+    assert len(lines) == expected_epochs + 1
+
+
+def test_finetunes_start_from_the_previous_best(pipeline):
+    root, *_ = pipeline
+    first = torch.load(root / "models/finetune_balanced/last.pt", weights_only=False)["history"][0]
+    base = torch.load(root / "models/train/best.pt", weights_only=False)
+    # one epoch at a 3x lower lr from a model at >= 50% does not fall back to chance
+    assert first["val/top1"] >= base["val_top1"] - 0.25
+    cfg = first  # the accuracy-loss phase's train loss is L_acc, in [0, 1]
+    acc_hist = torch.load(root / "models/finetune_accuracy/last.pt", weights_only=False)["history"]
+    assert all(0.0 <= row["train/loss"] <= 1.0 for row in acc_hist), cfg
+
+
+def test_finetune_sections_override_train_and_reject_unknown_keys(tmp_path):
+    params = yaml.safe_load(write_params(tmp_path / "p.yaml").read_text())
+    params["train"]["resolution"] = 48
+    params["finetune_balanced"] = {"epochs": 2, "lr": 1.0e-4}
+    ft = resolve_phase_config(params, "finetune_balanced")
+    assert (ft.epochs, ft.lr, ft.resolution, ft.batch_size) == (2, 1.0e-4, 48, 8)
+    params["finetune_balanced"]["lr_typo"] = 1
+    with pytest.raises(ConfigError, match="unknown key 'finetune_balanced.lr_typo'"):
+        resolve_phase_config(params, "finetune_balanced")
+    params["finetune_balanced"] = {"epochs": "three"}
+    with pytest.raises(ConfigError, match="finetune_balanced.epochs"):
+        resolve_phase_config(params, "finetune_balanced")
+    params["train"]["resolutoin"] = 1
+    with pytest.raises(ConfigError, match="unknown key 'train.resolutoin'"):
+        resolve_phase_config(params, "train")
+
+
+def test_member_overrides_reach_the_phase_config(tmp_path):
+    path = write_params(tmp_path / "p.yaml", ensemble={"members": {"m0": {}, "m1": {"train.resolution": 64}}})
+    params = load_yaml(path)
+    assert resolve_phase_config(member_params(params, "m1"), "finetune_accuracy").resolution == 64
+    assert resolve_phase_config(member_params(params, "m0"), "finetune_accuracy").resolution == 32
+
+
+def test_the_embedded_default_params_type_check():
+    root = Path(__file__).resolve().parents[1]
+    params = member_params(load_yaml(root / "params.yaml"), "m0")
+    for phase in ("train", "finetune_balanced", "finetune_accuracy"):
+        resolve_phase_config(params, phase)
+    assert resolve_phase_config(params, "finetune_accuracy").accuracy_loss_weight == 1.0
+
+
+def test_batch_not_divisible_names_the_keys(tmp_path):
+    data = make_prepared(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
+    params = write_params(tmp_path / "p.yaml", train={"batch_size": 9, "grad_accum": 2})
+    with pytest.raises(ConfigError, match=r"train.batch_size=9 .*train.grad_accum"):
+        run_phase(params, "train", "m0", _paths(data, tmp_path))
+
+
+def test_init_from_another_arch_or_label_map_fails_naming_both(pipeline, tmp_path):
+    root, data, _ = pipeline
+    init = root / "models" / "train" / "best.pt"
+    params = write_params(tmp_path / "p.yaml", model={"arch": "resnet14t"})
+    with pytest.raises(Products10kError, match="'resnet10t'.*'resnet14t'"):
+        run_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", init=init))
+    other = make_prepared(tmp_path / "other", num_classes=3, train_per_class=2, val_per_class=1)
+    params = write_params(tmp_path / "p2.yaml")
+    with pytest.raises(Products10kError, match=r"best\.pt.*label_map\.csv"):
+        run_phase(params, "finetune_balanced", "m0", _paths(other, tmp_path, "finetune_balanced", init=init))
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good(tmp_path, monkeypatch):
+    data = make_prepared(tmp_path / "data", num_classes=2, train_per_class=8, val_per_class=2)
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 3})
+    calls = {"n": 0}
+    real_forward = PhaseLoss.forward
+
+    def poisoned(self, logits, target, weight=None):
+        calls["n"] += 1
+        loss = real_forward(self, logits, target, weight)
+        return loss * float("nan") if calls["n"] == 3 else loss  # 2 steps per epoch: epoch 2 step 1
+
+    monkeypatch.setattr(PhaseLoss, "forward", poisoned)
+    paths = _paths(data, tmp_path)
+    with pytest.raises(Products10kError, match=r"NaN/inf at epoch 2, step 1.*last\.pt"):
+        run_phase(params, "train", "m0", paths)
+    last = torch.load(paths.out / "last.pt", weights_only=False)
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"head": None, "sampler": "class_balanced", "grad_accum": 2, "clip_grad": 1.0, "schedule": "step",
+         "milestones": [1], "random_erasing": 0.5, "color_jitter": 0.3, "crop": "random_resized",
+         "channels_last": True, "label_smoothing": 0.1, "num_workers": 1},
+        {"head": "arcface", "amp": "bf16", "optimizer": "adamw", "warmup_epochs": 0.5},
+    ],
+)  # fmt: skip
+def test_optional_tricks_run(tmp_path, train):
+    data = make_prepared(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2)
+    head = train.pop("head")
+    model = {"head": head, "pool": "gem"} if head else {}
+    params = write_params(tmp_path / "p.yaml", model=model, train={"epochs": 2, **train})
+    result = run_phase(params, "train", "m0", _paths(data, tmp_path))
+    assert len(result["history"]) == 2
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result["history"])
