@@ -155,7 +155,35 @@ def shard_for_rank(
     return mine
 
 
-class EpochSampler(Sampler[int]):
+class _ShardedEpochSampler(Sampler[int]):
+    """An epoch's ``n`` draws, the same on every rank (seed + epoch), sharded by ``shard_for_rank``.
+
+    Subclasses say which ``n`` indices an epoch draws (``_order``); ``set_epoch``, the length
+    and the sharding are shared.
+    """
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, batch_size: int | None):
+        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def _order(self) -> list[int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(shard_for_rank(range(self.n), self.n, self.rank, self.world, self.batch_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(shard_for_rank(self._order(), self.n, self.rank, self.world, self.batch_size))
+
+
+class EpochSampler(_ShardedEpochSampler):
     """Shuffled (or sequential) pass over the dataset, sharded over ranks without duplicates.
 
     Like ``DistributedSampler`` with ``set_epoch`` (same seed + epoch on every rank gives one
@@ -172,26 +200,16 @@ class EpochSampler(Sampler[int]):
         seed: int = 0,
         batch_size: int | None = None,
     ):
-        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
-        self.batch_size = batch_size
-        self.epoch = 0
+        super().__init__(n, rank, world, seed, batch_size)
+        self.shuffle = shuffle
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(shard_for_rank(range(self.n), self.n, self.rank, self.world, self.batch_size))
-
-    def __iter__(self) -> Iterator[int]:
+    def _order(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        return iter(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
+            return torch.randperm(self.n, generator=self._generator()).tolist()
+        return list(range(self.n))
 
 
-class ClassBalancedSampler(Sampler[int]):
+class ClassBalancedSampler(_ShardedEpochSampler):
     """Draw ``n`` samples per epoch with replacement, each SKU equally likely (then sharded).
 
     The long tail of Products-10K means a plain shuffle shows head SKUs many times more often;
@@ -209,17 +227,7 @@ class ClassBalancedSampler(Sampler[int]):
         labels = np.asarray(labels)
         counts = np.bincount(labels)
         self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-        self.n, self.rank, self.world, self.seed = len(labels), rank, world, seed
-        self.batch_size = batch_size
-        self.epoch = 0
+        super().__init__(len(labels), rank, world, seed, batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(shard_for_rank(range(self.n), self.n, self.rank, self.world, self.batch_size))
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
-        return iter(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
+    def _order(self) -> list[int]:
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=self._generator()).tolist()

@@ -24,7 +24,7 @@ import pandas as pd
 from products10k import atomic
 from products10k.checkpoint import check_labels, load_model
 from products10k.datasets import read_label_map as read_label_map_checked
-from products10k.errors import DataError, Products10kError
+from products10k.errors import ConfigError, DataError, Products10kError
 from products10k.gallery import draw_gallery, encode_png, worst_errors
 from products10k.metrics import confused_pairs, per_group_table, split_metrics, topk_indices
 from products10k.params import EvaluateConfig, TTAConfig
@@ -49,6 +49,12 @@ PREDICTION_KEYS = (
 def _plain(value):
     """A numpy scalar as the Python value it holds (error messages show 7, not np.int64(7))."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def require_evaluated_phase(phase: str, phases, where: str, key: str = "phase") -> None:
+    """Raise ConfigError unless ``phase`` is one of ``evaluate.phases`` (``key`` names its source)."""
+    if phase not in phases:
+        raise ConfigError(f"{where}: {key} '{phase}' is not in evaluate.phases ({', '.join(phases)})")
 
 
 def read_label_map(path: str | Path) -> pd.DataFrame:

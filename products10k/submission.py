@@ -4,10 +4,20 @@ Format (Products-10K on Kaggle): header ``name,class``, one row per image of the
 ``test_kaggletest.csv``, ``class`` = the original SKU id (not the contiguous training label).
 ``validate_submission`` checks all of that before anything is written; outputs are written
 atomically, so a failed check or a killed stage never leaves a partial submission behind.
+
+Excluded test images. The prepare stage drops unreadable test images (missing, empty, truncated,
+undecodable; at most ``prepare.max_bad_fraction``) and lists them under ``excluded`` in its
+``report.json``; they have no prediction, yet Kaggle wants a row for every listed image. Exactly
+those images get the **fallback**: the training prior (``n_train`` of label_map.csv, normalised),
+so their class is the most frequent training SKU (the lowest label among ties) and their top-k the
+k most frequent SKUs. They are scored like any other row (wrong unless the fallback SKU is right),
+a warning says how many there are, and ``test.fallback_rows`` in the metrics counts them. Any
+other test image without a prediction is still an error.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -100,23 +110,83 @@ def validate_submission(
         )
 
 
-def align_to_test_list(names: np.ndarray, probs: np.ndarray, test_list: pd.DataFrame, where: str):
-    """Reorder prediction rows into the test list's order; a count or name mismatch is an error."""
+def read_excluded_test_names(report_path: str | os.PathLike, test_list_path: str | os.PathLike) -> set[str]:
+    """Names of the test images the prepare stage excluded, from its ``report.json``.
+
+    The report's ``excluded`` entries carry the CSV they came from (``file``); those of the test
+    list (same file name as ``test_list_path``, e.g. ``test_kaggletest.csv``) are returned.
+    """
+    path = Path(report_path)
+    if not path.is_file():
+        raise DataError(f"{path}: prepare report not found (run the prepare stage)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    excluded = report.get("excluded") if isinstance(report, dict) else None
+    if not isinstance(excluded, list):
+        raise DataError(f"{path}: no 'excluded' list (not a report.json of the prepare stage?)")
+    table = Path(test_list_path).name
+    names = set()
+    for i, entry in enumerate(excluded):
+        if not isinstance(entry, dict) or "file" not in entry or "name" not in entry:
+            raise DataError(f"{path}: excluded[{i}] lacks 'file' or 'name': {entry!r}")
+        if Path(str(entry["file"])).name == table:
+            names.add(str(entry["name"]))
+    return names
+
+
+def fallback_scores(label_map: pd.DataFrame) -> np.ndarray:
+    """The fallback scores row for an excluded test image: the training prior over labels, (K,).
+
+    ``n_train / sum(n_train)`` of label_map.csv: top-1 is the most frequent training SKU.
+    """
+    counts = label_map["n_train"].to_numpy(dtype=np.float64)
+    if not counts.sum() > 0:
+        raise DataError("label map: no training images (n_train is 0 for every SKU), so no fallback SKU")
+    return (counts / counts.sum()).astype(np.float32)
+
+
+def align_to_test_list(
+    names: np.ndarray,
+    probs: np.ndarray,
+    test_list: pd.DataFrame,
+    where: str,
+    excluded: set[str] | frozenset[str] = frozenset(),
+    fallback: np.ndarray | None = None,
+):
+    """Reorder prediction rows into the test list's order; a count or name mismatch is an error.
+
+    A test image without a prediction is allowed only if its name is in ``excluded`` (the test
+    images prepare excluded); its row is then ``fallback`` (see :func:`fallback_scores`).
+    """
     names = np.asarray(names).astype(str)
     expected = test_list["name"].astype(str).to_numpy()
-    if len(names) != len(expected):
-        missing = sorted(set(expected) - set(names))[:5]
+    absent = ~np.isin(expected, names)
+    filled = absent & np.isin(expected, list(excluded))
+    if filled.any() and fallback is None:
+        raise ValueError("excluded test images need a fallback scores row")
+    if len(names) + int(filled.sum()) != len(expected):
+        missing = sorted(set(expected[absent & ~filled]))[:5]
+        extra = sorted(set(names) - set(expected))[:5]
         raise DataError(
-            f"{where}: predictions for {len(names)} test images but the test list has {len(expected)}"
+            f"{where}: predictions for {len(names)} test images"
+            + (f" (+{int(filled.sum())} excluded by prepare)" if filled.any() else "")
+            + f" but the test list has {len(expected)}"
             + (f" (no prediction for e.g. {', '.join(missing)})" if missing else "")
+            + (f" (not in the test list: e.g. {', '.join(extra)})" if extra else "")
         )
     index = pd.Index(names)
     if index.has_duplicates:
         raise DataError(f"{where}: test image '{index[index.duplicated()][0]}' is predicted twice")
     pos = index.get_indexer(expected)
-    if (pos < 0).any():
-        raise DataError(f"{where}: no prediction for test image '{expected[pos < 0][0]}'")
-    return expected, probs[pos]
+    unexplained = (pos < 0) & ~filled
+    if unexplained.any():
+        raise DataError(f"{where}: no prediction for test image '{expected[unexplained][0]}'")
+    out = probs[np.maximum(pos, 0)]  # one copy, as fancy indexing always makes
+    if filled.any():
+        out[filled] = fallback
+    return expected, out
 
 
 def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd.DataFrame) -> dict:
@@ -222,11 +292,14 @@ def make_submission(
     out: str | os.PathLike,
     top_k_out: str | os.PathLike,
     top_k: int = 5,
+    report_path: str | os.PathLike | None = None,
 ) -> dict:
     """Ensemble the members' predictions, validate and write the submission; return its metrics.
 
     Nothing is written unless every check passes: members agree on the label map and the
-    rows, the predictions cover the test list exactly, and the submission validates.
+    rows, the predictions cover the test list exactly (except the test images the prepare
+    report ``report_path`` lists as excluded: they get the fallback, see the module docstring;
+    without a report every test image needs a prediction), and the submission validates.
     """
     from products10k.ensemble import combine, log_likelihood, resolve_weights
     from products10k.evaluation import load_predictions, read_label_map
@@ -258,12 +331,25 @@ def make_submission(
     test_probs = combine([preds[m]["test_logits"] for m in members], [weights[m] for m in members])
 
     try:
+        excluded = read_excluded_test_names(report_path, test_list_path) if report_path else set()
         names, test_probs = align_to_test_list(
             preds[first]["test_names"],
             test_probs,
             test_list,
             f"{prediction_paths[first]} vs {test_list_path}",
+            excluded=excluded,
+            fallback=fallback_scores(label_map) if excluded else None,
         )
+        fallback_names = names[~np.isin(names, preds[first]["test_names"].astype(str))]
+        if len(fallback_names):
+            log.warning(
+                "%d test image(s) excluded by prepare (%s) have no prediction; submitting the most "
+                "frequent training SKU %d for them, scored as any other row (e.g. %s)",
+                len(fallback_names),
+                report_path,
+                int(skus[int(np.argmax(label_map["n_train"].to_numpy()))]),
+                ", ".join(fallback_names[:5]),
+            )
         submission, topk = build_submission(names, test_probs, skus, top_k)
         validate_submission(submission, test_list, skus, where=str(out))
     except Products10kError:
@@ -279,7 +365,7 @@ def make_submission(
 
     known = val_labels >= 0
     metrics = {
-        "test": score_submission(submission, topk, test_list),
+        "test": {**score_submission(submission, topk, test_list), "fallback_rows": len(fallback_names)},
         "val": {
             "top1": float((val_probs.argmax(1) == val_labels)[known].mean()) if known.any() else float("nan"),
             "log_likelihood": log_likelihood(val_probs, val_labels),

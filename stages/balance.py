@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from products10k.balance import balance
+from products10k.cli import run_stage
 from products10k.config import load_section
-from products10k.errors import Products10kError
-from products10k.logs import setup_logging
 from products10k.params import BalanceConfig
 
 log = logging.getLogger("stages.balance")
@@ -31,13 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_section(args.params, "balance", BalanceConfig)
-        balance(args.train, args.out, cfg)
-    except Products10kError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    balance(args.train, args.out, load_section(args.params, "balance", BalanceConfig))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from products10k.cli import run_stage
 from products10k.config import load_section
 from products10k.download import download
-from products10k.errors import Products10kError
-from products10k.logs import setup_logging
 from products10k.params import DataConfig
 
 log = logging.getLogger("stages.download")
@@ -33,14 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_section(args.params, "data", DataConfig)
-        # A relative data.dir is relative to params.yaml, wherever the command is started from.
-        download(cfg, args.out, base_dir=Path(args.params).resolve().parent)
-    except Products10kError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    cfg = load_section(args.params, "data", DataConfig)
+    # A relative data.dir is relative to params.yaml, wherever the command is started from.
+    download(cfg, args.out, base_dir=Path(args.params).resolve().parent)
 
 
 if __name__ == "__main__":

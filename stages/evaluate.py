@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from products10k.cli import run_stage
 from products10k.config import load_yaml, member_names, section
-from products10k.errors import Products10kError
-from products10k.evaluation import EvalOutputs, evaluate_phase
-from products10k.logs import setup_logging
+from products10k.errors import ConfigError
+from products10k.evaluation import EvalOutputs, evaluate_phase, require_evaluated_phase
 from products10k.params import EvaluateConfig, TTAConfig
 from products10k.seeding import seed_everything
 
@@ -49,39 +48,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
     args = parse_args(argv)
-    try:
-        params = load_yaml(args.params)
-        cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
-        tta = section(params, "tta", TTAConfig, where=args.params)
-        if args.member not in member_names(params, args.params):
-            raise Products10kError(f"{args.params}: '{args.member}' is not in ensemble.members")
-        if args.phase not in cfg.phases:
-            raise Products10kError(f"{args.params}: phase '{args.phase}' is not in evaluate.phases")
-        seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
-        evaluate_phase(
-            member=args.member,
-            phase=args.phase,
-            checkpoint=args.checkpoint,
-            label_map_path=args.label_map,
-            train_path=args.train,
-            val_path=args.val,
-            test_path=args.test,
-            images_root=args.images_root,
-            outputs=EvalOutputs(
-                metrics=Path(args.metrics),
-                predictions=Path(args.predictions),
-                per_group=Path(args.per_group),
-                confused=Path(args.confused),
-                gallery=Path(args.gallery),
-            ),
-            cfg=cfg,
-            tta=tta,
-        )
-    except Products10kError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    params = load_yaml(args.params)
+    cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
+    tta = section(params, "tta", TTAConfig, where=args.params)
+    if args.member not in member_names(params, args.params):
+        raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
+    require_evaluated_phase(args.phase, cfg.phases, args.params)
+    seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
+    evaluate_phase(
+        member=args.member,
+        phase=args.phase,
+        checkpoint=args.checkpoint,
+        label_map_path=args.label_map,
+        train_path=args.train,
+        val_path=args.val,
+        test_path=args.test,
+        images_root=args.images_root,
+        outputs=EvalOutputs(
+            metrics=Path(args.metrics),
+            predictions=Path(args.predictions),
+            per_group=Path(args.per_group),
+            confused=Path(args.confused),
+            gallery=Path(args.gallery),
+        ),
+        cfg=cfg,
+        tta=tta,
+    )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from products10k.cli import run_stage
 from products10k.config import load_section
-from products10k.errors import Products10kError
-from products10k.logs import setup_logging
 from products10k.params import PrepareConfig
 from products10k.prepare import prepare
 
@@ -36,14 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_section(args.params, "prepare", PrepareConfig)
-        prepare(args.raw, args.out, cfg)
-    except Products10kError as exc:
-        # A user-fixable problem: one clear line, no traceback.
-        log.error("%s", exc)
-        sys.exit(1)
+    run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    prepare(args.raw, args.out, load_section(args.params, "prepare", PrepareConfig))
 
 
 if __name__ == "__main__":

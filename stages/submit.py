@@ -4,24 +4,27 @@ Run::
 
     python stages/submit.py --params params.yaml --predictions predictions/finetune_accuracy \
         --label-map data/prepared/label_map.csv --test-list data/raw/test_kaggletest.csv \
+        --report data/prepared/report.json \
         --out submissions/submission.csv --top-k submissions/top5.csv \
         --metrics metrics/submission.json
 
 ``--predictions`` is the folder of the phase named by ``submit.phase`` (one ``<member>.npz`` per
-ensemble member, written by the evaluate stages).
+ensemble member, written by the evaluate stages). Test images the prepare stage excluded
+(``--report``) have no prediction: they get the most frequent training SKU, with a warning, and
+are counted in ``test.fallback_rows`` (see products10k/submission.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from products10k import atomic
+from products10k.cli import run_stage
 from products10k.config import load_yaml, member_names, section
 from products10k.errors import Products10kError
-from products10k.logs import setup_logging
+from products10k.evaluation import require_evaluated_phase
 from products10k.params import EnsembleConfig, EvaluateConfig, SubmitConfig
 from products10k.submission import kaggle_submit, make_submission
 
@@ -34,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predictions", required=True, help="folder with <member>.npz of submit.phase")
     p.add_argument("--label-map", required=True)
     p.add_argument("--test-list", required=True, help="the official test_kaggletest.csv")
+    p.add_argument("--report", required=True, help="prepare's report.json (the excluded test images)")
     p.add_argument("--out", required=True, help="submission CSV (name,class)")
     p.add_argument("--top-k", required=True, help="top-k SKU ids with scores per test image")
     p.add_argument("--metrics", required=True)
@@ -41,47 +45,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
     args = parse_args(argv)
-    try:
-        params = load_yaml(args.params)
-        cfg = section(params, "submit", SubmitConfig, where=args.params)
-        ens = section(params, "ensemble", EnsembleConfig, where=args.params)
-        members = member_names(params, args.params)
-        phases = section(params, "evaluate", EvaluateConfig, where=args.params).phases
-        if cfg.phase not in phases:
-            raise Products10kError(
-                f"{args.params}: submit.phase '{cfg.phase}' is not evaluated "
-                f"(evaluate.phases: {', '.join(phases)})"
-            )
-        folder = Path(args.predictions)
-        if folder.name != cfg.phase:
-            # the folder in dvc.yaml's cmd and submit.phase must name the same phase
-            raise Products10kError(f"--predictions {folder} is not the folder of submit.phase '{cfg.phase}'")
-        metrics = make_submission(
-            members=members,
-            prediction_paths={m: folder / f"{m}.npz" for m in members},
-            weights_spec=ens.weights,
-            label_map_path=args.label_map,
-            test_list_path=args.test_list,
-            out=args.out,
-            top_k_out=args.top_k,
-            top_k=cfg.top_k,
+    run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    params = load_yaml(args.params)
+    cfg = section(params, "submit", SubmitConfig, where=args.params)
+    ens = section(params, "ensemble", EnsembleConfig, where=args.params)
+    members = member_names(params, args.params)
+    phases = section(params, "evaluate", EvaluateConfig, where=args.params).phases
+    require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
+    folder = Path(args.predictions)
+    if folder.name != cfg.phase:
+        # the folder in dvc.yaml's cmd and submit.phase must name the same phase
+        raise Products10kError(f"--predictions {folder} is not the folder of submit.phase '{cfg.phase}'")
+    metrics = make_submission(
+        members=members,
+        prediction_paths={m: folder / f"{m}.npz" for m in members},
+        weights_spec=ens.weights,
+        label_map_path=args.label_map,
+        test_list_path=args.test_list,
+        out=args.out,
+        top_k_out=args.top_k,
+        top_k=cfg.top_k,
+        report_path=args.report,
+    )
+    atomic.write_json(args.metrics, metrics)
+    test = metrics["test"]
+    if "top1" in test:  # an unlabelled test list cannot be scored locally
+        log.info(
+            "submission top1 %.4f (public %.4f, private %.4f)",
+            test["top1"],
+            test.get("public", {}).get("top1", float("nan")),
+            test.get("private", {}).get("top1", float("nan")),
         )
-        atomic.write_json(args.metrics, metrics)
-        test = metrics["test"]
-        if test:
-            log.info(
-                "submission top1 %.4f (public %.4f, private %.4f)",
-                test["top1"],
-                test.get("public", {}).get("top1", float("nan")),
-                test.get("private", {}).get("top1", float("nan")),
-            )
-        if cfg.kaggle.enabled:
-            kaggle_submit(cfg.kaggle.competition, args.out, cfg.kaggle.message, cfg.kaggle.timeout_s)
-    except Products10kError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    if cfg.kaggle.enabled:
+        kaggle_submit(cfg.kaggle.competition, args.out, cfg.kaggle.message, cfg.kaggle.timeout_s)
 
 
 if __name__ == "__main__":

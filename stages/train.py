@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from products10k.errors import Products10kError
-from products10k.logs import setup_logging
+from products10k.cli import run_stage
 from products10k.params import PHASES
 from products10k.train_loop import PhasePaths, run_phase
 
@@ -49,7 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging()
     paths = PhasePaths(
         train_csv=args.train_csv,
         val_csv=args.val_csv,
@@ -60,11 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         init=args.init,
         debug_dir=args.debug_dir,
     )
-    try:
-        result = run_phase(args.params, args.phase, args.member, paths)
-    except Products10kError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
+    result = run_stage(log, run_phase, args.params, args.phase, args.member, paths)
     log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
 
 

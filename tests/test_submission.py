@@ -19,6 +19,7 @@ from products10k.submission import (
     kaggle_command,
     kaggle_submit,
     make_submission,
+    read_excluded_test_names,
     score_submission,
     validate_submission,
 )
@@ -85,6 +86,28 @@ def test_align_reorders_and_rejects_count_mismatch():
         align_to_test_list(np.array(["a", "b", "c", "d"]), probs, tl, "x")
 
 
+def test_align_fills_only_excluded_images_with_the_fallback():
+    tl = _test_list(4)
+    names = tl["name"].to_numpy()
+    probs = np.arange(3)[:, None] * np.ones((3, 2))
+    fallback = np.array([0.75, 0.25])
+    excluded = {names[1], "4799999.jpg"}  # an excluded name outside the test list changes nothing
+    out_names, out_probs = align_to_test_list(names[[0, 2, 3]], probs, tl, "x", excluded, fallback)
+    assert out_names.tolist() == tl["name"].tolist()
+    assert out_probs.tolist() == [[0, 0], [0.75, 0.25], [1, 1], [2, 2]]
+    # a missing image that prepare did not exclude stays an error, named
+    with pytest.raises(DataError, match=rf"predictions for 2 test images \(\+1 excluded by prepare\) but "
+                       rf"the test list has 4 \(no prediction for e\.g\. {names[3]}\)"):  # fmt: skip
+        align_to_test_list(names[[0, 2]], probs[:2], tl, "x", excluded, fallback)
+    # so is a count mismatch the fallback does not explain (an image outside the list)
+    with pytest.raises(
+        DataError, match=r"predictions for 4 test images .*\(not in the test list: e\.g\. a\.jpg\)"
+    ):
+        align_to_test_list(
+            np.array([*names[[0, 2, 3]], "a.jpg"]), np.ones((4, 2)), tl, "x", excluded, fallback
+        )
+
+
 def test_score_submission_public_private_and_unknown_sku():
     tl = _test_list()
     sub = pd.DataFrame({"name": tl["name"], "class": [501, 503, 503, 504, 502, 501]})
@@ -98,6 +121,21 @@ def test_score_submission_public_private_and_unknown_sku():
 
 
 # --- make_submission: the submit stage's work on prediction files made here ---
+
+
+def _report(path: Path, test_list_path: Path, test_names=(), train_names=()) -> Path:
+    """A prepare report.json (products10k/prepare.py's format) excluding the named images."""
+
+    def entry(csv, name, line):
+        return {
+            "file": str(csv), "line": line, "name": name, "archive": str(csv.parent / "test.zip"),
+            "member": "test/" + name, "reason": "truncated", "detail": "image file is truncated",
+        }  # fmt: skip
+
+    excluded = [entry(test_list_path.parent / "train.csv", n, 2 + i) for i, n in enumerate(train_names)]
+    excluded += [entry(test_list_path, n, 2 + i) for i, n in enumerate(test_names)]
+    path.write_text(json.dumps({"counts": {"excluded_test": len(test_names)}, "excluded": excluded}))
+    return path
 
 
 def _label_map(path: Path) -> Path:
@@ -147,6 +185,7 @@ def submit_inputs(tmp_path):
         "test_list_path": tl_path,
         "out": tmp_path / "sub" / "submission.csv",
         "top_k_out": tmp_path / "sub" / "top5.csv",
+        "report_path": _report(tmp_path / "report.json", tl_path),  # nothing excluded
     }
 
 
@@ -159,6 +198,7 @@ def test_make_submission_writes_a_valid_scored_submission(submit_inputs):
     # the informative member dominates: every known SKU right, the unknown 999 wrong
     assert sub["class"].tolist() == [501, 502, 503, 504, 501, 502]
     assert metrics["test"]["top1"] == pytest.approx(5 / 6)
+    assert metrics["test"]["fallback_rows"] == 0
     assert metrics["ensemble"]["weights"]["m0"] > 0.9
     top5 = pd.read_csv(submit_inputs["top_k_out"])
     assert top5.shape == (6, 1 + 2 * 4)  # K = 4 < 5: four SKU ids and four scores
@@ -177,6 +217,103 @@ def test_make_submission_count_mismatch_leaves_no_submission(submit_inputs, tmp_
         make_submission(**submit_inputs)
     assert not out.exists()
     assert not list(out.parent.iterdir())
+
+
+def _predict_only(inputs, rows, extra=()):
+    """Rewrite both members' predictions to cover only test-list ``rows`` (plus ``extra`` names)."""
+    rng = np.random.default_rng(2)
+    tl = pd.read_csv(inputs["test_list_path"], dtype={"name": str})
+    names = [*tl["name"].to_numpy()[rows], *extra]
+    truth = [*np.array([0, 1, 2, 3, 0, 1])[rows], *[0] * len(extra)]
+    for member, strength in (("m0", 6.0), ("m1", 0.0)):
+        _predictions(inputs["prediction_paths"][member], names, rng, strength, truth=np.array(truth))
+    return tl["name"].to_numpy()
+
+
+def test_make_submission_fills_excluded_test_images_with_the_most_frequent_sku(submit_inputs, caplog):
+    # test images 0 (truth 501) and 2 (truth 503) were excluded by prepare: no predictions for them
+    names = _predict_only(submit_inputs, [1, 3, 4, 5])
+    _report(submit_inputs["report_path"], submit_inputs["test_list_path"], test_names=[names[0], names[2]])
+    metrics = make_submission(**submit_inputs)
+    sub = pd.read_csv(submit_inputs["out"], dtype={"name": str})
+    assert sub["name"].tolist() == names.tolist()  # complete, in the test list's order
+    # 501 has the most training images (n_train 9, 3, 5, 2): right for image 0, wrong for image 2
+    assert sub["class"].tolist() == [501, 502, 501, 504, 501, 502]
+    assert metrics["test"]["fallback_rows"] == 2
+    assert metrics["test"]["top1"] == pytest.approx(4 / 6) and metrics["test"]["n"] == 6
+    top5 = pd.read_csv(submit_inputs["top_k_out"], dtype={"name": str}).set_index("name")
+    # the fallback row is the training prior: SKUs by n_train, scores n_train / total
+    assert top5.loc[names[2], ["class_1", "class_2", "class_3", "class_4"]].tolist() == [501, 503, 502, 504]
+    assert top5.loc[names[2], "score_1"] == pytest.approx(9 / 19, abs=1e-6)
+    assert "2 test image(s) excluded by prepare" in caplog.text and "501" in caplog.text
+
+
+def test_make_submission_rejects_missing_images_that_were_not_excluded(submit_inputs):
+    out = submit_inputs["out"]
+    out.parent.mkdir(parents=True)
+    out.write_text("name,class\nstale.jpg,1\n")  # from an earlier run
+    names = _predict_only(submit_inputs, [1, 3, 4, 5])
+    # image 0 is an excluded test image; image 2 is missing too, but only a *train* image of the
+    # same name was excluded: that is no excuse
+    _report(
+        submit_inputs["report_path"],
+        submit_inputs["test_list_path"],
+        test_names=[names[0]],
+        train_names=[names[2]],
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"predictions for 4 test images \(\+1 excluded by prepare\) but the test list has 6 "
+        rf"\(no prediction for e\.g\. {names[2]}\)",
+    ):  # fmt: skip
+        make_submission(**submit_inputs)
+    assert not out.exists()
+    # a prediction outside the test list: the counts only match by accident, still an error
+    _predict_only(submit_inputs, [1, 3, 4, 5], extra=["4799999.jpg"])
+    _report(submit_inputs["report_path"], submit_inputs["test_list_path"], test_names=[names[0]])
+    with pytest.raises(DataError, match="no prediction for test image"):
+        make_submission(**submit_inputs)
+    # without a report, every test image needs a prediction
+    _predict_only(submit_inputs, [1, 2, 3, 4, 5])
+    with pytest.raises(DataError, match="predictions for 5 test images but the test list has 6"):
+        make_submission(**{**submit_inputs, "report_path": None})
+    assert not out.exists()
+
+
+def test_make_submission_names_a_missing_or_bad_report(submit_inputs):
+    report = submit_inputs["report_path"]
+    report.unlink()
+    with pytest.raises(DataError, match=r"report\.json: prepare report not found"):
+        make_submission(**submit_inputs)
+    report.write_text('{"counts": {}}')
+    with pytest.raises(DataError, match="no 'excluded' list"):
+        make_submission(**submit_inputs)
+
+
+def test_excluded_test_names_from_a_real_prepare_report(tmp_path):
+    """The report format is prepare's: a truncated test image is found, a bad train image is not."""
+    import zipfile
+
+    from test_prepare import CFG, jpeg, make_raw
+
+    from products10k.prepare import prepare
+
+    good = jpeg((10, 20, 30))
+    raw = make_raw(tmp_path, replace={"2.jpg": good[: len(good) // 2]})
+    with zipfile.ZipFile(raw / "test.zip") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members["test/4713701.jpg"] = b""  # an empty test image
+    with zipfile.ZipFile(raw / "test.zip", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    report = prepare(raw, tmp_path / "prepared", CFG)
+    assert report["counts"]["excluded_test"] == 1
+    names = read_excluded_test_names(tmp_path / "prepared" / "report.json", raw / "test_kaggletest.csv")
+    assert names == {"4713701.jpg"}
+    assert (
+        "4713701.jpg"
+        not in pd.read_csv(tmp_path / "prepared" / "test.csv", dtype={"name": str})["name"].tolist()
+    )
 
 
 def test_make_submission_names_missing_member_and_foreign_label_map(submit_inputs):
@@ -263,6 +400,7 @@ def _stage_argv(inputs, params, phase_dir):
     return [
         "--params", str(params), "--predictions", str(phase_dir),
         "--label-map", str(inputs["label_map_path"]), "--test-list", str(inputs["test_list_path"]),
+        "--report", str(inputs["report_path"]),
         "--out", str(inputs["out"]), "--top-k", str(inputs["top_k_out"]),
         "--metrics", str(inputs["out"].parent / "submission.json"),
     ]  # fmt: skip
@@ -303,5 +441,5 @@ def test_submit_stage_rejects_a_phase_that_is_not_evaluated(submit_inputs, tmp_p
     )
     with pytest.raises(SystemExit):
         _submit_stage().main(_stage_argv(submit_inputs, params, tmp_path / "finetune_accuracy"))
-    assert "submit.phase 'finetune_accuracy' is not evaluated" in caplog.text
+    assert "submit.phase 'finetune_accuracy' is not in evaluate.phases (train)" in caplog.text
     assert not submit_inputs["out"].exists()
