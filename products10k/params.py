@@ -278,6 +278,9 @@ class PhaseConfig:
     hflip: float = 0.5  # horizontal flip probability
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
     random_erasing: float = 0.0  # probability of erasing a random rectangle (after normalise)
+    rotate: float = 0.0  # max rotation in degrees (uniform +-, before the crop); 0 = off
+    perspective: float = 0.0  # corner jitter of a random perspective warp (fraction of side); 0 = off
+    blur: float = 0.0  # probability of a Gaussian (defocus) or motion (hand-shake) blur
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1.0e-3
     weight_decay: float = 1.0e-4
@@ -297,6 +300,9 @@ class PhaseConfig:
     ema_decay: float = 0.999
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA if supported, off on CPU
     channels_last: bool = False
+    # keep BatchNorm layers in eval mode (running statistics frozen, affine weights still trained):
+    # a finetune on a small subset (the balanced 5-per-SKU set) otherwise drifts the statistics
+    freeze_bn: bool = False
     compile: bool = False  # torch.compile the model (slow start; pays off on long GPU runs)
     num_workers: int = 2  # DataLoader workers per process
 
@@ -312,7 +318,11 @@ class PhaseConfig:
             raise ValueError("lr must be > 0")
         if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
             raise ValueError("rrc_scale must be [min, max] with 0 < min <= max <= 1")
-        for name in ("hflip", "random_erasing", "accuracy_loss_weight"):
+        if not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"rotate must be in [0, 180] degrees, got {self.rotate}")
+        if not 0.0 <= self.perspective <= 0.5:
+            raise ValueError(f"perspective must be in [0, 0.5], got {self.perspective}")
+        for name in ("hflip", "random_erasing", "accuracy_loss_weight", "blur"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:

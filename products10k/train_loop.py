@@ -137,6 +137,20 @@ def fingerprint(
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm layer of a model in train mode back into eval mode; return how many.
+
+    Eval-mode BN normalises with (and never updates) its running statistics, while its affine
+    weight and bias still get gradients: the standard remedy for finetuning on few images.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n
+
+
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
 
@@ -385,6 +399,8 @@ class PhaseRunner:
         self.train_ds.transform.set_random_seed(seed)  # used when num_workers == 0
         loader = self._loader(self.train_ds, self.train_sampler, self.micro_batch, seed)
         self.model.train()
+        if cfg.freeze_bn:
+            freeze_batchnorm(self.raw)
         loss_sum = correct = count = 0.0
         t0 = time.perf_counter()
         bar = tqdm(

@@ -56,6 +56,17 @@ def train_transform(cfg: PhaseConfig) -> A.Compose:
             A.SmallestMaxSize(max_size=resize, interpolation=cv2.INTER_AREA),
             A.RandomResizedCrop(size=(res, res), scale=tuple(cfg.rrc_scale)),
         ]
+    if cfg.rotate > 0 or cfg.perspective > 0:
+        # shopper-photo geometry (tilted, seen at an angle), applied to the resized image before
+        # the crop so that most of the filled-in border is cropped away
+        warp = []
+        if cfg.rotate > 0:
+            warp.append(A.Affine(rotate=(-cfg.rotate, cfg.rotate), border_mode=cv2.BORDER_REFLECT_101, p=1.0))
+        if cfg.perspective > 0:
+            warp.append(
+                A.Perspective(scale=(0.0, cfg.perspective), border_mode=cv2.BORDER_REFLECT_101, p=1.0)
+            )
+        geometry = [geometry[0], A.Sequential(warp, p=0.8), *geometry[1:]]
     ops = list(geometry)
     if cfg.hflip > 0:
         ops.append(A.HorizontalFlip(p=cfg.hflip))
@@ -69,6 +80,13 @@ def train_transform(cfg: PhaseConfig) -> A.Compose:
                 # hue shifts change a product's colour identity: keep them small
                 hue=(-min(0.5, s / 8), min(0.5, s / 8)),
                 p=0.8,
+            )
+        )
+    if cfg.blur > 0:
+        ops.append(
+            A.OneOf(
+                [A.GaussianBlur(sigma_limit=(0.3, 1.2), p=1.0), A.MotionBlur(blur_limit=(3, 5), p=1.0)],
+                p=cfg.blur,
             )
         )
     ops.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))

@@ -140,6 +140,32 @@ def test_resolve_resize_and_transform_sizes():
     for crop in ("resize_random", "random_resized"):
         cfg = PhaseConfig(resolution=40, crop=crop, color_jitter=0.3, random_erasing=1.0)
         assert train_transform(cfg)(image=img)["image"].shape == (3, 40, 40)
+        # shopper-photo augmentation: rotation, perspective and blur keep the output size
+        cfg = PhaseConfig(resolution=40, crop=crop, rotate=20.0, perspective=0.08, blur=1.0)
+        assert train_transform(cfg)(image=img)["image"].shape == (3, 40, 40)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"rotate": -1.0}, {"rotate": 200.0}, {"perspective": 0.6}, {"blur": 1.5}, {"blur": -0.1}]
+)
+def test_augmentation_ranges_are_checked(bad):
+    with pytest.raises(ValueError):
+        PhaseConfig(**bad).validate()
+
+
+def test_rotation_and_blur_change_the_image_and_are_off_by_default():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 28:36] = 255  # a vertical bar: any rotation or blur moves or spreads it
+    plain = PhaseConfig(resolution=48, resize=48, hflip=0.0)
+    assert plain.rotate == 0.0 and plain.perspective == 0.0 and plain.blur == 0.0
+    a = train_transform(plain)(image=img)["image"]
+    b = train_transform(plain)(image=img)["image"]
+    assert torch.equal(a, b)  # a centre-sized crop of an unchanged image: deterministic
+    warped = PhaseConfig(resolution=48, resize=48, hflip=0.0, rotate=30.0, blur=1.0)
+    t = train_transform(warped)
+    t.set_random_seed(0)
+    outs = [t(image=img)["image"] for _ in range(4)]
+    assert any(not torch.equal(o, a) for o in outs)
 
 
 def test_eval_transform_is_centre_crop_of_shorter_side_resize():

@@ -12,7 +12,7 @@ from products10k import checkpoint as ckpt_lib
 from products10k.config import load_yaml, member_params
 from products10k.errors import ConfigError, Products10kError
 from products10k.losses import PhaseLoss
-from products10k.train_loop import PhasePaths, resolve_phase_config, run_phase
+from products10k.train_loop import PhasePaths, freeze_batchnorm, resolve_phase_config, run_phase
 
 train_main = train_stage_main()
 CONTRACT_KEYS = {
@@ -192,3 +192,39 @@ def test_optional_tricks_run(tmp_path, train):
     result = run_phase(params, "train", "m0", _paths(data, tmp_path))
     assert len(result["history"]) == 2
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result["history"])
+
+
+def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeline, tmp_path):
+    """finetune_balanced with train.freeze_bn: BN running stats stay those of the init checkpoint."""
+    root, data, _ = pipeline
+    init = root / "models" / "train" / "best.pt"
+    params = write_params(
+        tmp_path / "p.yaml",
+        finetune_balanced={"epochs": 2, "lr": 1e-2, "freeze_bn": True, "ema": False},
+    )
+    run_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", "balanced.csv", init))
+    before = ckpt_lib.read_checkpoint(init)["model"]
+    after = ckpt_lib.read_checkpoint(tmp_path / "models" / "finetune_balanced" / "last.pt")["model"]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    affine = [k.replace("running_mean", "weight") for k in before if k.endswith("running_mean")]
+    assert stats and affine
+    for k in stats:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in affine)  # BN weights still learn
+    # without freeze_bn the same finetune moves the running statistics
+    params = write_params(
+        tmp_path / "q.yaml", finetune_balanced={"epochs": 1, "lr": 1e-2, "freeze_bn": False, "ema": False}
+    )
+    run_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path / "q", "finetune_balanced", "balanced.csv", init))
+    moved = ckpt_lib.read_checkpoint(tmp_path / "q" / "models" / "finetune_balanced" / "last.pt")["model"]
+    assert any(not torch.equal(before[k], moved[k]) for k in stats)
+
+
+def test_freeze_batchnorm_puts_only_bn_layers_in_eval_mode():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2)
+    )
+    model.train()
+    assert freeze_batchnorm(model) == 2
+    assert not model[1].training and not model[3].training
+    assert model[0].training and model[2].training
