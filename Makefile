@@ -23,6 +23,9 @@ repro: install
 test: install
 	$(BIN)/python -m pytest
 
+bench: install
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -22,18 +22,16 @@ run leaves either the previous ``data/raw`` or nothing, never half of one.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 
 from tqdm import tqdm
 
+from products10k import kaggle
 from products10k.errors import DataError
 from products10k.params import DataConfig, KaggleConfig
 from products10k.synthetic import generate, zip_info
@@ -214,54 +212,6 @@ def assemble_from_dir(src: str | os.PathLike, dest: str | os.PathLike, link: str
 # --------------------------------------------------------------------------------------------
 
 
-def kaggle_command(competition: str, dest: str | os.PathLike, executable: str = "kaggle") -> list[str]:
-    """The official CLI call that downloads the competition archive into ``dest``."""
-    return [executable, "competitions", "download", "-c", competition, "-p", str(dest)]
-
-
-def kaggle_credentials(env: Mapping[str, str] | None = None, home: str | os.PathLike | None = None) -> str:
-    """Say where the Kaggle CLI will find credentials; raise DataError when it will find none.
-
-    Looks where the CLI looks: ``KAGGLE_USERNAME``+``KAGGLE_KEY`` or ``KAGGLE_API_TOKEN`` in the
-    environment, else ``kaggle.json`` or ``access_token`` in ``KAGGLE_CONFIG_DIR`` (default
-    ``~/.kaggle``). Returns a description of the source, never a credential.
-    """
-    env = os.environ if env is None else env
-    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
-        return "environment variables KAGGLE_USERNAME/KAGGLE_KEY"
-    if env.get("KAGGLE_API_TOKEN"):
-        return "environment variable KAGGLE_API_TOKEN"
-    home = Path(home) if home is not None else Path.home()
-    config_dir = Path(env["KAGGLE_CONFIG_DIR"]) if env.get("KAGGLE_CONFIG_DIR") else home / ".kaggle"
-    token = config_dir / "kaggle.json"
-    if token.is_file():
-        try:
-            data = json.loads(token.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{token}: not readable JSON ({type(exc).__name__})") from None
-        if not isinstance(data, dict) or not data.get("username") or not data.get("key"):
-            raise DataError(f"{token}: expected keys 'username' and 'key'")
-        return f"file {token}"
-    if (config_dir / "access_token").is_file():
-        return f"file {config_dir / 'access_token'}"
-    raise DataError(
-        "Kaggle credentials not found: set KAGGLE_USERNAME and KAGGLE_KEY, or put kaggle.json "
-        f"(from kaggle.com > Settings > API) at {token}"
-    )
-
-
-def _tail(path: Path, secrets: list[str], lines: int = 15) -> str:
-    """The last ``lines`` of a log, with any credential value blanked out."""
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    # Progress bars rewrite one line with carriage returns: keep the last state of each line.
-    rows = [row.rsplit("\r", 1)[-1] for row in text.splitlines()]
-    out = "\n".join(row for row in rows[-lines:] if row.strip())
-    for secret in secrets:
-        if secret:
-            out = out.replace(secret, "***")
-    return out
-
-
 def run_kaggle(cfg: KaggleConfig, dest: Path, log_path: Path) -> None:
     """Run the Kaggle CLI into ``dest`` with a timeout; DataError with its output tail on failure."""
     executable = shutil.which("kaggle")
@@ -270,28 +220,21 @@ def run_kaggle(cfg: KaggleConfig, dest: Path, log_path: Path) -> None:
             "data.source is 'kaggle' but the `kaggle` CLI is not on PATH: `pip install kaggle`, "
             "or use data.source=dir with files downloaded by hand"
         )
-    where = kaggle_credentials()
+    where = kaggle.kaggle_credentials()
     logger.info("Kaggle credentials from %s", where)
-    cmd = kaggle_command(cfg.competition, dest, executable)
+    cmd = kaggle.download_command(cfg.competition, dest, executable)
     logger.info("running: %s (timeout %.0f s; output in %s)", " ".join(cmd[1:]), cfg.timeout_s, log_path.name)
-    secrets = [os.environ.get("KAGGLE_KEY", ""), os.environ.get("KAGGLE_API_TOKEN", "")]
-    with log_path.open("wb") as log:
-        # stdin closed: the CLI must never wait for input; the timeout keeps a stalled network
-        # from hanging the stage forever.
-        try:
-            proc = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=cfg.timeout_s
-            )
-        except subprocess.TimeoutExpired:
-            raise DataError(
-                f"`kaggle competitions download -c {cfg.competition}` did not finish in "
-                f"{cfg.timeout_s:.0f} s (data.kaggle.timeout_s); last output:\n{_tail(log_path, secrets)}"
-            ) from None
-    if proc.returncode != 0:
+    result = kaggle.run(cmd, cfg.timeout_s, log_path=log_path)
+    if result.timed_out:
         raise DataError(
-            f"`kaggle competitions download -c {cfg.competition}` failed with exit code {proc.returncode} "
+            f"`kaggle competitions download -c {cfg.competition}` did not finish in "
+            f"{cfg.timeout_s:.0f} s (data.kaggle.timeout_s); last output:\n{kaggle.tail(result.output)}"
+        )
+    if result.returncode != 0:
+        raise DataError(
+            f"`kaggle competitions download -c {cfg.competition}` failed with exit code {result.returncode} "
             "(no network, competition rules not accepted, or a wrong data.kaggle.competition?); "
-            f"its output:\n{_tail(log_path, secrets)}"
+            f"its output:\n{kaggle.tail(result.output)}"
         )
 
 

@@ -158,16 +158,18 @@ def resize_shorter(rgb: np.ndarray, size: int, full_wh: tuple[int, int] | None =
     return cv2.resize(rgb, (tw, th), interpolation=interpolation)
 
 
-def _encode_bgr(bgr: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+def encode_jpeg(image: np.ndarray, quality: int, *, bgr: bool = False) -> bytes:
+    """Baseline JPEG bytes (no EXIF, so readers need no orientation handling) at ``quality``.
+
+    ``image`` is RGB, or in OpenCV's BGR order with ``bgr=True`` (no colour conversion then).
+    The one JPEG encoder of the project: the prepare stage and the synthetic data both use it.
+    """
+    if not bgr:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:  # only for empty/odd arrays, which decode_rgb never returns
-        raise ImageDefect("undecodable", f"JPEG encoding failed for an array of shape {bgr.shape}")
+        raise ImageDefect("undecodable", f"JPEG encoding failed for an array of shape {image.shape}")
     return buf.tobytes()
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    """Baseline JPEG bytes (no EXIF, so readers need no orientation handling)."""
-    return _encode_bgr(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
 
 
 def prepare_image(data: bytes, size: int, quality: int) -> tuple[bytes, int, int]:
@@ -180,7 +182,7 @@ def prepare_image(data: bytes, size: int, quality: int) -> tuple[bytes, int, int
     bgr, full_wh = _decode_bgr(data, min_side=size)
     out = resize_shorter(bgr, size, full_wh=full_wh)
     h, w = out.shape[:2]
-    return _encode_bgr(out, quality), w, h
+    return encode_jpeg(out, quality, bgr=True), w, h
 
 
 # One open ZipFile per archive and thread: a ZipFile must not be read from several threads at once

@@ -48,6 +48,8 @@ class SyntheticConfig:
             raise ValueError(f"customer_difficulty must be in [0, 2], got {self.customer_difficulty}")
         if self.num_groups * self.skus_per_group > 9999:
             raise ValueError("num_groups * skus_per_group must be <= 9999 (synthetic SKU id range)")
+        if self.n_jobs == 0:
+            raise ValueError("n_jobs must be >= 1, or negative for 'all cores but n_jobs+1' (-1 = all)")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from products10k.datasets import PreparedImageDataset
+from products10k.errors import ConfigError
 from products10k.tta import View, base_views
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("evaluate.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("params.yaml: evaluate.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 

@@ -31,19 +31,18 @@ import logging
 import os
 import re
 import zipfile
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import cv2
-import joblib
 import pandas as pd
 from tqdm.auto import tqdm
 
 from products10k.atomic import write_csv, write_json
 from products10k.errors import DataError
 from products10k.images import prepare_zip_members
+from products10k.parallel import ordered_map, resolve_n_jobs
 from products10k.params import PrepareConfig
 from products10k.storage import ShardWriter, remove_stale_staging
 from products10k.tables import load_test_table, load_train_table, make_label_map, split_train_val
@@ -73,9 +72,6 @@ TEST_COLUMNS = [*PREPARED_COLUMNS, "Usage"]
 # keeping the tail short (the last tasks run on fewer threads than there are cores) and the progress
 # bar and in-flight memory smooth.
 CHUNK_ROWS = 16
-# Tasks submitted ahead per worker thread: enough to keep every thread busy while the calling thread
-# writes shards, few enough to bound the JPEG bytes held in memory.
-IN_FLIGHT_PER_WORKER = 4
 # macOS archivers add these; they are not images and are ignored when locating the image folder.
 _JUNK = re.compile(r"(^|/)(__MACOSX/|\._)|(^|/)\.DS_Store$|(^|/)Thumbs\.db$")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -165,31 +161,6 @@ def _chunks(jobs: list[_Job]):
             yield job, start, [job.prefix + n for n in names[start : start + CHUNK_ROWS]]
 
 
-def _ordered_map(fn, tasks: list[tuple], n_workers: int):
-    """Yield ``fn(*task)`` for every task, in task order, computed on ``n_workers`` threads.
-
-    At most ``IN_FLIGHT_PER_WORKER * n_workers`` tasks are submitted ahead of the one being
-    consumed, which bounds the memory held in finished-but-unwritten JPEG bytes. If the consumer
-    stops (an exception, Ctrl-C, the generator is closed), queued tasks are cancelled and the pool
-    waits only for the few that are running.
-    """
-    pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="prepare")
-    pending: deque = deque()
-    try:
-        it = iter(tasks)
-        for task in it:
-            pending.append(pool.submit(fn, *task))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * n_workers:
-                break
-        for task in it:
-            yield pending.popleft().result()
-            pending.append(pool.submit(fn, *task))
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def process_images(
     jobs: list[_Job], writer: ShardWriter, size: int, quality: int, n_jobs: int
 ) -> dict[str, pd.DataFrame]:
@@ -205,18 +176,19 @@ def process_images(
     total = sum(len(j.rows) for j in jobs)
     results: dict[str, list] = {j.table: [] for j in jobs}
     tasks = list(_chunks(jobs))
-    n_workers = max(1, min(joblib.effective_n_jobs(n_jobs), len(tasks)))
+    n_workers = resolve_n_jobs(n_jobs, len(tasks))
     log.info("preparing %d images on %d thread(s)", total, n_workers)
     # One thread per core already: OpenCV's own thread pool would only oversubscribe the cores (and
     # costs more than it gains on images this small). The setting is process-wide, so it is restored.
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
-    # _ordered_map yields results in submission order: shards are written in CSV order whatever
+    # ordered_map yields results in submission order: shards are written in CSV order whatever
     # the thread scheduling, so the output bytes are deterministic and independent of n_jobs.
-    outputs = _ordered_map(
+    outputs = ordered_map(
         prepare_zip_members,
         [(str(job.archive), members, size, quality) for job, _, members in tasks],
         n_workers,
+        thread_name_prefix="prepare",
     )
     try:
         with tqdm(total=total, desc="prepare images", unit="img", mininterval=1.0) as bar:

@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from products10k.errors import DataError
+
 SHARD_DIR = "images"
 STAGING_PREFIX = ".images.tmp-"
 
@@ -139,7 +141,7 @@ class ImageStore:
         if mm is None:
             path = self.dir / shard
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: image shard missing (re-run the prepare stage)")
+                raise DataError(f"{path}: image shard missing (re-run the prepare stage)")
             mm = np.memmap(path, dtype=np.uint8, mode="r")
             self._maps[shard] = mm
         return mm[int(offset) : int(offset) + int(length)]
@@ -148,7 +150,9 @@ class ImageStore:
         buf = self.read_bytes(shard, offset, length)
         img = cv2.imdecode(np.asarray(buf), cv2.IMREAD_COLOR)
         if img is None:
-            raise ValueError(f"{self.dir / shard}@{offset}: prepared image is not decodable")
+            raise DataError(
+                f"{self.dir / shard}@{offset}: prepared image is not decodable (re-run the prepare stage)"
+            )
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
     def read_row(self, row) -> np.ndarray:

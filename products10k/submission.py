@@ -21,15 +21,16 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from products10k import atomic
+from products10k import atomic, kaggle
+from products10k.ensemble import combine, log_likelihood, resolve_weights
 from products10k.errors import DataError, Products10kError
 from products10k.metrics import topk_indices
+from products10k.predictions import load_predictions, read_label_map
 
 log = logging.getLogger(__name__)
 
@@ -225,28 +226,15 @@ def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd
 # --- Kaggle upload ---
 
 
-def kaggle_command(competition: str, path: str | os.PathLike, message: str, executable: str = "kaggle"):
-    """The Kaggle CLI call that uploads ``path`` to ``competition``."""
-    return [executable, "competitions", "submit", "-c", competition, "-f", str(path), "-m", message]
-
-
-def _has_credentials(env: dict) -> bool:
-    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
-        return True
-    if env.get("KAGGLE_API_TOKEN"):
-        return True
-    config_dir = Path(env.get("KAGGLE_CONFIG_DIR") or Path(env.get("HOME", "~")).expanduser() / ".kaggle")
-    return (config_dir / "kaggle.json").is_file() or (config_dir / "access_token").is_file()
-
-
 def kaggle_submit(
     competition: str, path: str | os.PathLike, message: str, timeout_s: float, env: dict | None = None
 ) -> str:
-    """Upload with the Kaggle CLI; returns its output. Clear errors, never waits on a prompt.
+    """Upload with the Kaggle CLI; returns its output (the key blanked). Never waits on a prompt.
 
     The CLI and credentials are checked first (a missing CLI or ``kaggle.json`` otherwise ends in
-    a traceback deep inside the kaggle package); stdin is closed and a timeout set so that an
-    interactive prompt or a stalled upload fails the stage instead of hanging it.
+    a traceback deep inside the kaggle package); :func:`products10k.kaggle.run` closes stdin and
+    sets a timeout, so that an interactive prompt or a stalled upload fails the stage instead of
+    hanging it, and blanks the Kaggle key out of the output quoted in errors and logs.
     """
     env = dict(os.environ if env is None else env)
     exe = shutil.which("kaggle", path=env.get("PATH"))
@@ -255,28 +243,27 @@ def kaggle_submit(
             "submit.kaggle.enabled is true but the 'kaggle' CLI is not on PATH "
             "(pip install kaggle, or set submit.kaggle.enabled: false)"
         )
-    if not _has_credentials(env):
+    try:
+        kaggle.kaggle_credentials(env)
+    except kaggle.CredentialsNotFound:
         raise Products10kError(
             "submit.kaggle.enabled is true but no Kaggle credentials were found: set KAGGLE_USERNAME and "
             "KAGGLE_KEY, or put kaggle.json in ~/.kaggle (or $KAGGLE_CONFIG_DIR)"
-        )
-    cmd = kaggle_command(competition, path, message, executable=exe)
+        ) from None
+    cmd = kaggle.submit_command(competition, path, message, executable=exe)
     log.info("uploading %s to Kaggle competition %s", path, competition)
-    try:
-        proc = subprocess.run(
-            cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired as exc:
+    result = kaggle.run(cmd, timeout_s, env=env)
+    if result.timed_out:
         raise Products10kError(
             f"kaggle competitions submit did not finish within {timeout_s:g}s (submit.kaggle.timeout_s)"
-        ) from exc
-    output = (proc.stdout or "") + (proc.stderr or "")
-    if proc.returncode != 0:
-        raise Products10kError(
-            f"kaggle competitions submit failed with exit code {proc.returncode}: {output.strip()[-2000:]}"
         )
-    log.info("kaggle: %s", output.strip())
-    return output
+    output = result.output.strip()
+    if result.returncode != 0:
+        raise Products10kError(
+            f"kaggle competitions submit failed with exit code {result.returncode}: {output[-2000:]}"
+        )
+    log.info("kaggle: %s", output)
+    return result.output
 
 
 # --- the submit stage ---
@@ -301,9 +288,6 @@ def make_submission(
     report ``report_path`` lists as excluded: they get the fallback, see the module docstring;
     without a report every test image needs a prediction), and the submission validates.
     """
-    from products10k.ensemble import combine, log_likelihood, resolve_weights
-    from products10k.evaluation import load_predictions, read_label_map
-
     label_map = read_label_map(label_map_path)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     test_list = read_test_list(test_list_path)

@@ -34,9 +34,8 @@ import math
 import os
 import string
 import zipfile
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from products10k.images import encode_jpeg
+from products10k.parallel import ordered_map, resolve_n_jobs
 from products10k.params import SyntheticConfig
 
 logger = logging.getLogger(__name__)
@@ -542,21 +543,14 @@ def render_customer(
     return cv2.add(img, cv2.merge([noise, noise, noise]), dtype=cv2.CV_8U)
 
 
-def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:  # pragma: no cover - cv2 only fails on invalid arrays
-        raise RuntimeError("cv2.imencode failed")
-    return buf.tobytes()
-
-
 def render_row(row: Row, cfg: SyntheticConfig, products: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
     """The JPEG bytes of ``row``; depends only on (seed, split, row index) and the SKU."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, SPLIT_CODES[row.split], row.index]))
     product, mask = products[row.sku.sku_id]
     if row.domain == "inshop":
-        return encode_jpeg(render_inshop(product, mask, cfg.image_size, rng), INSHOP_JPEG_QUALITY)
+        return encode_jpeg(render_inshop(product, mask, cfg.image_size, rng), INSHOP_JPEG_QUALITY, bgr=True)
     img = render_customer(product, mask, cfg.image_size, cfg.customer_difficulty, rng)
-    return encode_jpeg(img, int(rng.integers(72, 93)))
+    return encode_jpeg(img, int(rng.integers(72, 93)), bgr=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,29 +565,6 @@ def zip_info(arcname: str) -> zipfile.ZipInfo:
     info.create_system = 3  # unix, whatever the host
     info.external_attr = 0o644 << 16
     return info
-
-
-def ordered_map(fn: Callable, items: Iterable, n_jobs: int) -> Iterator:
-    """``map(fn, items)`` on ``n_jobs`` threads, in order, with a bounded number in flight.
-
-    Threads suffice: cv2 and NumPy release the GIL in the heavy calls. Bounding the queue keeps
-    memory flat on large configs; order is preserved, so output never depends on ``n_jobs``.
-    """
-    if n_jobs <= 1:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 4 * n_jobs:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def resolve_jobs(n_jobs: int) -> int:
-    return max(1, os.cpu_count() or 1) if n_jobs <= 0 else n_jobs
 
 
 def _write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
@@ -617,15 +588,17 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> dict:
     product_height = round(0.9 * cfg.image_size)  # ~1:1 with the largest in-shop placement
     products = {sku.sku_id: render_product(sku, product_height) for sku in skus}
 
-    n_jobs = resolve_jobs(cfg.n_jobs)
     # Our threads already fill the cores; cv2's own pool on top would only oversubscribe them.
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
         with tqdm(total=len(train) + len(test), desc="synthetic images", unit="img") as bar:
             for split, rows in (("train", train), ("test", test)):
-                with zipfile.ZipFile(out / f"{split}.zip", "w", zipfile.ZIP_STORED) as zf:
-                    jpegs = ordered_map(lambda r: render_row(r, cfg, products), rows, n_jobs)
+                # ordered_map yields in row order whatever the thread scheduling, so the bytes
+                # never depend on n_jobs; closing it on an error cancels the queued rows.
+                tasks = [(row, cfg, products) for row in rows]
+                jpegs = ordered_map(render_row, tasks, resolve_n_jobs(cfg.n_jobs, len(rows)), "synthetic")
+                with zipfile.ZipFile(out / f"{split}.zip", "w", zipfile.ZIP_STORED) as zf, closing(jpegs):
                     for row, data in zip(rows, jpegs, strict=True):
                         zf.writestr(zip_info(f"{split}/{row.name}"), data)
                         bar.update(1)

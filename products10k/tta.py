@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
+from products10k.errors import ConfigError
 from products10k.params import TTAConfig
 from products10k.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_resize
 
@@ -85,7 +86,7 @@ def build_views(cfg: TTAConfig, resolution: int, resize: int | None) -> list[Vie
                 views.append(View(base, True))
     names = [v.name for v in views]
     if len(set(names)) != len(names):
-        raise ValueError(f"tta.scales give duplicate view sizes: {names}")
+        raise ConfigError(f"params.yaml: tta.scales give duplicate view sizes: {names}")
     return views
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from products10k.cli import run_stage
 from products10k.config import load_yaml, member_names, section
 from products10k.errors import ConfigError
-from products10k.evaluation import EvalOutputs, evaluate_phase, require_evaluated_phase
+from products10k.evaluation import EvalOutputs, evaluate_phase
 from products10k.params import EvaluateConfig, TTAConfig
+from products10k.predictions import require_evaluated_phase
 from products10k.seeding import seed_everything
 
 log = logging.getLogger("evaluate")

@@ -24,8 +24,8 @@ from products10k import atomic
 from products10k.cli import run_stage
 from products10k.config import load_yaml, member_names, section
 from products10k.errors import Products10kError
-from products10k.evaluation import require_evaluated_phase
 from products10k.params import EnsembleConfig, EvaluateConfig, SubmitConfig
+from products10k.predictions import require_evaluated_phase
 from products10k.submission import kaggle_submit, make_submission
 
 log = logging.getLogger("submit")

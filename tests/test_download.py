@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import products10k.download as dl
+from products10k import kaggle
 from products10k.errors import DataError
 from products10k.params import DataConfig, KaggleConfig, SyntheticConfig
 
@@ -217,7 +218,7 @@ def official_archive_bytes(extracted: bool = False) -> bytes:
 
 
 def test_kaggle_command_is_the_official_cli_call(tmp_path):
-    assert dl.kaggle_command("products-10k", tmp_path) == [
+    assert kaggle.download_command("products-10k", tmp_path) == [
         "kaggle", "competitions", "download", "-c", "products-10k", "-p", str(tmp_path)
     ]  # fmt: skip
 
@@ -225,18 +226,20 @@ def test_kaggle_command_is_the_official_cli_call(tmp_path):
 def test_kaggle_credentials_sources(tmp_path, kaggle_env):
     home = tmp_path / "home"
     with pytest.raises(DataError, match="Kaggle credentials not found"):
-        dl.kaggle_credentials(env={}, home=home)
-    assert "KAGGLE_KEY" in dl.kaggle_credentials(env={"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, home=home)
+        kaggle.kaggle_credentials(env={}, home=home)
+    assert "KAGGLE_KEY" in kaggle.kaggle_credentials(
+        env={"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}, home=home
+    )
     (home / ".kaggle").mkdir()
     token = home / ".kaggle" / "kaggle.json"
     token.write_text("{not json")
     with pytest.raises(DataError, match="not readable JSON"):
-        dl.kaggle_credentials(env={}, home=home)
+        kaggle.kaggle_credentials(env={}, home=home)
     token.write_text('{"username": "u"}')
     with pytest.raises(DataError, match="'username' and 'key'"):
-        dl.kaggle_credentials(env={}, home=home)
+        kaggle.kaggle_credentials(env={}, home=home)
     token.write_text('{"username": "u", "key": "s3cret"}')
-    found = dl.kaggle_credentials(env={}, home=home)
+    found = kaggle.kaggle_credentials(env={}, home=home)
     assert str(token) in found and "s3cret" not in found
 
 

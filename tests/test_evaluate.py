@@ -12,8 +12,9 @@ import yaml
 from evalfixture import SKUS, make_checkpoint, make_prepared
 
 from products10k.errors import DataError
-from products10k.evaluation import load_predictions, read_label_map, read_split
+from products10k.evaluation import read_split
 from products10k.metrics import hits_at, topk_indices
+from products10k.predictions import load_predictions, read_label_map
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+from products10k.errors import DataError
 from products10k.storage import ImageStore, ShardWriter
 
 
@@ -32,7 +33,7 @@ def test_roundtrip_across_shards(tmp_path):
 
 
 def test_missing_shard_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shard-00003.bin"):
+    with pytest.raises(DataError, match="shard-00003.bin"):
         ImageStore(tmp_path).read("shard-00003.bin", 0, 10)
 
 

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from products10k.errors import DataError, Products10kError
-from products10k.evaluation import save_predictions
+from products10k.kaggle import submit_command
+from products10k.predictions import save_predictions
 from products10k.submission import (
     align_to_test_list,
     build_submission,
-    kaggle_command,
     kaggle_submit,
     make_submission,
     read_excluded_test_names,
@@ -348,8 +348,8 @@ def _env(tmp_path, bin_dir, creds=True):
     return env
 
 
-def test_kaggle_command_shape():
-    assert kaggle_command("products-10k", "s/sub.csv", "msg") == [
+def test_submit_command_shape():
+    assert submit_command("products-10k", "s/sub.csv", "msg") == [
         "kaggle", "competitions", "submit", "-c", "products-10k", "-f", "s/sub.csv", "-m", "msg",
     ]  # fmt: skip
 
@@ -360,7 +360,7 @@ def test_kaggle_submit_runs_the_cli_with_the_built_arguments(tmp_path):
     _fake_kaggle(bin_dir, f'printf "%s\\n" "$@" > {log}; echo "Successfully submitted"')
     out = kaggle_submit("products-10k", "sub.csv", "run 1", 10, env=_env(tmp_path, bin_dir))
     assert "Successfully submitted" in out
-    assert log.read_text().splitlines() == kaggle_command("products-10k", "sub.csv", "run 1")[1:]
+    assert log.read_text().splitlines() == submit_command("products-10k", "sub.csv", "run 1")[1:]
 
 
 def test_kaggle_submit_clear_errors(tmp_path):
@@ -370,11 +370,37 @@ def test_kaggle_submit_clear_errors(tmp_path):
     _fake_kaggle(bin_dir, "echo 'Unauthorized: 401' >&2; exit 1")
     with pytest.raises(Products10kError, match="no Kaggle credentials"):
         kaggle_submit("c", "f.csv", "m", 10, env=_env(tmp_path, bin_dir, creds=False))
-    # credentials from ~/.kaggle/kaggle.json count too; the CLI's own failure is reported
+    # a kaggle.json without a username and key is named, before the CLI runs
     (tmp_path / "home" / ".kaggle").mkdir()
-    (tmp_path / "home" / ".kaggle" / "kaggle.json").write_text("{}")
+    token = tmp_path / "home" / ".kaggle" / "kaggle.json"
+    token.write_text("{}")
+    with pytest.raises(DataError, match="kaggle.json: expected keys 'username' and 'key'"):
+        kaggle_submit("c", "f.csv", "m", 10, env=_env(tmp_path, bin_dir, creds=False))
+    # credentials from ~/.kaggle/kaggle.json count too; the CLI's own failure is reported
+    token.write_text('{"username": "u", "key": "s3cret"}')
     with pytest.raises(Products10kError, match="exit code 1: Unauthorized: 401"):
         kaggle_submit("c", "f.csv", "m", 10, env=_env(tmp_path, bin_dir, creds=False))
+
+
+@pytest.mark.parametrize("creds", ["env", "kaggle.json"])
+def test_kaggle_submit_failure_does_not_leak_the_key(tmp_path, caplog, creds):
+    bin_dir = tmp_path / "bin"
+    # a failing CLI that echoes the key it was given (as a verbose HTTP client might)
+    _fake_kaggle(
+        bin_dir,
+        'echo "POST /submit user=u key=${KAGGLE_KEY:-topsecretkey}"; echo "403 Forbidden" >&2; exit 1',
+    )
+    env = _env(tmp_path, bin_dir, creds=False)
+    if creds == "env":
+        env["KAGGLE_USERNAME"], env["KAGGLE_KEY"] = "u", "topsecretkey"
+    else:
+        (tmp_path / "home" / ".kaggle").mkdir()
+        (tmp_path / "home" / ".kaggle" / "kaggle.json").write_text('{"username": "u", "key": "topsecretkey"}')
+    with pytest.raises(Products10kError, match="exit code 1") as info:
+        kaggle_submit("c", "f.csv", "m", 10, env=env)
+    message = str(info.value)
+    assert "POST /submit user=u key=***" in message and "403 Forbidden" in message
+    assert "topsecretkey" not in message and "topsecretkey" not in caplog.text
 
 
 def test_kaggle_submit_never_hangs(tmp_path):

@@ -189,7 +189,13 @@ def test_customer_photos_are_harder_than_inshop():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("image_size", 256), ("public_fraction", 1.5), ("train_min_per_sku", 0), ("customer_difficulty", -1.0)],
+    [
+        ("image_size", 256),
+        ("public_fraction", 1.5),
+        ("train_min_per_sku", 0),
+        ("customer_difficulty", -1.0),
+        ("n_jobs", 0),
+    ],
 )
 def test_bad_params_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):

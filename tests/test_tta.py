@@ -37,7 +37,7 @@ def test_tta_config_rejects_bad_values():
         _cfg(crops="ten")
     with pytest.raises(ConfigError, match="scales must be > 0"):
         _cfg(scales=[1.0, 0.0])
-    with pytest.raises(ValueError, match="duplicate view sizes"):
+    with pytest.raises(ConfigError, match="duplicate view sizes"):
         build_views(_cfg(scales=[1.0, 1.001]), 32, None)
 
 
