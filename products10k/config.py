@@ -52,7 +52,6 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -60,8 +59,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue  # try the next member of the union; the message below names them all
         raise ConfigError(f"{where}: key '{key}' has value {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)

@@ -26,12 +26,12 @@ from products10k.params import EvaluateConfig, TTAConfig
 from products10k.predictions import require_evaluated_phase
 from products10k.seeding import seed_everything
 
-log = logging.getLogger("evaluate")
+log = logging.getLogger("stages.evaluate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", required=True, type=Path)
     p.add_argument("--member", required=True, help="ensemble member name (ensemble.members)")
     p.add_argument("--phase", required=True, help="training phase whose checkpoint is evaluated")
     p.add_argument("--checkpoint", required=True)

@@ -28,12 +28,12 @@ from products10k.params import EnsembleConfig, EvaluateConfig, SubmitConfig
 from products10k.predictions import require_evaluated_phase
 from products10k.submission import kaggle_submit, make_submission
 
-log = logging.getLogger("submit")
+log = logging.getLogger("stages.submit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", required=True, type=Path)
     p.add_argument("--predictions", required=True, help="folder with <member>.npz of submit.phase")
     p.add_argument("--label-map", required=True)
     p.add_argument("--test-list", required=True, help="the official test_kaggletest.csv")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from products10k.cli import run_stage
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         debug_dir=args.debug_dir,
     )
     result = run_stage(log, run_phase, args.params, args.phase, args.member, paths)
-    log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun sets RANK; one summary line, not one per rank
+        log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
 
 
 if __name__ == "__main__":

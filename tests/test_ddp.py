@@ -43,6 +43,7 @@ def test_two_process_epoch_sees_every_sample_once_and_checkpoint_matches(tmp_pat
     assert probe0["param_digest"] == probe1["param_digest"]  # DDP kept the replicas identical
 
     # rank 0 alone wrote the checkpoints and DVCLive files; they load into a 1-process model
+    assert sorted(p.name for p in (tmp_path / "models" / "train").iterdir()) == ["best.pt", "last.pt"]
     model, meta = ckpt_lib.load_model(tmp_path / "models" / "train" / "last.pt")
     assert meta["epoch"] == 1 and not any(k.startswith("module.") for k in model.state_dict())
     with torch.no_grad():

@@ -80,7 +80,7 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
     assert [r["val/top1"] for r in reference["history"]] == [r["val/top1"] for r in resumed["history"]]
 
 
-def test_settings_change_starts_afresh(tmp_path):
+def test_settings_change_starts_afresh(tmp_path, caplog):
     data = make_prepared(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
     paths = PhasePaths(
         train_csv=data / "train.csv",
@@ -92,8 +92,12 @@ def test_settings_change_starts_afresh(tmp_path):
     run_phase(write_params(tmp_path / "a.yaml", train={"epochs": 1}), "train", "m0", paths)
     fp = torch.load(paths.out / "last.pt", weights_only=False)["fingerprint"]
     # another resolution (e.g. `dvc exp run -S train.resolution=...` on a persisted out): no resume
+    caplog.set_level("INFO", logger="products10k.train_loop")
     out = run_phase(
         write_params(tmp_path / "b.yaml", train={"epochs": 2, "resolution": 40}), "train", "m0", paths
     )
     last = torch.load(paths.out / "last.pt", weights_only=False)
     assert last["fingerprint"] != fp and last["resolution"] == 40 and len(out["history"]) == 2
+    # a wrong resume would also end with 2 epochs of history: the log tells which path ran
+    assert "starting the phase afresh" in caplog.text
+    assert "resuming" not in caplog.text
