@@ -315,12 +315,6 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
             "%d SKU(s) lost all their train images to exclusions: %s", len(empty_skus), empty_skus[:20]
         )
     report = {
-        "params": {
-            "size": cfg.size,
-            "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed,
-            "jpeg_quality": cfg.jpeg_quality,
-        },
         "counts": {
             "train_csv_rows": len(train),
             "test_csv_rows": len(test),
