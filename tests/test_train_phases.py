@@ -202,7 +202,9 @@ def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeli
         tmp_path / "p.yaml",
         finetune_balanced={"epochs": 2, "lr": 1e-2, "freeze_bn": True, "ema": False},
     )
-    run_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", "balanced.csv", init))
+    run_phase(
+        params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", "balanced.csv", init)
+    )
     before = ckpt_lib.read_checkpoint(init)["model"]
     after = ckpt_lib.read_checkpoint(tmp_path / "models" / "finetune_balanced" / "last.pt")["model"]
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
@@ -215,7 +217,12 @@ def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeli
     params = write_params(
         tmp_path / "q.yaml", finetune_balanced={"epochs": 1, "lr": 1e-2, "freeze_bn": False, "ema": False}
     )
-    run_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path / "q", "finetune_balanced", "balanced.csv", init))
+    run_phase(
+        params,
+        "finetune_balanced",
+        "m0",
+        _paths(data, tmp_path / "q", "finetune_balanced", "balanced.csv", init),
+    )
     moved = ckpt_lib.read_checkpoint(tmp_path / "q" / "models" / "finetune_balanced" / "last.pt")["model"]
     assert any(not torch.equal(before[k], moved[k]) for k in stats)
 
