@@ -7,8 +7,12 @@ A checkpoint is a ``torch.save``d dict with at least:
 - ``labels``: SKU ids, index = contiguous label; ``phase``, ``member``, ``epoch`` (1-based, last
   completed), ``resolution``, ``resize``, ``val_top1``;
 
-and, for resuming, ``train_state`` (raw weights, optimizer, scheduler, scaler, EMA, RNG states,
-global step, history) plus ``fingerprint`` (hash of the settings a resume must match).
+and, for resuming, ``train_state`` (raw weights, optimizer, scheduler, scaler, EMA, global step)
+plus ``history`` and ``fingerprint`` (hash of the settings a resume must match).
+
+Checkpoints hold only tensors, dicts, lists/tuples and str/int/float/bool/None (configs as
+dicts, no numpy scalars), so they are read with ``torch.load(weights_only=True)``: loading a
+checkpoint can never execute code.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise Products10kError(f"{path}: checkpoint not found (run the phase that writes it first)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain containers/scalars only, so loading never runs code
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise Products10kError(f"{path}: not a readable checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:

@@ -23,7 +23,8 @@ import pandas as pd
 
 from products10k import atomic
 from products10k.checkpoint import check_labels, load_model
-from products10k.errors import DataError, Products10kError
+from products10k.datasets import read_prepared
+from products10k.errors import Products10kError
 from products10k.gallery import draw_gallery, encode_png, worst_errors
 from products10k.metrics import confused_pairs, per_group_table, split_metrics, topk_indices
 from products10k.params import EvaluateConfig, TTAConfig
@@ -33,49 +34,6 @@ from products10k.storage import ImageStore
 from products10k.tta import build_views
 
 log = logging.getLogger(__name__)
-
-SPLIT_COLUMNS = ("name", "label", "sku", "group", "domain", "shard", "offset", "length", "width", "height")
-
-
-def _plain(value):
-    """A numpy scalar as the Python value it holds (error messages show 7, not np.int64(7))."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def read_split(path: str | Path, label_map: pd.DataFrame, usage: bool = False) -> pd.DataFrame:
-    """A prepared val/test CSV, checked against the label map.
-
-    ``label`` must be a label of the map, or -1 for a test SKU the training set lacks (such rows
-    count as errors); ``sku`` must agree with the map's SKU of that label.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: prepared CSV not found (run the prepare stage)")
-    df = pd.read_csv(path, dtype={"name": str})
-    need = list(SPLIT_COLUMNS) + (["Usage"] if usage else [])
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column '{missing[0]}' (have: {', '.join(df.columns)})")
-    labels = pd.to_numeric(df["label"], errors="coerce")
-    bad = np.flatnonzero(
-        labels.isna().to_numpy() | (labels < -1).to_numpy() | (labels >= len(label_map)).to_numpy()
-    )
-    if len(bad):
-        raise DataError(
-            f"{path}: row {bad[0] + 2} column 'label' is {_plain(df['label'].iloc[bad[0]])!r}, "
-            f"expected -1 or a label 0..{len(label_map) - 1} of the label map"
-        )
-    df["label"] = labels.astype(np.int64)
-    known = df["label"].to_numpy() >= 0
-    map_sku = label_map["sku"].to_numpy()[df["label"].to_numpy()[known]]
-    mismatch = np.flatnonzero(map_sku != df["sku"].to_numpy()[known])
-    if len(mismatch):
-        row = int(np.flatnonzero(known)[mismatch[0]])
-        raise DataError(
-            f"{path}: row {row + 2}: label {df['label'].iloc[row]} has sku {df['sku'].iloc[row]}, "
-            f"but the label map says sku {map_sku[mismatch[0]]} (prepared files from different runs?)"
-        )
-    return df
 
 
 def load_member_checkpoint(path: str | Path, member: str, phase: str, label_map: pd.DataFrame, map_path):
@@ -116,8 +74,8 @@ def evaluate_phase(
 ) -> dict:
     """Evaluate one member's checkpoint of one phase; write every output; return the metrics."""
     label_map = read_label_map(label_map_path)
-    val = read_split(val_path, label_map)
-    test = read_split(test_path, label_map, usage=True)
+    val = read_prepared(val_path, label_map, allow_empty=True)
+    test = read_prepared(test_path, label_map, usage=True, allow_empty=True)
     model, meta = load_member_checkpoint(checkpoint, member, phase, label_map, label_map_path)
 
     resolution = int(meta["resolution"])
@@ -156,10 +114,7 @@ def evaluate_phase(
     pairs = confused_pairs(test_top[:, 0], test["label"].to_numpy(), skus, sku_group, top=cfg.top_confused)
     atomic.write_csv(outputs.confused, pairs)
 
-    train = pd.read_csv(train_path, dtype={"name": str})
-    for col in ("label", "shard", "offset", "length"):
-        if col not in train.columns:
-            raise DataError(f"{train_path}: missing column '{col}' (have: {', '.join(train.columns)})")
+    train = read_prepared(train_path, label_map)
     exemplars = train.drop_duplicates("label", keep="first").set_index("label")
     errors = worst_errors(test_pred.logits, test["label"].to_numpy(), cfg.gallery_size)
     title = f"{member}/{phase}: {len(errors)} most confident test errors"

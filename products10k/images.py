@@ -89,6 +89,24 @@ def _decode_pil(data: bytes) -> np.ndarray:
         raise ImageDefect(reason, f"{type(exc).__name__}: {exc}") from exc
 
 
+def reduced_decode_flag(width: int, height: int, min_side: int) -> int:
+    """The cheapest OpenCV flag to decode a ``width`` x ``height`` JPEG with shorter side >= ``min_side``.
+
+    ``IMREAD_REDUCED_COLOR_<f>`` makes libjpeg scale in the DCT domain, and libjpeg sizes the
+    output ``ceil(side / f)`` (``jdiv_round_up`` in ``jpeg_calc_output_dimensions``). So the
+    decoded shorter side is exactly ``ceil(short / f)``: testing that value is what guarantees
+    it is >= ``min_side`` while still picking the cheapest such scale (rounding down would be
+    safe too, but would full-decode e.g. a 1023-pixel side for a 512 target that 1/2 scale serves).
+    For JPEG bytes only (OpenCV resizes other formats with its own rounding); the prepared image
+    shards hold JPEGs only. EXIF rotation swaps width and height, which leaves the shorter side.
+    """
+    short = min(int(width), int(height))
+    for factor, flag in _REDUCED:
+        if math.ceil(short / factor) >= min_side:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
 def _decode_bgr(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[int, int] | None]:
     """Decode to upright BGR (OpenCV's order); also return the full-resolution (width, height) read
     from a JPEG header."""
@@ -100,12 +118,8 @@ def _decode_bgr(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[in
         header = _header(data)
         if header is not None:
             full_wh = (header[1], header[2])
-            short = min(full_wh)
-            for factor, reduced_flag in _REDUCED if min_side is not None else ():
-                # libjpeg rounds scaled dimensions up: ceil(side / factor).
-                if math.ceil(short / factor) >= min_side:
-                    flag = reduced_flag
-                    break
+            if min_side is not None:
+                flag = reduced_decode_flag(*full_wh, min_side)
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3 and bgr.size > 0:
         return bgr, full_wh

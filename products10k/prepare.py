@@ -4,8 +4,8 @@ Input (``data/raw``, made by the download stage): ``train.zip`` (images under ``
 ``test.zip`` (images under ``test/``), ``train.csv`` and ``test_kaggletest.csv``.
 
 Output (``data/prepared``): ``images/shard-*.bin`` (see storage.py), ``train.csv``, ``val.csv``,
-``test.csv`` (columns :data:`PREPARED_COLUMNS`, test adds ``Usage``), ``label_map.csv`` and
-``report.json`` (counts, and every excluded image with its file, line and reason).
+``test.csv`` (columns :data:`products10k.columns.PREPARED_COLUMNS`, test adds ``Usage``),
+``label_map.csv`` and ``report.json`` (counts, and every excluded image with its file, line and reason).
 
 Order of work, so that bad input fails fast and a failure writes nothing:
 
@@ -40,6 +40,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from products10k.atomic import write_csv, write_json
+from products10k.columns import PREPARED_COLUMNS, TEST_COLUMNS
 from products10k.errors import DataError
 from products10k.images import prepare_zip_members
 from products10k.parallel import ordered_map, resolve_n_jobs
@@ -55,19 +56,6 @@ RAW_FILES = {
     "train_csv": "train.csv",
     "test_csv": "test_kaggletest.csv",
 }
-PREPARED_COLUMNS = [
-    "name",
-    "label",
-    "sku",
-    "group",
-    "domain",
-    "shard",
-    "offset",
-    "length",
-    "width",
-    "height",
-]
-TEST_COLUMNS = [*PREPARED_COLUMNS, "Usage"]
 # Rows per thread-pool task: a task costs tens of us, a row ~5 ms, so 16 rows amortise the overhead while
 # keeping the tail short (the last tasks run on fewer threads than there are cores) and the progress
 # bar and in-flight memory smooth.

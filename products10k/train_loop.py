@@ -38,7 +38,7 @@ from products10k.datasets import (
     EpochSampler,
     PreparedImageDataset,
     read_label_map,
-    read_prepared_csv,
+    read_prepared,
 )
 from products10k.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from products10k.errors import ConfigError, Products10kError
@@ -212,9 +212,8 @@ class PhaseRunner:
         p = self.paths
         self.label_map = read_label_map(p.label_map)
         self.labels = [int(s) for s in self.label_map["sku"]]
-        k = len(self.labels)
-        self.train_df = read_prepared_csv(p.train_csv, k)
-        self.val_df = read_prepared_csv(p.val_csv, k)
+        self.train_df = read_prepared(p.train_csv, self.label_map)
+        self.val_df = read_prepared(p.val_csv, self.label_map)
         self.train_ds = PreparedImageDataset(
             self.train_df, p.images, train_transform(self.cfg), min_side=self.resize
         )
@@ -325,11 +324,8 @@ class PhaseRunner:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "global_step": self.global_step,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                },
+                # no RNG states: every random stream is re-seeded per epoch (see the docstring)
+                "global_step": int(self.global_step),
             }
         return ck
 
@@ -379,16 +375,13 @@ class PhaseRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
-        bad = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
-        # all ranks must stop together, before the backward all-reduce, or the others would hang
-        (bad,) = all_reduce_sum([bad], self.info)
-        if bad:
-            raise Products10kError(
-                f"{self.phase}@{self.member}: loss is NaN/inf at epoch {epoch + 1}, step {step + 1} "
-                f"(global step {self.global_step}); stopped. The last good checkpoint is kept in "
-                f"{self.paths.out / 'last.pt'}. Lower {self.phase}.lr, enable clip_grad or use amp: off."
-            )
+    def _stop_non_finite(self, what: str, epoch: int, step: int) -> None:
+        raise Products10kError(
+            f"{self.phase}@{self.member}: {what} NaN/inf at epoch {epoch + 1}, step {step + 1} "
+            f"(global step {self.global_step}); stopped before the optimizer step. The last good "
+            f"checkpoint is kept in {self.paths.out / 'last.pt'}. Lower {self.phase}.lr, enable "
+            "clip_grad or use amp: off."
+        )
 
     def _train_epoch(self, epoch: int, seen: list[int] | None) -> dict:
         cfg, info = self.cfg, self.info
@@ -413,6 +406,9 @@ class PhaseRunner:
         )
         self.optimizer.zero_grad(set_to_none=True)
         pending = 0
+        # first step of this update whose loss was NaN/inf (-1: none), kept on the device: it is
+        # read only once per update, and only when the update has to stop
+        bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
         for step, (images, target, index, weight) in enumerate(bar):
             images = self._to_device(images)
             target = target.to(info.device, non_blocking=True)
@@ -425,11 +421,16 @@ class PhaseRunner:
                 with self._autocast():
                     logits = self.model(images, target)
                     loss = self.criterion(logits, target, weight)
-                self._check_finite(loss, epoch, step)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
+                finite = torch.isfinite(loss.detach())
+                bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
+                # A NaN/inf loss poisons its gradients (x NaN; exactly x 1.0 otherwise), so the
+                # DDP all-reduce makes them non-finite on every rank and all ranks stop at once.
+                poison = torch.where(finite, 1.0, float("nan")).to(loss.dtype)
+                self.scaler.scale(loss * poison / cfg.grad_accum).backward()
             pending += 1
             if last_micro:
-                self._optimizer_step()
+                self._optimizer_step(bad_step, epoch, step)
+                bad_step.fill_(-1)
                 pending = 0
             with torch.no_grad():
                 w_sum = float(weight.sum())
@@ -451,11 +452,31 @@ class PhaseRunner:
             "epoch_time_s": elapsed,
         }
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, bad_step: torch.Tensor, epoch: int, step: int) -> None:
+        """Clip, check finiteness (one host sync per update), step; stop on NaN/inf.
+
+        The gradients are DDP-averaged, so their norm - and the decision to stop - is the same on
+        every rank without another collective. With fp16 loss scaling an inf gradient is the
+        scaler's routine overflow (it skips the step and lowers the scale), so there only a
+        NaN/inf loss stops; its flag is all-reduced as the loss is local to a rank.
+        """
         cfg = self.cfg
+        params = [p for p in self.raw.parameters() if p.grad is not None]
+        norm = None
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.clip_grad)
+            norm = nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        if self.scaler.is_enabled():
+            stop = all_reduce_sum([float(bad_step >= 0)], self.info)[0] > 0
+        else:
+            if norm is None:
+                norm = nn.utils.get_total_norm([p.grad for p in params])
+            stop = not bool(torch.isfinite(norm))
+        if stop:
+            first_bad = int(bad_step)
+            if first_bad >= 0:
+                self._stop_non_finite("loss is", epoch, first_bad)
+            self._stop_non_finite("another rank's loss or the gradients are", epoch, step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

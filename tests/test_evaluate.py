@@ -11,8 +11,8 @@ import pytest
 import yaml
 from evalfixture import SKUS, make_checkpoint, make_prepared
 
+from products10k.datasets import read_prepared
 from products10k.errors import DataError
-from products10k.evaluation import read_split
 from products10k.metrics import hits_at, topk_indices
 from products10k.predictions import load_predictions, read_label_map
 
@@ -132,21 +132,21 @@ def test_unknown_params_key_and_phase_fail_at_start(tmp_path, prepared, caplog):
     assert "phase 'warmup' is not in evaluate.phases" in caplog.text
 
 
-def test_read_split_checks_labels_and_skus(tmp_path, prepared):
+def test_read_prepared_checks_labels_and_skus_against_the_label_map(tmp_path, prepared):
     label_map = read_label_map(prepared / "label_map.csv")
     val = pd.read_csv(prepared / "val.csv")
     val.loc[2, "label"] = 7
     val.to_csv(tmp_path / "val.csv", index=False)
     with pytest.raises(DataError, match=r"val.csv: row 4 column 'label' is 7"):
-        read_split(tmp_path / "val.csv", label_map)
+        read_prepared(tmp_path / "val.csv", label_map)
     val = pd.read_csv(prepared / "val.csv")
     val.loc[1, "sku"] = 4242
     val.to_csv(tmp_path / "val.csv", index=False)
     with pytest.raises(DataError, match=r"row 3: label 1 has sku 4242, but the label map says sku 1002"):
-        read_split(tmp_path / "val.csv", label_map)
+        read_prepared(tmp_path / "val.csv", label_map)
     with pytest.raises(DataError, match="missing column 'Usage'"):
-        read_split(prepared / "val.csv", label_map, usage=True)
-    assert np.all(read_split(prepared / "test.csv", label_map, usage=True)["label"].to_numpy()[-1] == -1)
+        read_prepared(prepared / "val.csv", label_map, usage=True)
+    assert np.all(read_prepared(prepared / "test.csv", label_map, usage=True)["label"].to_numpy()[-1] == -1)
 
 
 def test_worst_errors_are_the_most_confident_mistakes():

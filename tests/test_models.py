@@ -17,10 +17,10 @@ from products10k.datasets import (
     EpochSampler,
     PreparedImageDataset,
     read_label_map,
-    read_prepared_csv,
-    reduced_decode_flag,
+    read_prepared,
 )
 from products10k.errors import ConfigError, DataError, Products10kError
+from products10k.images import reduced_decode_flag
 from products10k.models import GeM, create_model, model_config_dict
 from products10k.params import ModelConfig, PhaseConfig
 from products10k.transforms import eval_transform, resolve_resize, train_transform
@@ -182,11 +182,16 @@ def test_reduced_decode_flag():
     assert reduced_decode_flag(512, 700, 128) == cv2.IMREAD_REDUCED_COLOR_4
     assert reduced_decode_flag(512, 512, 512) == cv2.IMREAD_COLOR
     assert reduced_decode_flag(512, 512, 60) == cv2.IMREAD_REDUCED_COLOR_8
+    # libjpeg rounds scaled sides up: 1023 at 1/2 scale is 512 pixels, enough for a 512 target
+    assert reduced_decode_flag(1023, 1100, 512) == cv2.IMREAD_REDUCED_COLOR_2
+    assert reduced_decode_flag(1021, 1100, 512) == cv2.IMREAD_COLOR
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((1100, 1023, 3), np.uint8))
+    assert ok and cv2.imdecode(jpeg, cv2.IMREAD_REDUCED_COLOR_2).shape[:2] == (550, 512)
 
 
 def test_dataset_reads_packed_images_and_padding_has_zero_weight(tmp_path):
     data = make_prepared(tmp_path / "data", num_classes=3, train_per_class=2)
-    df = read_prepared_csv(data / "train.csv", 3)
+    df = read_prepared(data / "train.csv", read_label_map(data / "label_map.csv"))
     ds = PreparedImageDataset(df, data, eval_transform(37, 32), min_side=37)
     image, label, index, weight = ds[4]
     assert image.shape == (3, 32, 32) and label == df.label[4] and index == 4 and weight == 1.0
@@ -199,10 +204,16 @@ def test_prepared_csv_errors_name_file_row_and_column(tmp_path):
     df = pd.read_csv(data / "train.csv")
     df.drop(columns=["offset"]).to_csv(tmp_path / "a.csv", index=False)
     with pytest.raises(DataError, match=r"a\.csv: missing column 'offset'"):
-        read_prepared_csv(tmp_path / "a.csv")
+        read_prepared(tmp_path / "a.csv")
     df.assign(label=[0, 1, 5, 1]).to_csv(tmp_path / "b.csv", index=False)
     with pytest.raises(DataError, match=r"b\.csv: row 4 column 'label' is 5"):
-        read_prepared_csv(tmp_path / "b.csv", num_classes=2)
+        read_prepared(tmp_path / "b.csv", read_label_map(data / "label_map.csv"))
+    df.assign(label=[0, -1, 1, 1]).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(DataError, match=r"c\.csv: row 3 column 'label' is -1"):
+        read_prepared(tmp_path / "c.csv")  # -1 (SKU unknown to training) only in the test split
+    df.assign(offset=df["offset"].astype(float) + 0.5).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"d\.csv: row 2 column 'offset' is .*non-negative integer"):
+        read_prepared(tmp_path / "d.csv")
     pd.DataFrame({"label": [0, 2], "sku": [1, 2]}).to_csv(tmp_path / "lm.csv", index=False)
     with pytest.raises(DataError, match=r"lm\.csv: column 'label'"):
         read_label_map(tmp_path / "lm.csv")
@@ -241,3 +252,22 @@ def test_class_balanced_sampler_evens_out_the_long_tail():
         counts += np.bincount(labels[list(s)], minlength=3)
     shares = counts / counts.sum()
     assert np.all(np.abs(shares - 1 / 3) < 0.05), shares
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that would create ``marker`` if unpickling were allowed to call it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_read_checkpoint_never_executes_code(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "model_config": {}, "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(Products10kError, match=r"evil\.pt: not a readable checkpoint"):
+        ckpt_lib.read_checkpoint(path)
+    assert not marker.exists()

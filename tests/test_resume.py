@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _epoch_of(path: Path) -> int | None:
     try:
-        return int(torch.load(path, weights_only=False)["epoch"])
+        return int(torch.load(path, weights_only=True)["epoch"])
     except (FileNotFoundError, EOFError, RuntimeError):
         return None
 
@@ -57,7 +57,7 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"after epoch {killed_at}" in done.stderr and "resuming train@m0" in done.stderr
-    resumed = torch.load(last, weights_only=False)
+    resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 3 and [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
     curve = (run_dir / "dvclive" / "train" / "plots" / "metrics" / "val" / "top1.tsv").read_text()
     assert len(curve.splitlines()) == 4  # header + epochs 1-3, the pre-kill epochs replayed
@@ -74,7 +74,7 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
         live=None,
     )
     run_phase(params, "train", "m0", paths)
-    reference = torch.load(ref_dir / "models" / "last.pt", weights_only=False)
+    reference = torch.load(ref_dir / "models" / "last.pt", weights_only=True)
     for key, value in reference["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert [r["val/top1"] for r in reference["history"]] == [r["val/top1"] for r in resumed["history"]]
@@ -90,13 +90,13 @@ def test_settings_change_starts_afresh(tmp_path, caplog):
         out=tmp_path / "models",
     )
     run_phase(write_params(tmp_path / "a.yaml", train={"epochs": 1}), "train", "m0", paths)
-    fp = torch.load(paths.out / "last.pt", weights_only=False)["fingerprint"]
+    fp = torch.load(paths.out / "last.pt", weights_only=True)["fingerprint"]
     # another resolution (e.g. `dvc exp run -S train.resolution=...` on a persisted out): no resume
     caplog.set_level("INFO", logger="products10k.train_loop")
     out = run_phase(
         write_params(tmp_path / "b.yaml", train={"epochs": 2, "resolution": 40}), "train", "m0", paths
     )
-    last = torch.load(paths.out / "last.pt", weights_only=False)
+    last = torch.load(paths.out / "last.pt", weights_only=True)
     assert last["fingerprint"] != fp and last["resolution"] == 40 and len(out["history"]) == 2
     # a wrong resume would also end with 2 epochs of history: the log tells which path ran
     assert "starting the phase afresh" in caplog.text

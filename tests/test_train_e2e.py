@@ -39,7 +39,7 @@ def test_three_phases_then_resolution_experiment(tmp_path):
     out = dvc(project, "repro", "finetune_accuracy@m0")
     for phase in PHASES:
         assert f"Running stage '{phase}@m0'" in out.stdout
-        best = torch.load(project / "models" / "m0" / phase / "best.pt", weights_only=False)
+        best = torch.load(project / "models" / "m0" / phase / "best.pt", weights_only=True)
         assert best["phase"] == phase and best["resolution"] == 32
         assert (project / "dvclive" / "m0" / phase / "metrics.json").is_file()
     shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
@@ -55,7 +55,7 @@ def test_three_phases_then_resolution_experiment(tmp_path):
     run(project, "git", "commit", "-q", "-m", "baseline")
     dvc(project, "exp", "run", "finetune_accuracy@m0", "-S", "train.resolution=40")
     for phase in PHASES:
-        last = torch.load(project / "models" / "m0" / phase / "last.pt", weights_only=False)
+        last = torch.load(project / "models" / "m0" / phase / "last.pt", weights_only=True)
         # persisted outs are not resumed across settings: each phase re-ran at the new resolution
         assert last["resolution"] == 40 and last["resize"] == 46
         assert len(last["history"]) == last["epochs"]

@@ -58,8 +58,8 @@ def pipeline(tmp_path_factory):
 def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
     root, data, _ = pipeline
     out = root / "models" / phase
-    best = torch.load(out / "best.pt", weights_only=False)
-    last = torch.load(out / "last.pt", weights_only=False)
+    best = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
     assert CONTRACT_KEYS <= set(best) and CONTRACT_KEYS <= set(last)
     assert best["phase"] == phase and best["member"] == "m0"
     assert best["labels"] == [1000, 1007, 1014, 1021]
@@ -76,10 +76,10 @@ def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
     model, meta = ckpt_lib.load_model(out / "best.pt")
     assert meta["val_top1"] == best["val_top1"]
     # saved weights are the evaluated (EMA) ones: reloading reproduces the recorded val top-1
-    from products10k.datasets import PreparedImageDataset, read_prepared_csv
+    from products10k.datasets import PreparedImageDataset, read_prepared
     from products10k.transforms import eval_transform
 
-    ds = PreparedImageDataset(read_prepared_csv(data / "val.csv"), data, eval_transform(37, 32))
+    ds = PreparedImageDataset(read_prepared(data / "val.csv"), data, eval_transform(37, 32))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor([ds[i][1] for i in range(len(ds))])
     with torch.no_grad():
@@ -95,12 +95,12 @@ def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
 
 def test_finetunes_start_from_the_previous_best(pipeline):
     root, *_ = pipeline
-    first = torch.load(root / "models/finetune_balanced/last.pt", weights_only=False)["history"][0]
-    base = torch.load(root / "models/train/best.pt", weights_only=False)
+    first = torch.load(root / "models/finetune_balanced/last.pt", weights_only=True)["history"][0]
+    base = torch.load(root / "models/train/best.pt", weights_only=True)
     # one epoch at a 3x lower lr from a model at >= 50% does not fall back to chance
     assert first["val/top1"] >= base["val_top1"] - 0.25
     cfg = first  # the accuracy-loss phase's train loss is L_acc, in [0, 1]
-    acc_hist = torch.load(root / "models/finetune_accuracy/last.pt", weights_only=False)["history"]
+    acc_hist = torch.load(root / "models/finetune_accuracy/last.pt", weights_only=True)["history"]
     assert all(0.0 <= row["train/loss"] <= 1.0 for row in acc_hist), cfg
 
 
@@ -170,7 +170,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good(tmp_path, monk
     paths = _paths(data, tmp_path)
     with pytest.raises(Products10kError, match=r"NaN/inf at epoch 2, step 1.*last\.pt"):
         run_phase(params, "train", "m0", paths)
-    last = torch.load(paths.out / "last.pt", weights_only=False)
+    last = torch.load(paths.out / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
