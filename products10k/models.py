@@ -87,6 +87,7 @@ class Products10kNet(nn.Module):
         if cfg.drop_path_rate > 0:
             kwargs["drop_path_rate"] = cfg.drop_path_rate
         self.backbone = _create_backbone(cfg, pretrained, kwargs)
+        _drop_unused_head(self.backbone)
         features = self.backbone.num_features
         if cfg.pool == "gem":
             self.pool = GeM(cfg.gem_p)
@@ -107,6 +108,33 @@ class Products10kNet(nn.Module):
         if isinstance(self.head, MarginHead):
             return self.head(f, target)
         return self.head(f)
+
+
+def _drop_unused_head(backbone: nn.Module) -> None:
+    """Replace the backbone's top-level modules that ``forward_features`` never runs by Identity.
+
+    Some timm families (MobileNetV3/V4: ``conv_head``, ``norm_head``) keep learned layers *after*
+    their global pooling, in ``forward_head``; we pool ``forward_features`` ourselves, so those
+    layers would be dead weights: DDP refuses parameters that get no gradient, and they waste
+    optimizer state. Which modules run is found with one tiny no-grad pass in eval mode (no
+    running-statistics update, no random draw), so the live weights are untouched.
+    """
+    ran: set[int] = set()
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: ran.add(id(mod))) for m in backbone.modules()]
+    size = tuple(getattr(backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+    was_training = backbone.training
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            backbone.forward_features(torch.zeros(1, *size))
+    finally:
+        for h in hooks:
+            h.remove()
+        backbone.train(was_training)
+    for name, child in list(backbone.named_children()):
+        if id(child) not in ran and any(True for _ in child.parameters()):
+            log.debug("dropping %s.%s: not used by forward_features", type(backbone).__name__, name)
+            setattr(backbone, name, nn.Identity())
 
 
 def _missing_weights_message(arch: str, detail: str) -> str:

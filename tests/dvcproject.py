@@ -67,6 +67,10 @@ def make_project(dest: Path, params_update: dict | None = None) -> Path:
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     run(dest, "git", "init", "-q")
+    # `dvc exp run` commits through pygit2/dulwich, which read the repo config, not GIT_AUTHOR_*:
+    # a CI machine without a global git identity still needs one here.
+    run(dest, "git", "config", "user.name", "test")
+    run(dest, "git", "config", "user.email", "test@example.com")
     dvc(dest, "init", "-q")
     shutil.copy2(DVC_CONFIG, dest / ".dvc" / "config")  # same cache link type as the project
     run(dest, "git", "add", "-A")

@@ -271,3 +271,12 @@ def test_read_checkpoint_never_executes_code(tmp_path):
     with pytest.raises(Products10kError, match=r"evil\.pt: not a readable checkpoint"):
         ckpt_lib.read_checkpoint(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv4_conv_small", "mobilenetv3_small_100", "resnet10t"])
+def test_every_parameter_gets_a_gradient(arch):
+    """DDP refuses parameters that get no gradient: timm heads after pooling must not stay dead."""
+    model = create_model(ModelConfig(arch=arch), num_classes=5)
+    model.train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
