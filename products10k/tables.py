@@ -98,14 +98,19 @@ def _domain(df: pd.DataFrame, path: Path) -> pd.Series:
     if "domain" not in df.columns:
         return pd.Series("unknown", index=df.index, dtype="str")
     domain = df["domain"].str.strip().replace("", "unknown")
-    bad = ~domain.isin(DOMAIN_VALUES)
+    _require_choice(df, "domain", domain, DOMAIN_VALUES, path)
+    return domain
+
+
+def _require_choice(df: pd.DataFrame, column: str, values: pd.Series, allowed, path: Path) -> None:
+    """DataError at the first row whose cleaned ``values`` is not in ``allowed`` (shows the raw cell)."""
+    bad = ~values.isin(allowed)
     if bad.any():
         i = _first(bad)
         raise DataError(
-            f"{_where(path, df['line'].iat[i], 'domain')}: {df['domain'].iat[i]!r} is not one of "
-            f"{', '.join(DOMAIN_VALUES)}"
+            f"{_where(path, df['line'].iat[i], column)}: {df[column].iat[i]!r} is not one of "
+            f"{', '.join(allowed)}"
         )
-    return domain
 
 
 def load_train_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -150,13 +155,7 @@ def load_test_table(path: str | os.PathLike, train: pd.DataFrame) -> pd.DataFram
     _check_names(raw, path)
     sku = _to_int(raw, "class", path)
     usage = raw["Usage"].str.strip()
-    bad = ~usage.isin(USAGE_VALUES)
-    if bad.any():
-        i = _first(bad)
-        raise DataError(
-            f"{_where(path, raw['line'].iat[i], 'Usage')}: {raw['Usage'].iat[i]!r} is not one of "
-            f"{', '.join(USAGE_VALUES)}"
-        )
+    _require_choice(raw, "Usage", usage, USAGE_VALUES, path)
     in_train = raw["name"].isin(train["name"])
     if in_train.any():
         i = _first(in_train)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from dvcproject import ROOT, dvc, make_project
 
-PHASES = ["train", "finetune_balanced", "finetune_accuracy"]
+from products10k.params import PHASES
 
 
 def tiny_params() -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from dvcproject import dvc, make_project, run
 
-PHASES = ["train", "finetune_balanced", "finetune_accuracy"]
+from products10k.params import PHASES
 
 TINY = {
     "data": {
