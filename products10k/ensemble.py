@@ -1,54 +1,50 @@
-"""Combine ensemble members: a weighted average of their softmax probabilities.
+"""Combine ensemble members: a weighted average of their softmax probabilities, from top-k files.
 
 Weights are fitted on the validation split by maximising its log-likelihood
 ``mean_i log(sum_m w_m * p_m[i, y_i])`` over the simplex (w >= 0, sum w = 1). The objective is
 concave in ``w`` (log of a linear function), so SLSQP finds the global optimum from equal
-weights; it needs only the true-class probability of each member per row, an (N, M) matrix,
-however many classes there are. Averaging probabilities rather than raw logits keeps members with
-differently scaled logits (an accuracy-loss finetune, a different resolution) comparable.
+weights; it needs only the true-class probability of each member per row, an (N, M) matrix that
+the predictions files hold exactly (``label_logprob``), however many classes there are.
+Averaging probabilities rather than raw logits keeps members with differently scaled logits (an
+accuracy-loss finetune, a different resolution) comparable.
+
+The average itself (``combine_topk``) works on blocks of rows with one (rows, K) float32 buffer,
+so memory does not grow with the member count or the test set: 2,048 rows x 9,691 classes is
+79 MB. A member's probability of a label it did not keep in its top-k is estimated by the mean of
+its left-out mass (see ``products10k.predictions`` for the error this allows, reported per row).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp, softmax
 
 from products10k.errors import Products10kError
+from products10k.metrics import topk_indices
+from products10k.predictions import SplitScores
 
 log = logging.getLogger(__name__)
 
-
-# Rows per block when a full softmax is needed: 55k x 9.7k test logits are 2 GB in float32, so
-# whole-array temporaries (a float64 softmax would be 4 GB) are avoided.
-BLOCK_ROWS = 4096
+BLOCK_ROWS = 2048
 
 
-def true_class_probs(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Softmax probability of each row's label: (N,), computed block-wise in float64."""
-    out = np.empty(len(labels), dtype=np.float64)
-    for start in range(0, len(labels), BLOCK_ROWS):
-        z = np.asarray(logits[start : start + BLOCK_ROWS], dtype=np.float64)
-        y = labels[start : start + BLOCK_ROWS]
-        out[start : start + len(y)] = np.exp(z[np.arange(len(y)), y] - logsumexp(z, axis=1))
-    return out
-
-
-def fit_weights(member_logits: list[np.ndarray], labels: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def fit_weights(label_logprobs: list[np.ndarray], labels: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Simplex weights maximising the val log-likelihood of the weighted softmax average.
 
-    Rows with a negative label (no training SKU) carry no information and are skipped.
+    ``label_logprobs[m]`` is member m's exact log-probability of each row's label. Rows with a
+    negative label (no training SKU) carry no information and are skipped.
     """
     labels = np.asarray(labels)
-    n_members = len(member_logits)
+    n_members = len(label_logprobs)
     if n_members == 1:
         return np.ones(1)
     keep = labels >= 0
     if not keep.any():
         raise Products10kError("cannot fit ensemble weights: the validation split has no labelled rows")
-    probs = np.stack([true_class_probs(z[keep], labels[keep]) for z in member_logits], axis=1)
+    probs = np.stack([np.exp(np.asarray(lp, dtype=np.float64)[keep]) for lp in label_logprobs], axis=1)
 
     def nll(w: np.ndarray) -> tuple[float, np.ndarray]:
         mix = probs @ w + eps
@@ -72,40 +68,95 @@ def fit_weights(member_logits: list[np.ndarray], labels: np.ndarray, eps: float 
     return weights / weights.sum()
 
 
-def resolve_weights(
-    spec: str | dict, members: list[str], val_logits: list[np.ndarray], val_labels: np.ndarray
-) -> dict[str, float]:
-    """Member -> weight from ``ensemble.weights``: 'fit', 'equal' or a mapping (normalised)."""
+def resolve_weights(spec: str | dict, members: list[str], val: list[SplitScores]) -> dict[str, float]:
+    """Member -> weight from ``ensemble.weights``: 'fit', 'equal' or a mapping (normalised).
+
+    ``fit`` with no labelled validation rows (``prepare.val_fraction: 0``) falls back to equal
+    weights with a log line: there is nothing to fit on.
+    """
     if isinstance(spec, dict):
         raw = np.array([float(spec[m]) for m in members])
         weights = raw / raw.sum()
     elif spec == "equal":
         weights = np.full(len(members), 1.0 / len(members))
     elif spec == "fit":
-        weights = fit_weights(val_logits, val_labels)
+        labels = val[0].labels
+        if len(members) > 1 and not (labels >= 0).any():
+            log.info("ensemble.weights is 'fit' but there are no labelled val rows: using equal weights")
+            weights = np.full(len(members), 1.0 / len(members))
+        else:
+            weights = fit_weights([v.label_logprob for v in val], labels)
     else:
         raise Products10kError(f"ensemble.weights is {spec!r}, expected 'fit', 'equal' or a mapping")
     return {m: float(w) for m, w in zip(members, weights, strict=True)}
 
 
-def combine(member_logits: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Weighted average of the members' softmax probabilities: (N, K) float32, rows sum to 1."""
-    if len(member_logits) != len(weights):
-        raise ValueError(f"{len(member_logits)} members but {len(weights)} weights")
-    shapes = {z.shape for z in member_logits}
-    if len(shapes) != 1:
-        raise ValueError(f"members' logits differ in shape: {sorted(shapes)}")
-    out = np.zeros(member_logits[0].shape, dtype=np.float32)
-    for z, w in zip(member_logits, weights, strict=True):
+@dataclass
+class EnsembleTopK:
+    """The ensemble's top-k per row and how far its probabilities may be from the exact average."""
+
+    labels: np.ndarray  # (N, k) int64, best first
+    probs: np.ndarray  # (N, k) float32
+    error_bound: np.ndarray  # (N,) max |estimated - exact| of any ensemble probability of the row
+    label_logprob: np.ndarray  # (N,) exact log of the ensemble probability of the row's label
+
+    @property
+    def uncertain_top1(self) -> np.ndarray:
+        """Rows whose top-1 the estimate could change: margin to the runner-up <= 2 x the bound."""
+        if self.probs.shape[1] < 2:
+            return np.zeros(len(self.probs), dtype=bool)
+        return (self.probs[:, 0] - self.probs[:, 1]) <= 2 * self.error_bound
+
+
+def combine_topk(
+    members: list[SplitScores], weights: list[float], num_classes: int, k: int, block_rows: int = BLOCK_ROWS
+) -> EnsembleTopK:
+    """Weighted average of the members' softmax probabilities, reduced to its top-``k`` per row.
+
+    Per block of rows: a (rows, K) buffer gets, for each member, its exact probabilities of the
+    labels it kept and the mean of its left-out mass elsewhere. A member that kept every label
+    (k = K) is exact; the bound ``sum_m w_m * p_k,m`` says how far off any other can be.
+    """
+    if len(members) != len(weights):
+        raise ValueError(f"{len(members)} members but {len(weights)} weights")
+    n = len(members[0])
+    if any(len(m) != n for m in members):
+        raise ValueError(f"members predicted different row counts: {[len(m) for m in members]}")
+    k = min(k, num_classes)
+    out_labels = np.zeros((n, k), dtype=np.int64)
+    out_probs = np.zeros((n, k), dtype=np.float32)
+    bound = np.zeros(n, dtype=np.float64)
+    label_prob = np.zeros(n, dtype=np.float64)
+    rows_labels = members[0].labels
+    for m, w in zip(members, weights, strict=True):
         if w > 0:
-            for start in range(0, len(out), BLOCK_ROWS):
-                block = np.asarray(z[start : start + BLOCK_ROWS], dtype=np.float32)
-                out[start : start + len(block)] += np.float32(w) * softmax(block, axis=1)
-    return out
+            label_prob += w * np.exp(np.asarray(m.label_logprob, dtype=np.float64))
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        dense = np.zeros((stop - start, num_classes), dtype=np.float32)
+        for m, w in zip(members, weights, strict=True):
+            if w <= 0:
+                continue
+            p = np.exp(m.topk_logits[start:stop].astype(np.float64) - m.logsumexp[start:stop, None])
+            rest = np.zeros(len(p))
+            if m.k < num_classes:
+                # the left-out labels share the rest of the member's mass equally
+                rest = np.clip(1.0 - p.sum(axis=1), 0.0, None) / (num_classes - m.k)
+                dense += (w * rest[:, None]).astype(np.float32)
+                bound[start:stop] += w * p[:, -1]
+            rows = np.arange(len(p))[:, None]  # labels are unique within a row: plain fancy add
+            dense[rows, m.topk_labels[start:stop]] += (w * (p - rest[:, None])).astype(np.float32)
+        top = topk_indices(dense, k)
+        out_labels[start:stop] = top
+        out_probs[start:stop] = np.take_along_axis(dense, top, axis=1)
+    with np.errstate(divide="ignore"):
+        label_logprob = np.where(rows_labels >= 0, np.log(label_prob), np.nan)
+    return EnsembleTopK(out_labels, out_probs, bound, label_logprob)
 
 
-def log_likelihood(probs: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
+def log_likelihood(label_logprob: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
     """Mean log-probability of the labelled rows (the quantity the weight fit maximises)."""
     keep = np.asarray(labels) >= 0
-    p = probs[np.flatnonzero(keep), np.asarray(labels)[keep]]
-    return float(np.mean(np.log(p + eps)))
+    if not keep.any():
+        return float("nan")
+    return float(np.mean(np.log(np.exp(label_logprob[keep]) + eps)))

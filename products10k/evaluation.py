@@ -6,8 +6,9 @@ Outputs (paths come from the stage's command line):
   Kaggle leaderboard), head/tail and in-shop/customer slices, and ``tta.*`` (val top-1 of every
   view alone, of all views but one, and of all together). One file per member and phase, so
   ``dvc metrics show`` lists base -> +balanced finetune -> +accuracy loss as rows: Table 1.
-- predictions ``.npz``: TTA-averaged val and test logits with names, labels and the label -> SKU
-  map, the ensemble's input.
+- predictions ``.npz``: the top-k of the TTA-averaged val and test logits with names, labels and
+  the label -> SKU map, the ensemble's input (``products10k.predictions``: bounded at any class
+  count; metrics, gallery and plots are computed from the same exact top-k).
 - plots: per-group accuracy and the most confused SKU pairs (CSV for ``dvc plots``), and a PNG
   gallery of the most confident test errors.
 """
@@ -15,6 +16,7 @@ Outputs (paths come from the stage's command line):
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +26,13 @@ import pandas as pd
 from products10k import atomic
 from products10k.checkpoint import check_labels, load_model
 from products10k.datasets import read_prepared
+from products10k.devices import amp_dtype, eval_workers, resolve_device
 from products10k.errors import Products10kError
 from products10k.gallery import draw_gallery, encode_png, worst_errors
-from products10k.metrics import confused_pairs, per_group_table, split_metrics, topk_indices
+from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.params import EvaluateConfig, TTAConfig
-from products10k.predict import predict, resolve_device
-from products10k.predictions import read_label_map, save_predictions
+from products10k.predict import predict
+from products10k.predictions import SplitScores, read_label_map, save_predictions
 from products10k.storage import ImageStore
 from products10k.tta import build_views
 
@@ -82,32 +85,40 @@ def evaluate_phase(
     views = build_views(tta, resolution, meta.get("resize"))
     log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
     device = resolve_device(cfg.device)
-    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
-    val_pred = predict(model, val, images_root, views, desc=f"{member}/{phase} val", **kw)
-    test_pred = predict(model, test, images_root, views, desc=f"{member}/{phase} test", **kw)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    kw = dict(
+        top_k=cfg.top_k,
+        batch_size=cfg.batch_size,
+        num_workers=eval_workers(cfg.num_workers, device, cores),
+        device=device,
+        amp=amp_dtype(cfg.amp, device),
+    )
+    test_pred = predict(
+        model, test, images_root, views, desc=f"{member}/{phase} test", where=str(test_path), **kw
+    )
+    test_scores = test_pred.scores
+    if len(val):
+        val_pred = predict(
+            model, val, images_root, views, desc=f"{member}/{phase} val", where=str(val_path), **kw
+        )
+        val_scores, tta_val = val_pred.scores, val_pred.tta_report(val["label"].to_numpy())
+    else:  # prepare.val_fraction: 0 - no val rows; the ensemble then falls back to equal weights
+        log.info("%s: no validation rows; val metrics are left out", val_path)
+        empty = np.zeros((0, len(label_map)), dtype=np.float32)
+        val_scores, tta_val = SplitScores.from_logits([], [], empty, cfg.top_k), {}
 
     n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
-    val_top = topk_indices(val_pred.logits, 5)
-    test_top = topk_indices(test_pred.logits, 5)
+    test_top = test_scores.topk_labels
     metrics = {
-        "val": split_metrics(val_top, val, n_train, cfg.tail_max_images),
+        "val": split_metrics(val_scores.topk_labels, val, n_train, cfg.tail_max_images),
         "test": split_metrics(test_top, test, n_train, cfg.tail_max_images),
-        "tta": {"val": val_pred.tta_report(val["label"].to_numpy()), "views": len(views)},
+        "tta": {"val": tta_val, "views": len(views)},
         "epoch": int(meta.get("epoch", -1)),
         "resolution": resolution,
     }
 
     skus = label_map["sku"].to_numpy(dtype=np.int64)
-    save_predictions(
-        outputs.predictions,
-        val_logits=val_pred.logits,
-        val_names=val["name"].astype(str).to_numpy(),
-        val_labels=val["label"].to_numpy(),
-        test_logits=test_pred.logits,
-        test_names=test["name"].astype(str).to_numpy(),
-        test_labels=test["label"].to_numpy(),
-        skus=skus,
-    )
+    save_predictions(outputs.predictions, val=val_scores, test=test_scores, skus=skus)
 
     atomic.write_csv(outputs.per_group, per_group_table(test_top, test))
     sku_group = dict(zip(label_map["sku"], label_map["group"], strict=True))
@@ -116,7 +127,7 @@ def evaluate_phase(
 
     train = read_prepared(train_path, label_map)
     exemplars = train.drop_duplicates("label", keep="first").set_index("label")
-    errors = worst_errors(test_pred.logits, test["label"].to_numpy(), cfg.gallery_size)
+    errors = worst_errors(test_scores, cfg.gallery_size)
     title = f"{member}/{phase}: {len(errors)} most confident test errors"
     image = draw_gallery(errors, test, exemplars, skus, ImageStore(images_root), cfg.gallery_tile, title)
     atomic.write_bytes(outputs.gallery, encode_png(image))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pandas as pd
-from scipy.special import logsumexp
 
+from products10k.predictions import SplitScores
 from products10k.storage import ImageStore
 
 HEADER = 36
@@ -20,16 +20,15 @@ CAPTION = 34
 PAD = 6
 
 
-def worst_errors(logits: np.ndarray, labels: np.ndarray, count: int) -> pd.DataFrame:
-    """Rows (index, pred, prob) of the ``count`` most confident wrong predictions, worst first."""
-    logits = np.asarray(logits)
-    pred = logits.argmax(1)
-    # softmax of the top logit, block-wise: no (N, K) float64 temporary for 55k x 9.7k test logits
-    conf = np.empty(len(pred), dtype=np.float64)
-    for start in range(0, len(pred), 4096):
-        z = np.asarray(logits[start : start + 4096], dtype=np.float64)
-        conf[start : start + len(z)] = np.exp(z.max(1) - logsumexp(z, axis=1))
-    wrong = np.flatnonzero(pred != np.asarray(labels))
+def worst_errors(scores: SplitScores, count: int) -> pd.DataFrame:
+    """Rows (index, pred, prob) of the ``count`` most confident wrong predictions, worst first.
+
+    The confidence is the exact softmax probability of the top label, from the predictions
+    file's top-k and log-sum-exp: no (N, K) array is needed.
+    """
+    pred = scores.topk_labels[:, 0].astype(np.int64)
+    conf = np.exp(scores.topk_logits[:, 0].astype(np.float64) - scores.logsumexp)
+    wrong = np.flatnonzero(pred != np.asarray(scores.labels))
     order = wrong[np.argsort(-conf[wrong], kind="stable")][:count]
     return pd.DataFrame({"index": order, "pred": pred[order], "prob": conf[order]})
 

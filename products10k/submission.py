@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from products10k import atomic, kaggle
-from products10k.ensemble import combine, log_likelihood, resolve_weights
+from products10k.ensemble import combine_topk, log_likelihood, resolve_weights
 from products10k.errors import DataError, Products10kError
 from products10k.metrics import topk_indices
 from products10k.predictions import load_predictions, read_label_map
@@ -53,24 +53,23 @@ def read_test_list(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def build_submission(
-    names: np.ndarray, probs: np.ndarray, label_skus: np.ndarray, top_k: int = 5
+    names: np.ndarray, top_labels: np.ndarray, top_scores: np.ndarray, label_skus: np.ndarray
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The submission (name, class) and the top-k file (name, class_1.., score_1..) from scores.
+    """The submission (name, class) and the top-k file (name, class_1.., score_1..).
 
-    ``probs`` is (N, K) in training-label order; ``label_skus[label]`` is that label's SKU id.
+    ``top_labels``/``top_scores`` are (N, k), best first, in training-label space;
+    ``label_skus[label]`` is that label's SKU id.
     """
     names = np.asarray(names).astype(str)
-    if len(names) != len(probs):
-        raise DataError(f"{len(probs)} prediction rows for {len(names)} test names")
-    top = topk_indices(probs, top_k)
-    skus = np.asarray(label_skus, dtype=np.int64)[top]
-    scores = np.take_along_axis(probs, top, axis=1)
+    if len(names) != len(top_labels):
+        raise DataError(f"{len(top_labels)} prediction rows for {len(names)} test names")
+    skus = np.asarray(label_skus, dtype=np.int64)[top_labels]
     submission = pd.DataFrame({"name": names, "class": skus[:, 0]})
     topk = pd.DataFrame({"name": names})
-    for j in range(top.shape[1]):
+    for j in range(top_labels.shape[1]):
         topk[f"class_{j + 1}"] = skus[:, j]
-    for j in range(top.shape[1]):
-        topk[f"score_{j + 1}"] = np.round(scores[:, j].astype(np.float64), 6)
+    for j in range(top_labels.shape[1]):
+        topk[f"score_{j + 1}"] = np.round(top_scores[:, j].astype(np.float64), 6)
     return submission, topk
 
 
@@ -137,36 +136,41 @@ def read_excluded_test_names(report_path: str | os.PathLike, test_list_path: str
     return names
 
 
-def fallback_scores(label_map: pd.DataFrame) -> np.ndarray:
-    """The fallback scores row for an excluded test image: the training prior over labels, (K,).
+def fallback_scores(label_map: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fallback row for an excluded test image: the top-``k`` of the training prior.
 
-    ``n_train / sum(n_train)`` of label_map.csv: top-1 is the most frequent training SKU.
+    ``n_train / sum(n_train)`` of label_map.csv: top-1 is the most frequent training SKU (the
+    lowest label among ties). Returns (labels (k,), probabilities (k,)).
     """
     counts = label_map["n_train"].to_numpy(dtype=np.float64)
     if not counts.sum() > 0:
         raise DataError("label map: no training images (n_train is 0 for every SKU), so no fallback SKU")
-    return (counts / counts.sum()).astype(np.float32)
+    prior = (counts / counts.sum())[None, :]
+    top = topk_indices(prior, k)
+    return top[0], np.take_along_axis(prior, top, axis=1)[0].astype(np.float32)
 
 
 def align_to_test_list(
     names: np.ndarray,
-    probs: np.ndarray,
+    rows: tuple[np.ndarray, ...],
     test_list: pd.DataFrame,
     where: str,
     excluded: set[str] | frozenset[str] = frozenset(),
-    fallback: np.ndarray | None = None,
+    fallback: tuple[np.ndarray, ...] | None = None,
 ):
     """Reorder prediction rows into the test list's order; a count or name mismatch is an error.
 
-    A test image without a prediction is allowed only if its name is in ``excluded`` (the test
-    images prepare excluded); its row is then ``fallback`` (see :func:`fallback_scores`).
+    ``rows`` are arrays with one row per prediction (e.g. top-k labels and scores). A test image
+    without a prediction is allowed only if its name is in ``excluded`` (the test images prepare
+    excluded); its rows are then ``fallback`` (one row per array, see :func:`fallback_scores`).
+    Returns the test list's names and the reordered arrays.
     """
     names = np.asarray(names).astype(str)
     expected = test_list["name"].astype(str).to_numpy()
     absent = ~np.isin(expected, names)
     filled = absent & np.isin(expected, list(excluded))
     if filled.any() and fallback is None:
-        raise ValueError("excluded test images need a fallback scores row")
+        raise ValueError("excluded test images need a fallback row")
     if len(names) + int(filled.sum()) != len(expected):
         missing = sorted(set(expected[absent & ~filled]))[:5]
         extra = sorted(set(names) - set(expected))[:5]
@@ -184,10 +188,13 @@ def align_to_test_list(
     unexplained = (pos < 0) & ~filled
     if unexplained.any():
         raise DataError(f"{where}: no prediction for test image '{expected[unexplained][0]}'")
-    out = probs[np.maximum(pos, 0)]  # one copy, as fancy indexing always makes
-    if filled.any():
-        out[filled] = fallback
-    return expected, out
+    out = []
+    for i, array in enumerate(rows):
+        reordered = array[np.maximum(pos, 0)]  # one copy, as fancy indexing always makes
+        if filled.any():
+            reordered[filled] = fallback[i]
+        out.append(reordered)
+    return expected, tuple(out)
 
 
 def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd.DataFrame) -> dict:
@@ -294,7 +301,7 @@ def make_submission(
     preds = {}
     for m in members:
         p = load_predictions(prediction_paths[m], m)
-        if not np.array_equal(p["skus"], skus):
+        if not np.array_equal(p.skus, skus):
             raise Products10kError(
                 f"ensemble member '{m}': {prediction_paths[m]} was made with a different label map "
                 f"than {label_map_path} (re-run its training and evaluate stages)"
@@ -302,29 +309,31 @@ def make_submission(
         preds[m] = p
     first = members[0]
     for m in members[1:]:
-        for key in ("val_names", "test_names"):
-            if not np.array_equal(preds[m][key], preds[first][key]):
+        for split in ("val", "test"):
+            if not np.array_equal(getattr(preds[m], split).names, getattr(preds[first], split).names):
                 raise DataError(
-                    f"ensemble members '{first}' and '{m}' predicted different {key.split('_')[0]} rows "
+                    f"ensemble members '{first}' and '{m}' predicted different {split} rows "
                     f"({prediction_paths[first]} vs {prediction_paths[m]})"
                 )
-    val_labels = preds[first]["val_labels"]
-    weights = resolve_weights(weights_spec, members, [preds[m]["val_logits"] for m in members], val_labels)
+    val_labels = preds[first].val.labels
+    weights = resolve_weights(weights_spec, members, [preds[m].val for m in members])
     log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
-    val_probs = combine([preds[m]["val_logits"] for m in members], [weights[m] for m in members])
-    test_probs = combine([preds[m]["test_logits"] for m in members], [weights[m] for m in members])
+    w = [weights[m] for m in members]
+    val_ens = combine_topk([preds[m].val for m in members], w, len(skus), k=top_k)
+    test_ens = combine_topk([preds[m].test for m in members], w, len(skus), k=top_k)
 
     try:
         excluded = read_excluded_test_names(report_path, test_list_path) if report_path else set()
-        names, test_probs = align_to_test_list(
-            preds[first]["test_names"],
-            test_probs,
+        test_names = preds[first].test.names
+        names, (top_labels, top_probs) = align_to_test_list(
+            test_names,
+            (test_ens.labels, test_ens.probs),
             test_list,
             f"{prediction_paths[first]} vs {test_list_path}",
             excluded=excluded,
-            fallback=fallback_scores(label_map) if excluded else None,
+            fallback=fallback_scores(label_map, test_ens.labels.shape[1]) if excluded else None,
         )
-        fallback_names = names[~np.isin(names, preds[first]["test_names"].astype(str))]
+        fallback_names = names[~np.isin(names, test_names)]
         if len(fallback_names):
             log.warning(
                 "%d test image(s) excluded by prepare (%s) have no prediction; submitting the most "
@@ -334,7 +343,7 @@ def make_submission(
                 int(skus[int(np.argmax(label_map["n_train"].to_numpy()))]),
                 ", ".join(fallback_names[:5]),
             )
-        submission, topk = build_submission(names, test_probs, skus, top_k)
+        submission, topk = build_submission(names, top_labels, top_probs, skus)
         validate_submission(submission, test_list, skus, where=str(out))
     except Products10kError:
         # a submission from an earlier run must not pass for this run's result
@@ -348,12 +357,27 @@ def make_submission(
     log.info("wrote %s (%d rows) and %s", out, len(submission), top_k_out)
 
     known = val_labels >= 0
+    uncertain = int(test_ens.uncertain_top1.sum())
+    if uncertain:
+        log.info(
+            "%d test row(s) have an ensemble top-1 margin within the top-k estimate's error bound "
+            "(evaluate.top_k); raise evaluate.top_k to make them exact",
+            uncertain,
+        )
     metrics = {
         "test": {**score_submission(submission, topk, test_list), "fallback_rows": len(fallback_names)},
         "val": {
-            "top1": float((val_probs.argmax(1) == val_labels)[known].mean()) if known.any() else float("nan"),
-            "log_likelihood": log_likelihood(val_probs, val_labels),
+            "top1": float((val_ens.labels[:, 0] == val_labels)[known].mean())
+            if known.any()
+            else float("nan"),
+            "log_likelihood": log_likelihood(val_ens.label_logprob, val_labels),
         },
-        "ensemble": {"size": len(members), "weights": weights},
+        "ensemble": {
+            "size": len(members),
+            "weights": weights,
+            # how far the top-k files may put any ensemble probability from the exact average
+            "max_prob_error": float(test_ens.error_bound.max(initial=0.0)),
+            "uncertain_top1_rows": uncertain,
+        },
     }
     return metrics

@@ -40,6 +40,7 @@ from products10k.datasets import (
     read_label_map,
     read_prepared,
 )
+from products10k.devices import amp_dtype, needs_grad_scaler
 from products10k.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from products10k.errors import ConfigError, Products10kError
 from products10k.losses import PhaseLoss
@@ -94,21 +95,6 @@ def resolve_phase_config(params: dict, phase: str, where: str = "params.yaml") -
         )
     merged = {**dataclasses.asdict(base), **overrides}
     return from_dict(PhaseConfig, merged, where=where, prefix=phase)
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """None (full precision) or the autocast dtype; ``auto`` = bf16/fp16 on CUDA, off on CPU.
-
-    On CPU, autocast is only worth it on cores with native bf16 (AMX/avx512_bf16); elsewhere it
-    is slower than fp32 (see benchmarks/bench_train.py), hence off for ``auto``.
-    """
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def _sha256(path: Path) -> str:
@@ -280,7 +266,7 @@ class PhaseRunner:
         self.raw = model
         self.optimizer = create_optimizer(model, cfg)
         self.scheduler = create_scheduler(self.optimizer, cfg, self.updates_per_epoch)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(self.amp_dtype))
         self.ema = None
         if cfg.ema:
             from timm.utils import ModelEmaV3

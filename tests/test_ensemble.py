@@ -1,13 +1,14 @@
-"""Ensemble weights: the val log-likelihood fit, given weights, probability averaging."""
+"""Ensemble weights: the val log-likelihood fit, given weights, probability averaging from top-k files."""
 
 import numpy as np
 import pytest
-from scipy.special import softmax
+from scipy.special import log_softmax, softmax
 
 from products10k.config import from_dict
-from products10k.ensemble import combine, fit_weights, log_likelihood, resolve_weights
+from products10k.ensemble import combine_topk, fit_weights, log_likelihood, resolve_weights
 from products10k.errors import ConfigError
 from products10k.params import EnsembleConfig
+from products10k.predictions import SplitScores
 
 
 def _member(labels, k, strength, rng):
@@ -17,16 +18,26 @@ def _member(labels, k, strength, rng):
     return logits
 
 
+def _label_logprob(logits, labels):
+    return log_softmax(logits, axis=1)[np.arange(len(labels)), labels]
+
+
+def _scores(logits, labels, k):
+    return SplitScores.from_logits([f"r{i}" for i in range(len(labels))], labels, logits, k)
+
+
 def test_fit_prefers_the_informative_member_and_stays_on_the_simplex():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 20, size=500)
     good, noise = _member(labels, 20, 4.0, rng), _member(labels, 20, 0.0, rng)
-    w = fit_weights([noise, good], labels)
+    lps = [_label_logprob(noise, labels), _label_logprob(good, labels)]
+    w = fit_weights(lps, labels)
     assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
     assert w[1] > 0.9
     # the fitted weights beat equal weights on the objective they maximise
-    fitted = log_likelihood(combine([noise, good], w), labels)
-    equal = log_likelihood(combine([noise, good], [0.5, 0.5]), labels)
+    members = [_scores(noise, labels, 20), _scores(good, labels, 20)]
+    fitted = log_likelihood(combine_topk(members, list(w), 20, 5).label_logprob, labels)
+    equal = log_likelihood(combine_topk(members, [0.5, 0.5], 20, 5).label_logprob, labels)
     assert fitted > equal
 
 
@@ -37,37 +48,67 @@ def test_fit_finds_interior_optimum_of_complementary_members():
     a, b = _member(labels, 10, 0.0, rng), _member(labels, 10, 0.0, rng)
     a[np.arange(200), labels[:200]] += 6
     b[np.arange(200, 400), labels[200:]] += 6
-    w = fit_weights([a, b], labels)
+    w = fit_weights([_label_logprob(a, labels), _label_logprob(b, labels)], labels)
     assert w == pytest.approx([0.5, 0.5], abs=0.05)
 
 
 def test_fit_skips_unlabelled_rows_and_single_member():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 5, size=50)
+    lp = [np.log(rng.uniform(0.1, 1, size=50)), np.log(rng.uniform(0.1, 1, size=50))]
     labels[:10] = -1
-    assert fit_weights([rng.normal(size=(50, 5))], labels).tolist() == [1.0]
-    w = fit_weights([rng.normal(size=(50, 5)), rng.normal(size=(50, 5))], labels)
-    assert w.sum() == pytest.approx(1.0)
+    lp[0][:10] = np.nan  # what evaluate writes for label -1
+    assert fit_weights(lp[:1], labels).tolist() == [1.0]
+    w = fit_weights(lp, labels)
+    assert w.sum() == pytest.approx(1.0) and np.isfinite(w).all()
 
 
-def test_resolve_weights_modes():
+def test_resolve_weights_modes_and_the_no_val_fallback(caplog):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, size=60)
-    logits = [rng.normal(size=(60, 5)), rng.normal(size=(60, 5))]
-    assert resolve_weights("equal", ["a", "b"], logits, labels) == {"a": 0.5, "b": 0.5}
-    assert resolve_weights({"a": 3, "b": 1}, ["a", "b"], logits, labels) == {"a": 0.75, "b": 0.25}
-    fitted = resolve_weights("fit", ["a", "b"], logits, labels)
-    assert sum(fitted.values()) == pytest.approx(1.0)
+    val = [_scores(rng.normal(size=(60, 5)), labels, 5), _scores(rng.normal(size=(60, 5)), labels, 5)]
+    assert resolve_weights("equal", ["a", "b"], val) == {"a": 0.5, "b": 0.5}
+    assert resolve_weights({"a": 3, "b": 1}, ["a", "b"], val) == {"a": 0.75, "b": 0.25}
+    fitted = resolve_weights("fit", ["a", "b"], val)
+    assert sum(fitted.values()) == pytest.approx(1.0) and fitted != {"a": 0.5, "b": 0.5}
+    # no val rows (prepare.val_fraction: 0): nothing to fit on, equal weights with a log line
+    empty = [_scores(np.zeros((0, 5)), np.zeros(0, dtype=int), 5)] * 2
+    with caplog.at_level("INFO"):
+        assert resolve_weights("fit", ["a", "b"], empty) == {"a": 0.5, "b": 0.5}
+    assert "no labelled val rows" in caplog.text
 
 
-def test_combine_is_a_probability_average():
+def test_combine_with_every_label_kept_is_the_exact_probability_average():
     rng = np.random.default_rng(4)
-    a, b = rng.normal(size=(4, 6)), rng.normal(size=(4, 6)) * 5
-    probs = combine([a, b], [0.25, 0.75])
-    assert probs.sum(1) == pytest.approx(np.ones(4), abs=1e-5)
-    assert probs == pytest.approx(0.25 * softmax(a, 1) + 0.75 * softmax(b, 1), abs=1e-6)
-    with pytest.raises(ValueError, match="differ in shape"):
-        combine([a, b[:, :3]], [0.5, 0.5])
+    labels = rng.integers(0, 6, size=9)
+    a, b = rng.normal(size=(9, 6)), rng.normal(size=(9, 6)) * 5
+    ens = combine_topk([_scores(a, labels, 6), _scores(b, labels, 6)], [0.25, 0.75], 6, k=6, block_rows=4)
+    exact = 0.25 * softmax(a, 1) + 0.75 * softmax(b, 1)
+    np.testing.assert_allclose(ens.probs, np.take_along_axis(exact, ens.labels, 1), atol=1e-6)
+    assert ens.labels[:, 0].tolist() == exact.argmax(1).tolist()
+    assert (ens.error_bound == 0).all() and not ens.uncertain_top1.any()
+    np.testing.assert_allclose(ens.label_logprob, np.log(exact[np.arange(9), labels]), rtol=1e-5)
+
+
+def test_combine_from_top_k_stays_within_its_stated_error_bound():
+    # 3 members, 300 classes, only the top 10 kept: the estimate may differ from the exact
+    # average, but never by more than the bound it reports, and top-1 is exact wherever the
+    # margin exceeds twice that bound
+    rng = np.random.default_rng(5)
+    n, k_classes = 200, 300
+    labels = rng.integers(0, k_classes, size=n)
+    logits = [_member(labels, k_classes, s, rng) * 1.5 for s in (3.0, 2.0, 4.0)]
+    weights = [0.2, 0.3, 0.5]
+    ens = combine_topk([_scores(z, labels, 10) for z in logits], weights, k_classes, k=5, block_rows=64)
+    exact = sum(w * softmax(z, 1) for w, z in zip(weights, logits, strict=True))
+    est_error = np.abs(np.take_along_axis(exact, ens.labels, 1) - ens.probs).max(axis=1)
+    assert (est_error <= ens.error_bound + 1e-6).all()
+    assert (ens.error_bound > 0).all()  # the bound is real here, not trivially zero
+    sure = ~ens.uncertain_top1
+    assert sure.sum() > n // 2
+    assert (ens.labels[sure, 0] == exact[sure].argmax(1)).all()
+    # the label log-probability needs no estimate: it is exact
+    np.testing.assert_allclose(ens.label_logprob, np.log(exact[np.arange(n), labels]), rtol=1e-5)
 
 
 def _ens(members, weights):
@@ -86,14 +127,3 @@ def test_weights_config_is_checked_against_members():
         _ens(members, "best")
     with pytest.raises(ConfigError, match="weights.m0"):
         _ens(members, {"m0": -1, "m1": 1})
-
-
-def test_blockwise_softmax_matches_the_whole_array(monkeypatch):
-    import products10k.ensemble as ens
-
-    rng = np.random.default_rng(5)
-    logits, labels = rng.normal(size=(50, 9)) * 10, rng.integers(0, 9, size=50)
-    monkeypatch.setattr(ens, "BLOCK_ROWS", 7)  # 50 rows = 7 full blocks + a partial one
-    ref = softmax(logits, axis=1)
-    np.testing.assert_allclose(ens.true_class_probs(logits, labels), ref[np.arange(50), labels], rtol=1e-10)
-    np.testing.assert_allclose(ens.combine([logits], [1.0]), ref, atol=1e-6)

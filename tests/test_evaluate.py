@@ -13,8 +13,8 @@ from evalfixture import SKUS, make_checkpoint, make_prepared
 
 from products10k.datasets import read_prepared
 from products10k.errors import DataError
-from products10k.metrics import hits_at, topk_indices
-from products10k.predictions import load_predictions, read_label_map
+from products10k.metrics import hits_at
+from products10k.predictions import SplitScores, load_predictions, read_label_map
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,15 +79,21 @@ def test_evaluate_stage_writes_metrics_predictions_and_plots(tmp_path, prepared)
     }  # fmt: skip
     assert metrics["tta"]["views"] == 4 and metrics["resolution"] == 32
 
-    # the saved logits reproduce the reported numbers; test rows keep the test CSV's order
+    # the saved top-k reproduces the reported numbers; test rows keep the test CSV's order
     preds = load_predictions(out / "predictions" / "train" / "m0.npz", "m0")
     test = pd.read_csv(prepared / "test.csv")
-    assert preds["test_names"].tolist() == test["name"].tolist()
-    assert preds["skus"].tolist() == SKUS and preds["test_logits"].shape == (9, 4)
-    top = topk_indices(preds["test_logits"], 5)
+    assert preds.test.names.tolist() == test["name"].tolist()
+    assert preds.skus.tolist() == SKUS and preds.test.topk_labels.shape == (9, 4)  # k = min(top_k, K)
+    top = preds.test.topk_labels
     assert hits_at(top, test["label"].to_numpy(), 1).mean() == pytest.approx(metrics["test"]["top1"])
     assert metrics["test"]["top5"] == pytest.approx(8 / 9)  # K = 4: all but the unknown SKU
-    assert tta["all"] == pytest.approx((preds["val_logits"].argmax(1) == preds["val_labels"]).mean())
+    assert tta["all"] == pytest.approx((preds.val.topk_labels[:, 0] == preds.val.labels).mean())
+    # k = K here: the kept probabilities are the whole softmax, and the label's log-prob is among them
+    np.testing.assert_allclose(preds.test.topk_probs().sum(1), 1.0, rtol=1e-5)
+    known = preds.test.labels >= 0
+    label_prob = (preds.test.topk_probs() * (top == preds.test.labels[:, None]))[known].sum(1)
+    np.testing.assert_allclose(np.exp(preds.test.label_logprob[known]), label_prob, rtol=1e-5)
+    assert np.isnan(preds.test.label_logprob[~known]).all()
 
     groups = pd.read_csv(out / "plots" / "per_group.csv")
     assert list(groups.columns) == ["group", "n", "top1", "top5"]
@@ -154,7 +160,9 @@ def test_worst_errors_are_the_most_confident_mistakes():
 
     logits = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]))
     labels = np.array([1, 1, 1, 0])  # rows 0, 2, 3 are wrong with confidence 0.9, 0.6, 0.7
-    errors = worst_errors(logits, labels, 2)
+    scores = SplitScores.from_logits(["a", "b", "c", "d"], labels, logits, k=2)
+    errors = worst_errors(scores, 2)
     assert errors["index"].tolist() == [0, 3] and errors["pred"].tolist() == [0, 1]
     assert errors["prob"].tolist() == pytest.approx([0.9, 0.7])
-    assert worst_errors(logits, logits.argmax(1), 5).empty
+    right = SplitScores.from_logits(["a", "b", "c", "d"], logits.argmax(1), logits, k=2)
+    assert worst_errors(right, 5).empty

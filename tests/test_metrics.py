@@ -23,6 +23,14 @@ def test_topk_indices_sorted_best_first_and_ties_by_index():
     assert topk_indices(scores, 10).shape == (2, 4)
 
 
+def test_topk_indices_breaks_ties_across_the_kth_place_by_lower_index():
+    # coarse integer scores: many ties at the k-th place, where argpartition alone picks arbitrarily
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 4, size=(200, 30)).astype(np.float32)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    assert topk_indices(scores, 5).tolist() == expected.tolist()
+
+
 def test_topk_matches_sklearn_on_random_scores():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(300, 40))

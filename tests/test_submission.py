@@ -13,7 +13,7 @@ import yaml
 
 from products10k.errors import DataError, Products10kError
 from products10k.kaggle import submit_command
-from products10k.predictions import save_predictions
+from products10k.predictions import SplitScores, save_predictions
 from products10k.submission import (
     align_to_test_list,
     build_submission,
@@ -39,8 +39,9 @@ def _test_list(n=6):
 
 
 def test_build_submission_maps_labels_to_skus_and_keeps_top_k():
-    probs = np.array([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]])
-    sub, topk = build_submission(["a.jpg", "b.jpg"], probs, SKUS, top_k=3)
+    top = np.array([[1, 2, 0], [0, 1, 2]])
+    scores = np.array([[0.6, 0.2, 0.1], [0.7, 0.1, 0.1]])
+    sub, topk = build_submission(["a.jpg", "b.jpg"], top, scores, SKUS)
     assert list(sub.columns) == ["name", "class"]
     assert sub["class"].tolist() == [502, 501]
     assert list(topk.columns) == ["name", "class_1", "class_2", "class_3", "score_1", "score_2", "score_3"]
@@ -77,34 +78,38 @@ def test_align_reorders_and_rejects_count_mismatch():
     tl = _test_list(4)
     names = tl["name"].to_numpy()[::-1]
     probs = np.arange(4)[:, None] * np.ones((4, 2))
-    out_names, out_probs = align_to_test_list(names, probs, tl, "x")
+    out_names, (out_probs,) = align_to_test_list(names, (probs,), tl, "x")
     assert out_names.tolist() == tl["name"].tolist()
     assert out_probs[:, 0].tolist() == [3, 2, 1, 0]
     with pytest.raises(DataError, match="predictions for 3 test images but the test list has 4"):
-        align_to_test_list(names[:3], probs[:3], tl, "x")
+        align_to_test_list(names[:3], (probs[:3],), tl, "x")
     with pytest.raises(DataError, match="no prediction for test image"):
-        align_to_test_list(np.array(["a", "b", "c", "d"]), probs, tl, "x")
+        align_to_test_list(np.array(["a", "b", "c", "d"]), (probs,), tl, "x")
 
 
 def test_align_fills_only_excluded_images_with_the_fallback():
     tl = _test_list(4)
     names = tl["name"].to_numpy()
     probs = np.arange(3)[:, None] * np.ones((3, 2))
-    fallback = np.array([0.75, 0.25])
+    labels = np.arange(3)[:, None] * np.ones((3, 2), dtype=int)
+    fallback = (np.array([3, 1]), np.array([0.75, 0.25]))
     excluded = {names[1], "4799999.jpg"}  # an excluded name outside the test list changes nothing
-    out_names, out_probs = align_to_test_list(names[[0, 2, 3]], probs, tl, "x", excluded, fallback)
+    out_names, (out_labels, out_probs) = align_to_test_list(
+        names[[0, 2, 3]], (labels, probs), tl, "x", excluded, fallback
+    )
     assert out_names.tolist() == tl["name"].tolist()
     assert out_probs.tolist() == [[0, 0], [0.75, 0.25], [1, 1], [2, 2]]
+    assert out_labels.tolist() == [[0, 0], [3, 1], [1, 1], [2, 2]]
     # a missing image that prepare did not exclude stays an error, named
     with pytest.raises(DataError, match=rf"predictions for 2 test images \(\+1 excluded by prepare\) but "
                        rf"the test list has 4 \(no prediction for e\.g\. {names[3]}\)"):  # fmt: skip
-        align_to_test_list(names[[0, 2]], probs[:2], tl, "x", excluded, fallback)
+        align_to_test_list(names[[0, 2]], (labels[:2], probs[:2]), tl, "x", excluded, fallback)
     # so is a count mismatch the fallback does not explain (an image outside the list)
     with pytest.raises(
         DataError, match=r"predictions for 4 test images .*\(not in the test list: e\.g\. a\.jpg\)"
     ):
         align_to_test_list(
-            np.array([*names[[0, 2, 3]], "a.jpg"]), np.ones((4, 2)), tl, "x", excluded, fallback
+            np.array([*names[[0, 2, 3]], "a.jpg"]), (np.ones((4, 2)),), tl, "x", excluded, fallback
         )
 
 
@@ -152,14 +157,11 @@ def _predictions(path, test_names, rng, strength, skus=SKUS, truth=None):
     test = rng.normal(size=(len(test_names), 4))
     if truth is not None:
         test[np.arange(len(test_names)), truth] += strength
+    test_labels = np.zeros(len(test_names), dtype=np.int64)
     save_predictions(
         path,
-        val_logits=val.astype(np.float32),
-        val_names=np.array([f"v{i}.jpg" for i in range(40)]),
-        val_labels=val_labels,
-        test_logits=test.astype(np.float32),
-        test_names=np.asarray(test_names),
-        test_labels=np.zeros(len(test_names), dtype=np.int64),
+        val=SplitScores.from_logits([f"v{i}.jpg" for i in range(40)], val_labels, val, k=100),
+        test=SplitScores.from_logits(np.asarray(test_names), test_labels, test, k=100),
         skus=np.asarray(skus),
     )
 

@@ -5,12 +5,14 @@ import pandas as pd
 import pytest
 import torch
 from evalfixture import make_checkpoint, make_prepared
+from scipy.special import logsumexp
 
 from products10k.checkpoint import load_model
 from products10k.config import from_dict
-from products10k.errors import ConfigError
+from products10k.errors import ConfigError, DataError
 from products10k.params import TTAConfig
-from products10k.predict import Prediction, predict
+from products10k.predict import Prediction, ViewsDataset, predict
+from products10k.predictions import SplitScores
 from products10k.storage import ImageStore
 from products10k.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from products10k.tta import BaseView, build_views
@@ -69,8 +71,8 @@ def test_predict_averages_the_views_and_reports_each(tiny):
     root, model, meta = tiny
     df = pd.read_csv(root / "val.csv")
     views = build_views(_cfg(scales=[1.0, 1.25], crops="center", flip=True), 32, None)
-    pred = predict(model, df, root, views, batch_size=3)
-    assert pred.logits.shape == (4, 4) and pred.logits.dtype == np.float32
+    pred = predict(model, df, root, views, batch_size=3, top_k=3)
+    assert pred.scores.topk_logits.shape == (4, 3) and pred.scores.topk_logits.dtype == np.float32
 
     # the same thing by hand, one image and one view at a time
     store = ImageStore(root)
@@ -84,7 +86,15 @@ def test_predict_averages_the_views_and_reports_each(tiny):
                     x = torch.flip(x, dims=[-1])
                 manual[v.name].append(model(x)[0].numpy())
     stacked = np.stack([np.stack(manual[v.name]) for v in views])  # (V, N, K)
-    np.testing.assert_allclose(pred.logits, stacked.mean(0), rtol=1e-4, atol=1e-4)
+    mean = stacked.mean(0)
+    # the streamed top-3 of the view average, its log-sum-exp over all 4 classes and the label's log-prob
+    assert pred.scores.topk_labels.tolist() == np.argsort(-mean, axis=1, kind="stable")[:, :3].tolist()
+    np.testing.assert_allclose(pred.scores.topk_logits, -np.sort(-mean, axis=1)[:, :3], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pred.scores.logsumexp, logsumexp(mean, axis=1), rtol=1e-4, atol=1e-4)
+    labels = df["label"].to_numpy()
+    np.testing.assert_allclose(
+        pred.scores.label_logprob, mean[np.arange(4), labels] - logsumexp(mean, axis=1), rtol=1e-4, atol=1e-4
+    )
     for i, v in enumerate(views):
         assert pred.view_top1[v.name].tolist() == stacked[i].argmax(1).tolist()
         rest = stacked.sum(0) - stacked[i]
@@ -101,8 +111,10 @@ def test_single_view_has_no_leave_one_out(tiny):
 
 
 def test_tta_report():
+    top = np.array([[0, 1], [1, 0], [0, 1]])
+    scores = SplitScores.from_logits(["a", "b", "c"], [0, 1, 1], np.where(top == 0, 1.0, 0.0), k=2)
     pred = Prediction(
-        logits=np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+        scores=scores,
         view_top1={"a": np.array([0, 0, 0]), "b": np.array([0, 1, 1])},
         without_top1={"a": np.array([0, 1, 1]), "b": np.array([0, 0, 0])},
     )
@@ -114,3 +126,19 @@ def test_tta_report():
         "without_a": pytest.approx(1.0),
         "without_b": pytest.approx(1 / 3),
     }
+
+
+def test_predict_refuses_an_empty_split_naming_it(tiny):
+    root, model, _ = tiny
+    df = pd.read_csv(root / "val.csv").iloc[:0]
+    with pytest.raises(DataError, match="data/prepared/val.csv: no rows to predict"):
+        predict(model, df, root, build_views(_cfg(), 32, None), where="data/prepared/val.csv")
+
+
+def test_views_decode_from_the_largest_view_never_upsampled(tiny):
+    # the 1.25 view (resize 46) must not be made from a reduced decode sized for the 1.0 view (37)
+    root, _, _ = tiny
+    df = pd.read_csv(root / "val.csv")
+    views = build_views(_cfg(scales=[1.0, 1.25], crops="center", flip=False), 32, None)
+    ds = ViewsDataset(df, root, views)
+    assert ds.images.min_side == max(v.base.resize for v in views)
