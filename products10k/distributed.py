@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from products10k.devices import ddp_backend
 from products10k.params import DistConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1:
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        backend = ddp_backend(cfg.backend, cuda)
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=cfg.timeout_s),

@@ -19,8 +19,11 @@ class SyntheticConfig:
 
     seed: int = 0
     num_groups: int = 8
-    skus_per_group: int = 5  # SKUs of a group share shape and base colour; distinct cues up to 16
-    image_size: int = 512  # >= 512 so the small details survive the 512 resize, lost at 224
+    skus_per_group: int | None = 5  # SKUs of a group share shape and base colour; distinct cues up to 16
+    num_skus: int | None = None  # instead of skus_per_group: this many SKUs dealt over the groups
+    image_size: int = 512  # 512: the fine print survives the 512 resize, lost at 224; >= 32 allowed
+    train_images: int | None = None  # exact train total, log-normal per SKU (real: 141,931)
+    test_images: int | None = None  # exact test total, spread evenly over SKUs (real: 55,376)
     train_max_per_sku: int = 90  # long tail: SKU of rank k gets about max * (k+1)^-tail_power images
     train_min_per_sku: int = 5
     tail_power: float = 0.7
@@ -31,12 +34,31 @@ class SyntheticConfig:
     customer_difficulty: float = 1.0  # scales rotation, perspective, blur, occlusion, lighting
     n_jobs: int = -1  # render threads, -1 = all cores; the bytes written never depend on it
 
+    @property
+    def n_skus(self) -> int:
+        return self.num_skus if self.num_skus is not None else self.num_groups * self.skus_per_group
+
     def validate(self) -> None:
-        if self.image_size < 512:
-            raise ValueError(f"image_size must be >= 512, got {self.image_size}")
-        for name in ("num_groups", "skus_per_group", "train_max_per_sku", "test_per_sku"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        if (self.skus_per_group is None) == (self.num_skus is None):
+            raise ValueError("set exactly one of skus_per_group and num_skus (the other null)")
+        for name in ("num_groups", "skus_per_group", "num_skus", "train_max_per_sku", "test_per_sku"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        n_skus = self.n_skus
+        if self.num_skus is not None and self.num_skus < self.num_groups:
+            raise ValueError(f"num_skus ({self.num_skus}) must be >= num_groups ({self.num_groups})")
+        if self.train_images is not None and not (
+            n_skus * self.train_min_per_sku <= self.train_images <= n_skus * self.train_max_per_sku
+        ):
+            raise ValueError(
+                f"train_images ({self.train_images}) must lie between {n_skus} SKUs x train_min_per_sku and "
+                f"x train_max_per_sku ({n_skus * self.train_min_per_sku}..{n_skus * self.train_max_per_sku})"
+            )
+        if self.test_images is not None and self.test_images < n_skus:
+            raise ValueError(f"test_images ({self.test_images}) must be >= the number of SKUs ({n_skus})")
         if not 1 <= self.train_min_per_sku <= self.train_max_per_sku:
             raise ValueError("need 1 <= train_min_per_sku <= train_max_per_sku")
         if self.tail_power < 0:
@@ -46,8 +68,8 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.customer_difficulty <= 2.0:
             raise ValueError(f"customer_difficulty must be in [0, 2], got {self.customer_difficulty}")
-        if self.num_groups * self.skus_per_group > 9999:
-            raise ValueError("num_groups * skus_per_group must be <= 9999 (synthetic SKU id range)")
+        if n_skus > 9999:
+            raise ValueError(f"{n_skus} SKUs: at most 9999 fit the synthetic SKU id range")
         if self.n_jobs == 0:
             raise ValueError("n_jobs must be >= 1, or negative for 'all cores but n_jobs+1' (-1 = all)")
 
@@ -92,6 +114,7 @@ class PrepareConfig:
     val_fraction: float = 0.15  # per SKU, held out of train.csv; every SKU keeps >= 1 train image
     seed: int = 0
     max_bad_fraction: float = 0.01  # per table (train.csv, test_kaggletest.csv); above it the stage fails
+    max_unseen_test_fraction: float = 0.01  # test rows whose SKU has no train images; above it: fail
     jpeg_quality: int = 93
     n_jobs: int = -1  # image threads (OpenCV releases the GIL); -1 = all cores
     shard_mb: float = 256.0  # prepared images are packed into shards of about this size
@@ -101,8 +124,9 @@ class PrepareConfig:
             raise ValueError(f"size must be >= 16, got {self.size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError("max_bad_fraction must be in [0, 1]")
+        for name in ("max_bad_fraction", "max_unseen_test_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be in [1, 100]")
         if self.n_jobs == 0:

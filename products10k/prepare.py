@@ -46,7 +46,13 @@ from products10k.images import prepare_zip_members
 from products10k.parallel import ordered_map, resolve_n_jobs
 from products10k.params import PrepareConfig
 from products10k.storage import ShardWriter, remove_stale_staging
-from products10k.tables import load_test_table, load_train_table, make_label_map, split_train_val
+from products10k.tables import (
+    check_unseen_test_skus,
+    load_test_table,
+    load_train_table,
+    make_label_map,
+    split_train_val,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +242,16 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
 
     train = load_train_table(raw.train_csv)
     test = load_test_table(raw.test_csv, train)
+    unseen = check_unseen_test_skus(test, train, raw.test_csv, cfg.max_unseen_test_fraction)
+    if unseen["rows"]:
+        log.warning(
+            "%s: %d test row(s) of %d SKU(s) have no train images (first at line %d); they are kept "
+            "with label -1 and count as errors in every metric, as on Kaggle",
+            raw.test_csv,
+            unseen["rows"],
+            unseen["skus"],
+            unseen["first_line"],
+        )
     log.info(
         "tables valid: %d train rows, %d SKUs, %d test rows", len(train), train["sku"].nunique(), len(test)
     )
@@ -286,7 +302,8 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
     label_map = make_label_map(train, kept)
     label_of = label_map.set_index("sku")["label"]
     for key in merged:
-        merged[key]["label"] = merged[key]["sku"].map(label_of).astype("int64")
+        # -1: a test SKU with no train images (counted above), never a train row
+        merged[key]["label"] = merged[key]["sku"].map(label_of).fillna(-1).astype("int64")
     is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed)
     train_out = kept[~is_val][PREPARED_COLUMNS]
     val_out = kept[is_val][PREPARED_COLUMNS]
@@ -315,6 +332,8 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
             "groups": int(label_map["group"].nunique()),
             "val_skus": int(val_out["sku"].nunique()),
             "skus_without_train_images": len(empty_skus),
+            "test_rows_of_unseen_skus": unseen["rows"],
+            "test_unseen_skus": unseen["skus"],
             "shards": writer.n_shards,
             "shard_bytes": writer.total_bytes,
         },

@@ -105,7 +105,9 @@ def _hsv_to_bgr(h: float, s: float, v: float) -> tuple[int, int, int]:
 def make_catalogue(cfg: SyntheticConfig) -> list[Sku]:
     """The SKUs of ``cfg``: ``num_groups`` groups of ``skus_per_group`` SKUs each."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0]))
-    n_skus = cfg.num_groups * cfg.skus_per_group
+    n_skus = cfg.n_skus
+    # SKUs per group: all equal (skus_per_group), or num_skus dealt out, sizes differing by <= 1
+    sizes = [n_skus // cfg.num_groups + (g < n_skus % cfg.num_groups) for g in range(cfg.num_groups)]
     if n_skus > SKU_ID_RANGE[1] - SKU_ID_RANGE[0]:
         raise ValueError(f"{n_skus} SKUs do not fit the id range {SKU_ID_RANGE}")
     group_span = max(GROUP_ID_RANGE[1], 2 * cfg.num_groups)
@@ -117,7 +119,7 @@ def make_catalogue(cfg: SyntheticConfig) -> list[Sku]:
     shape_order = rng.permutation(len(SHAPES))
     pairs = [(mark, stripes) for mark in range(len(MARKS)) for stripes in range(1, MAX_STRIPES + 1)]
     skus: list[Sku] = []
-    for g in range(cfg.num_groups):
+    for g, group_size in enumerate(sizes):
         hue = hue0 + g / cfg.num_groups
         base = _hsv_to_bgr(hue, 0.55 + 0.3 * rng.random(), 0.6 + 0.25 * rng.random())
         accent = _hsv_to_bgr(hue + 0.5, 0.8, 0.75)
@@ -125,7 +127,7 @@ def make_catalogue(cfg: SyntheticConfig) -> list[Sku]:
         shape = SHAPES[shape_order[g % len(SHAPES)]]
         order = rng.permutation(len(pairs))
         codes: set[str] = set()
-        for j in range(cfg.skus_per_group):
+        for j in range(group_size):
             mark, stripes = pairs[order[j % len(pairs)]]
             while True:  # codes are unique within the group: the fine cue always differs
                 code = "".join(rng.choice(list(CODE_ALPHABET), int(rng.integers(2, 4))))
@@ -134,7 +136,7 @@ def make_catalogue(cfg: SyntheticConfig) -> list[Sku]:
                     break
             skus.append(
                 Sku(
-                    sku_id=int(sku_ids[g * cfg.skus_per_group + j]),
+                    sku_id=int(sku_ids[len(skus)]),
                     group_id=int(group_ids[g]),
                     shape=shape,
                     base_bgr=base,
@@ -150,14 +152,54 @@ def make_catalogue(cfg: SyntheticConfig) -> list[Sku]:
     return skus
 
 
-def train_counts(cfg: SyntheticConfig, n_skus: int, rng: np.random.Generator) -> np.ndarray:
-    """Long-tailed images per SKU: rank k gets ``max * (k+1)^-tail_power`` (at least ``min``).
+# Spread of log(images per SKU) when train_images fixes the total: with Products-10K's mean of
+# 14.6 images per SKU it gives what the real data shows - most SKUs under 20 images, about one in
+# ten with 1-2, a few heads of several hundred.
+TOTAL_MODE_LOG_SIGMA = 1.0
 
-    Ranks are shuffled so that head and tail SKUs are spread over groups and ids.
+
+def train_counts(cfg: SyntheticConfig, n_skus: int, rng: np.random.Generator) -> np.ndarray:
+    """Long-tailed images per SKU.
+
+    Without ``train_images``: rank k gets ``max * (k+1)^-tail_power`` (at least ``min``), ranks
+    shuffled so that head and tail SKUs are spread over groups and ids. With it: log-normal counts
+    clipped to [min, max], scaled so that they sum to exactly ``train_images``.
     """
-    ranks = rng.permutation(n_skus)
-    counts = np.round(cfg.train_max_per_sku * (ranks + 1.0) ** -cfg.tail_power).astype(int)
-    return np.maximum(counts, cfg.train_min_per_sku)
+    if cfg.train_images is None:
+        ranks = rng.permutation(n_skus)
+        counts = np.round(cfg.train_max_per_sku * (ranks + 1.0) ** -cfg.tail_power).astype(int)
+        return np.maximum(counts, cfg.train_min_per_sku)
+    base = rng.lognormal(0.0, TOTAL_MODE_LOG_SIGMA, size=n_skus)
+    return _counts_with_total(base, cfg.train_images, cfg.train_min_per_sku, cfg.train_max_per_sku, rng)
+
+
+def _counts_with_total(base: np.ndarray, total: int, low: int, high: int, rng) -> np.ndarray:
+    """Integers ~ ``scale * base`` in [low, high] summing to exactly ``total`` (validated feasible)."""
+
+    def counts(scale: float) -> np.ndarray:
+        return np.clip(np.round(scale * base), low, high).astype(np.int64)
+
+    lo, hi = 0.0, 1.0
+    while counts(hi).sum() < total:
+        hi *= 2.0
+    for _ in range(60):  # bisection on the scale: the sum is monotone in it
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if counts(mid).sum() < total else (lo, mid)
+    out = counts(hi)
+    # rounding leaves a small excess: take single images from random SKUs that stay >= low
+    while (excess := int(out.sum()) - total) > 0:
+        can = np.flatnonzero(out > low)
+        out[rng.choice(can, size=min(excess, len(can)), replace=False)] -= 1
+    return out
+
+
+def per_sku_test_counts(cfg: SyntheticConfig, n_skus: int, rng: np.random.Generator) -> np.ndarray:
+    """``test_per_sku`` each, or ``test_images`` spread evenly (random SKUs get the remainder)."""
+    if cfg.test_images is None:
+        return np.full(n_skus, cfg.test_per_sku)
+    counts = np.full(n_skus, cfg.test_images // n_skus)
+    counts[rng.permutation(n_skus)[: cfg.test_images % n_skus]] += 1
+    return counts
 
 
 def _domains(n: int, inshop_fraction: float, rng: np.random.Generator) -> list[str]:
@@ -183,8 +225,8 @@ def make_rows(cfg: SyntheticConfig, skus: list[Sku]) -> tuple[list[Row], list[Ro
     train = [Row("train", i, f"{i + 1}.jpg", sku, domain) for i, (sku, domain) in enumerate(train_items)]
 
     test_items = []
-    for sku in skus:
-        for _ in range(cfg.test_per_sku):
+    for sku, n in zip(skus, per_sku_test_counts(cfg, len(skus), rng), strict=True):
+        for _ in range(n):
             test_items.append((sku, "customer" if rng.random() < cfg.test_customer_fraction else "inshop"))
     # Test names are unique 7-digit ids, like the real 4713701.jpg; rows are sorted by name.
     ids = np.sort(rng.choice(np.arange(1_000_000, 10_000_000), len(test_items), replace=False))

@@ -147,8 +147,9 @@ def load_train_table(path: str | os.PathLike) -> pd.DataFrame:
 def load_test_table(path: str | os.PathLike, train: pd.DataFrame) -> pd.DataFrame:
     """Read and validate ``test_kaggletest.csv`` (name, class, Usage[, domain]) against ``train``.
 
-    Test SKUs must appear in train (the real test classes are a subset of the train classes; an
-    unseen one would have no label), and no image name may be in both tables.
+    No image name may be in both tables. A test SKU that train lacks is kept with group -1 (see
+    :func:`check_unseen_test_skus`: Products-10K is a closed-set benchmark, so such a row can never
+    be predicted right and counts as an error, as on Kaggle; more than a few means a wrong file).
     """
     path = Path(path)
     raw = read_table(path, TEST_COLUMNS)
@@ -166,23 +167,41 @@ def load_test_table(path: str | os.PathLike, train: pd.DataFrame) -> pd.DataFram
             f" (line {line}); the same image in train and test would leak labels"
         )
     sku_group = train.drop_duplicates("sku").set_index("sku")["group"]
-    unseen = ~sku.isin(sku_group.index)
-    if unseen.any():
-        i = _first(unseen)
-        raise DataError(
-            f"{_where(path, raw['line'].iat[i], 'class')}: SKU {sku.iat[i]} has no train images"
-            " (test classes must be a subset of the train classes)"
-        )
     return pd.DataFrame(
         {
             "name": raw["name"],
             "sku": sku,
-            "group": sku.map(sku_group).astype("int64"),
+            "group": sku.map(sku_group).fillna(-1).astype("int64"),
             "domain": _domain(raw, path),
             "Usage": usage,
             "line": raw["line"],
         }
     )
+
+
+def check_unseen_test_skus(test: pd.DataFrame, train: pd.DataFrame, path, max_fraction: float) -> dict:
+    """Count the test rows whose SKU has no train rows; fail above ``max_fraction`` of the rows.
+
+    Products-10K's test SKUs are all training SKUs (a closed-set classification benchmark scored by
+    top-1 over SKU ids), so a few such rows are kept - they count as errors in every metric, as
+    Kaggle would count them - while many mean the test list belongs to another dataset.
+    Returns ``{"rows": n, "skus": m, "first_line": line or None}`` for report.json.
+    """
+    unseen = ~test["sku"].isin(train["sku"])
+    n = int(unseen.sum())
+    out = {"rows": n, "skus": int(test.loc[unseen, "sku"].nunique()), "first_line": None}
+    if not n:
+        return out
+    i = _first(unseen)
+    out["first_line"] = int(test["line"].iat[i])
+    where = _where(Path(path), test["line"].iat[i], "class")
+    if n > max_fraction * len(test):
+        raise DataError(
+            f"{where}: SKU {test['sku'].iat[i]} has no train images, and so have {n} of {len(test)} test "
+            f"rows ({out['skus']} SKUs), more than prepare.max_unseen_test_fraction={max_fraction:g}: "
+            "is this the test list of the same dataset as train.csv?"
+        )
+    return out
 
 
 def split_train_val(skus: pd.Series | np.ndarray, val_fraction: float, seed: int) -> np.ndarray:

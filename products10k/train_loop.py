@@ -40,7 +40,7 @@ from products10k.datasets import (
     read_label_map,
     read_prepared,
 )
-from products10k.devices import amp_dtype, needs_grad_scaler
+from products10k.devices import amp_dtype, host_transfer, needs_grad_scaler
 from products10k.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from products10k.errors import ConfigError, Products10kError
 from products10k.losses import PhaseLoss
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 #: settings that may change between a kill and a resume without changing the result
 RESUME_SAFE_KEYS = ("num_workers", "compile", "eval_batch_size")
+#: progress-bar refresh, in steps: reading the running loss is a host-device sync
+BAR_EVERY = 50
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class PhaseRunner:
             batch_size=batch_size,
             sampler=sampler,
             num_workers=workers,
-            pin_memory=self.info.device.type == "cuda",
+            pin_memory=host_transfer(self.info.device)["pin_memory"],
             drop_last=False,  # every sample counts once per epoch; BN copes with a short batch
             worker_init_fn=_worker_init if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),
@@ -351,7 +353,7 @@ class PhaseRunner:
 
     # -------------------------------------------------------------------------------- epochs
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.info.device, non_blocking=True)
+        images = images.to(self.info.device, non_blocking=host_transfer(self.info.device)["non_blocking"])
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
@@ -395,10 +397,22 @@ class PhaseRunner:
         # first step of this update whose loss was NaN/inf (-1: none), kept on the device: it is
         # read only once per update, and only when the update has to stop
         bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
-        for step, (images, target, index, weight) in enumerate(bar):
+        # running sums stay on the device: reading them every step would sync the host with the
+        # GPU each step; they are read for the progress bar every BAR_EVERY steps and at the end
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss*w, correct*w, w
+        data_wait = 0.0  # seconds blocked on the DataLoader: the loader starves the GPU if large
+        batches = iter(bar)
+        for step in range(self.batches_per_epoch):
+            t_wait = time.perf_counter()
+            try:
+                images, target, index, weight = next(batches)
+            except StopIteration:
+                break
+            data_wait += time.perf_counter() - t_wait
             images = self._to_device(images)
-            target = target.to(info.device, non_blocking=True)
-            weight = weight.to(info.device, dtype=torch.float32, non_blocking=True)
+            non_blocking = host_transfer(info.device)["non_blocking"]
+            target = target.to(info.device, non_blocking=non_blocking)
+            weight = weight.to(info.device, dtype=torch.float32, non_blocking=non_blocking)
             last_micro = (pending + 1) == cfg.grad_accum or (step + 1) == self.batches_per_epoch
             sync = contextlib.nullcontext()
             if info.enabled and not last_micro:
@@ -419,23 +433,26 @@ class PhaseRunner:
                 bad_step.fill_(-1)
                 pending = 0
             with torch.no_grad():
-                w_sum = float(weight.sum())
-                loss_sum += float(loss.detach()) * w_sum
-                correct += float(((logits.argmax(1) == target).float() * weight).sum())
-                count += w_sum
+                w_sum = weight.sum()
+                hits = ((logits.argmax(1) == target).float() * weight).sum()
+                sums += torch.stack([loss.detach().double() * w_sum, hits.double(), w_sum.double()])
             if seen is not None:
-                seen.extend(int(i) for i, w in zip(index, weight, strict=True) if w > 0)
-            if info.is_main:
-                lr = current_lr(self.optimizer)
-                bar.set_postfix(loss=f"{loss_sum / max(count, 1):.3f}", lr=f"{lr:.2e}")
+                seen.extend(int(i) for i, w in zip(index, weight.cpu(), strict=True) if w > 0)
+            if info.is_main and step % BAR_EVERY == 0:
+                loss_sum, _, count = sums.tolist()
+                bar.set_postfix(
+                    loss=f"{loss_sum / max(count, 1):.3f}", lr=f"{current_lr(self.optimizer):.2e}"
+                )
         bar.close()
         elapsed = time.perf_counter() - t0
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+        loss_sum, correct, count, data_wait = all_reduce_sum([*sums.tolist(), data_wait], info)
         return {
             "train/loss": loss_sum / max(count, 1.0),
             "train/top1": correct / max(count, 1.0),
             "throughput": count / max(elapsed, 1e-9),  # images/s over all ranks
             "epoch_time_s": elapsed,
+            # share of the epoch spent waiting for batches (mean over ranks): near 0 = compute-bound
+            "data_wait": data_wait / info.world / max(elapsed, 1e-9),
         }
 
     def _optimizer_step(self, bad_step: torch.Tensor, epoch: int, step: int) -> None:
@@ -479,7 +496,7 @@ class PhaseRunner:
         eval_bs = self.cfg.eval_batch_size or 2 * self.micro_batch * self.cfg.grad_accum
         loader = self._loader(self.val_ds, self.val_sampler, eval_bs, self.cfg.seed)
         ce = nn.CrossEntropyLoss(reduction="none")
-        loss_sum = correct = count = 0.0
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # on the device: no per-step sync
         for images, target, _, weight in tqdm(
             loader, desc="validate", disable=not info.is_main, leave=False, mininterval=1.0
         ):
@@ -487,11 +504,11 @@ class PhaseRunner:
             target = target.to(info.device)
             weight = weight.to(info.device, dtype=torch.float32)
             with self._autocast():
-                logits = model(images)
-            loss_sum += float((ce(logits.float(), target) * weight).sum())
-            correct += float(((logits.argmax(1) == target).float() * weight).sum())
-            count += float(weight.sum())
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info)
+                logits = model(images)  # the head computes in float32 (Products10kNet.forward)
+            loss = (ce(logits.float(), target) * weight).sum()
+            hits = ((logits.argmax(1) == target).float() * weight).sum()
+            sums += torch.stack([loss.double(), hits.double(), weight.sum().double()])
+        loss_sum, correct, count = all_reduce_sum(sums.tolist(), info)
         return {"val/loss": loss_sum / max(count, 1.0), "val/top1": correct / max(count, 1.0)}
 
     def _write_debug(self, epoch: int, seen: list[int]) -> None:

@@ -312,3 +312,19 @@ def test_decode_errors_are_image_defects_not_crashes():
     for data in (b"", b"\xff\xd8\xff", b"GIF89a", b"\x89PNG\r\n\x1a\n"):
         with pytest.raises(ImageDefect):
             decode_rgb(data)
+
+
+def test_a_test_sku_without_train_images_is_kept_as_label_minus_one_and_counted(tmp_path):
+    raw = make_raw(tmp_path)
+    tl = pd.read_csv(raw / "test_kaggletest.csv")
+    tl.loc[2, "class"] = 999  # a SKU train.csv lacks
+    tl.to_csv(raw / "test_kaggletest.csv", index=False)
+    cfg = dataclasses.replace(CFG, max_unseen_test_fraction=0.2)
+    report = prepare(raw, tmp_path / "prepared", cfg)
+    assert report["counts"]["test_rows_of_unseen_skus"] == 1 and report["counts"]["test_unseen_skus"] == 1
+    test = read(tmp_path / "prepared" / "test.csv")
+    row = test[test["sku"] == 999].iloc[0]
+    assert row["label"] == -1 and row["group"] == -1 and len(test) == 6  # nothing dropped
+    # above the gate (1 of 6 rows > 10%) the stage fails, naming the file, line and column
+    with pytest.raises(DataError, match=r"test_kaggletest\.csv.*line 4.*class.*SKU 999"):
+        prepare(raw, tmp_path / "prepared2", dataclasses.replace(CFG, max_unseen_test_fraction=0.1))

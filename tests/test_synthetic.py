@@ -190,7 +190,9 @@ def test_customer_photos_are_harder_than_inshop():
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("image_size", 256),
+        ("image_size", 16),
+        ("num_skus", 7),  # with skus_per_group still set: exactly one of the two
+        ("train_images", 10),  # fewer than 40 SKUs x train_min_per_sku
         ("public_fraction", 1.5),
         ("train_min_per_sku", 0),
         ("customer_difficulty", -1.0),
@@ -200,3 +202,29 @@ def test_customer_photos_are_harder_than_inshop():
 def test_bad_params_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         from_dict(SyntheticConfig, {key: value}, where="params.yaml", prefix="data.synthetic")
+
+
+def test_totals_mode_gives_exact_counts_uneven_groups_and_a_real_long_tail(tmp_path):
+    """The scale rehearsal's mode (presets/scale.yaml) at 1/200 of its size: exact totals."""
+    cfg = SyntheticConfig(
+        seed=0, num_groups=7, skus_per_group=None, num_skus=48, image_size=48, train_images=700,
+        test_images=277, train_min_per_sku=1, train_max_per_sku=120, n_jobs=1,
+    )  # fmt: skip
+    cfg.validate()
+    skus = make_catalogue(cfg)
+    sizes = sorted(Counter(s.group_id for s in skus).values())
+    assert len(skus) == 48 and sizes == [6] + [7] * 6  # 48 dealt over 7 groups
+    train, test, usage = make_rows(cfg, skus)
+    assert len(train) == 700 and len(test) == 277
+    per_sku = np.array(sorted(Counter(r.sku.sku_id for r in train).values()))
+    assert per_sku.min() >= 1 and per_sku.max() <= 120
+    # long-tailed like the real data: the median SKU far below the largest, many SKUs under 20
+    assert per_sku.max() >= 4 * np.median(per_sku) and (per_sku < 20).mean() > 0.5
+    test_per_sku = Counter(r.sku.sku_id for r in test).values()
+    assert set(test_per_sku) <= {5, 6}  # 277 / 48 = 5.8: spread evenly
+    assert all(len(r.name) == len("4713701.jpg") for r in test)
+    summary = generate(cfg, tmp_path / "raw")
+    assert summary["train_images"] == 700 and summary["test_images"] == 277 and summary["skus"] == 48
+    with zipfile.ZipFile(tmp_path / "raw" / "train.zip") as zf:
+        image = cv2.imdecode(np.frombuffer(zf.read(zf.namelist()[0]), np.uint8), cv2.IMREAD_COLOR)
+    assert min(image.shape[:2]) == 48

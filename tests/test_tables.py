@@ -9,6 +9,7 @@ from sklearn.model_selection import StratifiedShuffleSplit
 
 from products10k.errors import DataError
 from products10k.tables import (
+    check_unseen_test_skus,
     load_test_table,
     load_train_table,
     make_label_map,
@@ -116,12 +117,17 @@ def test_bad_usage_value(tmp_path):
     assert_error(info, "test_kaggletest.csv", 4, "Usage")
 
 
-def test_unseen_test_sku(tmp_path):
+def test_unseen_test_sku_is_kept_counted_and_gated(tmp_path):
     train = train_table(tmp_path)
+    path = write(tmp_path, "test_kaggletest.csv", TEST + "102.jpg,99,Public\n")
+    test = load_test_table(path, train)
+    row = test[test["sku"] == 99].iloc[0]
+    assert row["group"] == -1 and row["line"] == 4  # kept, with no group
+    assert check_unseen_test_skus(test, train, path, 0.5) == {"rows": 1, "skus": 1, "first_line": 4}
     with pytest.raises(DataError) as info:
-        load_test_table(write(tmp_path, "test_kaggletest.csv", TEST + "102.jpg,99,Public\n"), train)
+        check_unseen_test_skus(test, train, path, 0.0)
     assert_error(info, "test_kaggletest.csv", 4, "class")
-    assert "SKU 99" in str(info.value)
+    assert "SKU 99" in str(info.value) and "max_unseen_test_fraction" in str(info.value)
 
 
 def test_missing_and_empty_files(tmp_path):
