@@ -10,8 +10,10 @@ pipeline order. Per stage it reports
 
 - wall time and images/s (the images the stage reads or writes: generated, prepared, trained on
   over all epochs, or predicted over all TTA views);
-- peak resident memory of the whole process tree (dvc, torchrun, the stage, DataLoader workers),
-  sampled every 0.1 s with psutil - the sum over processes at each sample, maximised;
+- peak memory of the whole process tree (dvc, torchrun, the stage, DataLoader workers), sampled
+  every 0.2 s with psutil: the sum over processes of their PSS (proportional set size: pages a
+  forked DataLoader worker shares with its parent counted once, not per process), maximised; and
+  the largest single process's peak RSS (``ru_maxrss`` of the children);
 - the disk size of the stage's outputs and of the DVC cache after it;
 
 then the time of a no-op ``dvc repro`` and of ``dvc status`` on the finished workspace, the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -63,13 +66,13 @@ def measured(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int]:
                 try:
                     for p in [root, *root.children(recursive=True)]:
                         try:
-                            total += p.memory_info().rss
+                            total += p.memory_full_info().pss
                         except psutil.Error:
                             pass  # a worker that just exited
                 except psutil.Error:
                     break
                 peak = max(peak, total)
-                done.wait(0.1)
+                done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -176,25 +179,23 @@ def main() -> None:
     print(describe())
     import torch
 
-    print(
-        f"torch {torch.__version__}, dvc {subprocess.check_output(['dvc', '--version'], text=True).strip()}"
-    )
+    dvc_version = subprocess.check_output(["dvc", "--version"], text=True).strip()
+    print(f"torch {torch.__version__}, dvc {dvc_version}")
     results = []
-    header = (
-        f"{'stage':34s} {'wall s':>8s} {'img/s':>9s} {'peak RSS GiB':>13s} {'outs MB':>9s} {'cache MB':>9s}"
-    )
-    print(header)
+    columns = ("wall s", "img/s", "peak GiB", "max1 GiB", "outs MB", "cache MB")
+    print(f"{'stage':34s} " + " ".join(f"{c:>9s}" for c in columns))
     for stage in stage_names(params):
         wall, peak = measured(["dvc", "repro", "--single-item", stage], work, logs / f"{stage}.log")
+        # the largest single descendant's peak RSS so far (monotone over the run: read per stage)
+        max1 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         outs = sum(du(o) for o in stage_outputs(work, stage) if o.exists())
         cache = du(work / ".dvc" / "cache")
         n = images_of(work, stage, params)
-        row = {"stage": stage, "wall_s": wall, "images": n, "images_per_s": n / wall, "peak_rss": peak,
-               "outs_bytes": outs, "cache_bytes": cache}  # fmt: skip
+        row = {"stage": stage, "wall_s": wall, "images": n, "images_per_s": n / wall, "peak_pss": peak,
+               "max_single_rss_so_far": max1, "outs_bytes": outs, "cache_bytes": cache}  # fmt: skip
         results.append(row)
-        print(
-            f"{stage:34s} {wall:8.1f} {n / wall:9.0f} {peak / 2**30:13.2f} {outs / 1e6:9.1f} {cache / 1e6:9.1f}"
-        )
+        values = (wall, n / wall, peak / 2**30, max1 / 2**30, outs / 1e6, cache / 1e6)
+        print(f"{stage:34s} " + " ".join(f"{v:9.2f}" for v in values))
 
     t = time.perf_counter()
     run(["dvc", "repro"], work, logs / "noop-repro.log")
@@ -218,14 +219,13 @@ def main() -> None:
         "checkpoints": ckpts,
         "predictions": preds,
         "total_wall_s": sum(r["wall_s"] for r in results),
-        "max_peak_rss": max(r["peak_rss"] for r in results),
+        "max_peak_pss": max(r["peak_pss"] for r in results),
     }
     print(f"no-op dvc repro {noop:.1f} s, dvc status {status:.1f} s, shard link count {links}")
     print(f"checkpoints: {json.dumps(ckpts)}")
     print(f"predictions: {json.dumps(preds)}")
-    print(
-        f"total {summary['total_wall_s'] / 60:.1f} min, max peak RSS {summary['max_peak_rss'] / 2**30:.2f} GiB"
-    )
+    total_min, peak_gib = summary["total_wall_s"] / 60, summary["max_peak_pss"] / 2**30
+    print(f"total {total_min:.1f} min, max peak memory (PSS, process tree) {peak_gib:.2f} GiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
 
