@@ -111,7 +111,8 @@ class PrepareConfig:
     """``prepare``: validation, extraction, pre-resize, split (products10k/prepare.py)."""
 
     size: int = 512  # shorter side after resize (the paper: 512, then crop 448); never upscales
-    val_fraction: float = 0.15  # per SKU, held out of train.csv; every SKU keeps >= 1 train image
+    val_fraction: float = 0.15  # of the images of SKUs with >= val_min_images; 0 = no val split
+    val_min_images: int = 10  # only SKUs with at least this many images give val images
     seed: int = 0
     max_bad_fraction: float = 0.01  # per table (train.csv, test_kaggletest.csv); above it the stage fails
     max_unseen_test_fraction: float = 0.01  # test rows whose SKU has no train images; above it: fail
@@ -124,6 +125,8 @@ class PrepareConfig:
             raise ValueError(f"size must be >= 16, got {self.size}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
+        if self.val_min_images < 2:
+            raise ValueError(f"val_min_images must be >= 2 (a SKU keeps one training image), got {self.val_min_images}")
         for name in ("max_bad_fraction", "max_unseen_test_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")

@@ -304,7 +304,7 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
     for key in merged:
         # -1: a test SKU with no train images (counted above), never a train row
         merged[key]["label"] = merged[key]["sku"].map(label_of).fillna(-1).astype("int64")
-    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed)
+    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed, cfg.val_min_images)
     train_out = kept[~is_val][PREPARED_COLUMNS]
     val_out = kept[is_val][PREPARED_COLUMNS]
     test_out = merged["test"][TEST_COLUMNS]
@@ -331,6 +331,9 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
             "skus": len(label_map),
             "groups": int(label_map["group"].nunique()),
             "val_skus": int(val_out["sku"].nunique()),
+            "train_skus": int(train_out["sku"].nunique()),
+            # SKUs below prepare.val_min_images: every one of their images is trained on
+            "skus_all_images_trained": int((kept["sku"].value_counts() < max(2, cfg.val_min_images)).sum()),
             "skus_without_train_images": len(empty_skus),
             "test_rows_of_unseen_skus": unseen["rows"],
             "test_unseen_skus": unseen["skus"],

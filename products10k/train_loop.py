@@ -201,7 +201,8 @@ class PhaseRunner:
         self.label_map = read_label_map(p.label_map)
         self.labels = [int(s) for s in self.label_map["sku"]]
         self.train_df = read_prepared(p.train_csv, self.label_map)
-        self.val_df = read_prepared(p.val_csv, self.label_map)
+        # no val rows (prepare.val_fraction: 0): every epoch is "best", so best.pt = the last epoch
+        self.val_df = read_prepared(p.val_csv, self.label_map, allow_empty=True)
         self.train_ds = PreparedImageDataset(
             self.train_df, p.images, train_transform(self.cfg), min_side=self.resize
         )
@@ -273,7 +274,10 @@ class PhaseRunner:
         if cfg.ema:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
+            # timm's warm-up: decay = min(ema_decay, 1 - (1 + step)^-2/3) with the step counted from
+            # this phase's start, so a 3-epoch finetune's EMA moves (a fixed 0.998 from step 0 would
+            # keep ~96% of the initial weights over ~20 updates)
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
         wrapped: nn.Module = model
         if info.enabled:
             wrapped = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
@@ -335,8 +339,11 @@ class PhaseRunner:
             log.info("%s was made with other settings/data: starting the phase afresh", last)
             return 0
         if ck["epoch"] >= self.cfg.epochs:
-            log.info("%s is a finished run (epoch %d): starting the phase afresh", last, ck["epoch"])
-            return 0
+            # killed after its final last.pt but before DVC recorded the stage: nothing to redo
+            log.info("%s is this phase's finished run (epoch %d): keeping it", last, ck["epoch"])
+            self.history = list(ck.get("history", []))
+            self.best_top1 = float(ck.get("best_val_top1", -1.0))
+            return int(ck["epoch"])
         st = ck["train_state"]
         self.raw.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
@@ -567,16 +574,19 @@ class PhaseRunner:
                 # lr as the epoch starts (the schedule is stepped per update within the epoch)
                 row = {"epoch": epoch + 1, "lr": current_lr(self.optimizer)}
                 row.update(self._train_epoch(epoch, seen))
-                row.update(self._validate())
-                improved = row["val/top1"] > self.best_top1
-                self.best_top1 = max(self.best_top1, row["val/top1"])
-                row["val/best_top1"] = self.best_top1
+                if len(self.val_ds):
+                    row.update(self._validate())
+                    improved = row["val/top1"] > self.best_top1
+                    self.best_top1 = max(self.best_top1, row["val/top1"])
+                    row["val/best_top1"] = self.best_top1
+                else:
+                    improved = True  # no val split: the latest epoch is the one to keep
                 self.history.append(row)
                 if seen is not None:
                     self._write_debug(epoch, seen)
                 if info.is_main:
                     self.paths.out.mkdir(parents=True, exist_ok=True)
-                    top1 = row["val/top1"]
+                    top1 = row.get("val/top1", float("nan"))
                     if improved:
                         save_torch(self.paths.out / "best.pt", self._checkpoint(epoch + 1, top1, False))
                     # last.pt is written last: its presence marks the epoch as complete
@@ -584,18 +594,19 @@ class PhaseRunner:
                     live.log_epoch(row)
                     log.info(
                         "%s@%s epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f "
-                        "(best %.4f) | lr %.2e | %.1f img/s",
+                        "(best %.4f) | lr %.2e | %.1f img/s, data wait %.0f%%",
                         self.phase,
                         self.member,
                         epoch + 1,
                         self.cfg.epochs,
                         row["train/loss"],
                         row["train/top1"],
-                        row["val/loss"],
-                        row["val/top1"],
+                        row.get("val/loss", float("nan")),
+                        top1,
                         self.best_top1,
                         row["lr"],
                         row["throughput"],
+                        100 * row["data_wait"],
                     )
             if self.paths.debug_dir is not None:
                 self._write_probe()

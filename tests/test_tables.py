@@ -161,6 +161,18 @@ def test_split_is_stratified_and_keeps_every_sku_in_train():
     assert is_val.sum() == round(f * eligible)
 
 
+def test_val_comes_only_from_skus_with_enough_images_and_the_tail_trains_on_all():
+    skus = long_tail()
+    counts = skus.value_counts()
+    is_val = split_train_val(skus, 0.15, seed=0, min_images=20)
+    val_counts = skus[is_val].value_counts()
+    assert (counts[val_counts.index] >= 20).all()  # val SKUs are heads only
+    small = counts[counts < 20].index
+    assert not skus[is_val].isin(small).any()  # every tail image is a training image
+    assert is_val.sum() == round(0.15 * counts[counts >= 20].sum())  # stratified over the heads
+    assert len(val_counts) == (counts >= 20).sum()  # every head SKU gives some val images
+
+
 def test_split_works_where_stratified_shuffle_split_refuses():
     skus = pd.Series(np.repeat(np.arange(30), 3))  # 90 rows, 30 SKUs: 10% val = 9 rows < 30 classes
     with pytest.raises(ValueError):

@@ -93,15 +93,78 @@ def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
     assert len(lines) == expected_epochs + 1
 
 
+def _distance(a: dict, b: dict) -> float:
+    keys = [k for k, v in a.items() if v.is_floating_point() and "running" not in k]
+    return float(sum(((a[k].float() - b[k].float()) ** 2).sum() for k in keys) ** 0.5)
+
+
 def test_finetunes_start_from_the_previous_best(pipeline):
-    root, *_ = pipeline
-    first = torch.load(root / "models/finetune_balanced/last.pt", weights_only=True)["history"][0]
+    root, data, params = pipeline
     base = torch.load(root / "models/train/best.pt", weights_only=True)
-    # one epoch at a 3x lower lr from a model at >= 50% does not fall back to chance
+    tuned = torch.load(root / "models/finetune_balanced/best.pt", weights_only=True)
+    # the same finetune started from scratch (no --init): where the phase would end if it
+    # ignored its init checkpoint; the real finetune must stay much closer to train's best
+    fresh = root / "fresh"
+    from products10k.train_loop import PhasePaths as _P
+
+    run_phase(
+        params,
+        "train",
+        "m0",
+        _P(data / "balanced.csv", data / "val.csv", data / "label_map.csv", data, fresh, None),
+    )
+    scratch = torch.load(fresh / "last.pt", weights_only=True)
+    assert _distance(tuned["model"], base["model"]) < 0.5 * _distance(scratch["model"], base["model"])
+    first = torch.load(root / "models/finetune_balanced/last.pt", weights_only=True)["history"][0]
     assert first["val/top1"] >= base["val_top1"] - 0.25
-    cfg = first  # the accuracy-loss phase's train loss is L_acc, in [0, 1]
+    # the accuracy-loss phase's train loss is L_acc, in [0, 1]
     acc_hist = torch.load(root / "models/finetune_accuracy/last.pt", weights_only=True)["history"]
-    assert all(0.0 <= row["train/loss"] <= 1.0 for row in acc_hist), cfg
+    assert all(0.0 <= row["train/loss"] <= 1.0 for row in acc_hist)
+
+
+def test_a_short_finetunes_ema_moves_with_timms_warm_up(pipeline, tmp_path):
+    root, data, _ = pipeline
+    # 18 updates at a realistic decay: without warm-up timm's EMA copies the weights after the
+    # first update and then keeps 0.998^17 = 97% of them - it would barely move past step 1
+    params = write_params(
+        tmp_path / "p.yaml",
+        train={"epochs": 3, "ema": True, "ema_decay": 0.998, "batch_size": 2},
+        finetune_balanced={"epochs": 3},
+    )
+    init = root / "models/train/best.pt"
+    paths = _paths(data, tmp_path, "finetune_balanced", "balanced.csv", init=init)
+    run_phase(params, "finetune_balanced", "m0", paths)
+    last = torch.load(paths.out / "last.pt", weights_only=True)
+    start = torch.load(init, weights_only=True)["model"]
+    ema, raw = last["model"], last["train_state"]["model"]
+    assert _distance(ema, start) > 0.5 * _distance(raw, start) > 0
+
+
+def test_no_val_split_keeps_the_last_epoch_as_best(tmp_path, caplog):
+    data = make_prepared(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    (data / "val.csv").write_text((data / "val.csv").read_text().splitlines()[0] + "\n")  # header only
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 2})
+    paths = _paths(data, tmp_path)
+    out = run_phase(params, "train", "m0", paths)
+    best = torch.load(paths.out / "best.pt", weights_only=True)
+    last = torch.load(paths.out / "last.pt", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 2 and len(out["history"]) == 2
+    assert all("val/top1" not in row for row in out["history"])
+    for key, value in last["model"].items():
+        assert torch.equal(value, best["model"][key]), key
+
+
+def test_a_finished_phase_is_kept_not_retrained(tmp_path, caplog):
+    # killed after its final last.pt but before DVC recorded the stage: the rerun keeps the result
+    data = make_prepared(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 1})
+    paths = _paths(data, tmp_path)
+    run_phase(params, "train", "m0", paths)
+    before = (paths.out / "last.pt").read_bytes()
+    caplog.set_level("INFO", logger="products10k.train_loop")
+    out = run_phase(params, "train", "m0", paths)
+    assert "finished run (epoch 1): keeping it" in caplog.text
+    assert (paths.out / "last.pt").read_bytes() == before and len(out["history"]) == 1
 
 
 def test_finetune_sections_override_train_and_reject_unknown_keys(tmp_path):
