@@ -2,9 +2,11 @@
 
 Outputs (paths come from the stage's command line):
 
-- metrics JSON: ``val.*``, ``test.*`` (with ``test.public.*``/``test.private.*``, the local
-  Kaggle leaderboard), head/tail and in-shop/customer slices, and ``tta.*`` (val top-1 of every
-  view alone, of all views but one, and of all together). One file per member and phase, so
+- metrics JSON: ``val.*``, ``test.*`` of the single centre crop at the training resolution (the
+  paper's protocol, so ``test.top1`` compares with Table 1), with ``test.public.*``/
+  ``test.private.*`` (the local Kaggle leaderboard), head/tail and in-shop/customer slices; and
+  ``val.tta.*``/``test.tta.*`` of the TTA average the submission uses, with ``tta.views``: top-1
+  of every view alone, of all views but one, and of all together. One file per member and phase, so
   ``dvc metrics show`` lists base -> +balanced finetune -> +accuracy loss as rows: Table 1.
 - predictions ``.npz``: the top-k of the TTA-averaged val and test logits with names, labels and
   the label -> SKU map, the ensemble's input (``products10k.predictions``: bounded at any class
@@ -34,7 +36,8 @@ from products10k.params import EvaluateConfig, TTAConfig
 from products10k.predict import predict
 from products10k.predictions import SplitScores, read_label_map, save_predictions
 from products10k.storage import ImageStore
-from products10k.tta import build_views
+from products10k.transforms import resolve_resize
+from products10k.tta import BaseView, View, build_views
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,17 @@ def load_member_checkpoint(path: str | Path, member: str, phase: str, label_map:
     model, meta = load_model(path, map_location="cpu")
     check_labels(meta, label_map, path, map_path)
     return model, meta
+
+
+def tta_metrics(pred, rows: pd.DataFrame, n_train: dict, tail_max_images: int) -> dict:
+    """The TTA average's headline figures and what each view adds (``<split>.tta.*``)."""
+    full = split_metrics(pred.scores.topk_labels, rows, n_train, tail_max_images)
+    out = {k: full[k] for k in ("top1", "top5")}
+    for part in ("public", "private", "head", "tail"):
+        if part in full:
+            out[part] = {"top1": full[part]["top1"]}
+    out["views"] = pred.tta_report(rows["label"].to_numpy())
+    return out
 
 
 @dataclass
@@ -83,6 +97,8 @@ def evaluate_phase(
 
     resolution = int(meta["resolution"])
     views = build_views(tta, resolution, meta.get("resize"))
+    # the paper's protocol: one centre crop at the training resolution, no flip
+    single = View(BaseView(resolution, resolve_resize(resolution, meta.get("resize")), "center"), False)
     log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
     device = resolve_device(cfg.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -92,27 +108,28 @@ def evaluate_phase(
         num_workers=eval_workers(cfg.num_workers, device, cores),
         device=device,
         amp=amp_dtype(cfg.amp, device),
+        single=single,
     )
-    test_pred = predict(
-        model, test, images_root, views, desc=f"{member}/{phase} test", where=str(test_path), **kw
-    )
-    test_scores = test_pred.scores
-    if len(val):
-        val_pred = predict(
-            model, val, images_root, views, desc=f"{member}/{phase} val", where=str(val_path), **kw
-        )
-        val_scores, tta_val = val_pred.scores, val_pred.tta_report(val["label"].to_numpy())
-    else:  # prepare.val_fraction: 0 - no val rows; the ensemble then falls back to equal weights
-        log.info("%s: no validation rows; val metrics are left out", val_path)
-        empty = np.zeros((0, len(label_map)), dtype=np.float32)
-        val_scores, tta_val = SplitScores.from_logits([], [], empty, cfg.top_k), {}
-
     n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
-    test_top = test_scores.topk_labels
+    results = {}
+    for split, rows, path in (("val", val, val_path), ("test", test, test_path)):
+        if split == "val" and not len(rows):  # prepare.val_fraction: 0; the ensemble uses equal weights
+            log.info("%s: no %s rows; its metrics are left out", path, split)
+            empty = SplitScores.from_logits([], [], np.zeros((0, len(label_map)), np.float32), cfg.top_k)
+            results[split] = (empty, empty, {"n": 0})
+            continue
+        pred = predict(
+            model, rows, images_root, views, desc=f"{member}/{phase} {split}", where=str(path), **kw
+        )
+        # test.top1 etc: the single centre crop (comparable with the paper); test.tta.*: the TTA average
+        block = split_metrics(pred.single.topk_labels, rows, n_train, cfg.tail_max_images)
+        block["tta"] = tta_metrics(pred, rows, n_train, cfg.tail_max_images)
+        results[split] = (pred.scores, pred.single, block)
+    (val_scores, _, val_block), (test_scores, test_single, test_block) = results["val"], results["test"]
     metrics = {
-        "val": split_metrics(val_scores.topk_labels, val, n_train, cfg.tail_max_images),
-        "test": split_metrics(test_top, test, n_train, cfg.tail_max_images),
-        "tta": {"val": tta_val, "views": len(views)},
+        "val": val_block,
+        "test": test_block,
+        "views": len(views),
         "epoch": int(meta.get("epoch", -1)),
         "resolution": resolution,
     }
@@ -120,6 +137,8 @@ def evaluate_phase(
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     save_predictions(outputs.predictions, val=val_scores, test=test_scores, skus=skus)
 
+    # the plots show the single centre crop, the figure test.top1 reports
+    test_top = test_single.topk_labels
     atomic.write_csv(outputs.per_group, per_group_table(test_top, test))
     sku_group = dict(zip(label_map["sku"], label_map["group"], strict=True))
     pairs = confused_pairs(test_top[:, 0], test["label"].to_numpy(), skus, sku_group, top=cfg.top_confused)
@@ -127,18 +146,19 @@ def evaluate_phase(
 
     train = read_prepared(train_path, label_map)
     exemplars = train.drop_duplicates("label", keep="first").set_index("label")
-    errors = worst_errors(test_scores, cfg.gallery_size)
+    errors = worst_errors(test_single, cfg.gallery_size)
     title = f"{member}/{phase}: {len(errors)} most confident test errors"
     image = draw_gallery(errors, test, exemplars, skus, ImageStore(images_root), cfg.gallery_tile, title)
     atomic.write_bytes(outputs.gallery, encode_png(image))
 
     atomic.write_json(outputs.metrics, metrics)
     log.info(
-        "%s/%s: val top1 %.4f, test top1 %.4f (public %.4f, private %.4f)",
+        "%s/%s: val top1 %.4f, test top1 %.4f single crop / %.4f TTA (public %.4f, private %.4f)",
         member,
         phase,
         metrics["val"].get("top1", float("nan")),
         metrics["test"].get("top1", float("nan")),
+        metrics["test"]["tta"].get("top1", float("nan")),
         metrics["test"].get("public", {}).get("top1", float("nan")),
         metrics["test"].get("private", {}).get("top1", float("nan")),
     )

@@ -126,7 +126,9 @@ class PrepareConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
         if self.val_min_images < 2:
-            raise ValueError(f"val_min_images must be >= 2 (a SKU keeps one training image), got {self.val_min_images}")
+            raise ValueError(
+                f"val_min_images must be >= 2 (a SKU keeps one training image), got {self.val_min_images}"
+            )
         for name in ("max_bad_fraction", "max_unseen_test_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")

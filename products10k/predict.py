@@ -34,7 +34,7 @@ class ViewsDataset(Dataset):
     """Rows of a prepared CSV as ``{base view name: CHW tensor}`` (one decode per image)."""
 
     def __init__(self, df: pd.DataFrame, images_root: str | Path, views: list[View]):
-        self.bases = base_views(views)
+        self.bases = base_views(views)  # distinct base views, each computed once per image
         # A reduced JPEG decode is allowed only down to the LARGEST view's resize: every view is
         # then made by downscaling, never by upsampling a decode that was too small for it.
         min_side = max(b.resize for b in self.bases)
@@ -51,9 +51,11 @@ class ViewsDataset(Dataset):
 
 @dataclass
 class Prediction:
-    """TTA result for one split: top-k of the mean logits over views, per-view and leave-one-out argmax."""
+    """One split: top-k of the mean logits over the TTA views, of the single centre crop, and
+    the per-view and leave-one-out argmax."""
 
-    scores: SplitScores
+    scores: SplitScores  # the TTA average
+    single: SplitScores | None = None  # the single view asked for (the paper's centre crop)
     view_top1: dict[str, np.ndarray] = field(default_factory=dict)  # view -> (N,) argmax alone
     without_top1: dict[str, np.ndarray] = field(default_factory=dict)  # view -> argmax of the rest
 
@@ -81,8 +83,12 @@ def predict(
     amp: torch.dtype | None = None,
     desc: str = "predict",
     where: str = "",
+    single: View | None = None,
 ) -> Prediction:
     """Run ``model`` over the rows of ``df`` (``name``, ``label``, image location) with every view.
+
+    ``single``: one more view whose own top-k is kept as well (the paper's single centre crop at
+    the training resolution); it costs no extra forward pass when it is one of ``views``.
 
     ``amp``: an autocast dtype (bf16/fp16 on CUDA) for the backbone; the model's head computes
     in float32 (``Products10kNet``), so rankings over thousands of close logits are not rounded.
@@ -92,7 +98,8 @@ def predict(
     device = torch.device(device)
     flags = host_transfer(device)
     model = model.to(device).eval()
-    dataset = ViewsDataset(df, images_root, views)
+    extra = single is not None and single not in views
+    dataset = ViewsDataset(df, images_root, [*views, single] if extra else views)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -105,6 +112,7 @@ def predict(
     labels = df["label"].to_numpy(dtype=np.int64)
     names = [v.name for v in views]
     writer: TopKWriter | None = None
+    single_writer: TopKWriter | None = None
     view_top1 = {v: np.empty(n, dtype=np.int64) for v in names}
     without_top1 = {v: np.empty(n, dtype=np.int64) for v in names} if len(views) > 1 else {}
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
@@ -128,7 +136,17 @@ def predict(
         mean = (summed / len(views)).cpu().numpy()
         if writer is None:
             writer = TopKWriter(n, top_k, mean.shape[1])
+            single_writer = TopKWriter(n, top_k, mean.shape[1]) if single is not None else None
         writer.add(start, mean, labels[start:stop])
+        if single_writer is not None:
+            if extra:
+                x = batch[single.base.name].to(device, non_blocking=flags["non_blocking"])
+                with autocast:
+                    one = model(torch.flip(x, dims=[-1]) if single.flip else x).float()
+            else:
+                one = stacked[views.index(single)]
+            single_writer.add(start, one.cpu().numpy(), labels[start:stop])
         start = stop
-    scores = writer.result(df["name"].astype(str).to_numpy(), labels)
-    return Prediction(scores, view_top1, without_top1)
+    names = df["name"].astype(str).to_numpy()
+    single_scores = single_writer.result(names, labels) if single_writer is not None else None
+    return Prediction(writer.result(names, labels), single_scores, view_top1, without_top1)

@@ -8,13 +8,19 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from evalfixture import SKUS, make_checkpoint, make_prepared
 
+from products10k.checkpoint import load_model
+from products10k.config import from_dict
 from products10k.datasets import read_prepared
 from products10k.errors import DataError
 from products10k.metrics import hits_at
+from products10k.params import TTAConfig
 from products10k.predictions import SplitScores, load_predictions, read_label_map
+from products10k.storage import ImageStore
+from products10k.tta import build_views
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,21 +78,27 @@ def test_evaluate_stage_writes_metrics_predictions_and_plots(tmp_path, prepared)
     assert metrics["test"]["inshop"]["n"] == 4 and metrics["test"]["customer"]["n"] == 5
     # n_train is 3 for every SKU and tail_max_images 3: all known SKUs are tail, none head
     assert "head" not in metrics["test"] and metrics["test"]["tail"]["n"] == 9
-    tta = metrics["tta"]["val"]
+    tta = metrics["val"]["tta"]["views"]
     assert set(tta) == {
         "all", "32px-center", "32px-center-flip", "40px-center", "40px-center-flip",
         "without_32px-center", "without_32px-center-flip", "without_40px-center", "without_40px-center-flip",
     }  # fmt: skip
-    assert metrics["tta"]["views"] == 4 and metrics["resolution"] == 32
+    assert set(metrics["test"]["tta"]["views"]) == set(tta)
+    assert metrics["views"] == 4 and metrics["resolution"] == 32
+    # test.top1 is the single centre crop (the paper's protocol): the view "32px-center" alone
+    assert metrics["test"]["top1"] == pytest.approx(metrics["test"]["tta"]["views"]["32px-center"])
+    assert metrics["val"]["top1"] == pytest.approx(tta["32px-center"])
+    assert metrics["test"]["tta"]["top1"] == pytest.approx(metrics["test"]["tta"]["views"]["all"])
 
     # the saved top-k reproduces the reported numbers; test rows keep the test CSV's order
     preds = load_predictions(out / "predictions" / "train" / "m0.npz", "m0")
     test = pd.read_csv(prepared / "test.csv")
     assert preds.test.names.tolist() == test["name"].tolist()
     assert preds.skus.tolist() == SKUS and preds.test.topk_labels.shape == (9, 4)  # k = min(top_k, K)
-    top = preds.test.topk_labels
-    assert hits_at(top, test["label"].to_numpy(), 1).mean() == pytest.approx(metrics["test"]["top1"])
+    top = preds.test.topk_labels  # the TTA average: what the ensemble and the submission use
+    assert hits_at(top, test["label"].to_numpy(), 1).mean() == pytest.approx(metrics["test"]["tta"]["top1"])
     assert metrics["test"]["top5"] == pytest.approx(8 / 9)  # K = 4: all but the unknown SKU
+    assert metrics["test"]["tta"]["top5"] == pytest.approx(8 / 9)
     assert tta["all"] == pytest.approx((preds.val.topk_labels[:, 0] == preds.val.labels).mean())
     # k = K here: the kept probabilities are the whole softmax, and the label's log-prob is among them
     np.testing.assert_allclose(preds.test.topk_probs().sum(1), 1.0, rtol=1e-5)
@@ -166,3 +178,30 @@ def test_worst_errors_are_the_most_confident_mistakes():
     assert errors["prob"].tolist() == pytest.approx([0.9, 0.7])
     right = SplitScores.from_logits(["a", "b", "c", "d"], logits.argmax(1), logits, k=2)
     assert worst_errors(right, 5).empty
+
+
+def test_single_crop_without_a_matching_tta_view_and_no_val_rows(tmp_path, prepared):
+    # TTA at 1.25x only: the paper's 32 px centre crop is computed as one more view, outside the
+    # average; an empty val.csv (prepare.val_fraction: 0) leaves val out instead of failing
+    ckpt = tmp_path / "best.pt"
+    make_checkpoint(ckpt, resolution=32)
+    empty_val = tmp_path / "val.csv"
+    empty_val.write_text((prepared / "val.csv").read_text().splitlines()[0] + "\n")
+    params = _params(tmp_path, tta={"scales": [1.25], "crops": "center", "flip": False})
+    argv = _argv(tmp_path, prepared, ckpt, params)
+    argv[argv.index("--val") + 1] = str(empty_val)
+    _stage("evaluate").main(argv)
+    metrics = json.loads((tmp_path / "out" / "metrics" / "train.json").read_text())
+    assert metrics["val"] == {"n": 0} and metrics["views"] == 1
+    assert set(metrics["test"]["tta"]["views"]) == {"all", "40px-center"}
+    # the single crop by hand, one image at a time
+    model, _ = load_model(ckpt)
+    test = pd.read_csv(prepared / "test.csv")
+    store = ImageStore(prepared)
+    tf = build_views(from_dict(TTAConfig, {"scales": [1.0], "flip": False}, prefix="tta"), 32, None)[0]
+    with torch.inference_mode():
+        pred = [int(model(tf.base.transform()(store.read_row(r))[None]).argmax()) for _, r in test.iterrows()]
+    expected = (np.array(pred) == test["label"].to_numpy()).mean()
+    assert metrics["test"]["top1"] == pytest.approx(expected)
+    preds = load_predictions(tmp_path / "out" / "predictions" / "train" / "m0.npz")
+    assert len(preds.val) == 0 and len(preds.test) == 9
