@@ -214,6 +214,24 @@ class _ShardedEpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(shard_for_rank(range(self.n), self.n, self.rank, self.world, self.batch_size))
 
+    def update_sizes(self, micro_batch: int, grad_accum: int) -> np.ndarray:
+        """Real (weight-1) samples in each optimizer update of this epoch, over ALL ranks.
+
+        Every rank can compute it (the global order is seeded, the sharding deterministic), so
+        the loss of a micro-batch is divided by its update's global size without a collective:
+        the step's gradient is then the mean over exactly the samples of that update, however
+        they are split over ranks and micro-batches (a short last update included).
+        """
+        order = self._order()
+        total = None
+        for rank in range(self.world):
+            index = np.asarray(shard_for_rank(order, self.n, rank, self.world, self.batch_size))
+            real = (index < self.n).astype(np.float64)
+            per_batch = np.add.reduceat(real, np.arange(0, len(real), micro_batch)) if len(real) else real
+            per_update = np.add.reduceat(per_batch, np.arange(0, len(per_batch), grad_accum))
+            total = per_update if total is None else total + per_update
+        return total
+
     def __iter__(self) -> Iterator[int]:
         return iter(shard_for_rank(self._order(), self.n, self.rank, self.world, self.batch_size))
 

@@ -36,8 +36,7 @@ from products10k.params import EvaluateConfig, TTAConfig
 from products10k.predict import predict
 from products10k.predictions import SplitScores, read_label_map, save_predictions
 from products10k.storage import ImageStore
-from products10k.transforms import resolve_resize
-from products10k.tta import BaseView, View, build_views
+from products10k.tta import build_views
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +95,12 @@ def evaluate_phase(
     model, meta = load_member_checkpoint(checkpoint, member, phase, label_map, label_map_path)
 
     resolution = int(meta["resolution"])
-    views = build_views(tta, resolution, meta.get("resize"))
+    normalize = meta.get("normalize")  # None in checkpoints from before it was stored: ImageNet's
+    views = build_views(tta, resolution, meta.get("resize"), normalize)
     # the paper's protocol: one centre crop at the training resolution, no flip
-    single = View(BaseView(resolution, resolve_resize(resolution, meta.get("resize")), "center"), False)
+    single = build_views(
+        TTAConfig(scales=(1.0,), crops="center", flip=False), resolution, meta.get("resize"), normalize
+    )[0]
     log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
     device = resolve_device(cfg.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -38,8 +38,14 @@ class PhaseLoss(torch.nn.Module):
         self.w = accuracy_loss_weight
 
     def forward(
-        self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
+        """The weighted mean loss; ``reduction="sum"``: the weighted sum (the training loop
+        divides it by the optimizer update's global sample count)."""
         per_sample = torch.zeros(target.shape[0], device=logits.device, dtype=torch.float32)
         if self.w < 1.0:
             ce = F.cross_entropy(
@@ -51,5 +57,7 @@ class PhaseLoss(torch.nn.Module):
         if weight is None:
             return per_sample.mean()
         weight = weight.to(per_sample.dtype)
+        if reduction == "sum":
+            return (per_sample * weight).sum()
         # clamp: a batch made only of padding contributes zero loss (and zero gradient)
         return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)

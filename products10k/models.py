@@ -25,6 +25,7 @@ from torch import nn
 
 from products10k.errors import ConfigError, Products10kError
 from products10k.params import ModelConfig
+from products10k.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,20 @@ def _create_backbone(cfg: ModelConfig, pretrained: bool, kwargs: dict) -> nn.Mod
         raise Products10kError(
             f"weights file '{source}' could not be loaded into '{cfg.arch}': {exc}"
         ) from exc
+
+
+def input_normalization(arch: str) -> dict:
+    """``{"mean", "std"}`` the backbone expects, from timm's pretrained config for ``arch``.
+
+    ImageNet's for most archs, Inception's 0.5/0.5 for e.g. ``tf_efficientnet_b3.ap_in1k``:
+    pretrained weights see inputs normalised the way they were trained. Stored in checkpoints.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    mean = getattr(cfg, "mean", None) or IMAGENET_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_STD
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
 def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = None) -> Products10kNet:

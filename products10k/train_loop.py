@@ -44,7 +44,7 @@ from products10k.devices import amp_dtype, host_transfer, needs_grad_scaler
 from products10k.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 from products10k.errors import ConfigError, Products10kError
 from products10k.losses import PhaseLoss
-from products10k.models import create_model, model_config_dict
+from products10k.models import create_model, input_normalization, model_config_dict
 from products10k.optim import create_optimizer, create_scheduler, current_lr
 from products10k.params import PHASES, DistConfig, ModelConfig, PhaseConfig
 from products10k.seeding import seed_everything
@@ -203,12 +203,13 @@ class PhaseRunner:
         self.train_df = read_prepared(p.train_csv, self.label_map)
         # no val rows (prepare.val_fraction: 0): every epoch is "best", so best.pt = the last epoch
         self.val_df = read_prepared(p.val_csv, self.label_map, allow_empty=True)
+        # the backbone's own input normalisation (timm's pretrained config), kept in checkpoints
+        self.normalize = input_normalization(self.model_cfg.arch)
         self.train_ds = PreparedImageDataset(
-            self.train_df, p.images, train_transform(self.cfg), min_side=self.resize
+            self.train_df, p.images, train_transform(self.cfg, self.normalize), min_side=self.resize
         )
-        self.val_ds = PreparedImageDataset(
-            self.val_df, p.images, eval_transform(self.resize, self.cfg.resolution), min_side=self.resize
-        )
+        val_tf = eval_transform(self.resize, self.cfg.resolution, self.normalize)
+        self.val_ds = PreparedImageDataset(self.val_df, p.images, val_tf, min_side=self.resize)
         info = self.info
         mb = self.micro_batch
         if self.cfg.sampler == "class_balanced":
@@ -303,6 +304,7 @@ class PhaseRunner:
             "epochs": self.cfg.epochs,
             "resolution": self.cfg.resolution,
             "resize": self.resize,
+            "normalize": dict(self.normalize),
             "val_top1": float(val_top1),
             "best_val_top1": float(self.best_top1),
             "phase_config": dataclasses.asdict(self.cfg),
@@ -407,6 +409,7 @@ class PhaseRunner:
         # running sums stay on the device: reading them every step would sync the host with the
         # GPU each step; they are read for the progress bar every BAR_EVERY steps and at the end
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss*w, correct*w, w
+        update_sizes = self.train_sampler.update_sizes(self.micro_batch, cfg.grad_accum)
         data_wait = 0.0  # seconds blocked on the DataLoader: the loader starves the GPU if large
         batches = iter(bar)
         for step in range(self.batches_per_epoch):
@@ -427,13 +430,16 @@ class PhaseRunner:
             with sync:
                 with self._autocast():
                     logits = self.model(images, target)
-                    loss = self.criterion(logits, target, weight)
-                finite = torch.isfinite(loss.detach())
+                    loss_sum = self.criterion(logits, target, weight, reduction="sum")
+                finite = torch.isfinite(loss_sum.detach())
                 bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
                 # A NaN/inf loss poisons its gradients (x NaN; exactly x 1.0 otherwise), so the
                 # DDP all-reduce makes them non-finite on every rank and all ranks stop at once.
-                poison = torch.where(finite, 1.0, float("nan")).to(loss.dtype)
-                self.scaler.scale(loss * poison / cfg.grad_accum).backward()
+                poison = torch.where(finite, 1.0, float("nan")).to(loss_sum.dtype)
+                # / the update's global sample count x world (DDP averages over ranks): the step's
+                # gradient is the mean over that update's samples, however they are distributed
+                scale = info.world / max(float(update_sizes[step // cfg.grad_accum]), 1.0)
+                self.scaler.scale(loss_sum * poison * scale).backward()
             pending += 1
             if last_micro:
                 self._optimizer_step(bad_step, epoch, step)
@@ -442,7 +448,7 @@ class PhaseRunner:
             with torch.no_grad():
                 w_sum = weight.sum()
                 hits = ((logits.argmax(1) == target).float() * weight).sum()
-                sums += torch.stack([loss.detach().double() * w_sum, hits.double(), w_sum.double()])
+                sums += torch.stack([loss_sum.detach().double(), hits.double(), w_sum.double()])
             if seen is not None:
                 seen.extend(int(i) for i, w in zip(index, weight.cpu(), strict=True) if w > 0)
             if info.is_main and step % BAR_EVERY == 0:

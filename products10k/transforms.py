@@ -16,6 +16,8 @@ from products10k.params import PhaseConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: what a checkpoint without stored constants was trained with (every model before they were stored)
+DEFAULT_NORMALIZE = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def resolve_resize(resolution: int, resize: int | None) -> int:
@@ -27,21 +29,30 @@ def resolve_resize(resolution: int, resize: int | None) -> int:
     return int(round(resolution * 8 / 7))
 
 
-def eval_transform(resize: int, resolution: int) -> A.Compose:
-    """Shorter side to ``resize``, centre crop ``resolution``, ImageNet normalise, CHW float tensor."""
+def eval_transform(resize: int, resolution: int, normalize: dict | None = None) -> A.Compose:
+    """Shorter side to ``resize``, centre crop ``resolution``, normalise, CHW float tensor.
+
+    ``normalize``: ``{"mean", "std"}`` of the backbone (timm's pretrained config, stored in the
+    checkpoint); ImageNet's when None.
+    """
+    norm = normalize or DEFAULT_NORMALIZE
     return A.Compose(
         [
             # INTER_AREA: downscaling from the 512 px prepared image without aliasing fine text
             A.SmallestMaxSize(max_size=resize, interpolation=cv2.INTER_AREA),
             A.CenterCrop(height=resolution, width=resolution),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            A.Normalize(mean=tuple(norm["mean"]), std=tuple(norm["std"])),
             ToTensorV2(),
         ]
     )
 
 
-def train_transform(cfg: PhaseConfig) -> A.Compose:
-    """ImageNet-style training augmentation at ``cfg.resolution`` (see PhaseConfig for the knobs)."""
+def train_transform(cfg: PhaseConfig, normalize: dict | None = None) -> A.Compose:
+    """ImageNet-style training augmentation at ``cfg.resolution`` (see PhaseConfig for the knobs).
+
+    ``normalize``: the backbone's ``{"mean", "std"}`` (see :func:`eval_transform`).
+    """
+    norm = normalize or DEFAULT_NORMALIZE
     res = cfg.resolution
     resize = resolve_resize(res, cfg.resize)
     if cfg.crop == "resize_random":
@@ -51,10 +62,11 @@ def train_transform(cfg: PhaseConfig) -> A.Compose:
             A.RandomCrop(height=res, width=res),
         ]
     else:
-        # crop first, then scale the crop to `res`: the classic Inception/ImageNet recipe
+        # crop first, then scale the crop to `res` (the classic Inception/ImageNet recipe), from
+        # the stored image: a small crop keeps the pixels the image has, never an upsampled
+        # crop of a downscaled copy (the dataset decodes no smaller than `resize`)
         geometry = [
-            A.SmallestMaxSize(max_size=resize, interpolation=cv2.INTER_AREA),
-            A.RandomResizedCrop(size=(res, res), scale=tuple(cfg.rrc_scale)),
+            A.RandomResizedCrop(size=(res, res), scale=tuple(cfg.rrc_scale), interpolation=cv2.INTER_AREA),
         ]
     if cfg.rotate > 0 or cfg.perspective > 0:
         # shopper-photo geometry (tilted, seen at an angle), applied to the resized image before
@@ -66,7 +78,9 @@ def train_transform(cfg: PhaseConfig) -> A.Compose:
             warp.append(
                 A.Perspective(scale=(0.0, cfg.perspective), border_mode=cv2.BORDER_REFLECT_101, p=1.0)
             )
-        geometry = [geometry[0], A.Sequential(warp, p=0.8), *geometry[1:]]
+        warp_op = A.Sequential(warp, p=0.8)
+        # before the crop, so that most of the filled-in border is cropped away
+        geometry = [*geometry[:-1], warp_op, geometry[-1]]
     ops = list(geometry)
     if cfg.hflip > 0:
         ops.append(A.HorizontalFlip(p=cfg.hflip))
@@ -89,7 +103,7 @@ def train_transform(cfg: PhaseConfig) -> A.Compose:
                 p=cfg.blur,
             )
         )
-    ops.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    ops.append(A.Normalize(mean=tuple(norm["mean"]), std=tuple(norm["std"])))
     if cfg.random_erasing > 0:
         # after normalising, like timm's RandomErasing: the hole holds per-pixel noise
         ops.append(A.Erasing(p=cfg.random_erasing, scale=(0.02, 0.25), fill="random"))

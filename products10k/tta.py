@@ -22,7 +22,7 @@ from albumentations.pytorch import ToTensorV2
 
 from products10k.errors import ConfigError
 from products10k.params import TTAConfig
-from products10k.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_resize
+from products10k.transforms import DEFAULT_NORMALIZE, eval_transform, resolve_resize
 
 FIVE_CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 
@@ -34,6 +34,7 @@ class BaseView:
     resolution: int
     resize: int
     crop: str  # one of FIVE_CROPS
+    normalize: tuple = ()  # ((mean), (std)) of the backbone; () = ImageNet's
 
     @property
     def name(self) -> str:
@@ -41,12 +42,13 @@ class BaseView:
 
     def transform(self) -> Callable[[np.ndarray], object]:
         """RGB uint8 HxWx3 -> normalised CHW float tensor."""
+        norm = {"mean": self.normalize[0], "std": self.normalize[1]} if self.normalize else DEFAULT_NORMALIZE
         if self.crop == "center":
             # the training helper's eval transform: the single-view result equals plain evaluation
-            tf = eval_transform(self.resize, self.resolution)
+            tf = eval_transform(self.resize, self.resolution, norm)
             return lambda image: tf(image=image)["image"]
         resize = A.SmallestMaxSize(max_size=self.resize, interpolation=cv2.INTER_AREA)
-        tail = A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()])
+        tail = A.Compose([A.Normalize(mean=tuple(norm["mean"]), std=tuple(norm["std"])), ToTensorV2()])
         res, crop = self.resolution, self.crop
 
         def apply(image: np.ndarray):
@@ -71,8 +73,14 @@ class View:
         return self.base.name + ("-flip" if self.flip else "")
 
 
-def build_views(cfg: TTAConfig, resolution: int, resize: int | None) -> list[View]:
-    """All views of ``cfg`` for a model trained at ``resolution``/``resize`` (first = plain eval)."""
+def build_views(
+    cfg: TTAConfig, resolution: int, resize: int | None, normalize: dict | None = None
+) -> list[View]:
+    """All views of ``cfg`` for a model trained at ``resolution``/``resize`` (first = plain eval).
+
+    ``normalize``: the checkpoint's ``{"mean", "std"}`` (ImageNet's when None).
+    """
+    norm = (tuple(normalize["mean"]), tuple(normalize["std"])) if normalize else ()
     base_resize = resolve_resize(resolution, resize)
     crops = FIVE_CROPS if cfg.crops == "five" else ("center",)
     views = []
@@ -80,7 +88,7 @@ def build_views(cfg: TTAConfig, resolution: int, resize: int | None) -> list[Vie
         res = int(round(resolution * scale))
         rsz = max(res, int(round(base_resize * scale)))
         for crop in crops:
-            base = BaseView(res, rsz, crop)
+            base = BaseView(res, rsz, crop, norm)
             views.append(View(base, False))
             if cfg.flip:
                 views.append(View(base, True))

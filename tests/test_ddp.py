@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 from train_fixtures import make_prepared, phase_args, write_params
 
 from products10k import checkpoint as ckpt_lib
+from products10k.train_loop import PhasePaths, run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +53,42 @@ def test_two_process_epoch_sees_every_sample_once_and_checkpoint_matches(tmp_pat
     assert torch.allclose(logits, probe0["logits"], atol=1e-5)
     metrics = json.loads((tmp_path / "dvclive" / "train" / "metrics.json").read_text())
     assert metrics["step"] == 0 and 0.0 <= metrics["val"]["top1"] <= 1.0
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    """Results do not depend on the process count: 2 gloo ranks x micro-batch 4 and 1 process x
+    2 accumulated micro-batches of 4 take the same optimizer steps, the short last update (20
+    images = 8 + 8 + 4) included. Deterministic inputs (square images, no flip, resize = crop)
+    and eval-mode BatchNorm take the per-rank batch statistics and augmentation streams out."""
+    data = make_prepared(tmp_path / "data", num_classes=4, train_per_class=5, val_per_class=2, size=(32, 32))
+    train = {
+        "epochs": 2, "batch_size": 8, "resolution": 32, "resize": 32, "hflip": 0.0, "freeze_bn": True,
+        "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "step", "warmup_epochs": 0,
+    }  # fmt: skip
+    dist = {"backend": "gloo", "threads": 1, "timeout_s": 120}
+    two = write_params(tmp_path / "two.yaml", train=train, dist={**dist, "nproc_per_node": 2})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "stages" / "train.py")]
+    cmd += ["--params", str(two), *phase_args(data, tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    one = write_params(
+        tmp_path / "one.yaml", train={**train, "grad_accum": 2}, dist={**dist, "nproc_per_node": 1}
+    )
+    paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, tmp_path / "one")
+    run_phase(one, "train", "m0", paths)
+
+    ddp = torch.load(tmp_path / "ddp" / "models" / "train" / "last.pt", weights_only=True)
+    ref = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] == 6  # 3 updates x 2
+    moved = 0.0
+    for key, value in ref["train_state"]["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ddp["train_state"]["model"][key], value, rtol=1e-4, atol=1e-5)
+            moved += float((value - ddp["train_state"]["model"][key]).abs().sum() >= 0)
+    assert moved > 0
+    assert [r["train/loss"] for r in ddp["history"]] == pytest.approx(
+        [r["train/loss"] for r in ref["history"]]
+    )

@@ -23,7 +23,13 @@ from products10k.errors import ConfigError, DataError, Products10kError
 from products10k.images import reduced_decode_flag
 from products10k.models import GeM, create_model, model_config_dict
 from products10k.params import ModelConfig, PhaseConfig
-from products10k.transforms import eval_transform, resolve_resize, train_transform
+from products10k.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    resolve_resize,
+    train_transform,
+)
 
 TINY = ModelConfig(arch="resnet10t")
 
@@ -280,3 +286,27 @@ def test_every_parameter_gets_a_gradient(arch):
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_random_resized_crop_takes_its_pixels_from_the_stored_image():
+    # 1-pixel stripes at 512 px: resizing to 73 px first (the old order) averages them to grey;
+    # a small crop of the stored image, scaled to 64 px, keeps their contrast
+    img = np.zeros((512, 512, 3), np.uint8)
+    img[:, ::2] = 255
+    cfg = PhaseConfig(resolution=64, crop="random_resized", rrc_scale=(0.012, 0.012), hflip=0.0)
+    t = train_transform(cfg)
+    t.set_random_seed(0)
+    out = t(image=img)["image"]
+    assert out.shape == (3, 64, 64)
+    assert float(out.std()) > 1.0  # ~2.1 for intact 0/255 stripes; < 0.3 once averaged away
+
+
+def test_normalisation_constants_come_from_timms_config_and_reach_the_transforms():
+    from products10k.models import input_normalization
+
+    assert input_normalization("resnet10t") == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    inception = input_normalization("tf_efficientnet_b3.ap_in1k")
+    assert inception == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    img = np.full((40, 40, 3), 255, np.uint8)
+    assert float(eval_transform(40, 40, inception)(image=img)["image"].max()) == pytest.approx(1.0)
+    assert float(eval_transform(40, 40)(image=img)["image"].max()) == pytest.approx((1 - 0.406) / 0.225)

@@ -24,6 +24,7 @@ CONTRACT_KEYS = {
     "epoch",
     "resolution",
     "resize",
+    "normalize",
     "val_top1",
 }
 
@@ -65,6 +66,7 @@ def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
     assert best["labels"] == [1000, 1007, 1014, 1021]
     assert best["model_config"]["arch"] == "resnet10t" and best["model_config"]["num_classes"] == 4
     assert best["resolution"] == 32 and best["resize"] == 37
+    assert best["normalize"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert "train_state" in last and {"optimizer", "scheduler", "ema", "global_step"} <= set(
         last["train_state"]
     )
