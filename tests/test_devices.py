@@ -74,7 +74,10 @@ class FakeScaler:
         self.calls.append("unscale_")
 
     def step(self, optimizer):
-        self.calls.append("step")  # the real scaler skips the step itself on inf/NaN gradients
+        self.calls.append("step")
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):  # the real scaler skips it on inf/NaN gradients
+            optimizer.step()
 
     def update(self):
         self.calls.append("update")
@@ -133,3 +136,11 @@ def test_the_head_computes_in_float32_under_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 32, 32))
     assert logits.dtype == torch.float32
+
+
+def test_gradient_clipping_bounds_the_step():
+    runner = _runner(scaler_enabled=False, grad=10.0, clip=1.0)
+    before = runner.raw.weight.detach().clone()
+    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
+    # SGD lr 0.1 on a single weight: the clipped gradient (norm 1) moves it by 0.1, not by 1.0
+    assert float((before - runner.raw.weight.detach()).abs().sum()) == pytest.approx(0.1, rel=1e-5)

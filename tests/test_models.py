@@ -310,3 +310,15 @@ def test_normalisation_constants_come_from_timms_config_and_reach_the_transforms
     img = np.full((40, 40, 3), 255, np.uint8)
     assert float(eval_transform(40, 40, inception)(image=img)["image"].max()) == pytest.approx(1.0)
     assert float(eval_transform(40, 40)(image=img)["image"].max()) == pytest.approx((1 - 0.406) / 0.225)
+
+
+def test_random_erasing_replaces_a_patch_with_noise():
+    img = np.full((48, 48, 3), 128, np.uint8)
+    plain = train_transform(PhaseConfig(resolution=40, resize=48, hflip=0.0))
+    erased = train_transform(PhaseConfig(resolution=40, resize=48, hflip=0.0, random_erasing=1.0))
+    plain.set_random_seed(0)
+    erased.set_random_seed(0)
+    a, b = plain(image=img)["image"], erased(image=img)["image"]
+    changed = (a != b).any(dim=0)
+    assert 0.02 * 40 * 40 <= int(changed.sum()) <= 0.3 * 40 * 40  # a patch of 2-25% of the area
+    assert float(b[:, changed].std()) > 0.1  # filled with per-pixel noise, not a flat colour

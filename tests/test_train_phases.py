@@ -226,9 +226,9 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good(tmp_path, monk
     calls = {"n": 0}
     real_forward = PhaseLoss.forward
 
-    def poisoned(self, logits, target, weight=None):
+    def poisoned(self, logits, target, weight=None, **kw):
         calls["n"] += 1
-        loss = real_forward(self, logits, target, weight)
+        loss = real_forward(self, logits, target, weight, **kw)
         return loss * float("nan") if calls["n"] == 3 else loss  # 2 steps per epoch: epoch 2 step 1
 
     monkeypatch.setattr(PhaseLoss, "forward", poisoned)
@@ -257,6 +257,23 @@ def test_optional_tricks_run(tmp_path, train):
     result = run_phase(params, "train", "m0", _paths(data, tmp_path))
     assert len(result["history"]) == 2
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result["history"])
+    # the options took effect in what was trained and saved, not just ran
+    last = torch.load(tmp_path / "models" / "train" / "last.pt", weights_only=True)
+    model, meta = ckpt_lib.load_model(tmp_path / "models" / "train" / "last.pt")
+    if head:
+        assert meta["model_config"]["head"] == "arcface" and meta["model_config"]["pool"] == "gem"
+        assert float(last["model"]["pool.p"]) != 3.0  # GeM's exponent is learned
+        x = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            logits = model(x)
+        assert float(logits.abs().max()) <= meta["model_config"]["scale"] + 1e-4  # s * cos: a cosine head
+        assert {"train/loss", "lr"} <= set(result["history"][0])
+    else:
+        # step schedule, milestone at epoch 1 (gamma 0.1): the 2nd epoch starts at a tenth of the lr
+        lrs = [r["lr"] for r in result["history"]]
+        assert lrs[1] == pytest.approx(lrs[0] * 0.1)
+        # grad_accum 2: 18 images in micro-batches of 4 = 5 micro-steps = 3 optimizer updates an epoch
+        assert last["phase_config"]["sampler"] == "class_balanced" and last["train_state"]["global_step"] == 6
 
 
 def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeline, tmp_path):
