@@ -313,7 +313,9 @@ class PhaseRunner:
         }
         if with_state:
             ck["train_state"] = {
-                "model": self.raw.state_dict(),
+                # the raw weights only when they differ from ck["model"] (EMA): without EMA the
+                # evaluated weights are the raw ones, and a second copy would add 100 MB at 9.7k SKUs
+                "model": self.raw.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -347,7 +349,7 @@ class PhaseRunner:
             self.best_top1 = float(ck.get("best_val_top1", -1.0))
             return int(ck["epoch"])
         st = ck["train_state"]
-        self.raw.load_state_dict(st["model"])
+        self.raw.load_state_dict(st["model"] if st.get("model") is not None else ck["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.scaler.load_state_dict(st["scaler"])

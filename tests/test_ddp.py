@@ -83,12 +83,9 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     ddp = torch.load(tmp_path / "ddp" / "models" / "train" / "last.pt", weights_only=True)
     ref = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] == 6  # 3 updates x 2
-    moved = 0.0
-    for key, value in ref["train_state"]["model"].items():
+    for key, value in ref["model"].items():  # no EMA: the saved weights are the trained ones
         if value.is_floating_point():
-            torch.testing.assert_close(ddp["train_state"]["model"][key], value, rtol=1e-4, atol=1e-5)
-            moved += float((value - ddp["train_state"]["model"][key]).abs().sum() >= 0)
-    assert moved > 0
+            torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
     assert [r["train/loss"] for r in ddp["history"]] == pytest.approx(
         [r["train/loss"] for r in ref["history"]]
     )

@@ -101,3 +101,34 @@ def test_settings_change_starts_afresh(tmp_path, caplog):
     # a wrong resume would also end with 2 epochs of history: the log tells which path ran
     assert "starting the phase afresh" in caplog.text
     assert "resuming" not in caplog.text
+
+
+def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tmp_path, caplog):
+    # without EMA last.pt keeps one copy of the weights (train_state.model is None): resume uses it
+    data = make_prepared(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, tmp_path / "m")
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 2})
+    run_phase(params, "train", "m0", paths)
+    last = torch.load(paths.out / "last.pt", weights_only=True)
+    assert last["train_state"]["model"] is None
+    # as if killed after epoch 1: the epoch-1 state with the weights it had then
+    last["epoch"], last["history"] = 1, last["history"][:1]
+    marker = next(k for k, v in last["model"].items() if v.is_floating_point())
+    last["model"][marker] = torch.full_like(last["model"][marker], 0.125)
+    torch.save(last, paths.out / "last.pt")
+    caplog.set_level("INFO", logger="products10k.train_loop")
+
+    loaded = {}
+    real_load = torch.nn.Module.load_state_dict
+
+    def spy(self, state, *args, **kw):
+        if marker in state:
+            loaded["value"] = state[marker].clone()
+        return real_load(self, state, *args, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.nn.Module, "load_state_dict", spy):
+        out = run_phase(params, "train", "m0", paths)
+    assert "resuming train@m0" in caplog.text and len(out["history"]) == 2
+    assert torch.all(loaded["value"] == 0.125)  # the raw weights came from last.pt's "model"
