@@ -30,9 +30,10 @@ import torch
 from machine import describe
 
 from products10k.config import from_dict, load_section
+from products10k.devices import amp_dtype, resolve_device
 from products10k.models import create_model
 from products10k.params import ModelConfig, PhaseConfig, TTAConfig
-from products10k.predict import predict, resolve_device
+from products10k.predict import predict
 from products10k.storage import ShardWriter
 from products10k.tta import build_views
 
@@ -60,15 +61,13 @@ def write_images(root: Path, n: int, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def time_predict(model, df, root, views, batch_size, num_workers, device) -> float:
-    warm = df.iloc[:batch_size]
-    predict(model, warm, root, views, batch_size=batch_size, num_workers=0, device=device, desc="warm-up")
+def time_predict(model, df, root, views, batch_size, num_workers, device, amp=None) -> float:
+    kw = dict(batch_size=batch_size, device=device, amp=amp)
+    predict(model, df.iloc[:batch_size], root, views, num_workers=0, desc="warm-up", **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    predict(
-        model, df, root, views, batch_size=batch_size, num_workers=num_workers, device=device, desc="bench"
-    )
+    predict(model, df, root, views, num_workers=num_workers, desc="bench", **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(df) / (time.perf_counter() - start)
@@ -82,6 +81,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--classes", type=int, default=1000, help="head size (9691 = Products-10K)")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA) | off | bf16 | fp16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -92,7 +95,12 @@ def main() -> None:
     resolution = args.resolution or load_section(params, "train", PhaseConfig).resolution
     tta_params = load_section(params, "tta", TTAConfig)
     device = resolve_device(args.device)
-    model = create_model(model_cfg, 1000, pretrained=False).eval()
+    model = create_model(model_cfg, args.classes, pretrained=False).eval().to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    amp = amp_dtype(args.amp, device)
     configs = {
         "1 view (centre)": TTAConfig(scales=(1.0,), crops="center", flip=False),
         "flip (2 views)": TTAConfig(scales=(1.0,), crops="center", flip=True),
@@ -105,15 +113,16 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
     print(
-        f"model {model_cfg.arch} (random init, 1000 classes), resolution {resolution}, "
-        f"{args.n} images, batch {args.batch_size}, {args.num_workers} workers"
+        f"model {model_cfg.arch} (random init, {args.classes} classes), resolution {resolution}, "
+        f"{args.n} images, batch {args.batch_size}, {args.num_workers} workers, autocast {amp}, "
+        f"channels_last {args.channels_last}, compile {args.compile}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         df = write_images(Path(tmp), args.n)
         base = None
         for name, cfg in configs.items():
             views = build_views(cfg, resolution, None)
-            ips = time_predict(model, df, tmp, views, args.batch_size, args.num_workers, device)
+            ips = time_predict(model, df, tmp, views, args.batch_size, args.num_workers, device, amp)
             base = base or ips
             print(f"{name:<55} {len(views):>2} views  {ips:8.1f} images/s  ({base / ips:4.1f}x the time)")
 

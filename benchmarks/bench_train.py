@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/bench_train.py [--steps 3] [--phase-data data/prepared]
 
 1. Throughput of optimizer steps (forward + backward + Adam) on random batches, for the default
-   model of params.yaml at its resolution and batch, and for efficientnet_b3 at 448 with batch 16
-   (the paper's model and resolution), with mixed precision (bf16 autocast) and channels_last
-   each off and on. One warm-up step, then the median of ``--steps`` timed steps.
+   model of params.yaml at its resolution and batch, and for efficientnet_b3 at 448 (the paper's
+   model and resolution; batch 16 on CPU, the paper's 64 on CUDA with the real 9,691-way head),
+   with mixed precision (bf16 autocast) and channels_last each off and on, and torch.compile with
+   ``--compile``. Warm-up steps, then the median of ``--steps`` timed (CUDA-synchronised) steps;
+   on CUDA the GPU's name and peak allocated memory are printed. ``--device cuda`` on a GPU box.
 2. Peak resident memory of the default ``train`` phase (stages/train.py in a child process, for
    ``--phase-epochs`` epochs) when ``--phase-data`` points at a prepared folder (e.g. after
    ``dvc repro balance``): ``ru_maxrss`` of the training process and of its DataLoader worker.
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 from products10k.config import load_yaml, member_params, section  # noqa: E402
+from products10k.devices import resolve_device  # noqa: E402
 from products10k.models import create_model  # noqa: E402
 from products10k.params import ModelConfig  # noqa: E402
 from products10k.train_loop import resolve_phase_config  # noqa: E402
@@ -38,25 +41,43 @@ log = logging.getLogger("bench_train")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_throughput(arch: str, res: int, batch: int, amp: bool, channels_last: bool, steps: int) -> float:
+def step_throughput(
+    arch: str,
+    res: int,
+    batch: int,
+    amp: bool,
+    channels_last: bool,
+    steps: int,
+    device: torch.device | None = None,
+    num_classes: int = 100,
+    compile_model: bool = False,
+) -> float:
+    """Optimizer steps per second x batch on random data; CUDA timings are synchronised."""
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = create_model(ModelConfig(arch=arch), 100, pretrained=False).train()
-    x = torch.randn(batch, 3, res, res)
-    y = torch.randint(0, 100, (batch,))
+    model = create_model(ModelConfig(arch=arch), num_classes, pretrained=False).train().to(device)
+    x = torch.randn(batch, 3, res, res, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    run = torch.compile(model) if compile_model else model
+    warmup = 3 if compile_model else 1  # compilation happens in the first steps
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with ctx:
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(run(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i > 0:  # the first step pays for allocation and kernel selection
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:  # the first steps pay for allocation, kernel selection and compilation
             times.append(time.perf_counter() - t0)
     return batch / statistics.median(times)
 
@@ -97,6 +118,12 @@ def main() -> None:
     p.add_argument("--phase-data", type=Path, default=None, help="prepared folder for the memory run")
     p.add_argument("--phase-epochs", type=int, default=1)
     p.add_argument("--skip-b3", action="store_true")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--b3-batch", type=int, default=None, help="efficientnet_b3 batch (default: 16 CPU, 64 CUDA)"
+    )
+    p.add_argument("--classes", type=int, default=None, help="head size (default: 100 CPU, 9691 CUDA)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA: slow first steps)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -104,9 +131,12 @@ def main() -> None:
     params = member_params(load_yaml(ROOT / "params.yaml"), "m0")
     model_cfg = section(params, "model", ModelConfig)
     train = resolve_phase_config(params, "train")
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    classes = args.classes or (9691 if cuda else 100)  # on a GPU, the real 9,691-way head
     cases = [(model_cfg.arch, train.resolution, train.batch_size)]
     if not args.skip_b3:
-        cases.append(("efficientnet_b3", 448, 16))
+        cases.append(("efficientnet_b3", 448, args.b3_batch or (64 if cuda else 16)))
     memory = None
     if args.phase_data is not None:  # first, while this process is still small
         memory = phase_memory(args.phase_data, args.phase_epochs)
@@ -114,16 +144,29 @@ def main() -> None:
     for arch, res, batch in cases:
         for amp in (False, True):
             for cl in (False, True):
-                ips = step_throughput(arch, res, batch, amp, cl, args.steps)
-                rows.append((arch, res, batch, amp, cl, ips))
-                log.info("%s %d b%d amp=%s channels_last=%s: %.1f img/s", arch, res, batch, amp, cl, ips)
+                for comp in (False, True) if args.compile else (False,):
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats(device)
+                    ips = step_throughput(arch, res, batch, amp, cl, args.steps, device, classes, comp)
+                    mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+                    rows.append((arch, res, batch, amp, cl, comp, ips, mem))
+                    log.info(
+                        "%s %d b%d amp=%s cl=%s compile=%s: %.1f img/s", arch, res, batch, amp, cl, comp, ips
+                    )
     log.info("")
-    log.info("machine: %s; torch %s, %d threads", describe(), torch.__version__, torch.get_num_threads())
-    log.info("| model | resolution | batch | bf16 autocast | channels_last | train img/s |")
-    log.info("|---|---|---|---|---|---|")
-    for arch, res, batch, amp, cl, ips in rows:
-        flags = ("on" if amp else "off", "on" if cl else "off")
-        log.info("| %s | %d | %d | %s | %s | %.1f |", arch, res, batch, *flags, ips)
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if cuda else ""
+    log.info(
+        "machine: %s%s; torch %s, %d threads", describe(), gpu, torch.__version__, torch.get_num_threads()
+    )
+    log.info(
+        "| model | resolution | batch | classes | bf16 autocast | channels_last | compile | img/s | GPU GiB |"
+    )
+    log.info("|---|---|---|---|---|---|---|---|---|")
+    for arch, res, batch, amp, cl, comp, ips, mem in rows:
+        flags = ("on" if amp else "off", "on" if cl else "off", "on" if comp else "off")
+        log.info(
+            "| %s | %d | %d | %d | %s | %s | %s | %.1f | %.1f |", arch, res, batch, classes, *flags, ips, mem
+        )
     if memory is not None:
         seconds, self_mb, child_mb = memory
         log.info("")
