@@ -18,7 +18,8 @@ TINY = {
             "test_per_sku": 2,
         },
     },
-    "prepare": {"size": 64, "n_jobs": 1, "val_fraction": 0.15},
+    # SKUs of 2-6 images: val from every SKU with >= 2 (the default 10 would leave val empty)
+    "prepare": {"size": 64, "n_jobs": 1, "val_fraction": 0.15, "val_min_images": 2},
     "balance": {"per_class": 3},
 }
 

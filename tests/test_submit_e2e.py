@@ -28,7 +28,7 @@ def tiny_params() -> dict:
                 "test_per_sku": 2,
             }
         },
-        "prepare": {"size": 48, "n_jobs": 1},
+        "prepare": {"size": 48, "n_jobs": 1, "val_min_images": 2},  # SKUs of 2-6 images
         "balance": {"per_class": 2},
         "evaluate": {"batch_size": 16, "gallery_size": 3, "gallery_tile": 48},
         "tta": {"scales": [1.0], "flip": True},
