@@ -197,10 +197,29 @@ class _ShardedEpochSampler(Sampler[int]):
     and the sharding are shared.
     """
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, batch_size: int | None):
+    def __init__(
+        self,
+        n: int,
+        rank: int,
+        world: int,
+        seed: int,
+        batch_size: int | None,
+        global_batch: int | None = None,
+    ):
         self.n, self.rank, self.world, self.seed = n, rank, world, seed
         self.batch_size = batch_size
+        # training: keep only whole global batches of each epoch's order (timm's drop_last). A
+        # short last batch of a few images would take a full optimizer step on a noisy gradient
+        # and, with BatchNorm in train mode, pull the running statistics towards those few images
+        # just before validation (measured on the default: 580 train images = 18 x 32 + 4 cost
+        # 19 points of test top-1). The dropped images differ every epoch (the order is shuffled).
+        self.global_batch = global_batch if global_batch and n >= global_batch else None
         self.epoch = 0
+
+    def _used(self, order: list[int]) -> list[int]:
+        if self.global_batch is None:
+            return order
+        return order[: len(order) // self.global_batch * self.global_batch]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -212,7 +231,8 @@ class _ShardedEpochSampler(Sampler[int]):
         raise NotImplementedError
 
     def __len__(self) -> int:
-        return len(shard_for_rank(range(self.n), self.n, self.rank, self.world, self.batch_size))
+        order = self._used(list(range(self.n)))
+        return len(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
 
     def update_sizes(self, micro_batch: int, grad_accum: int) -> np.ndarray:
         """Real (weight-1) samples in each optimizer update of this epoch, over ALL ranks.
@@ -222,7 +242,7 @@ class _ShardedEpochSampler(Sampler[int]):
         the step's gradient is then the mean over exactly the samples of that update, however
         they are split over ranks and micro-batches (a short last update included).
         """
-        order = self._order()
+        order = self._used(self._order())
         total = None
         for rank in range(self.world):
             index = np.asarray(shard_for_rank(order, self.n, rank, self.world, self.batch_size))
@@ -233,7 +253,8 @@ class _ShardedEpochSampler(Sampler[int]):
         return total
 
     def __iter__(self) -> Iterator[int]:
-        return iter(shard_for_rank(self._order(), self.n, self.rank, self.world, self.batch_size))
+        order = self._used(self._order())
+        return iter(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
 
 
 class EpochSampler(_ShardedEpochSampler):
@@ -252,8 +273,9 @@ class EpochSampler(_ShardedEpochSampler):
         shuffle: bool = True,
         seed: int = 0,
         batch_size: int | None = None,
+        global_batch: int | None = None,
     ):
-        super().__init__(n, rank, world, seed, batch_size)
+        super().__init__(n, rank, world, seed, batch_size, global_batch)
         self.shuffle = shuffle
 
     def _order(self) -> list[int]:
@@ -276,11 +298,12 @@ class ClassBalancedSampler(_ShardedEpochSampler):
         world: int = 1,
         seed: int = 0,
         batch_size: int | None = None,
+        global_batch: int | None = None,
     ):
         labels = np.asarray(labels)
         counts = np.bincount(labels)
         self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-        super().__init__(len(labels), rank, world, seed, batch_size)
+        super().__init__(len(labels), rank, world, seed, batch_size, global_batch)
 
     def _order(self) -> list[int]:
         return torch.multinomial(self.weights, self.n, replacement=True, generator=self._generator()).tolist()

@@ -332,6 +332,7 @@ class PhaseConfig:
     accuracy_loss_weight: float = 0.0  # loss = (1-w) * CE + w * L_acc (the paper's accuracy loss)
     sampler: Literal["random", "class_balanced"] = "random"  # class_balanced: equal SKU odds
     grad_accum: int = 1  # optimizer step every grad_accum micro-batches
+    drop_last: bool = True  # each epoch trains on whole global batches only (timm's drop_last)
     clip_grad: float | None = None  # max global grad norm; null = no clipping
     ema: bool = False  # keep an EMA of the weights; it is what gets evaluated and saved
     ema_decay: float = 0.999

@@ -212,13 +212,20 @@ class PhaseRunner:
         self.val_ds = PreparedImageDataset(self.val_df, p.images, val_tf, min_side=self.resize)
         info = self.info
         mb = self.micro_batch
+        whole = self.cfg.batch_size if self.cfg.drop_last else None
         if self.cfg.sampler == "class_balanced":
             self.train_sampler = ClassBalancedSampler(
-                self.train_ds.labels, info.rank, info.world, self.cfg.seed, batch_size=mb
+                self.train_ds.labels, info.rank, info.world, self.cfg.seed, batch_size=mb, global_batch=whole
             )
         else:
             self.train_sampler = EpochSampler(
-                len(self.train_ds), info.rank, info.world, True, self.cfg.seed, batch_size=mb
+                len(self.train_ds),
+                info.rank,
+                info.world,
+                True,
+                self.cfg.seed,
+                batch_size=mb,
+                global_batch=whole,
             )
         # eval mode uses running BN statistics: a 1-sample batch is fine there
         self.val_sampler = EpochSampler(len(self.val_ds), info.rank, info.world, shuffle=False)
@@ -233,7 +240,7 @@ class PhaseRunner:
             sampler=sampler,
             num_workers=workers,
             pin_memory=host_transfer(self.info.device)["pin_memory"],
-            drop_last=False,  # every sample counts once per epoch; BN copes with a short batch
+            drop_last=False,  # the training sampler keeps whole global batches (train.drop_last)
             worker_init_fn=_worker_init if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),
             persistent_workers=False,  # fresh, epoch-seeded workers: resume-exact augmentation
