@@ -322,3 +322,23 @@ def test_random_erasing_replaces_a_patch_with_noise():
     changed = (a != b).any(dim=0)
     assert 0.02 * 40 * 40 <= int(changed.sum()) <= 0.3 * 40 * 40  # a patch of 2-25% of the area
     assert float(b[:, changed].std()) > 0.1  # filled with per-pixel noise, not a flat colour
+
+
+def test_drop_last_keeps_whole_global_batches_and_varies_the_dropped_images():
+    from products10k.datasets import EpochSampler
+
+    samplers = [EpochSampler(21, rank, 2, True, seed=0, batch_size=4, global_batch=8) for rank in (0, 1)]
+    dropped = []
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        seen = [i for s in samplers for i in s]
+        assert len(seen) == 16 and len(set(seen)) == 16 and all(i < 21 for i in seen)  # no padding
+        assert all(len(s) == 8 for s in samplers)
+        dropped.append(set(range(21)) - set(seen))
+        sizes = samplers[0].update_sizes(micro_batch=4, grad_accum=1)
+        assert sizes.tolist() == [8.0, 8.0]  # every update a whole global batch
+    assert dropped[0] != dropped[1]  # a different remainder each epoch
+    # fewer images than one global batch: nothing is dropped
+    small = EpochSampler(5, 0, 1, True, seed=0, batch_size=8, global_batch=8)
+    assert sorted(small) == list(range(5))

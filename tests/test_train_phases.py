@@ -272,8 +272,8 @@ def test_optional_tricks_run(tmp_path, train):
         # step schedule, milestone at epoch 1 (gamma 0.1): the 2nd epoch starts at a tenth of the lr
         lrs = [r["lr"] for r in result["history"]]
         assert lrs[1] == pytest.approx(lrs[0] * 0.1)
-        # grad_accum 2: 18 images in micro-batches of 4 = 5 micro-steps = 3 optimizer updates an epoch
-        assert last["phase_config"]["sampler"] == "class_balanced" and last["train_state"]["global_step"] == 6
+        # grad_accum 2, drop_last: 16 of 18 draws in micro-batches of 4 = 2 optimizer updates an epoch
+        assert last["phase_config"]["sampler"] == "class_balanced" and last["train_state"]["global_step"] == 4
 
 
 def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeline, tmp_path):
