@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from products10k.datasets import PreparedImageDataset
-from products10k.devices import host_transfer, resolve_device  # noqa: F401  (re-exported)
+from products10k.devices import host_transfer
 from products10k.errors import DataError
 from products10k.predictions import SplitScores, TopKWriter
 from products10k.tta import View, base_views

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.special import logsumexp
 
 from products10k import atomic
 from products10k.datasets import read_label_map as read_label_map_checked
@@ -96,8 +97,7 @@ class TopKWriter:
         self.topk_logits[start:stop] = np.take_along_axis(logits, top, axis=1)
         # log-sum-exp in float64 per row: a (B, K) temporary, never (N, K)
         z = logits.astype(np.float64)
-        zmax = z.max(axis=1, keepdims=True)
-        lse = (zmax + np.log(np.exp(z - zmax).sum(axis=1, keepdims=True)))[:, 0]
+        lse = logsumexp(z, axis=1)
         self.logsumexp[start:stop] = lse
         labels = np.asarray(labels)
         known = np.flatnonzero(labels >= 0)
@@ -150,10 +150,6 @@ class Predictions:
     val: SplitScores
     test: SplitScores
     skus: np.ndarray  # label -> SKU id
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.skus)
 
 
 def load_predictions(path: str | Path, member: str = "") -> Predictions:

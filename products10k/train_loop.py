@@ -194,6 +194,7 @@ class PhaseRunner:
             )
         self.micro_batch = self.cfg.batch_size // per_step
         self.amp_dtype = amp_dtype(self.cfg.amp, self.info.device)
+        self.non_blocking = host_transfer(self.info.device)["non_blocking"]  # async copies to CUDA only
 
     # ----------------------------------------------------------------------------------- data
     def _load_data(self) -> None:
@@ -212,20 +213,14 @@ class PhaseRunner:
         self.val_ds = PreparedImageDataset(self.val_df, p.images, val_tf, min_side=self.resize)
         info = self.info
         mb = self.micro_batch
-        whole = self.cfg.batch_size if self.cfg.drop_last else None
+        batching = {"batch_size": mb, "global_batch": self.cfg.batch_size if self.cfg.drop_last else None}
         if self.cfg.sampler == "class_balanced":
             self.train_sampler = ClassBalancedSampler(
-                self.train_ds.labels, info.rank, info.world, self.cfg.seed, batch_size=mb, global_batch=whole
+                self.train_ds.labels, info.rank, info.world, self.cfg.seed, **batching
             )
         else:
             self.train_sampler = EpochSampler(
-                len(self.train_ds),
-                info.rank,
-                info.world,
-                True,
-                self.cfg.seed,
-                batch_size=mb,
-                global_batch=whole,
+                len(self.train_ds), info.rank, info.world, True, self.cfg.seed, **batching
             )
         # eval mode uses running BN statistics: a 1-sample batch is fine there
         self.val_sampler = EpochSampler(len(self.val_ds), info.rank, info.world, shuffle=False)
@@ -371,7 +366,7 @@ class PhaseRunner:
 
     # -------------------------------------------------------------------------------- epochs
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.info.device, non_blocking=host_transfer(self.info.device)["non_blocking"])
+        images = images.to(self.info.device, non_blocking=self.non_blocking)
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
@@ -429,9 +424,8 @@ class PhaseRunner:
                 break
             data_wait += time.perf_counter() - t_wait
             images = self._to_device(images)
-            non_blocking = host_transfer(info.device)["non_blocking"]
-            target = target.to(info.device, non_blocking=non_blocking)
-            weight = weight.to(info.device, dtype=torch.float32, non_blocking=non_blocking)
+            target = target.to(info.device, non_blocking=self.non_blocking)
+            weight = weight.to(info.device, dtype=torch.float32, non_blocking=self.non_blocking)
             last_micro = (pending + 1) == cfg.grad_accum or (step + 1) == self.batches_per_epoch
             sync = contextlib.nullcontext()
             if info.enabled and not last_micro:
@@ -461,9 +455,9 @@ class PhaseRunner:
             if seen is not None:
                 seen.extend(int(i) for i, w in zip(index, weight.cpu(), strict=True) if w > 0)
             if info.is_main and step % BAR_EVERY == 0:
-                loss_sum, _, count = sums.tolist()
+                running_loss, _, running_count = sums.tolist()
                 bar.set_postfix(
-                    loss=f"{loss_sum / max(count, 1):.3f}", lr=f"{current_lr(self.optimizer):.2e}"
+                    loss=f"{running_loss / max(running_count, 1):.3f}", lr=f"{current_lr(self.optimizer):.2e}"
                 )
         bar.close()
         elapsed = time.perf_counter() - t0
