@@ -38,10 +38,10 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from products10k.datasets import PreparedImageDataset  # noqa: E402
-from products10k.params import PhaseConfig  # noqa: E402
-from products10k.storage import ShardWriter  # noqa: E402
-from products10k.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_resize, train_transform  # noqa: E402
+from products10k.config import PhaseConfig  # noqa: E402
+from products10k.prepared.shards import ShardWriter  # noqa: E402
+from products10k.training.data import PreparedImageDataset  # noqa: E402
+from products10k.training.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_resize, train_transform  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 

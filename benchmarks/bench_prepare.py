@@ -98,8 +98,8 @@ def plain(zip_path: Path) -> tuple[float, int]:
 
 
 def ours(raw: Path, out: Path, n_jobs: int) -> float:
-    from products10k.params import PrepareConfig
-    from products10k.prepare import prepare
+    from products10k.config import PrepareConfig
+    from products10k.prepared.prepare import prepare
 
     cfg = PrepareConfig(size=SIZE, jpeg_quality=QUALITY, n_jobs=n_jobs, val_fraction=0.0)
     t0 = time.perf_counter()

@@ -157,7 +157,10 @@ def main() -> None:
     env_path = f"{venv_bin}{os.pathsep}{os.environ['PATH']}"
     os.environ["PATH"] = env_path  # dvc.yaml's cmds call python/torchrun from the venv
     os.environ["PYTHONPATH"] = str(work)  # the clone's package, not the editable install's
-    run([sys.executable, "-m", "products10k.presets", "apply", args.preset, "--params", "params.yaml"], work)
+    run(
+        [sys.executable, "-m", "products10k.config.presets", "apply", args.preset, "--params", "params.yaml"],
+        work,
+    )
     if args.set:
         params = yaml.safe_load((work / "params.yaml").read_text())
         for item in args.set:

@@ -70,7 +70,7 @@ def peak_rss_mib() -> float:
 
 
 def child(train_csv: str, test_csv: str, imports_only: bool) -> None:
-    from products10k.tables import load_test_table, load_train_table, make_label_map, split_train_val
+    from products10k.prepared.tables import load_test_table, load_train_table, make_label_map, split_train_val
 
     if imports_only:
         print(json.dumps({"peak_rss": peak_rss_mib()}))

@@ -31,11 +31,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from products10k.config import load_yaml, member_params, section  # noqa: E402
-from products10k.devices import resolve_device  # noqa: E402
-from products10k.models import create_model  # noqa: E402
-from products10k.params import ModelConfig  # noqa: E402
-from products10k.train_loop import resolve_phase_config  # noqa: E402
+from products10k.config import (  # noqa: E402
+    ModelConfig,  # noqa: E402
+    load_yaml,
+    member_params,
+    section,
+)
+from products10k.training.devices import resolve_device  # noqa: E402
+from products10k.training.loop import resolve_phase_config  # noqa: E402
+from products10k.training.model import create_model  # noqa: E402
 
 log = logging.getLogger("bench_train")
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from products10k.balance import balance
-from products10k.cli import run_stage
-from products10k.config import load_section
-from products10k.params import BalanceConfig
+from products10k.common import run_stage
+from products10k.config import BalanceConfig, load_section
+from products10k.prepared.balance import balance
 
 log = logging.getLogger("stages.balance")
 

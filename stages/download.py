@@ -12,10 +12,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from products10k.cli import run_stage
-from products10k.config import load_section
-from products10k.download import download
-from products10k.params import DataConfig
+from products10k.common import run_stage
+from products10k.config import DataConfig, load_section
+from products10k.raw.download import download
 
 log = logging.getLogger("stages.download")
 

@@ -18,13 +18,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from products10k.cli import run_stage
-from products10k.config import load_yaml, member_names, section
-from products10k.errors import ConfigError
-from products10k.evaluation import EvalOutputs, evaluate_phase
-from products10k.params import EvaluateConfig, TTAConfig
-from products10k.predictions import require_evaluated_phase
-from products10k.seeding import seed_everything
+from products10k.common import ConfigError, run_stage, seed_everything
+from products10k.config import EvaluateConfig, TTAConfig, load_yaml, member_names, section
+from products10k.evaluation.evaluate import EvalOutputs, evaluate_phase
+from products10k.submission.predictions import require_evaluated_phase
 
 log = logging.getLogger("stages.evaluate")
 

@@ -4,7 +4,7 @@ Run (as dvc.yaml does):
 
     python stages/prepare.py --params params.yaml --raw data/raw --out data/prepared
 
-Reads the ``prepare`` section of the params file; see products10k/prepare.py for the contract.
+Reads the ``prepare`` section of the params file; see products10k/prepared/prepare.py for the contract.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from products10k.cli import run_stage
-from products10k.config import load_section
-from products10k.params import PrepareConfig
-from products10k.prepare import prepare
+from products10k.common import run_stage
+from products10k.config import PrepareConfig, load_section
+from products10k.prepared.prepare import prepare
 
 log = logging.getLogger("stages.prepare")
 

@@ -11,7 +11,7 @@ Run::
 ``--predictions`` is the folder of the phase named by ``submit.phase`` (one ``<member>.npz`` per
 ensemble member, written by the evaluate stages). Test images the prepare stage excluded
 (``--report``) have no prediction: they get the most frequent training SKU, with a warning, and
-are counted in ``test.fallback_rows`` (see products10k/submission.py).
+are counted in ``test.fallback_rows`` (see products10k/submission/submit.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from products10k import atomic
-from products10k.cli import run_stage
-from products10k.config import load_yaml, member_names, section
-from products10k.errors import Products10kError
-from products10k.params import EnsembleConfig, EvaluateConfig, SubmitConfig
-from products10k.predictions import require_evaluated_phase
-from products10k.submission import kaggle_submit, make_submission
+from products10k import common
+from products10k.common import Products10kError, run_stage
+from products10k.config import EnsembleConfig, EvaluateConfig, SubmitConfig, load_yaml, member_names, section
+from products10k.submission.predictions import require_evaluated_phase
+from products10k.submission.submit import kaggle_submit, make_submission
 
 log = logging.getLogger("stages.submit")
 
@@ -71,7 +69,7 @@ def _run(args: argparse.Namespace) -> None:
         top_k=cfg.top_k,
         report_path=args.report,
     )
-    atomic.write_json(args.metrics, metrics)
+    common.write_json(args.metrics, metrics)
     test = metrics["test"]
     if "top1" in test:  # an unlabelled test list cannot be scored locally
         log.info(

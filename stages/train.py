@@ -18,9 +18,9 @@ import logging
 import os
 from pathlib import Path
 
-from products10k.cli import run_stage
-from products10k.params import PHASES
-from products10k.train_loop import PhasePaths, run_phase
+from products10k.common import run_stage
+from products10k.config import PHASES
+from products10k.training.loop import PhasePaths, run_phase
 
 log = logging.getLogger("stages.train")
 

@@ -1,0 +1,167 @@
+"""The evaluate stage's work: one member's checkpoint of one phase -> metrics, logits, plots.
+
+Outputs (paths come from the stage's command line):
+
+- metrics JSON: ``val.*``, ``test.*`` of the single centre crop at the training resolution (the
+  paper's protocol, so ``test.top1`` compares with Table 1), with ``test.public.*``/
+  ``test.private.*`` (the local Kaggle leaderboard), head/tail and in-shop/customer slices; and
+  ``val.tta.*``/``test.tta.*`` of the TTA average the submission uses, with ``tta.views``: top-1
+  of every view alone, of all views but one, and of all together. One file per member and phase, so
+  ``dvc metrics show`` lists base -> +balanced finetune -> +accuracy loss as rows: Table 1.
+- predictions ``.npz``: the top-k of the TTA-averaged val and test logits with names, labels and
+  the label -> SKU map, the ensemble's input (``products10k.submission.predictions``: bounded at any class
+  count; metrics, gallery and plots are computed from the same exact top-k).
+- plots: per-group accuracy and the most confused SKU pairs (CSV for ``dvc plots``), and a PNG
+  gallery of the most confident test errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from products10k import common
+from products10k.common import Products10kError
+from products10k.config import EvaluateConfig, TTAConfig
+from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
+from products10k.evaluation.metrics import confused_pairs, per_group_table, split_metrics
+from products10k.evaluation.predict import predict
+from products10k.evaluation.views import build_views
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.prepared.shards import ImageStore
+from products10k.submission.predictions import SplitScores, save_predictions
+from products10k.training.checkpoint import check_labels, load_model
+from products10k.training.devices import amp_dtype, eval_workers, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def load_member_checkpoint(path: str | Path, member: str, phase: str, label_map: pd.DataFrame, map_path):
+    """Load a checkpoint; a missing one or one trained on another label map is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise Products10kError(
+            f"ensemble member '{member}', phase '{phase}': checkpoint {path} not found "
+            f"(run `dvc repro {phase}@{member}`)"
+        )
+    model, meta = load_model(path, map_location="cpu")
+    check_labels(meta, label_map, path, map_path)
+    return model, meta
+
+
+def tta_metrics(pred, rows: pd.DataFrame, n_train: dict, tail_max_images: int) -> dict:
+    """The TTA average's headline figures and what each view adds (``<split>.tta.*``)."""
+    full = split_metrics(pred.scores.topk_labels, rows, n_train, tail_max_images)
+    out = {k: full[k] for k in ("top1", "top5")}
+    for part in ("public", "private", "head", "tail"):
+        if part in full:
+            out[part] = {"top1": full[part]["top1"]}
+    out["views"] = pred.tta_report(rows["label"].to_numpy())
+    return out
+
+
+@dataclass
+class EvalOutputs:
+    metrics: Path
+    predictions: Path
+    per_group: Path
+    confused: Path
+    gallery: Path
+
+
+def evaluate_phase(
+    *,
+    member: str,
+    phase: str,
+    checkpoint: str | Path,
+    label_map_path: str | Path,
+    train_path: str | Path,
+    val_path: str | Path,
+    test_path: str | Path,
+    images_root: str | Path,
+    outputs: EvalOutputs,
+    cfg: EvaluateConfig,
+    tta: TTAConfig,
+) -> dict:
+    """Evaluate one member's checkpoint of one phase; write every output; return the metrics."""
+    label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
+    val = read_prepared(val_path, label_map, allow_empty=True)
+    test = read_prepared(test_path, label_map, usage=True, allow_empty=True)
+    model, meta = load_member_checkpoint(checkpoint, member, phase, label_map, label_map_path)
+
+    resolution = int(meta["resolution"])
+    normalize = meta.get("normalize")  # None in checkpoints from before it was stored: ImageNet's
+    views = build_views(tta, resolution, meta.get("resize"), normalize)
+    # the paper's protocol: one centre crop at the training resolution, no flip
+    single = build_views(
+        TTAConfig(scales=(1.0,), crops="center", flip=False), resolution, meta.get("resize"), normalize
+    )[0]
+    log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
+    device = resolve_device(cfg.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    kw = dict(
+        top_k=cfg.top_k,
+        batch_size=cfg.batch_size,
+        num_workers=eval_workers(cfg.num_workers, device, cores),
+        device=device,
+        amp=amp_dtype(cfg.amp, device),
+        single=single,
+    )
+    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
+    results = {}
+    for split, rows, path in (("val", val, val_path), ("test", test, test_path)):
+        if split == "val" and not len(rows):  # prepare.val_fraction: 0; the ensemble uses equal weights
+            log.info("%s: no %s rows; its metrics are left out", path, split)
+            empty = SplitScores.from_logits([], [], np.zeros((0, len(label_map)), np.float32), cfg.top_k)
+            results[split] = (empty, empty, {"n": 0})
+            continue
+        pred = predict(
+            model, rows, images_root, views, desc=f"{member}/{phase} {split}", where=str(path), **kw
+        )
+        # test.top1 etc: the single centre crop (comparable with the paper); test.tta.*: the TTA average
+        block = split_metrics(pred.single.topk_labels, rows, n_train, cfg.tail_max_images)
+        block["tta"] = tta_metrics(pred, rows, n_train, cfg.tail_max_images)
+        results[split] = (pred.scores, pred.single, block)
+    (val_scores, _, val_block), (test_scores, test_single, test_block) = results["val"], results["test"]
+    metrics = {
+        "val": val_block,
+        "test": test_block,
+        "views": len(views),
+        "epoch": int(meta.get("epoch", -1)),
+        "resolution": resolution,
+    }
+
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    save_predictions(outputs.predictions, val=val_scores, test=test_scores, skus=skus)
+
+    # the plots show the single centre crop, the figure test.top1 reports
+    test_top = test_single.topk_labels
+    common.write_csv(outputs.per_group, per_group_table(test_top, test))
+    sku_group = dict(zip(label_map["sku"], label_map["group"], strict=True))
+    pairs = confused_pairs(test_top[:, 0], test["label"].to_numpy(), skus, sku_group, top=cfg.top_confused)
+    common.write_csv(outputs.confused, pairs)
+
+    train = read_prepared(train_path, label_map)
+    exemplars = train.drop_duplicates("label", keep="first").set_index("label")
+    errors = worst_errors(test_single, cfg.gallery_size)
+    title = f"{member}/{phase}: {len(errors)} most confident test errors"
+    image = draw_gallery(errors, test, exemplars, skus, ImageStore(images_root), cfg.gallery_tile, title)
+    common.write_bytes(outputs.gallery, encode_png(image))
+
+    common.write_json(outputs.metrics, metrics)
+    log.info(
+        "%s/%s: val top1 %.4f, test top1 %.4f single crop / %.4f TTA (public %.4f, private %.4f)",
+        member,
+        phase,
+        metrics["val"].get("top1", float("nan")),
+        metrics["test"].get("top1", float("nan")),
+        metrics["test"]["tta"].get("top1", float("nan")),
+        metrics["test"].get("public", {}).get("top1", float("nan")),
+        metrics["test"].get("private", {}).get("top1", float("nan")),
+    )
+    return metrics

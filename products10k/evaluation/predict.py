@@ -1,0 +1,152 @@
+"""Batched inference with TTA over prepared images, streamed into top-k scores.
+
+Each image is decoded once; every base view (scale x crop) is produced from that decode and the
+flipped copies are made on the batch tensor. Nothing (N, K)-sized is ever held: each batch's
+view-averaged logits are reduced at once to their top-k, log-sum-exp and true-label log-prob
+(``products10k.predictions.TopKWriter``), and the per-view and leave-one-view-out reports to an
+argmax per row. Memory is O(batch x K + N x k) whatever the class count (55k x 9.7k test logits
+would be 2.1 GB in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from products10k.common import DataError
+from products10k.evaluation.views import View, base_views
+from products10k.submission.predictions import SplitScores, TopKWriter
+from products10k.training.data import PreparedImageDataset
+from products10k.training.devices import host_transfer
+
+log = logging.getLogger(__name__)
+
+
+class ViewsDataset(Dataset):
+    """Rows of a prepared CSV as ``{base view name: CHW tensor}`` (one decode per image)."""
+
+    def __init__(self, df: pd.DataFrame, images_root: str | Path, views: list[View]):
+        self.bases = base_views(views)  # distinct base views, each computed once per image
+        # A reduced JPEG decode is allowed only down to the LARGEST view's resize: every view is
+        # then made by downscaling, never by upsampling a decode that was too small for it.
+        min_side = max(b.resize for b in self.bases)
+        self.images = PreparedImageDataset(df, images_root, transform=None, min_side=min_side)
+        self.transforms = [(b.name, b.transform()) for b in self.bases]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images.load(index)
+        return {name: tf(image) for name, tf in self.transforms}
+
+
+@dataclass
+class Prediction:
+    """One split: top-k of the mean logits over the TTA views, of the single centre crop, and
+    the per-view and leave-one-out argmax."""
+
+    scores: SplitScores  # the TTA average
+    single: SplitScores | None = None  # the single view asked for (the paper's centre crop)
+    view_top1: dict[str, np.ndarray] = field(default_factory=dict)  # view -> (N,) argmax alone
+    without_top1: dict[str, np.ndarray] = field(default_factory=dict)  # view -> argmax of the rest
+
+    def tta_report(self, labels: np.ndarray) -> dict:
+        """Top-1 of each view alone, of all views but one, and of all views together."""
+        labels = np.asarray(labels)
+        report = {"all": float((self.scores.topk_labels[:, 0] == labels).mean())}
+        for name, pred in self.view_top1.items():
+            report[name] = float((pred == labels).mean())
+        for name, pred in self.without_top1.items():
+            report[f"without_{name}"] = float((pred == labels).mean())
+        return report
+
+
+@torch.inference_mode()
+def predict(
+    model: torch.nn.Module,
+    df: pd.DataFrame,
+    images_root: str | Path,
+    views: list[View],
+    top_k: int = 100,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    amp: torch.dtype | None = None,
+    desc: str = "predict",
+    where: str = "",
+    single: View | None = None,
+) -> Prediction:
+    """Run ``model`` over the rows of ``df`` (``name``, ``label``, image location) with every view.
+
+    ``single``: one more view whose own top-k is kept as well (the paper's single centre crop at
+    the training resolution); it costs no extra forward pass when it is one of ``views``.
+
+    ``amp``: an autocast dtype (bf16/fp16 on CUDA) for the backbone; the model's head computes
+    in float32 (``Products10kNet``), so rankings over thousands of close logits are not rounded.
+    """
+    if len(df) == 0:
+        raise DataError(f"{where or desc}: no rows to predict (the split is empty)")
+    device = torch.device(device)
+    flags = host_transfer(device)
+    model = model.to(device).eval()
+    extra = single is not None and single not in views
+    dataset = ViewsDataset(df, images_root, [*views, single] if extra else views)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=flags["pin_memory"],
+        persistent_workers=False,
+    )
+    n = len(dataset)
+    labels = df["label"].to_numpy(dtype=np.int64)
+    names = [v.name for v in views]
+    writer: TopKWriter | None = None
+    single_writer: TopKWriter | None = None
+    view_top1 = {v: np.empty(n, dtype=np.int64) for v in names}
+    without_top1 = {v: np.empty(n, dtype=np.int64) for v in names} if len(views) > 1 else {}
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    start = 0
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
+        per_view = []
+        for view in views:
+            x = batch[view.base.name].to(device, non_blocking=flags["non_blocking"])
+            if view.flip:
+                x = torch.flip(x, dims=[-1])
+            with autocast:
+                per_view.append(model(x).float())
+        stacked = torch.stack(per_view)  # (V, B, K) on the device
+        summed = stacked.sum(0)
+        stop = start + stacked.shape[1]
+        for name, logits in zip(names, stacked, strict=True):
+            view_top1[name][start:stop] = logits.argmax(1).cpu().numpy()
+        if without_top1:
+            for name, logits in zip(without_top1, stacked, strict=True):
+                without_top1[name][start:stop] = (summed - logits).argmax(1).cpu().numpy()
+        mean = (summed / len(views)).cpu().numpy()
+        if writer is None:
+            writer = TopKWriter(n, top_k, mean.shape[1])
+            single_writer = TopKWriter(n, top_k, mean.shape[1]) if single is not None else None
+        writer.add(start, mean, labels[start:stop])
+        if single_writer is not None:
+            if extra:
+                x = batch[single.base.name].to(device, non_blocking=flags["non_blocking"])
+                with autocast:
+                    one = model(torch.flip(x, dims=[-1]) if single.flip else x).float()
+            else:
+                one = stacked[views.index(single)]
+            single_writer.add(start, one.cpu().numpy(), labels[start:stop])
+        start = stop
+    names = df["name"].astype(str).to_numpy()
+    single_scores = single_writer.result(names, labels) if single_writer is not None else None
+    return Prediction(writer.result(names, labels), single_scores, view_top1, without_top1)

@@ -1,0 +1,2 @@
+"""Submission (stage ``submit``): the top-k predictions file, the ensemble, the Kaggle CSV and its
+upload."""

@@ -1,0 +1,158 @@
+"""The predictions file between ``evaluate`` and ``submit``: the top-k of every row, not all K scores.
+
+At Products-10K's size a full score matrix is 55,376 test rows x 9,691 classes = 2.1 GB in
+float32 per member and phase, and every whole-array step on it (a softmax, an argsort, a float64
+copy) costs as much again. What the metrics, the gallery and the ensemble need is much less; per
+row of a split the file keeps
+
+- ``topk_labels`` (N, k) int32 and ``topk_logits`` (N, k) float32: the k highest TTA-averaged
+  logits, best first, ties broken by the lower label;
+- ``logsumexp`` (N,) float32: log of the sum of exp(logit) over **all** K classes, so
+  ``exp(topk_logits - logsumexp)`` are the exact softmax probabilities of the kept labels and
+  ``1 - sum(them)`` is the exact probability mass of the K - k labels left out;
+- ``label_logprob`` (N,) float32: the exact log-softmax of the row's own label (NaN where the label
+  is -1, a test SKU the training set lacks), whether or not it is in the top-k: the ensemble weight
+  fit needs it for every row.
+
+What is exact and what is not: a member's top-1..top-k predictions, its top-1/top-5 metrics, its
+confidence and every label's probability it kept are exact. The ensemble
+(``products10k.ensemble.combine_topk``) needs a member's probability of a label that member did
+not keep; it uses the mean of that member's left-out mass, which lies, as the true value does, in
+[0, p_k] (p_k = the member's k-th probability). An ensemble probability is therefore off by at most
+``sum_m w_m * p_k,m``; the submit stage reports the largest such bound and how many rows' top-1
+it could change. Size at full scale with k = 100: 55,376 x 100 x 8 B = 44 MB of test rows per file.
+
+Kept apart from ``evaluation`` so that ``submit`` (which only ensembles saved scores) depends on
+the file format, not on the model, TTA and plotting code that produced it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.special import logsumexp
+
+from products10k import common
+from products10k.common import ConfigError, DataError, Products10kError
+from products10k.evaluation.metrics import topk_indices
+
+SPLITS = ("val", "test")
+ROW_ARRAYS = ("names", "labels", "topk_labels", "topk_logits", "logsumexp", "label_logprob")
+PREDICTION_KEYS = tuple(f"{s}_{a}" for s in SPLITS for a in ROW_ARRAYS) + ("skus",)
+
+
+@dataclass
+class SplitScores:
+    """One split's predictions: names, labels and the top-k of the averaged logits (see above)."""
+
+    names: np.ndarray  # (N,) str
+    labels: np.ndarray  # (N,) int64; -1 = a SKU the training set lacks
+    topk_labels: np.ndarray  # (N, k) int32, best first
+    topk_logits: np.ndarray  # (N, k) float32
+    logsumexp: np.ndarray  # (N,) float32, over all K classes
+    label_logprob: np.ndarray  # (N,) float32, NaN where labels < 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_labels.shape[1])
+
+    def topk_probs(self) -> np.ndarray:
+        """Exact softmax probabilities of the kept labels, (N, k) float32."""
+        return np.exp(self.topk_logits - self.logsumexp[:, None]).astype(np.float32)
+
+    @classmethod
+    def from_logits(cls, names, labels, logits: np.ndarray, k: int) -> SplitScores:
+        """From a full (N, K) logits array (tests, small data); evaluate streams with TopKWriter."""
+        logits = np.asarray(logits, dtype=np.float32)
+        writer = TopKWriter(len(labels), k, logits.shape[1])
+        if len(labels):
+            writer.add(0, logits, np.asarray(labels))
+        return writer.result(names, labels)
+
+
+class TopKWriter:
+    """Fills a SplitScores block by block, so that no (N, K) array is ever held."""
+
+    def __init__(self, n: int, k: int, num_classes: int):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = min(k, num_classes)
+        self.topk_labels = np.zeros((n, self.k), dtype=np.int32)
+        self.topk_logits = np.zeros((n, self.k), dtype=np.float32)
+        self.logsumexp = np.zeros(n, dtype=np.float32)
+        self.label_logprob = np.full(n, np.nan, dtype=np.float32)
+
+    def add(self, start: int, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Rows ``start:start+B`` from their (B, K) float32 logits and labels."""
+        stop = start + len(logits)
+        top = topk_indices(logits, self.k)
+        self.topk_labels[start:stop] = top
+        self.topk_logits[start:stop] = np.take_along_axis(logits, top, axis=1)
+        # log-sum-exp in float64 per row: a (B, K) temporary, never (N, K)
+        z = logits.astype(np.float64)
+        lse = logsumexp(z, axis=1)
+        self.logsumexp[start:stop] = lse
+        labels = np.asarray(labels)
+        known = np.flatnonzero(labels >= 0)
+        self.label_logprob[start + known] = z[known, labels[known]] - lse[known]
+
+    def result(self, names, labels) -> SplitScores:
+        return SplitScores(
+            names=np.asarray(names).astype(str),
+            labels=np.asarray(labels, dtype=np.int64),
+            topk_labels=self.topk_labels,
+            topk_logits=self.topk_logits,
+            logsumexp=self.logsumexp,
+            label_logprob=self.label_logprob,
+        )
+
+
+def require_evaluated_phase(phase: str, phases, where: str, key: str = "phase") -> None:
+    """Raise ConfigError unless ``phase`` is one of ``evaluate.phases`` (``key`` names its source)."""
+    if phase not in phases:
+        raise ConfigError(f"{where}: {key} '{phase}' is not in evaluate.phases ({', '.join(phases)})")
+
+
+def save_predictions(path: str | Path, val: SplitScores, test: SplitScores, skus: np.ndarray) -> None:
+    """Write both splits and the label -> SKU map as one uncompressed ``.npz`` (atomically).
+
+    Names are stored as fixed-width unicode so that the file loads with ``allow_pickle=False``: a
+    predictions file must never be able to run code.
+    """
+    arrays = {"skus": np.asarray(skus, dtype=np.int64)}
+    for split, scores in (("val", val), ("test", test)):
+        for name in ROW_ARRAYS:
+            arrays[f"{split}_{name}"] = getattr(scores, name)
+    with common.atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@dataclass
+class Predictions:
+    """A loaded predictions file."""
+
+    val: SplitScores
+    test: SplitScores
+    skus: np.ndarray  # label -> SKU id
+
+
+def load_predictions(path: str | Path, member: str = "") -> Predictions:
+    """Read an evaluate ``.npz``; a missing file or key names the member and the file."""
+    path = Path(path)
+    who = f"ensemble member '{member}': " if member else ""
+    if not path.is_file():
+        raise Products10kError(f"{who}predictions {path} not found (run its evaluate stage)")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in PREDICTION_KEYS if k not in data.files]
+        if missing:
+            raise DataError(
+                f"{who}{path}: missing array '{missing[0]}' (written by an older evaluate? "
+                "re-run it: `dvc repro -f` the evaluate stage)"
+            )
+        splits = {s: SplitScores(**{a: data[f"{s}_{a}"] for a in ROW_ARRAYS}) for s in SPLITS}
+        return Predictions(splits["val"], splits["test"], data["skus"])

@@ -1,0 +1,385 @@
+"""The Kaggle submission: build it from ensemble scores, validate it, score it, upload it.
+
+Format (Products-10K on Kaggle): header ``name,class``, one row per image of the official
+``test_kaggletest.csv``, ``class`` = the original SKU id (not the contiguous training label).
+``validate_submission`` checks all of that before anything is written; outputs are written
+atomically, so a failed check or a killed stage never leaves a partial submission behind.
+
+Excluded test images. The prepare stage drops unreadable test images (missing, empty, truncated,
+undecodable; at most ``prepare.max_bad_fraction``) and lists them under ``excluded`` in its
+``report.json``; they have no prediction, yet Kaggle wants a row for every listed image. Exactly
+those images get the **fallback**: the training prior (``n_train`` of label_map.csv, normalised),
+so their class is the most frequent training SKU (the lowest label among ties) and their top-k the
+k most frequent SKUs. They are scored like any other row (wrong unless the fallback SKU is right),
+a warning says how many there are, and ``test.fallback_rows`` in the metrics counts them. Any
+other test image without a prediction is still an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from products10k import common
+from products10k.common import DataError, Products10kError
+from products10k.evaluation.metrics import topk_indices
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
+from products10k.raw import kaggle
+from products10k.submission.ensemble import combine_topk, log_likelihood, resolve_weights
+from products10k.submission.predictions import load_predictions
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_COLUMNS = ["name", "class"]
+
+
+def read_test_list(path: str | os.PathLike) -> pd.DataFrame:
+    """The official test list (``name,class,Usage``); ``class``/``Usage`` may be absent (unlabelled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: test list not found (run the download stage)")
+    df = pd.read_csv(path, dtype={"name": str})
+    if "name" not in df.columns:
+        raise DataError(f"{path}: missing column 'name' (columns: {', '.join(df.columns)})")
+    dup = df["name"].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: test image '{df['name'].iloc[row]}' is listed twice")
+    return df
+
+
+def build_submission(
+    names: np.ndarray, top_labels: np.ndarray, top_scores: np.ndarray, label_skus: np.ndarray
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The submission (name, class) and the top-k file (name, class_1.., score_1..).
+
+    ``top_labels``/``top_scores`` are (N, k), best first, in training-label space;
+    ``label_skus[label]`` is that label's SKU id.
+    """
+    names = np.asarray(names).astype(str)
+    if len(names) != len(top_labels):
+        raise DataError(f"{len(top_labels)} prediction rows for {len(names)} test names")
+    skus = np.asarray(label_skus, dtype=np.int64)[top_labels]
+    submission = pd.DataFrame({"name": names, "class": skus[:, 0]})
+    topk = pd.DataFrame({"name": names})
+    for j in range(top_labels.shape[1]):
+        topk[f"class_{j + 1}"] = skus[:, j]
+    for j in range(top_labels.shape[1]):
+        topk[f"score_{j + 1}"] = np.round(top_scores[:, j].astype(np.float64), 6)
+    return submission, topk
+
+
+def validate_submission(
+    submission: pd.DataFrame, test_list: pd.DataFrame, valid_skus, where: str = "submission"
+) -> None:
+    """Raise DataError unless ``submission`` is exactly what Kaggle expects for ``test_list``.
+
+    Checks: columns exactly ``name,class`` (no index or extras), one row per test image, no
+    duplicates, no names outside the list, integer classes that are SKU ids of the training label map.
+    """
+    cols = list(submission.columns)
+    if cols != SUBMISSION_COLUMNS:
+        raise DataError(f"{where}: columns are {cols}, expected exactly {SUBMISSION_COLUMNS}")
+    names = submission["name"].astype(str)
+    expected = test_list["name"].astype(str)
+    if len(submission) != len(expected):
+        missing = sorted(set(expected) - set(names))[:5]
+        raise DataError(
+            f"{where}: {len(submission)} rows but the test list has {len(expected)} images"
+            + (f" (missing e.g. {', '.join(missing)})" if missing else "")
+        )
+    dup = names.duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(f"{where}: row {row + 2}: image '{names.iloc[row]}' appears more than once")
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        raise DataError(f"{where}: {len(extra)} images not in the test list, e.g. '{extra[0]}'")
+    cls = submission["class"]
+    if not pd.api.types.is_integer_dtype(cls):
+        raise DataError(f"{where}: column 'class' must hold integer SKU ids, got dtype {cls.dtype}")
+    unknown = ~cls.isin(set(int(s) for s in valid_skus))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise DataError(
+            f"{where}: row {row + 2}: class {int(cls.iloc[row])} is not a SKU id of the training label map"
+        )
+
+
+def read_excluded_test_names(report_path: str | os.PathLike, test_list_path: str | os.PathLike) -> set[str]:
+    """Names of the test images the prepare stage excluded, from its ``report.json``.
+
+    The report's ``excluded`` entries carry the CSV they came from (``file``); those of the test
+    list (same file name as ``test_list_path``, e.g. ``test_kaggletest.csv``) are returned.
+    """
+    path = Path(report_path)
+    if not path.is_file():
+        raise DataError(f"{path}: prepare report not found (run the prepare stage)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    excluded = report.get("excluded") if isinstance(report, dict) else None
+    if not isinstance(excluded, list):
+        raise DataError(f"{path}: no 'excluded' list (not a report.json of the prepare stage?)")
+    table = Path(test_list_path).name
+    names = set()
+    for i, entry in enumerate(excluded):
+        if not isinstance(entry, dict) or "file" not in entry or "name" not in entry:
+            raise DataError(f"{path}: excluded[{i}] lacks 'file' or 'name': {entry!r}")
+        if Path(str(entry["file"])).name == table:
+            names.add(str(entry["name"]))
+    return names
+
+
+def fallback_scores(label_map: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fallback row for an excluded test image: the top-``k`` of the training prior.
+
+    ``n_train / sum(n_train)`` of label_map.csv: top-1 is the most frequent training SKU (the
+    lowest label among ties). Returns (labels (k,), probabilities (k,)).
+    """
+    counts = label_map["n_train"].to_numpy(dtype=np.float64)
+    if not counts.sum() > 0:
+        raise DataError("label map: no training images (n_train is 0 for every SKU), so no fallback SKU")
+    prior = (counts / counts.sum())[None, :]
+    top = topk_indices(prior, k)
+    return top[0], np.take_along_axis(prior, top, axis=1)[0].astype(np.float32)
+
+
+def align_to_test_list(
+    names: np.ndarray,
+    rows: tuple[np.ndarray, ...],
+    test_list: pd.DataFrame,
+    where: str,
+    excluded: set[str] | frozenset[str] = frozenset(),
+    fallback: tuple[np.ndarray, ...] | None = None,
+):
+    """Reorder prediction rows into the test list's order; a count or name mismatch is an error.
+
+    ``rows`` are arrays with one row per prediction (e.g. top-k labels and scores). A test image
+    without a prediction is allowed only if its name is in ``excluded`` (the test images prepare
+    excluded); its rows are then ``fallback`` (one row per array, see :func:`fallback_scores`).
+    Returns the test list's names and the reordered arrays.
+    """
+    names = np.asarray(names).astype(str)
+    expected = test_list["name"].astype(str).to_numpy()
+    absent = ~np.isin(expected, names)
+    filled = absent & np.isin(expected, list(excluded))
+    if filled.any() and fallback is None:
+        raise ValueError("excluded test images need a fallback row")
+    if len(names) + int(filled.sum()) != len(expected):
+        missing = sorted(set(expected[absent & ~filled]))[:5]
+        extra = sorted(set(names) - set(expected))[:5]
+        raise DataError(
+            f"{where}: predictions for {len(names)} test images"
+            + (f" (+{int(filled.sum())} excluded by prepare)" if filled.any() else "")
+            + f" but the test list has {len(expected)}"
+            + (f" (no prediction for e.g. {', '.join(missing)})" if missing else "")
+            + (f" (not in the test list: e.g. {', '.join(extra)})" if extra else "")
+        )
+    index = pd.Index(names)
+    if index.has_duplicates:
+        raise DataError(f"{where}: test image '{index[index.duplicated()][0]}' is predicted twice")
+    pos = index.get_indexer(expected)
+    unexplained = (pos < 0) & ~filled
+    if unexplained.any():
+        raise DataError(f"{where}: no prediction for test image '{expected[unexplained][0]}'")
+    out = []
+    for i, array in enumerate(rows):
+        reordered = array[np.maximum(pos, 0)]  # one copy, as fancy indexing always makes
+        if filled.any():
+            reordered[filled] = fallback[i]
+        out.append(reordered)
+    return expected, tuple(out)
+
+
+def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd.DataFrame) -> dict:
+    """Top-1 (and top-k) against the labelled test list: all rows, Public and Private.
+
+    Returns {} when the list has no labels (an unlabelled test set cannot be scored locally).
+    """
+    if "class" not in test_list.columns or test_list["class"].isna().all():
+        return {}
+    truth = test_list.set_index(test_list["name"].astype(str))
+    labelled = truth["class"].notna()
+    merged = (
+        submission.assign(name=submission["name"].astype(str))
+        .set_index("name")
+        .join(truth[["class"]].rename(columns={"class": "truth"}), how="inner")
+    )
+    merged = merged[merged["truth"].notna()]
+    hit1 = (merged["class"].to_numpy() == merged["truth"].to_numpy().astype(np.int64)).astype(float)
+    k_cols = [c for c in topk.columns if c.startswith("class_")]
+    tk = topk.assign(name=topk["name"].astype(str)).set_index("name").loc[merged.index, k_cols].to_numpy()
+    hitk = (tk == merged["truth"].to_numpy().astype(np.int64)[:, None]).any(axis=1).astype(float)
+    out = {"top1": float(hit1.mean()), f"top{len(k_cols)}": float(hitk.mean()), "n": int(labelled.sum())}
+    if "Usage" in truth.columns:
+        usage = truth.loc[merged.index, "Usage"].astype(str).str.lower().to_numpy()
+        for split in ("public", "private"):
+            mask = usage == split
+            if mask.any():
+                out[split] = {
+                    "top1": float(hit1[mask].mean()),
+                    f"top{len(k_cols)}": float(hitk[mask].mean()),
+                    "n": int(mask.sum()),
+                }
+    return out
+
+
+# --- Kaggle upload ---
+
+
+def kaggle_submit(
+    competition: str, path: str | os.PathLike, message: str, timeout_s: float, env: dict | None = None
+) -> str:
+    """Upload with the Kaggle CLI; returns its output (the key blanked). Never waits on a prompt.
+
+    The CLI and credentials are checked first (a missing CLI or ``kaggle.json`` otherwise ends in
+    a traceback deep inside the kaggle package); :func:`products10k.kaggle.run` closes stdin and
+    sets a timeout, so that an interactive prompt or a stalled upload fails the stage instead of
+    hanging it, and blanks the Kaggle key out of the output quoted in errors and logs.
+    """
+    env = dict(os.environ if env is None else env)
+    exe = shutil.which("kaggle", path=env.get("PATH"))
+    if exe is None:
+        raise Products10kError(
+            "submit.kaggle.enabled is true but the 'kaggle' CLI is not on PATH "
+            "(pip install kaggle, or set submit.kaggle.enabled: false)"
+        )
+    try:
+        kaggle.kaggle_credentials(env)
+    except kaggle.CredentialsNotFound:
+        raise Products10kError(
+            "submit.kaggle.enabled is true but no Kaggle credentials were found: set KAGGLE_USERNAME and "
+            "KAGGLE_KEY, or put kaggle.json in ~/.kaggle (or $KAGGLE_CONFIG_DIR)"
+        ) from None
+    cmd = kaggle.submit_command(competition, path, message, executable=exe)
+    log.info("uploading %s to Kaggle competition %s", path, competition)
+    result = kaggle.run(cmd, timeout_s, env=env)
+    if result.timed_out:
+        raise Products10kError(
+            f"kaggle competitions submit did not finish within {timeout_s:g}s (submit.kaggle.timeout_s)"
+        )
+    output = result.output.strip()
+    if result.returncode != 0:
+        raise Products10kError(
+            f"kaggle competitions submit failed with exit code {result.returncode}: {output[-2000:]}"
+        )
+    log.info("kaggle: %s", output)
+    return result.output
+
+
+# --- the submit stage ---
+
+
+def make_submission(
+    *,
+    members: list[str],
+    prediction_paths: dict[str, str | os.PathLike],
+    weights_spec: str | dict,
+    label_map_path: str | os.PathLike,
+    test_list_path: str | os.PathLike,
+    out: str | os.PathLike,
+    top_k_out: str | os.PathLike,
+    top_k: int = 5,
+    report_path: str | os.PathLike | None = None,
+) -> dict:
+    """Ensemble the members' predictions, validate and write the submission; return its metrics.
+
+    Nothing is written unless every check passes: members agree on the label map and the
+    rows, the predictions cover the test list exactly (except the test images the prepare
+    report ``report_path`` lists as excluded: they get the fallback, see the module docstring;
+    without a report every test image needs a prediction), and the submission validates.
+    """
+    label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    test_list = read_test_list(test_list_path)
+    preds = {}
+    for m in members:
+        p = load_predictions(prediction_paths[m], m)
+        if not np.array_equal(p.skus, skus):
+            raise Products10kError(
+                f"ensemble member '{m}': {prediction_paths[m]} was made with a different label map "
+                f"than {label_map_path} (re-run its training and evaluate stages)"
+            )
+        preds[m] = p
+    first = members[0]
+    for m in members[1:]:
+        for split in ("val", "test"):
+            if not np.array_equal(getattr(preds[m], split).names, getattr(preds[first], split).names):
+                raise DataError(
+                    f"ensemble members '{first}' and '{m}' predicted different {split} rows "
+                    f"({prediction_paths[first]} vs {prediction_paths[m]})"
+                )
+    val_labels = preds[first].val.labels
+    weights = resolve_weights(weights_spec, members, [preds[m].val for m in members])
+    log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
+    w = [weights[m] for m in members]
+    val_ens = combine_topk([preds[m].val for m in members], w, len(skus), k=top_k)
+    test_ens = combine_topk([preds[m].test for m in members], w, len(skus), k=top_k)
+
+    try:
+        excluded = read_excluded_test_names(report_path, test_list_path) if report_path else set()
+        test_names = preds[first].test.names
+        names, (top_labels, top_probs) = align_to_test_list(
+            test_names,
+            (test_ens.labels, test_ens.probs),
+            test_list,
+            f"{prediction_paths[first]} vs {test_list_path}",
+            excluded=excluded,
+            fallback=fallback_scores(label_map, test_ens.labels.shape[1]) if excluded else None,
+        )
+        fallback_names = names[~np.isin(names, test_names)]
+        if len(fallback_names):
+            log.warning(
+                "%d test image(s) excluded by prepare (%s) have no prediction; submitting the most "
+                "frequent training SKU %d for them, scored as any other row (e.g. %s)",
+                len(fallback_names),
+                report_path,
+                int(skus[int(np.argmax(label_map["n_train"].to_numpy()))]),
+                ", ".join(fallback_names[:5]),
+            )
+        submission, topk = build_submission(names, top_labels, top_probs, skus)
+        validate_submission(submission, test_list, skus, where=str(out))
+    except Products10kError:
+        # a submission from an earlier run must not pass for this run's result
+        for stale in (Path(out), Path(top_k_out)):
+            if stale.exists():
+                log.warning("removing stale %s: this run's submission failed its checks", stale)
+                stale.unlink()
+        raise
+    common.write_csv(out, submission)
+    common.write_csv(top_k_out, topk)
+    log.info("wrote %s (%d rows) and %s", out, len(submission), top_k_out)
+
+    known = val_labels >= 0
+    uncertain = int(test_ens.uncertain_top1.sum())
+    if uncertain:
+        log.info(
+            "%d test row(s) have an ensemble top-1 margin within the top-k estimate's error bound "
+            "(evaluate.top_k); raise evaluate.top_k to make them exact",
+            uncertain,
+        )
+    metrics = {
+        "test": {**score_submission(submission, topk, test_list), "fallback_rows": len(fallback_names)},
+        "val": {
+            "top1": float((val_ens.labels[:, 0] == val_labels)[known].mean())
+            if known.any()
+            else float("nan"),
+            "log_likelihood": log_likelihood(val_ens.label_logprob, val_labels),
+        },
+        "ensemble": {
+            "size": len(members),
+            "weights": weights,
+            # how far the top-k files may put any ensemble probability from the exact average
+            "max_prob_error": float(test_ens.error_bound.max(initial=0.0)),
+            "uncertain_top1_rows": uncertain,
+        },
+    }
+    return metrics

@@ -1,0 +1,212 @@
+"""Training/evaluation datasets over the prepared CSVs and packed image shards, plus samplers.
+
+Images are read from ``data/prepared/images/shard-*.bin`` (memory-mapped, see prepared/shards.py) and
+decoded with OpenCV. When the target shorter side is at most half of the stored one, the JPEG is
+decoded at reduced scale (libjpeg DCT scaling: ``IMREAD_REDUCED_COLOR_2/4/8``), which is several
+times cheaper than a full decode followed by a resize.
+
+Samplers are epoch-seeded and shard the epoch across DDP ranks *without* duplicating samples:
+each rank gets ``indices[rank::world]`` and the shorter ranks are padded with *weight-0* entries
+(encoded as ``index + len(dataset)``), so every rank runs the same number of steps while every
+real sample contributes exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from products10k.common import DataError
+from products10k.prepared.images import reduced_decode_flag
+from products10k.prepared.shards import ImageStore
+
+
+class PreparedImageDataset(Dataset):
+    """Rows of a prepared CSV as ``(image tensor, label, index, weight)``.
+
+    Indices ``>= len(self)`` are the samplers' padding entries: they return the image of
+    ``index - len(self)`` with weight 0, so they fill a batch without counting in loss/metrics.
+    """
+
+    def __init__(self, df: pd.DataFrame, images_root: str | Path, transform, min_side: int | None = None):
+        self.store = ImageStore(images_root)
+        self.transform = transform
+        self.min_side = min_side
+        # plain arrays: cheap to pickle into workers, no pandas row access in __getitem__
+        self.shards = df["shard"].astype(str).to_numpy()
+        self.offsets = df["offset"].to_numpy(dtype=np.int64)
+        self.lengths = df["length"].to_numpy(dtype=np.int64)
+        self.widths = df["width"].to_numpy(dtype=np.int64)
+        self.heights = df["height"].to_numpy(dtype=np.int64)
+        self.labels = df["label"].to_numpy(dtype=np.int64)
+        self.names = df["name"].astype(str).to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> np.ndarray:
+        buf = self.store.read_bytes(self.shards[i], self.offsets[i], self.lengths[i])
+        flag = cv2.IMREAD_COLOR
+        if self.min_side is not None:
+            flag = reduced_decode_flag(self.widths[i], self.heights[i], self.min_side)
+        img = cv2.imdecode(np.asarray(buf), flag)
+        if img is None:
+            raise DataError(
+                f"{self.store.dir / self.shards[i]}@{self.offsets[i]}: image '{self.names[i]}' "
+                "is not decodable (re-run the prepare stage)"
+            )
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        weight = 1.0
+        if index >= n:  # sampler padding: real image, no weight
+            index, weight = index - n, 0.0
+        image = self.transform(image=self.load(index))["image"]
+        return image, int(self.labels[index]), index, weight
+
+
+def shard_for_rank(
+    order: Sequence[int], n: int, rank: int, world: int, batch_size: int | None = None
+) -> list[int]:
+    """``order[rank::world]`` padded to ``ceil(len/world)`` with weight-0 entries (``i + n``).
+
+    With ``batch_size``, one more padding entry avoids a final batch of a single sample:
+    BatchNorm cannot normalise one value per channel (a 1x1 feature map at low resolution).
+    """
+    order = list(order)
+    per_rank = math.ceil(len(order) / world)
+    if batch_size is not None and batch_size > 1 and per_rank % batch_size == 1:
+        per_rank += 1
+    mine = order[rank::world]
+    pad = per_rank - len(mine)
+    # padding repeats this rank's own first samples (or the epoch's first, if the rank is empty)
+    source = mine or order
+    mine = mine + [int(source[k % len(source)]) + n for k in range(pad)]
+    return mine
+
+
+class _ShardedEpochSampler(Sampler[int]):
+    """An epoch's ``n`` draws, the same on every rank (seed + epoch), sharded by ``shard_for_rank``.
+
+    Subclasses say which ``n`` indices an epoch draws (``_order``); ``set_epoch``, the length
+    and the sharding are shared.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        rank: int,
+        world: int,
+        seed: int,
+        batch_size: int | None,
+        global_batch: int | None = None,
+    ):
+        self.n, self.rank, self.world, self.seed = n, rank, world, seed
+        self.batch_size = batch_size
+        # training: keep only whole global batches of each epoch's order (timm's drop_last). A
+        # short last batch of a few images would take a full optimizer step on a noisy gradient
+        # and, with BatchNorm in train mode, pull the running statistics towards those few images
+        # just before validation (measured on the default: 580 train images = 18 x 32 + 4 cost
+        # 19 points of test top-1). The dropped images differ every epoch (the order is shuffled).
+        self.global_batch = global_batch if global_batch and n >= global_batch else None
+        self.epoch = 0
+
+    def _used(self, order: list[int]) -> list[int]:
+        if self.global_batch is None:
+            return order
+        return order[: len(order) // self.global_batch * self.global_batch]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def _order(self) -> list[int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        order = self._used(list(range(self.n)))
+        return len(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
+
+    def update_sizes(self, micro_batch: int, grad_accum: int) -> np.ndarray:
+        """Real (weight-1) samples in each optimizer update of this epoch, over ALL ranks.
+
+        Every rank can compute it (the global order is seeded, the sharding deterministic), so
+        the loss of a micro-batch is divided by its update's global size without a collective:
+        the step's gradient is then the mean over exactly the samples of that update, however
+        they are split over ranks and micro-batches (a short last update included).
+        """
+        order = self._used(self._order())
+        total = None
+        for rank in range(self.world):
+            index = np.asarray(shard_for_rank(order, self.n, rank, self.world, self.batch_size))
+            real = (index < self.n).astype(np.float64)
+            per_batch = np.add.reduceat(real, np.arange(0, len(real), micro_batch)) if len(real) else real
+            per_update = np.add.reduceat(per_batch, np.arange(0, len(per_batch), grad_accum))
+            total = per_update if total is None else total + per_update
+        return total
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._used(self._order())
+        return iter(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
+
+
+class EpochSampler(_ShardedEpochSampler):
+    """Shuffled (or sequential) pass over the dataset, sharded over ranks without duplicates.
+
+    Like ``DistributedSampler`` with ``set_epoch`` (same seed + epoch on every rank gives one
+    global permutation), except that the uneven tail is padded with weight-0 entries instead of
+    repeated samples, so each real sample has weight 1 exactly once per epoch across ranks.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+        global_batch: int | None = None,
+    ):
+        super().__init__(n, rank, world, seed, batch_size, global_batch)
+        self.shuffle = shuffle
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            return torch.randperm(self.n, generator=self._generator()).tolist()
+        return list(range(self.n))
+
+
+class ClassBalancedSampler(_ShardedEpochSampler):
+    """Draw ``n`` samples per epoch with replacement, each SKU equally likely (then sharded).
+
+    The long tail of Products-10K means a plain shuffle shows head SKUs many times more often;
+    this gives every SKU the same expected count. Same permutation on every rank (epoch-seeded).
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        batch_size: int | None = None,
+        global_batch: int | None = None,
+    ):
+        labels = np.asarray(labels)
+        counts = np.bincount(labels)
+        self.weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        super().__init__(len(labels), rank, world, seed, batch_size, global_batch)
+
+    def _order(self) -> list[int]:
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=self._generator()).tolist()

@@ -1,0 +1,68 @@
+"""Device choices shared by training and evaluation: device, autocast dtype, DDP backend, loader flags.
+
+Each is a small pure function of its inputs (the CUDA facts are arguments with the live values
+as defaults), so every branch of the GPU path is tested on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from products10k.common import ConfigError
+
+
+def resolve_device(name: str, cuda_available: bool | None = None) -> torch.device:
+    """``auto`` = CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if name == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    if name == "cuda" and not cuda:
+        raise ConfigError("params.yaml: evaluate.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def amp_dtype(mode: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """None (full precision) or the autocast dtype; ``auto`` = bf16 (fp16 before Ampere) on CUDA, off on CPU.
+
+    On CPU, autocast is only worth it on cores with native bf16 (AMX/avx512_bf16); elsewhere it
+    is slower than fp32 (see benchmarks/bench_train.py), hence off for ``auto``.
+    """
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if device.type != "cuda":
+            return None
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_supported else torch.float16
+    if mode not in ("bf16", "fp16"):
+        raise ConfigError(f"amp is {mode!r}, expected auto, off, bf16 or fp16")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return dtype == torch.float16
+
+
+def ddp_backend(configured: str, cuda: bool) -> str:
+    """``auto`` = NCCL on CUDA, gloo on CPU; an explicit choice is kept (nccl needs CUDA)."""
+    if configured == "auto":
+        return "nccl" if cuda else "gloo"
+    if configured == "nccl" and not cuda:
+        raise ConfigError("params.yaml: dist.backend is 'nccl' but no CUDA device is available (use gloo)")
+    return configured
+
+
+def host_transfer(device: torch.device) -> dict:
+    """DataLoader / ``.to()`` flags: pinned host memory and asynchronous copies only towards CUDA."""
+    cuda = device.type == "cuda"
+    return {"pin_memory": cuda, "non_blocking": cuda}
+
+
+def eval_workers(configured: int | str, device: torch.device, cores: int) -> int:
+    """DataLoader workers for evaluation: ``auto`` = 0 on CPU (decode shares the cores with the
+    model), up to 8 on CUDA (JPEG decode of 4 TTA views must keep a GPU fed)."""
+    if configured == "auto":
+        return min(8, max(1, cores - 1)) if device.type == "cuda" else 0
+    return int(configured)

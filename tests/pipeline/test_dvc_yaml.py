@@ -1,0 +1,90 @@
+"""dvc.yaml and params.yaml stay in step with the code.
+
+A stage's deps are its package folders plus config and common; a module its script imports that no
+dep covers would let the stage go stale silently when that module changes. A schema field missing
+from params.yaml is a knob DVC cannot track.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from products10k import config as params_mod
+from tests.helpers import ROOT
+
+IMPORTS = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("stage_script", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(json.dumps(sorted(m.__file__ for n, m in sys.modules.items() if n.startswith("products10k")
+                        and getattr(m, "__file__", None))))
+"""
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _script_imports(script: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORTS, str(ROOT / script)], capture_output=True, text=True, check=True
+    ).stdout
+    return {str(Path(f).resolve().relative_to(ROOT)) for f in json.loads(out)}
+
+
+@pytest.mark.parametrize("name", list(_stages()))
+def test_stage_deps_list_every_module_its_script_imports(name):
+    stage = _stages()[name]
+    body = stage.get("do", stage)
+    script = next(tok for tok in body["cmd"].split() if tok.startswith("stages/"))
+    deps = {d if isinstance(d, str) else next(iter(d)) for d in body.get("deps", [])}
+    assert script in deps, f"{name}: {script} not in deps"
+    # a dep is a module file or a package folder; package __init__ files hold docstrings only
+    covered = [d.rstrip("/") for d in deps]
+    missing = sorted(
+        module
+        for module in _script_imports(script)
+        if not module.endswith("/__init__.py")
+        and not any(module == d or module.startswith(d + "/") for d in covered)
+    )
+    assert not missing, f"dvc.yaml stage '{name}' runs {script}, which imports {missing}: add them to deps"
+
+
+SECTIONS = {
+    "data": params_mod.DataConfig,
+    "prepare": params_mod.PrepareConfig,
+    "balance": params_mod.BalanceConfig,
+    "model": params_mod.ModelConfig,
+    "train": params_mod.PhaseConfig,
+    "dist": params_mod.DistConfig,
+    "evaluate": params_mod.EvaluateConfig,
+    "tta": params_mod.TTAConfig,
+    "submit": params_mod.SubmitConfig,
+}
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_params_yaml_spells_out_every_knob(section):
+    """Every field of a stage's config is in params.yaml, so DVC tracks it (no hidden defaults)."""
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert section in tree
+    hints = typing.get_type_hints(SECTIONS[section])
+    missing = []
+    for f in dataclasses.fields(SECTIONS[section]):
+        if f.name not in tree[section]:
+            missing.append(f"{section}.{f.name}")
+        elif dataclasses.is_dataclass(hints[f.name]):
+            sub = tree[section][f.name]
+            missing += [
+                f"{section}.{f.name}.{g.name}" for g in dataclasses.fields(hints[f.name]) if g.name not in sub
+            ]
+    assert not missing, f"params.yaml lacks {missing}"

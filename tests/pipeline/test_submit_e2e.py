@@ -1,0 +1,98 @@
+"""From an empty workspace to a validated submission with the real dvc CLI (tiny config).
+
+download -> prepare -> balance -> train -> finetune_balanced -> finetune_accuracy -> evaluate ->
+submit, on a few synthetic SKUs at 32 px for one epoch per phase. Then: the submission is checked
+against the official test list, `dvc metrics show` lists the three phases (Table 1), `dvc plots
+show` renders, and a second run is a no-op.
+"""
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from products10k.config import PHASES
+from tests.helpers import ROOT, dvc, make_project
+
+
+def tiny_params() -> dict:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    update = {
+        "data": {
+            "synthetic": {
+                "num_groups": 2,
+                "skus_per_group": 3,
+                "train_max_per_sku": 6,
+                "train_min_per_sku": 2,
+                "test_per_sku": 2,
+            }
+        },
+        "prepare": {"size": 48, "n_jobs": 1, "val_min_images": 2},  # SKUs of 2-6 images
+        "balance": {"per_class": 2},
+        "evaluate": {"batch_size": 16, "gallery_size": 3, "gallery_tile": 48},
+        "tta": {"scales": [1.0], "flip": True},
+    }
+    # one short epoch per phase at 32 px, for whichever phase sections params.yaml has
+    small = {"epochs": 1, "resolution": 32, "batch_size": 8, "num_workers": 0, "milestones": []}
+    for name in ("train", *PHASES[1:]):
+        if isinstance(base.get(name), dict):
+            update[name] = {k: v for k, v in small.items() if k in base[name] or name == "train"}
+    return update
+
+
+@pytest.mark.e2e
+def test_empty_workspace_to_validated_submission(tmp_path):
+    project = make_project(tmp_path / "project", tiny_params())
+    dvc(project, "repro")
+
+    sub_path = project / "submissions" / "submission.csv"
+    sub = pd.read_csv(sub_path, dtype={"name": str})
+    test_list = pd.read_csv(project / "data" / "raw" / "test_kaggletest.csv", dtype={"name": str})
+    label_map = pd.read_csv(project / "data" / "prepared" / "label_map.csv")
+    assert list(sub.columns) == ["name", "class"]
+    assert sorted(sub["name"]) == sorted(test_list["name"]) and not sub["name"].duplicated().any()
+    assert sub["class"].isin(label_map["sku"]).all()
+    assert sub_path.read_text().splitlines()[0] == "name,class"
+    top5 = pd.read_csv(project / "submissions" / "top5.csv", dtype={"name": str})
+    assert top5["name"].tolist() == sub["name"].tolist() and (top5["class_1"] == sub["class"]).all()
+
+    # the local leaderboard agrees with a direct comparison against the labelled test list
+    score = json.loads((project / "metrics" / "submission.json").read_text())
+    merged = sub.merge(test_list, on="name", suffixes=("", "_true"))
+    assert score["test"]["top1"] == pytest.approx((merged["class"] == merged["class_true"]).mean())
+    assert {"public", "private"} <= set(score["test"])
+    assert score["ensemble"]["weights"] == {"m0": 1.0}
+
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    for phase in PHASES:
+        data = files[f"metrics/m0/{phase}.json"]["data"]
+        assert {"top1", "top5", "public", "private"} <= set(data["test"]) and "top1" in data["val"]
+        assert (project / "predictions" / phase / "m0.npz").is_file()
+    assert "metrics/submission.json" in files
+
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    # per-group and confused-pairs bar charts (by their titles) and the error galleries, per phase
+    assert html.count("Test top-1 per SKU group") == 3 and html.count("Most confused SKU pairs") == 3
+    assert all(f"plots_m0_{phase}_errors.png" in html for phase in PHASES)
+
+    again = dvc(project, "repro")
+    assert "Running stage" not in again.stdout + again.stderr
+
+
+@pytest.mark.e2e
+def test_two_member_ensemble_graph(tmp_path):
+    """Each member gets its own evaluate stages; submit waits for every member of submit.phase."""
+    members = {"m0": {}, "m1": {"train.seed": 1, "train.resolution": 48}}
+    project = make_project(
+        tmp_path / "project",
+        {"ensemble": {"members": members, "weights": "fit"}, "submit": {"phase": "finetune_balanced"}},
+    )
+    names = dvc(project, "stage", "list", "--name-only").stdout.split()
+    assert {f"evaluate@{m}-{p}" for m in members for p in PHASES} <= set(names)
+    dag = dvc(project, "dag", "--dot", "submit").stdout
+    for m in members:
+        assert f'"evaluate@{m}-finetune_balanced" -> "submit"' in dag
+        assert f"evaluate@{m}-finetune_accuracy" not in dag  # not the phase submit ensembles

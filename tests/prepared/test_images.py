@@ -1,0 +1,179 @@
+"""Decoding of real image files with real defects, and the resize contract of prepare_image."""
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from products10k.prepared.images import (
+    ImageDefect,
+    decode_rgb,
+    encode_jpeg,
+    prepare_image,
+    reduced_decode_flag,
+    resize_shorter,
+    target_size,
+)
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def halves(w=80, h=40) -> np.ndarray:
+    """RGB image, left half red, right half blue: orientation and channel order are visible."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = RED
+    img[:, w // 2 :] = BLUE
+    return img
+
+
+def jpeg_bytes(img: np.ndarray | Image.Image, **save_kw) -> bytes:
+    im = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, **save_kw)
+    return buf.getvalue()
+
+
+def near(pixel, color, tol=40) -> bool:
+    return bool(np.all(np.abs(np.asarray(pixel, int) - np.asarray(color, int)) <= tol))
+
+
+def test_plain_jpeg_is_rgb():
+    rgb = decode_rgb(jpeg_bytes(halves()))
+    assert rgb.shape == (40, 80, 3) and rgb.dtype == np.uint8
+    assert near(rgb[20, 5], RED) and near(rgb[20, 75], BLUE)
+
+
+def test_greyscale_jpeg_becomes_three_channels():
+    data = jpeg_bytes(Image.fromarray(halves()).convert("L"))
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "L"  # really a 1-channel file
+    rgb = decode_rgb(data)
+    assert rgb.shape == (40, 80, 3)
+    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+
+
+def test_cmyk_jpeg_colours_survive():
+    data = jpeg_bytes(Image.fromarray(halves()).convert("CMYK"))
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "CMYK"
+    rgb = decode_rgb(data)
+    assert rgb.shape == (40, 80, 3)
+    assert near(rgb[20, 5], RED) and near(rgb[20, 75], BLUE)
+
+
+def test_png_saved_as_jpg_name_is_read_by_content():
+    buf = io.BytesIO()
+    Image.fromarray(np.dstack([halves(), np.full((40, 80), 200, np.uint8)])).save(buf, "PNG")  # RGBA
+    rgb = decode_rgb(buf.getvalue())
+    assert rgb.shape == (40, 80, 3)
+    assert tuple(rgb[20, 5]) == RED and tuple(rgb[20, 75]) == BLUE
+
+
+def test_exif_orientation_6_is_applied():
+    # Stored landscape 80x40; orientation 6 means "rotate 90 degrees clockwise to display", so the
+    # upright image is portrait 40x80 with red (the stored left half) on top.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = jpeg_bytes(halves(), exif=exif.tobytes())
+    rgb = decode_rgb(data)
+    assert rgb.shape == (80, 40, 3)
+    assert near(rgb[5, 20], RED) and near(rgb[75, 20], BLUE)
+    # The reduced decode path honours it as well.
+    big = cv2.resize(halves(), (800, 400), interpolation=cv2.INTER_NEAREST)
+    data = jpeg_bytes(big, exif=exif.tobytes())
+    out, w, h = prepare_image(data, size=100, quality=90)
+    assert (w, h) == (100, 200)
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert near(img[10, 50], RED) and near(img[190, 50], BLUE)
+
+
+def test_pil_fallback_for_formats_opencv_lacks():
+    buf = io.BytesIO()
+    Image.fromarray(halves()).save(buf, "ICO", sizes=[(64, 32)])  # OpenCV has no ICO decoder
+    assert cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR) is None
+    rgb = decode_rgb(buf.getvalue())
+    assert rgb.ndim == 3 and rgb.shape[2] == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda good: b"", "empty"),
+        (lambda good: good[: len(good) // 2], "truncated"),
+        (lambda good: good[:-2], "truncated"),  # only the end-of-image marker is missing
+        (lambda good: np.random.default_rng(0).bytes(5000), "undecodable"),
+        (lambda good: b"<html>404 Not Found</html>", "undecodable"),
+    ],
+    ids=["zero-bytes", "half", "no-eoi", "random-bytes", "html"],
+)
+def test_defects_are_classified(make, reason):
+    rng = np.random.default_rng(1)
+    good = jpeg_bytes(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    with pytest.raises(ImageDefect) as info:
+        prepare_image(make(good), size=64, quality=90)
+    assert info.value.reason == reason
+
+
+def test_truncated_png_is_truncated():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    with pytest.raises(ImageDefect) as info:
+        decode_rgb(buf.getvalue()[:-100])
+    assert info.value.reason == "truncated"
+
+
+def test_target_size_never_upscales():
+    assert target_size(800, 600, 512) == (683, 512)
+    assert target_size(600, 800, 512) == (512, 683)
+    assert target_size(300, 900, 512) == (300, 900)
+    assert target_size(512, 512, 512) == (512, 512)
+
+
+@pytest.mark.parametrize(("w", "h"), [(2000, 1500), (1500, 2000), (1030, 1100), (800, 800), (300, 200)])
+def test_prepare_image_sizes_and_reduced_decode_match_full_decode(w, h):
+    rng = np.random.default_rng(3)
+    # Smooth content (as photos are) so reduced and full decodes are comparable pixel for pixel.
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    data = jpeg_bytes(img)
+    out, ow, oh = prepare_image(data, size=256, quality=95)
+    assert (ow, oh) == target_size(w, h, 256)
+    assert min(ow, oh) == min(256, w, h)
+    dec = cv2.cvtColor(cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert dec.shape == (oh, ow, 3)
+    reference = resize_shorter(decode_rgb(data), 256)  # full-resolution decode, then INTER_AREA
+    assert reference.shape == dec.shape
+    assert np.abs(dec.astype(int) - reference.astype(int)).mean() < 3.0
+
+
+@pytest.mark.parametrize(("w", "h", "fmt"), [(800, 800, "JPEG"), (2000, 1500, "JPEG"), (640, 480, "TGA")])
+def test_prepare_image_bytes_equal_the_public_rgb_path(w, h, fmt):
+    # prepare_image stays in OpenCV's BGR order (no colour conversions); resizing per channel makes
+    # that byte-identical to decode_rgb -> resize_shorter -> encode_jpeg, which is what it documents.
+    rng = np.random.default_rng(5)
+    img = cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)  # fine detail
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt)  # TGA: OpenCV cannot read it, so the Pillow fallback
+    data = buf.getvalue()
+    out, ow, oh = prepare_image(data, size=256, quality=90)
+    full_wh = (w, h) if fmt == "JPEG" else None
+    rgb = resize_shorter(decode_rgb(data, min_side=256), 256, full_wh=full_wh)
+    assert (ow, oh) == (rgb.shape[1], rgb.shape[0])
+    assert out == encode_jpeg(rgb, 90)
+
+
+def test_reduced_decode_flag():
+    import cv2
+
+    assert reduced_decode_flag(512, 512, 146) == cv2.IMREAD_REDUCED_COLOR_2
+    assert reduced_decode_flag(512, 700, 128) == cv2.IMREAD_REDUCED_COLOR_4
+    assert reduced_decode_flag(512, 512, 512) == cv2.IMREAD_COLOR
+    assert reduced_decode_flag(512, 512, 60) == cv2.IMREAD_REDUCED_COLOR_8
+    # libjpeg rounds scaled sides up: 1023 at 1/2 scale is 512 pixels, enough for a 512 target
+    assert reduced_decode_flag(1023, 1100, 512) == cv2.IMREAD_REDUCED_COLOR_2
+    assert reduced_decode_flag(1021, 1100, 512) == cv2.IMREAD_COLOR
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((1100, 1023, 3), np.uint8))
+    assert ok and cv2.imdecode(jpeg, cv2.IMREAD_REDUCED_COLOR_2).shape[:2] == (550, 512)

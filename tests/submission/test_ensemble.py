@@ -1,0 +1,128 @@
+"""Ensemble weights: the val log-likelihood fit, given weights, probability averaging from top-k files."""
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax, softmax
+
+from products10k.common import ConfigError
+from products10k.config import EnsembleConfig, from_dict
+from products10k.submission.ensemble import combine_topk, fit_weights, log_likelihood, resolve_weights
+from products10k.submission.predictions import SplitScores
+
+
+def _member(labels, k, strength, rng):
+    """Logits with the true class boosted by ``strength`` (0 = pure noise)."""
+    logits = rng.normal(size=(len(labels), k))
+    logits[np.arange(len(labels)), labels] += strength
+    return logits
+
+
+def _label_logprob(logits, labels):
+    return log_softmax(logits, axis=1)[np.arange(len(labels)), labels]
+
+
+def _scores(logits, labels, k):
+    return SplitScores.from_logits([f"r{i}" for i in range(len(labels))], labels, logits, k)
+
+
+def test_fit_prefers_the_informative_member_and_stays_on_the_simplex():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 20, size=500)
+    good, noise = _member(labels, 20, 4.0, rng), _member(labels, 20, 0.0, rng)
+    lps = [_label_logprob(noise, labels), _label_logprob(good, labels)]
+    w = fit_weights(lps, labels)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    assert w[1] > 0.9
+    # the fitted weights beat equal weights on the objective they maximise
+    members = [_scores(noise, labels, 20), _scores(good, labels, 20)]
+    fitted = log_likelihood(combine_topk(members, list(w), 20, 5).label_logprob, labels)
+    equal = log_likelihood(combine_topk(members, [0.5, 0.5], 20, 5).label_logprob, labels)
+    assert fitted > equal
+
+
+def test_fit_finds_interior_optimum_of_complementary_members():
+    # each member is right on a different half of the rows: the best mix uses both
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, size=400)
+    a, b = _member(labels, 10, 0.0, rng), _member(labels, 10, 0.0, rng)
+    a[np.arange(200), labels[:200]] += 6
+    b[np.arange(200, 400), labels[200:]] += 6
+    w = fit_weights([_label_logprob(a, labels), _label_logprob(b, labels)], labels)
+    assert w == pytest.approx([0.5, 0.5], abs=0.05)
+
+
+def test_fit_skips_unlabelled_rows_and_single_member():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, size=50)
+    lp = [np.log(rng.uniform(0.1, 1, size=50)), np.log(rng.uniform(0.1, 1, size=50))]
+    labels[:10] = -1
+    lp[0][:10] = np.nan  # what evaluate writes for label -1
+    assert fit_weights(lp[:1], labels).tolist() == [1.0]
+    w = fit_weights(lp, labels)
+    assert w.sum() == pytest.approx(1.0) and np.isfinite(w).all()
+
+
+def test_resolve_weights_modes_and_the_no_val_fallback(caplog):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, size=60)
+    val = [_scores(rng.normal(size=(60, 5)), labels, 5), _scores(rng.normal(size=(60, 5)), labels, 5)]
+    assert resolve_weights("equal", ["a", "b"], val) == {"a": 0.5, "b": 0.5}
+    assert resolve_weights({"a": 3, "b": 1}, ["a", "b"], val) == {"a": 0.75, "b": 0.25}
+    fitted = resolve_weights("fit", ["a", "b"], val)
+    assert sum(fitted.values()) == pytest.approx(1.0) and fitted != {"a": 0.5, "b": 0.5}
+    # no val rows (prepare.val_fraction: 0): nothing to fit on, equal weights with a log line
+    empty = [_scores(np.zeros((0, 5)), np.zeros(0, dtype=int), 5)] * 2
+    with caplog.at_level("INFO"):
+        assert resolve_weights("fit", ["a", "b"], empty) == {"a": 0.5, "b": 0.5}
+    assert "no labelled val rows" in caplog.text
+
+
+def test_combine_with_every_label_kept_is_the_exact_probability_average():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 6, size=9)
+    a, b = rng.normal(size=(9, 6)), rng.normal(size=(9, 6)) * 5
+    ens = combine_topk([_scores(a, labels, 6), _scores(b, labels, 6)], [0.25, 0.75], 6, k=6, block_rows=4)
+    exact = 0.25 * softmax(a, 1) + 0.75 * softmax(b, 1)
+    np.testing.assert_allclose(ens.probs, np.take_along_axis(exact, ens.labels, 1), atol=1e-6)
+    assert ens.labels[:, 0].tolist() == exact.argmax(1).tolist()
+    assert (ens.error_bound == 0).all() and not ens.uncertain_top1.any()
+    np.testing.assert_allclose(ens.label_logprob, np.log(exact[np.arange(9), labels]), rtol=1e-5)
+
+
+def test_combine_from_top_k_stays_within_its_stated_error_bound():
+    # 3 members, 300 classes, only the top 10 kept: the estimate may differ from the exact
+    # average, but never by more than the bound it reports, and top-1 is exact wherever the
+    # margin exceeds twice that bound
+    rng = np.random.default_rng(5)
+    n, k_classes = 200, 300
+    labels = rng.integers(0, k_classes, size=n)
+    logits = [_member(labels, k_classes, s, rng) * 1.5 for s in (3.0, 2.0, 4.0)]
+    weights = [0.2, 0.3, 0.5]
+    ens = combine_topk([_scores(z, labels, 10) for z in logits], weights, k_classes, k=5, block_rows=64)
+    exact = sum(w * softmax(z, 1) for w, z in zip(weights, logits, strict=True))
+    est_error = np.abs(np.take_along_axis(exact, ens.labels, 1) - ens.probs).max(axis=1)
+    assert (est_error <= ens.error_bound + 1e-6).all()
+    assert (ens.error_bound > 0).all()  # the bound is real here, not trivially zero
+    sure = ~ens.uncertain_top1
+    assert sure.sum() > n // 2
+    assert (ens.labels[sure, 0] == exact[sure].argmax(1)).all()
+    # the label log-probability needs no estimate: it is exact
+    np.testing.assert_allclose(ens.label_logprob, np.log(exact[np.arange(n), labels]), rtol=1e-5)
+
+
+def _ens(members, weights):
+    return from_dict(EnsembleConfig, {"members": members, "weights": weights}, prefix="ensemble")
+
+
+def test_weights_config_is_checked_against_members():
+    members = {"m0": {}, "m1": {"train.resolution": 224}}
+    cfg = _ens(members, {"m0": 1, "m1": 2})
+    assert cfg.weights == {"m0": 1, "m1": 2}
+    with pytest.raises(ConfigError, match="unknown member 'm2'"):
+        _ens(members, {"m0": 1, "m1": 1, "m2": 1})
+    with pytest.raises(ConfigError, match="no entry for member 'm1'"):
+        _ens(members, {"m0": 1})
+    with pytest.raises(ConfigError, match="'fit', 'equal'"):
+        _ens(members, "best")
+    with pytest.raises(ConfigError, match="weights.m0"):
+        _ens(members, {"m0": -1, "m1": 1})

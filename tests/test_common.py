@@ -1,0 +1,80 @@
+"""products10k.common: atomic writes, joblib's n_jobs meaning, the ordered thread map and its cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import joblib
+import pandas as pd
+import pytest
+
+from products10k.common import (
+    IN_FLIGHT_PER_WORKER,
+    atomic_path,
+    ordered_map,
+    resolve_n_jobs,
+    write_csv,
+    write_json,
+)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert target.read_text().strip().startswith("{")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file left
+
+
+def test_write_csv_no_index(tmp_path):
+    target = tmp_path / "sub" / "x.csv"
+    write_csv(target, pd.DataFrame({"name": ["1.jpg"], "class": [3]}))
+    assert target.read_text().splitlines() == ["name,class", "1.jpg,3"]
+
+
+def test_resolve_n_jobs_has_joblib_semantics():
+    cores = joblib.cpu_count()
+    assert resolve_n_jobs(3) == 3
+    assert resolve_n_jobs(-1) == cores
+    assert resolve_n_jobs(-2) == max(1, cores - 1)
+    assert resolve_n_jobs(-10_000) == 1
+    assert resolve_n_jobs(8, n_tasks=2) == 2
+    assert resolve_n_jobs(-1, n_tasks=0) == 1
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        resolve_n_jobs(0)
+
+
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_ordered_map_keeps_task_order(n_workers):
+    def slow_for_small(i, j):
+        time.sleep(0.002 * (20 - i))  # early tasks finish last
+        return i * j
+
+    tasks = [(i, 2) for i in range(20)]
+    assert list(ordered_map(slow_for_small, tasks, n_workers)) == [2 * i for i in range(20)]
+
+
+def test_closing_ordered_map_cancels_queued_tasks():
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.01)
+        return i
+
+    results = ordered_map(work, [(i,) for i in range(1000)], 2)
+    assert next(results) == 0
+    results.close()
+    # only the tasks already queued ran: the rest were cancelled when the consumer stopped
+    assert len(started) <= IN_FLIGHT_PER_WORKER * 2 + 2
+
+
+def test_ordered_map_rejects_no_workers():
+    with pytest.raises(ValueError, match="n_workers must be >= 1"):
+        list(ordered_map(int, [("1",)], 0))

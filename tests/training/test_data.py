@@ -1,0 +1,80 @@
+"""The shard-backed dataset and the epoch samplers (DDP sharding, class balance, drop_last)."""
+
+import numpy as np
+import pytest
+
+from products10k.prepared.contract import read_label_map, read_prepared
+from products10k.training.data import (
+    ClassBalancedSampler,
+    EpochSampler,
+    PreparedImageDataset,
+)
+from products10k.training.transforms import (
+    eval_transform,
+)
+from tests.helpers import make_training_data
+
+
+def test_dataset_reads_packed_images_and_padding_has_zero_weight(tmp_path):
+    data = make_training_data(tmp_path / "data", num_classes=3, train_per_class=2)
+    df = read_prepared(data / "train.csv", read_label_map(data / "label_map.csv"))
+    ds = PreparedImageDataset(df, data, eval_transform(37, 32), min_side=37)
+    image, label, index, weight = ds[4]
+    assert image.shape == (3, 32, 32) and label == df.label[4] and index == 4 and weight == 1.0
+    _, label_pad, index_pad, weight_pad = ds[len(ds) + 4]
+    assert (label_pad, index_pad, weight_pad) == (label, 4, 0.0)
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (11, 2), (7, 3), (2, 4), (9, 2), (5, 1)])
+def test_epoch_sampler_covers_every_sample_once_across_ranks(n, world):
+    for epoch in range(2):
+        shards = []
+        for rank in range(world):
+            s = EpochSampler(n, rank, world, shuffle=True, seed=3)
+            s.set_epoch(epoch)
+            shards.append(list(s))
+        assert len({len(x) for x in shards}) == 1  # same number of steps on every rank
+        real = [i for shard in shards for i in shard if i < n]
+        assert sorted(real) == list(range(n))  # weight-1 entries: each sample exactly once
+        assert all(i - n in range(n) for shard in shards for i in shard if i >= n)
+    # with a batch size, no rank ends an epoch on a 1-sample batch (BatchNorm needs 2)
+    for rank in range(world):
+        s = EpochSampler(n, rank, world, seed=3, batch_size=4)
+        idx = list(s)
+        assert len(idx) == len(s) and len(idx) % 4 != 1
+        plain = EpochSampler(n, rank, world, seed=3)
+        assert sorted(i for i in idx if i < n) == sorted(i for i in plain if i < n)
+    a, b = EpochSampler(n, 0, 1, seed=3), EpochSampler(n, 0, 1, seed=3)
+    b.set_epoch(1)
+    assert list(a) != list(b) or n < 3  # a new order every epoch
+
+
+def test_class_balanced_sampler_evens_out_the_long_tail():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    s = ClassBalancedSampler(labels, seed=0)
+    counts = np.zeros(3)
+    for epoch in range(20):
+        s.set_epoch(epoch)
+        counts += np.bincount(labels[list(s)], minlength=3)
+    shares = counts / counts.sum()
+    assert np.all(np.abs(shares - 1 / 3) < 0.05), shares
+
+
+def test_drop_last_keeps_whole_global_batches_and_varies_the_dropped_images():
+    from products10k.training.data import EpochSampler
+
+    samplers = [EpochSampler(21, rank, 2, True, seed=0, batch_size=4, global_batch=8) for rank in (0, 1)]
+    dropped = []
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        seen = [i for s in samplers for i in s]
+        assert len(seen) == 16 and len(set(seen)) == 16 and all(i < 21 for i in seen)  # no padding
+        assert all(len(s) == 8 for s in samplers)
+        dropped.append(set(range(21)) - set(seen))
+        sizes = samplers[0].update_sizes(micro_batch=4, grad_accum=1)
+        assert sizes.tolist() == [8.0, 8.0]  # every update a whole global batch
+    assert dropped[0] != dropped[1]  # a different remainder each epoch
+    # fewer images than one global batch: nothing is dropped
+    small = EpochSampler(5, 0, 1, True, seed=0, batch_size=8, global_batch=8)
+    assert sorted(small) == list(range(5))

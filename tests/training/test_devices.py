@@ -1,0 +1,146 @@
+"""The GPU path's decisions, exercised on a CPU: autocast dtype, GradScaler use, DDP backend,
+pinned memory / non_blocking flags, evaluation workers, and the fp16 step logic with a fake scaler."""
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from products10k.common import ConfigError, Products10kError
+from products10k.training.devices import (
+    amp_dtype,
+    ddp_backend,
+    eval_workers,
+    host_transfer,
+    needs_grad_scaler,
+    resolve_device,
+)
+from products10k.training.distributed import DistInfo
+from products10k.training.loop import PhaseRunner
+
+CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+
+
+def test_autocast_dtype_selection():
+    assert amp_dtype("auto", CPU) is None  # slower than fp32 on CPUs without native bf16
+    assert amp_dtype("auto", CUDA, bf16_supported=True) == torch.bfloat16
+    assert amp_dtype("auto", CUDA, bf16_supported=False) == torch.float16  # pre-Ampere GPUs
+    assert amp_dtype("off", CUDA, bf16_supported=True) is None
+    assert amp_dtype("fp16", CPU) == torch.float16 and amp_dtype("bf16", CUDA) == torch.bfloat16
+    with pytest.raises(ConfigError, match="'fp8'"):
+        amp_dtype("fp8", CUDA)
+
+
+def test_grad_scaler_only_for_fp16():
+    assert needs_grad_scaler(torch.float16)
+    assert not needs_grad_scaler(torch.bfloat16) and not needs_grad_scaler(None)
+
+
+def test_ddp_backend_choice():
+    assert ddp_backend("auto", cuda=True) == "nccl"
+    assert ddp_backend("auto", cuda=False) == "gloo"
+    assert ddp_backend("gloo", cuda=True) == "gloo"
+    with pytest.raises(ConfigError, match="nccl.*no CUDA"):
+        ddp_backend("nccl", cuda=False)
+
+
+def test_pinned_memory_and_non_blocking_only_towards_cuda():
+    assert host_transfer(CUDA) == {"pin_memory": True, "non_blocking": True}
+    assert host_transfer(CPU) == {"pin_memory": False, "non_blocking": False}
+
+
+def test_device_and_eval_workers():
+    assert resolve_device("auto", cuda_available=True).type == "cuda"
+    assert resolve_device("auto", cuda_available=False).type == "cpu"
+    with pytest.raises(ConfigError, match="evaluate.device is 'cuda'"):
+        resolve_device("cuda", cuda_available=False)
+    assert eval_workers("auto", CPU, cores=16) == 0
+    assert eval_workers("auto", CUDA, cores=16) == 8 and eval_workers("auto", CUDA, cores=4) == 3
+    assert eval_workers(3, CPU, cores=2) == 3
+
+
+class FakeScaler:
+    """GradScaler's interface as the loop uses it under fp16; records what the loop asked of it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.calls = enabled, []
+
+    def is_enabled(self):
+        return self.enabled
+
+    def unscale_(self, optimizer):
+        self.calls.append("unscale_")
+
+    def step(self, optimizer):
+        self.calls.append("step")
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):  # the real scaler skips it on inf/NaN gradients
+            optimizer.step()
+
+    def update(self):
+        self.calls.append("update")
+
+
+def _runner(scaler_enabled: bool, grad: float, clip=None):
+    """The state _optimizer_step reads, around a one-parameter model with the given gradient."""
+    model = nn.Linear(1, 1, bias=False)
+    model.weight.grad = torch.full_like(model.weight, grad)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    runner = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(clip_grad=clip),
+        raw=model,
+        optimizer=opt,
+        scaler=FakeScaler(scaler_enabled),
+        info=DistInfo(),
+        global_step=0,
+        scheduler=types.SimpleNamespace(step_update=lambda step: None),
+        ema=None,
+        phase="train",
+        member="m0",
+        paths=types.SimpleNamespace(out=Path("models/m0/train")),
+    )
+    runner._stop_non_finite = lambda what, epoch, step: PhaseRunner._stop_non_finite(
+        runner, what, epoch, step
+    )
+    return runner
+
+
+def test_fp16_overflow_is_left_to_the_scaler_but_a_nan_loss_stops():
+    # fp16: an inf gradient with finite losses is the scaler's routine overflow - step, no stop
+    runner = _runner(scaler_enabled=True, grad=float("inf"), clip=1.0)
+    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=3)
+    assert runner.scaler.calls == ["unscale_", "step", "update"] and runner.global_step == 1
+    # a NaN loss flagged at step 2 stops the run before the optimizer step, naming that step
+    runner = _runner(scaler_enabled=True, grad=1.0)
+    with pytest.raises(Products10kError, match="loss is NaN/inf at epoch 1, step 3"):
+        PhaseRunner._optimizer_step(runner, torch.tensor(2), epoch=0, step=3)
+    assert "step" not in runner.scaler.calls and runner.global_step == 0
+
+
+def test_without_a_scaler_a_non_finite_gradient_stops():
+    runner = _runner(scaler_enabled=False, grad=float("nan"))
+    with pytest.raises(Products10kError, match="gradients are NaN/inf"):
+        PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=1, step=0)
+    runner = _runner(scaler_enabled=False, grad=0.5)
+    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
+    assert runner.scaler.calls == ["step", "update"] and runner.global_step == 1
+
+
+def test_the_head_computes_in_float32_under_autocast():
+    from products10k.config import ModelConfig
+    from products10k.training.model import create_model
+
+    model = create_model(ModelConfig(arch="resnet10t"), 7, pretrained=False).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.dtype == torch.float32
+
+
+def test_gradient_clipping_bounds_the_step():
+    runner = _runner(scaler_enabled=False, grad=10.0, clip=1.0)
+    before = runner.raw.weight.detach().clone()
+    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
+    # SGD lr 0.1 on a single weight: the clipped gradient (norm 1) moves it by 0.1, not by 1.0
+    assert float((before - runner.raw.weight.detach()).abs().sum()) == pytest.approx(0.1, rel=1e-5)

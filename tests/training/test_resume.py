@@ -1,0 +1,132 @@
+"""Faults: a run killed mid-phase resumes from last.pt and ends where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from products10k.training.loop import PhasePaths, run_phase
+from tests.helpers import ROOT, make_training_data, phase_args, write_params
+
+
+def _epoch_of(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, weights_only=True)["epoch"])
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL])
+def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
+    data = make_training_data(tmp_path / "data", num_classes=4, train_per_class=16, val_per_class=2)
+    # epochs long enough (16 steps) that the kill lands inside epoch 2
+    train = {"epochs": 3, "batch_size": 4, "resolution": 48, "ema": True, "ema_decay": 0.9}
+    params = write_params(tmp_path / "params.yaml", train=train)
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "train.py"),
+        "--params",
+        str(params),
+        *phase_args(data, run_dir),
+    ]
+    last = run_dir / "models" / "train" / "last.pt"
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while _epoch_of(last) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -sig
+    killed_at = _epoch_of(last)
+    assert killed_at is not None and killed_at < 3
+
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"after epoch {killed_at}" in done.stderr and "resuming train@m0" in done.stderr
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 3 and [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    curve = (run_dir / "dvclive" / "train" / "plots" / "metrics" / "val" / "top1.tsv").read_text()
+    assert len(curve.splitlines()) == 4  # header + epochs 1-3, the pre-kill epochs replayed
+    assert not list((run_dir / "models" / "train").glob(".*"))  # no stale temp files
+
+    # the same phase uninterrupted (in-process) ends with the same weights: the resume is exact
+    ref_dir = tmp_path / "ref"
+    paths = PhasePaths(
+        train_csv=data / "train.csv",
+        val_csv=data / "val.csv",
+        label_map=data / "label_map.csv",
+        images=data,
+        out=ref_dir / "models",
+        live=None,
+    )
+    run_phase(params, "train", "m0", paths)
+    reference = torch.load(ref_dir / "models" / "last.pt", weights_only=True)
+    for key, value in reference["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert [r["val/top1"] for r in reference["history"]] == [r["val/top1"] for r in resumed["history"]]
+
+
+def test_settings_change_starts_afresh(tmp_path, caplog):
+    data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    paths = PhasePaths(
+        train_csv=data / "train.csv",
+        val_csv=data / "val.csv",
+        label_map=data / "label_map.csv",
+        images=data,
+        out=tmp_path / "models",
+    )
+    run_phase(write_params(tmp_path / "a.yaml", train={"epochs": 1}), "train", "m0", paths)
+    fp = torch.load(paths.out / "last.pt", weights_only=True)["fingerprint"]
+    # another resolution (e.g. `dvc exp run -S train.resolution=...` on a persisted out): no resume
+    caplog.set_level("INFO", logger="products10k.training.loop")
+    out = run_phase(
+        write_params(tmp_path / "b.yaml", train={"epochs": 2, "resolution": 40}), "train", "m0", paths
+    )
+    last = torch.load(paths.out / "last.pt", weights_only=True)
+    assert last["fingerprint"] != fp and last["resolution"] == 40 and len(out["history"]) == 2
+    # a wrong resume would also end with 2 epochs of history: the log tells which path ran
+    assert "starting the phase afresh" in caplog.text
+    assert "resuming" not in caplog.text
+
+
+def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tmp_path, caplog):
+    # without EMA last.pt keeps one copy of the weights (train_state.model is None): resume uses it
+    data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, tmp_path / "m")
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 2})
+    run_phase(params, "train", "m0", paths)
+    last = torch.load(paths.out / "last.pt", weights_only=True)
+    assert last["train_state"]["model"] is None
+    # as if killed after epoch 1: the epoch-1 state with the weights it had then
+    last["epoch"], last["history"] = 1, last["history"][:1]
+    marker = next(k for k, v in last["model"].items() if v.is_floating_point())
+    last["model"][marker] = torch.full_like(last["model"][marker], 0.125)
+    torch.save(last, paths.out / "last.pt")
+    caplog.set_level("INFO", logger="products10k.training.loop")
+
+    loaded = {}
+    real_load = torch.nn.Module.load_state_dict
+
+    def spy(self, state, *args, **kw):
+        if marker in state:
+            loaded["value"] = state[marker].clone()
+        return real_load(self, state, *args, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.nn.Module, "load_state_dict", spy):
+        out = run_phase(params, "train", "m0", paths)
+    assert "resuming train@m0" in caplog.text and len(out["history"]) == 2
+    assert torch.all(loaded["value"] == 0.125)  # the raw weights came from last.pt's "model"
