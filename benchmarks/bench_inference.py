@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from machine import describe
 
-from products10k.config import ModelConfig, PhaseConfig, TTAConfig, from_dict, load_section
+from products10k.config import ModelConfig, PhaseConfig, TTAConfig, load_section
 from products10k.evaluation.predict import predict
 from products10k.evaluation.views import build_views
 from products10k.prepared.shards import ShardWriter
@@ -90,7 +90,7 @@ def main() -> None:
     params = ROOT / "params.yaml"
     model_cfg = load_section(params, "model", ModelConfig)
     if args.arch:
-        model_cfg = from_dict(ModelConfig, {"arch": args.arch}, prefix="model")
+        model_cfg = model_cfg.model_copy(update={"arch": args.arch})
     resolution = args.resolution or load_section(params, "train", PhaseConfig).resolution
     tta_params = load_section(params, "tta", TTAConfig)
     device = resolve_device(args.device)
@@ -101,10 +101,10 @@ def main() -> None:
         model = torch.compile(model)
     amp = amp_dtype(args.amp, device)
     configs = {
-        "1 view (centre)": TTAConfig(scales=(1.0,), crops="center", flip=False),
-        "flip (2 views)": TTAConfig(scales=(1.0,), crops="center", flip=True),
+        "1 view (centre)": TTAConfig(scales=[1.0], crops="center", flip=False),
+        "flip (2 views)": TTAConfig(scales=[1.0], crops="center", flip=True),
         f"params tta {list(tta_params.scales)} flip={tta_params.flip} crops={tta_params.crops}": tta_params,
-        "five crops + flip": TTAConfig(scales=(1.0,), crops="five", flip=True),
+        "five crops + flip": TTAConfig(scales=[1.0], crops="five", flip=True),
     }
     print(describe())
     print(

@@ -38,7 +38,9 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-from products10k.config import PhaseConfig  # noqa: E402
+from products10k.config import PhaseConfig, load_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 from products10k.prepared.shards import ShardWriter  # noqa: E402
 from products10k.training.data import PreparedImageDataset  # noqa: E402
 from products10k.training.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_resize, train_transform  # noqa: E402
@@ -100,10 +102,14 @@ def main() -> None:
         folder, prepared = build(Path(tmp), args.n)
         df = pd.read_csv(prepared / "train.csv")
         results = []
+        # params.yaml's train recipe without colour jitter and erasing: the torchvision twin's steps
+        plain = load_section(ROOT / "params.yaml", "train", PhaseConfig).model_copy(
+            update={"color_jitter": 0.0, "random_erasing": 0.0}
+        )
         for res in args.resolution:
             resize = resolve_resize(res, None)
             ours = PreparedImageDataset(
-                df, prepared, train_transform(PhaseConfig(resolution=res)), min_side=resize
+                df, prepared, train_transform(plain.model_copy(update={"resolution": res})), min_side=resize
             )
             tv = datasets.ImageFolder(
                 str(folder),

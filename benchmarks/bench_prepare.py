@@ -40,6 +40,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 log = logging.getLogger("bench_prepare")
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 512
 QUALITY = 93
 VARIANTS = {"plain": None, "ours_1": 1, "ours_all": -1}
@@ -98,10 +99,12 @@ def plain(zip_path: Path) -> tuple[float, int]:
 
 
 def ours(raw: Path, out: Path, n_jobs: int) -> float:
-    from products10k.config import PrepareConfig
+    from products10k.config import PrepareConfig, load_section
     from products10k.prepared.prepare import prepare
 
-    cfg = PrepareConfig(size=SIZE, jpeg_quality=QUALITY, n_jobs=n_jobs, val_fraction=0.0)
+    cfg = load_section(ROOT / "params.yaml", "prepare", PrepareConfig).model_copy(
+        update={"size": SIZE, "jpeg_quality": QUALITY, "n_jobs": n_jobs, "val_fraction": 0.0}
+    )
     t0 = time.perf_counter()
     prepare(raw, out, cfg)
     return time.perf_counter() - t0

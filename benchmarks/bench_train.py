@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 from products10k.config import (  # noqa: E402
-    ModelConfig,  # noqa: E402
+    ModelConfig,
+    load_section,
     load_yaml,
     member_params,
+    phase_config,
     section,
 )
 from products10k.training.devices import resolve_device  # noqa: E402
-from products10k.training.loop import resolve_phase_config  # noqa: E402
 from products10k.training.model import create_model  # noqa: E402
 
 log = logging.getLogger("bench_train")
@@ -59,7 +60,8 @@ def step_throughput(
     """Optimizer steps per second x batch on random data; CUDA timings are synchronised."""
     device = device or torch.device("cpu")
     torch.manual_seed(0)
-    model = create_model(ModelConfig(arch=arch), num_classes, pretrained=False).train().to(device)
+    model_cfg = load_section(ROOT / "params.yaml", "model", ModelConfig).model_copy(update={"arch": arch})
+    model = create_model(model_cfg, num_classes, pretrained=False).train().to(device)
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     if channels_last:
@@ -134,7 +136,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     params = member_params(load_yaml(ROOT / "params.yaml"), "m0")
     model_cfg = section(params, "model", ModelConfig)
-    train = resolve_phase_config(params, "train")
+    train = phase_config(params, "train")
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     classes = args.classes or (9691 if cuda else 100)  # on a GPU, the real 9,691-way head

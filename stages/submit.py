@@ -22,7 +22,15 @@ from pathlib import Path
 
 from products10k import common
 from products10k.common import Products10kError, run_stage
-from products10k.config import EnsembleConfig, EvaluateConfig, SubmitConfig, load_yaml, member_names, section
+from products10k.config import (
+    DataConfig,
+    EnsembleConfig,
+    EvaluateConfig,
+    SubmitConfig,
+    load_yaml,
+    member_names,
+    section,
+)
 from products10k.submission.predictions import require_evaluated_phase
 from products10k.submission.submit import kaggle_submit, make_submission
 
@@ -53,6 +61,7 @@ def _run(args: argparse.Namespace) -> None:
     ens = section(params, "ensemble", EnsembleConfig, where=args.params)
     members = member_names(params, args.params)
     phases = section(params, "evaluate", EvaluateConfig, where=args.params).phases
+    competition = section(params, "data", DataConfig, where=args.params).kaggle.competition
     require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
     folder = Path(args.predictions)
     if folder.name != cfg.phase:
@@ -79,7 +88,7 @@ def _run(args: argparse.Namespace) -> None:
             test.get("private", {}).get("top1", float("nan")),
         )
     if cfg.kaggle.enabled:
-        kaggle_submit(cfg.kaggle.competition, args.out, cfg.kaggle.message, cfg.kaggle.timeout_s)
+        kaggle_submit(competition, args.out, cfg.kaggle.message, cfg.kaggle.timeout_s)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,14 @@ with the real ShardWriter, a random-weight checkpoint, params files and the stag
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -25,9 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from PIL import Image
 
 from products10k import common
-from products10k.config import ModelConfig
+from products10k.config import SECTIONS, apply_overrides, from_dict
 from products10k.prepared.shards import ShardWriter
 from products10k.training.model import create_model, model_config_dict
 
@@ -172,6 +176,8 @@ def make_training_data(
 
 
 TINY_MODEL = {"arch": "resnet10t", "pretrained": False}
+# The tiny fixture's training recipe on top of params.yaml's: small and quick, without the
+# default's regularisers and warm-up, so that a test sees what it sets and nothing else.
 TINY_TRAIN = {
     "seed": 0,
     "epochs": 2,
@@ -179,23 +185,60 @@ TINY_TRAIN = {
     "resolution": 32,
     "resize": None,
     "lr": 3.0e-3,
+    "schedule": "step",
+    "warmup_epochs": 0,
+    "min_lr": 0.0,
+    "color_jitter": 0.0,
+    "random_erasing": 0.0,
+    "label_smoothing": 0.0,
+    "channels_last": False,
     "num_workers": 0,
     "hflip": 0.5,
 }
+# The finetune sections replace params.yaml's (which hold only what differs from train).
+TINY_FINETUNES = {
+    "finetune_balanced": {"epochs": 1, "lr": 1.0e-3},
+    "finetune_accuracy": {"epochs": 1, "lr": 1.0e-3, "accuracy_loss_weight": 1.0},
+}
+
+
+def params_tree(overrides: dict | None = None) -> dict:
+    """The project's params.yaml as a dict, with dotted ``overrides`` (``{"train.lr": 0.1}``) set."""
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return apply_overrides(tree, overrides or {})
+
+
+def config(path: str, **overrides):
+    """The section at ``path`` (``"train"``, ``"data.synthetic"``) of the project's params.yaml,
+    typed, with ``overrides`` of its keys (dotted below it: ``**{"kaggle.timeout_s": 1.0}``)."""
+    tree = params_tree({f"{path}.{k}": v for k, v in overrides.items()})
+    top, *rest = path.split(".")
+    cls, node = SECTIONS[top], tree[top]
+    for part in rest:
+        cls, node = cls.model_fields[part].annotation, node[part]
+    return from_dict(cls, node, prefix=path)
+
+
+def write_project_params(path: Path, updates: dict) -> Path:
+    """The project's params.yaml with the sections of ``updates`` merged key by key, at ``path``."""
+    params = deep_update(params_tree(), copy.deepcopy(updates))
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
 
 
 def write_params(path: Path, model: dict | None = None, train: dict | None = None, **sections) -> Path:
-    """A params.yaml for the tiny fixture: ``train``/``model`` updated, finetune sections given."""
-    params = {
+    """params.yaml for the tiny fixture: the project's, with the tiny model, train recipe and
+    finetunes, then ``model``/``train``/``sections`` merged key by key on top."""
+    params = params_tree()
+    params.update(copy.deepcopy(TINY_FINETUNES))
+    updates = {
         "model": {**TINY_MODEL, **(model or {})},
         "train": {**TINY_TRAIN, **(train or {})},
-        "finetune_balanced": {"epochs": 1, "lr": 1.0e-3},
-        "finetune_accuracy": {"epochs": 1, "lr": 1.0e-3, "accuracy_loss_weight": 1.0},
         # one thread: tests share 2 cores with other tests, and OpenMP barriers stall when oversubscribed
         "dist": {"nproc_per_node": 1, "threads": 1},
-        "ensemble": {"members": {"m0": {}}},
     }
-    params.update(sections)
+    deep_update(params, updates)
+    deep_update(params, sections)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -298,7 +341,7 @@ def make_checkpoint(
     path: Path, skus=EVAL_SKUS, resolution: int = 32, resize: int | None = None, seed: int = 0
 ):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="resnet10t")
+    cfg = config("model", arch="resnet10t", pretrained=False)
     model = create_model(cfg, len(skus), pretrained=False).eval()
     common.save_torch(
         path,
@@ -315,3 +358,71 @@ def make_checkpoint(
         },
     )
     return model
+
+
+# --- a tiny raw dataset in the official layout, and prepare settings for it ---------------------
+
+TINY_PREPARE = {
+    "size": 48,
+    "val_fraction": 0.25,
+    "seed": 0,
+    "max_bad_fraction": 0.5,
+    "jpeg_quality": 90,
+    "n_jobs": 1,
+}
+# SKU -> train images: a long tail with a singleton.
+RAW_TRAIN_COUNTS = {101: 6, 102: 4, 103: 3, 204: 2, 205: 1}
+RAW_GROUPS = {101: 1, 102: 1, 103: 1, 204: 2, 205: 2}
+
+
+def jpeg_bytes(color, w=96, h=72, **save_kw) -> bytes:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = color
+    img[: h // 2, : w // 2] = 255 - np.asarray(color, np.uint8)  # some structure
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=92, **save_kw)
+    return buf.getvalue()
+
+
+def sku_colour(sku: int) -> tuple[int, int, int]:
+    return ((sku * 53) % 256, (sku * 97) % 256, (sku * 31) % 256)
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def make_raw_data(
+    root: Path,
+    replace: dict[str, bytes | None] | None = None,
+    train_prefix: str = "train/",
+    extra: dict[str, bytes] | None = None,
+) -> Path:
+    """Official-layout raw folder; ``replace`` swaps an image's bytes (None = leave it out of the zip)."""
+    raw = root / "raw"
+    raw.mkdir(parents=True)
+    rows, images, i = [], {}, 1
+    for sku, n in RAW_TRAIN_COUNTS.items():
+        for _ in range(n):
+            rows.append((f"{i}.jpg", sku, RAW_GROUPS[sku], "inshop" if i % 2 else "customer"))
+            images[f"{i}.jpg"] = jpeg_bytes(sku_colour(sku), w=96 + i, h=72)
+            i += 1
+    pd.DataFrame(rows, columns=["name", "class", "group", "domain"]).to_csv(raw / "train.csv", index=False)
+    test_rows, test_images = [], {}
+    for j, sku in enumerate([101, 102, 103, 204, 205, 101]):
+        name = f"{4713700 + j}.jpg"
+        test_rows.append((name, sku, "Public" if j % 2 else "Private"))
+        test_images[name] = jpeg_bytes(sku_colour(sku), w=72, h=100)
+    pd.DataFrame(test_rows, columns=["name", "class", "Usage"]).to_csv(
+        raw / "test_kaggletest.csv", index=False
+    )
+    for name, data in (replace or {}).items():
+        if data is None:
+            images.pop(name)
+        else:
+            images[name] = data
+    write_zip(raw / "train.zip", {train_prefix + n: b for n, b in images.items()} | (extra or {}))
+    write_zip(raw / "test.zip", {"test/" + n: b for n, b in test_images.items()})
+    return raw

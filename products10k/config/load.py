@@ -1,28 +1,31 @@
-"""Typed, frozen configuration per stage, loaded from params.yaml.
+"""Loading params.yaml into the typed, frozen sections of :mod:`products10k.config.schema`.
 
-Each stage reads its own section into a frozen dataclass. Unknown keys (typos such as
-``train.resolutoin``) and values of the wrong type fail at start with the file and the dotted key
-named, before any work is done (nanoGPT's "Unknown config key" check, made strict).
+Every error is a ConfigError naming the file and the dotted key (``params.yaml: unknown key
+'train.resolutoin' ...``), raised at start, before any work is done.
 
 Ensemble members (``ensemble.members.<name>``) are dotted overrides applied on top of the base
 sections before they are typed, so ``dvc exp run -S train.resolution=224`` changes every member
-that does not override ``train.resolution`` itself.
+that does not override ``train.resolution`` itself. A finetune phase is the ``train`` section with
+its own section's keys on top, so ``-S train.min_lr=...`` reaches every phase that does not set
+``min_lr`` itself.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import types
-import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from products10k.common import ConfigError
+from products10k.config.schema import PHASES, PhaseConfig
 
-T = TypeVar("T")
+T = TypeVar("T", bound=BaseModel)
+
+#: how pydantic names the member of a union it tried, in an error's location
+_UNION_TAGS = {"int", "float", "str", "bool", "none"}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -42,100 +45,71 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _dotted_key(cls: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, type[BaseModel]]:
+    """The dotted params key of a pydantic error location, and the model whose key it is."""
+    key, model, owner = prefix, cls, cls
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+            model = None
+            continue
+        if model is None:
+            if part in _UNION_TAGS or "[" in part:
+                continue  # the union member pydantic tried ('int', "literal['auto']"): not a key
+            key += f".{part}"  # a key of a mapping-valued field (ensemble.weights.m0)
+            continue
+        key = f"{key}.{part}" if key else part
+        owner = model
+        field = model.model_fields.get(part)
+        if field is None:
+            break  # an unknown key
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return key, owner
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it (ints are accepted as floats)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arg, key, where)
-            except ConfigError:
-                continue  # try the next member of the union; the message below names them all
-        raise ConfigError(f"{where}: key '{key}' has value {value!r}, expected {_type_name(tp)}")
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(
-                f"{where}: key '{key}' is {value!r}, expected one of {', '.join(map(repr, choices))}"
-            )
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
-        return from_dict(tp, value, where=where, prefix=key)
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")
-        args = get_args(tp)
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
-        return copy.deepcopy(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: key '{key}' must be true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: key '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+def _first_error(exc: ValidationError, cls: type[BaseModel], where: str, prefix: str) -> ConfigError:
+    """One ConfigError for the first problem pydantic found, in the words of params.yaml."""
+    # an unknown key first: a typo (``per_klass``) also makes the real key (``per_class``) missing;
+    # else the deepest: of a union's members, the one that got furthest into the value
+    err = min(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
+    key, owner = _dotted_key(cls, tuple(err["loc"]), prefix)
+    section = key.rpartition(".")[0] or "top level"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = ", ".join(owner.model_fields)
+        return ConfigError(f"{where}: unknown key '{key}' (known keys of '{section}': {known})")
+    if kind == "missing":
+        return ConfigError(
+            f"{where}: missing key '{key}' "
+            "(params.yaml holds every default: copy the key from the project's params.yaml)"
+        )
+    message = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error":  # a check across the keys of one section (a model validator)
+        return ConfigError(f"{where}: section '{key or 'top level'}': {message}")
+    return ConfigError(f"{where}: key '{key}' is {err.get('input')!r}: {message}")
 
 
-def from_dict(cls: type[T], data: dict, where: str = "params.yaml", prefix: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data``.
-
-    Unknown keys raise ConfigError naming ``where`` (the file) and the dotted key; missing keys
-    take the dataclass default (the embedded default), or raise if the field has none.
-    """
+def from_dict(cls: type[T], data: Any, where: str = "params.yaml", prefix: str = "") -> T:
+    """Type ``data`` (the mapping at ``prefix`` in ``where``) as the section model ``cls``."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: section '{prefix}' must be a mapping, got {data!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    dotted = (prefix + ".") if prefix else ""
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key '{dotted}{unknown[0]}'"
-            f" (known keys of '{prefix or 'top level'}': {', '.join(sorted(fields))})"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], dotted + name, where)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key '{dotted}{name}'")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(f"{where}: section '{prefix}': {exc}") from exc
-    return obj
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, cls, where, prefix) from None
+
+
+def section(params: dict, name: str, cls: type[T], where: str = "params.yaml") -> T:
+    """Type the top-level section ``name`` of ``params`` as ``cls``."""
+    return from_dict(cls, params.get(name), where=where, prefix=name)
+
+
+def load_section(path: str | Path, name: str, cls: type[T]) -> T:
+    """Load ``path`` and type its section ``name`` as ``cls`` (the common case for a stage)."""
+    return section(load_yaml(path), name, cls, where=str(path))
 
 
 def set_dotted(tree: dict, dotted: str, value: Any, where: str = "params.yaml") -> None:
@@ -155,16 +129,6 @@ def apply_overrides(params: dict, overrides: dict, where: str = "params.yaml") -
     for dotted, value in (overrides or {}).items():
         set_dotted(out, str(dotted), value, where)
     return out
-
-
-def section(params: dict, name: str, cls: type[T], where: str = "params.yaml") -> T:
-    """Type the top-level section ``name`` of ``params`` as ``cls``."""
-    return from_dict(cls, params.get(name) or {}, where=where, prefix=name)
-
-
-def load_section(path: str | Path, name: str, cls: type[T]) -> T:
-    """Load ``path`` and type its section ``name`` as ``cls`` (the common case for a stage)."""
-    return section(load_yaml(path), name, cls, where=str(path))
 
 
 def member_names(params: dict, where: str = "params.yaml") -> list[str]:
@@ -188,3 +152,28 @@ def member_params(params: dict, member: str, where: str = "params.yaml") -> dict
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: 'ensemble.members.{member}' must be a mapping of dotted key -> value")
     return apply_overrides(params, overrides, where=f"{where} (ensemble.members.{member})")
+
+
+def phase_config(params: dict, phase: str, where: str = "params.yaml") -> PhaseConfig:
+    """The config of training ``phase``: ``train``, with the phase's own section on top.
+
+    A finetune section names only what differs from ``train`` (epochs, lr, ...); an unknown key
+    there fails naming ``<phase>.<key>``.
+    """
+    if phase not in PHASES:
+        raise ConfigError(f"{where}: unknown phase '{phase}' (known: {', '.join(PHASES)})")
+    train = params.get("train")
+    if not isinstance(train, dict):
+        raise ConfigError(f"{where}: section 'train' must be a mapping, got {train!r}")
+    if phase == "train":
+        return from_dict(PhaseConfig, train, where, "train")
+    overrides = params.get(phase) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: section '{phase}' must be a mapping, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(PhaseConfig.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{phase}.{unknown[0]}' "
+            f"(known keys of '{phase}': those of 'train': {', '.join(PhaseConfig.model_fields)})"
+        )
+    return from_dict(PhaseConfig, {**train, **overrides}, where, phase)

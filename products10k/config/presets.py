@@ -21,15 +21,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
 from products10k.common import ConfigError, Products10kError, setup_logging, write_text
-from products10k.config import (
-    PHASES,
-    DistConfig,
-    ModelConfig,
-    load_yaml,
-    member_names,
-    member_params,
-    section,
-)
+from products10k.config.load import load_yaml, member_names, member_params, phase_config, section
+from products10k.config.schema import PHASES, SECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +76,13 @@ def _merge(target, updates, prefix: str = "") -> list[str]:
 
 
 def check_params(params: dict, where: str) -> None:
-    """Type-check the training sections of every member (what the training stages will read)."""
-    from products10k.training.loop import resolve_phase_config
-
+    """Type-check every section of every member, as the stages will read them (no torch import)."""
     for member in member_names(params, where):
         mp = member_params(params, member, where)
-        section(mp, "model", ModelConfig, where)
-        section(mp, "dist", DistConfig, where)
+        for name, cls in SECTIONS.items():
+            section(mp, name, cls, where)
         for phase in PHASES:
-            resolve_phase_config(mp, phase, where)
+            phase_config(mp, phase, where)
 
 
 def _represent_float(representer, value: float):

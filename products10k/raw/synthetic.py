@@ -622,7 +622,6 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> dict:
     Returns a summary (counts per split and domain) for the log. The caller makes the result
     atomic (``products10k.raw.download`` builds into a staging folder and renames it).
     """
-    cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     skus = make_catalogue(cfg)

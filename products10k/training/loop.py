@@ -14,7 +14,6 @@ state and a fingerprint of the settings; a checkpoint made with other settings i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,13 +31,12 @@ from tqdm import tqdm
 
 from products10k.common import ConfigError, Products10kError, save_torch, seed_everything, write_json
 from products10k.config import (
-    PHASES,
     DistConfig,
     ModelConfig,
     PhaseConfig,
-    from_dict,
     load_yaml,
     member_params,
+    phase_config,
     section,
 )
 from products10k.prepared.contract import read_label_map, read_prepared
@@ -77,33 +75,6 @@ class PhasePaths:
     debug_dir: Path | None = None  # test hook: per-rank seen indices and probe logits
 
 
-def resolve_phase_config(params: dict, phase: str, where: str = "params.yaml") -> PhaseConfig:
-    """``train`` for the train phase; ``train`` updated with the phase's section otherwise.
-
-    The finetune sections are small override sets, so ``-S train.resolution=224`` also changes
-    the finetunes; a key that PhaseConfig does not know fails naming ``<phase>.<key>``.
-    """
-    if phase not in PHASES:
-        raise ConfigError(f"unknown phase '{phase}' (phases: {', '.join(PHASES)})")
-    base = section(params, "train", PhaseConfig, where)
-    if phase == "train":
-        return base
-    if phase not in params:
-        raise ConfigError(f"{where}: no '{phase}' section (the overrides of 'train' for this phase)")
-    overrides = params.get(phase) or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{where}: section '{phase}' must be a mapping of train keys to override")
-    known = {f.name for f in dataclasses.fields(PhaseConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key '{phase}.{unknown[0]}' (a finetune section overrides keys of "
-            f"'train': {', '.join(sorted(known))})"
-        )
-    merged = {**dataclasses.asdict(base), **overrides}
-    return from_dict(PhaseConfig, merged, where=where, prefix=phase)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -116,12 +87,12 @@ def fingerprint(
     phase: str, member: str, cfg: PhaseConfig, model_cfg: ModelConfig, world: int, paths: PhasePaths
 ) -> str:
     """Hash of everything a resumed run must share with the killed one."""
-    phase_dict = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_SAFE_KEYS}
+    phase_dict = cfg.model_dump(exclude=set(RESUME_SAFE_KEYS))
     blob = {
         "phase": phase,
         "member": member,
         "cfg": phase_dict,
-        "model": dataclasses.asdict(model_cfg),
+        "model": model_cfg.model_dump(),
         "world": world,
         "train_csv": _sha256(paths.train_csv),
         "label_map": _sha256(paths.label_map),
@@ -185,7 +156,7 @@ class PhaseRunner:
         params = member_params(load_yaml(params_path), member, where)
         self.phase, self.member, self.paths = phase, member, paths
         self.model_cfg = section(params, "model", ModelConfig, where)
-        self.cfg = resolve_phase_config(params, phase, where)
+        self.cfg = phase_config(params, phase, where)
         self.dist_cfg = section(params, "dist", DistConfig, where)
         if phase != "train" and paths.init is None:
             raise ConfigError(f"phase '{phase}' needs --init (the previous phase's best.pt)")
@@ -314,7 +285,7 @@ class PhaseRunner:
             "normalize": dict(self.normalize),
             "val_top1": float(val_top1),
             "best_val_top1": float(self.best_top1),
-            "phase_config": dataclasses.asdict(self.cfg),
+            "phase_config": self.cfg.model_dump(),
             "history": list(self.history),
             "fingerprint": self.fp,
         }

@@ -11,7 +11,6 @@ the build fails at once with a message saying where to put the file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -230,6 +229,6 @@ def create_model(cfg: ModelConfig, num_classes: int, pretrained: bool | None = N
 
 def model_config_dict(cfg: ModelConfig, num_classes: int) -> dict:
     """What a checkpoint stores to rebuild the model: the ModelConfig fields plus num_classes."""
-    out = dataclasses.asdict(cfg)
+    out = cfg.model_dump()
     out["num_classes"] = int(num_classes)
     return out

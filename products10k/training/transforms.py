@@ -2,11 +2,13 @@
 
 Training resizes the shorter side to ``resize`` and takes a random ``resolution`` crop (or a
 random-resized crop); evaluation resizes the same way and takes the centre crop. ``resize``
-defaults to ``round(resolution * 8 / 7)``: the paper's 256/224 and 512/448 ratio, so
+defaults to ``round(resolution * RESIZE_RATIO)``: the paper's 256/224 and 512/448 ratio, so
 ``-S train.resolution=224`` alone gives the low-resolution baseline.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import albumentations as A
 import cv2
@@ -16,17 +18,19 @@ from products10k.config import PhaseConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the resize rule: shorter side = resolution x 8/7 (the paper's 256/224 and 512/448)
+RESIZE_RATIO = Fraction(8, 7)
 #: what a checkpoint without stored constants was trained with (every model before they were stored)
 DEFAULT_NORMALIZE = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 
 
 def resolve_resize(resolution: int, resize: int | None) -> int:
-    """Shorter side before cropping: ``resize`` if set, else ``round(resolution * 8 / 7)``."""
+    """Shorter side before cropping: ``resize`` if set, else ``round(resolution * RESIZE_RATIO)``."""
     if resize is not None:
         if resize < resolution:
             raise ValueError(f"resize ({resize}) must be >= resolution ({resolution})")
         return int(resize)
-    return int(round(resolution * 8 / 7))
+    return round(resolution * RESIZE_RATIO)
 
 
 def eval_transform(resize: int, resolution: int, normalize: dict | None = None) -> A.Compose:

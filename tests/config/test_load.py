@@ -1,84 +1,108 @@
-from dataclasses import dataclass, field
-from typing import Literal
+"""Loading params.yaml: every section types, errors name the file and the dotted key, no defaults
+outside params.yaml, member overrides and finetune sections on top of train."""
 
 import pytest
+from pydantic import ValidationError
 
 from products10k.common import ConfigError
 from products10k.config import (
-    BalanceConfig,
+    SECTIONS,
     DataConfig,
-    PrepareConfig,
+    PhaseConfig,
+    TTAConfig,
     apply_overrides,
-    from_dict,
     load_section,
     load_yaml,
     member_names,
     member_params,
+    phase_config,
     section,
 )
-from tests.helpers import ROOT
+from tests.helpers import ROOT, config, params_tree
 
 
-@dataclass(frozen=True)
-class Inner:
-    n: int = 1
-    ratio: float = 0.5
+@pytest.mark.parametrize("name", list(SECTIONS))
+def test_every_section_of_the_project_params_loads(name):
+    cfg = load_section(ROOT / "params.yaml", name, SECTIONS[name])
+    assert isinstance(cfg, SECTIONS[name])
 
 
-@dataclass(frozen=True)
-class Outer:
-    name: str = "x"
-    mode: Literal["a", "b"] = "a"
-    opt: int | None = None
-    steps: tuple[int, ...] = (1, 2)
-    inner: Inner = field(default_factory=Inner)
+def _required_everywhere(model) -> list[str]:
+    out = []
+    for name, info in model.model_fields.items():
+        if not info.is_required():
+            out.append(f"{model.__name__}.{name}")
+        if isinstance(info.annotation, type) and hasattr(info.annotation, "model_fields"):
+            out += _required_everywhere(info.annotation)
+    return out
 
 
-def test_defaults_and_types():
-    cfg = from_dict(Outer, {"inner": {"ratio": 2}, "steps": [3, 4], "opt": None})
-    assert cfg.inner.ratio == 2.0 and isinstance(cfg.inner.ratio, float)
-    assert cfg.steps == (3, 4)
-    assert cfg.opt is None and cfg.name == "x"
+def test_the_schema_holds_no_default_params_yaml_holds_them_all():
+    assert [f for model in SECTIONS.values() for f in _required_everywhere(model)] == []
 
 
-def test_unknown_key_names_file_and_dotted_key():
-    with pytest.raises(ConfigError, match=r"my.yaml: unknown key 'outer.inner.nn'"):
-        from_dict(Outer, {"inner": {"nn": 3}}, where="my.yaml", prefix="outer")
+def test_a_key_missing_from_params_is_named():
+    tree = params_tree()
+    del tree["train"]["min_lr"]
+    with pytest.raises(ConfigError, match=r"p.yaml: missing key 'train.min_lr'"):
+        section(tree, "train", PhaseConfig, where="p.yaml")
 
 
 @pytest.mark.parametrize(
-    "data, key",
+    "dotted, value, message",
     [
-        ({"name": 3}, "name"),
-        ({"mode": "c"}, "mode"),
-        ({"opt": "1"}, "opt"),
-        ({"steps": [1, "a"]}, r"steps\[1\]"),
-        ({"inner": {"n": 1.5}}, "inner.n"),
-        ({"inner": {"n": True}}, "inner.n"),
+        ("train.resolutoin", 224, r"unknown key 'train.resolutoin' \(known keys of 'train': seed, epochs"),
+        ("data.synthetic.sedd", 1, r"unknown key 'data.synthetic.sedd'"),
+        ("train.resolution", "224", r"key 'train.resolution' is '224': Input should be a valid integer"),
+        ("train.resolution", True, r"key 'train.resolution' is True"),
+        ("train.ema", 1, r"key 'train.ema' is 1: Input should be a valid boolean"),
+        ("train.rrc_scale", [0.3, "a"], r"key 'train.rrc_scale\[1\]' is 'a'"),
+        ("train.amp", "fp8", r"key 'train.amp' is 'fp8': Input should be 'auto', 'off', 'bf16' or 'fp16'"),
+        ("data.synthetic.seed", 1.5, r"key 'data.synthetic.seed' is 1.5"),
+        ("evaluate.num_workers", "many", r"key 'evaluate.num_workers' is 'many'"),
+        ("evaluate.phases", ["train", "warmup"], r"key 'evaluate.phases\[1\]' is 'warmup'"),
+        ("tta.scales", [1, "8/0"], r"key 'tta.scales\[1\]' is '8/0'"),
+        ("prepare.val_fraction", 1.5, r"key 'prepare.val_fraction' is 1.5: Input should be less than 1"),
+        ("data.source", "dir", r"section 'data': source is 'dir' but data.dir is not set"),
+        (
+            "data.synthetic.num_skus",
+            12,
+            r"section 'data.synthetic': set exactly one of skus_per_group and num_skus",
+        ),
+        ("ensemble.weights", {"m1": 1.0}, r"section 'ensemble': weights names unknown member 'm1'"),
     ],
 )
-def test_wrong_types_name_the_key(data, key):
-    with pytest.raises(ConfigError, match=key):
-        from_dict(Outer, data)
+def test_bad_values_name_the_file_and_the_dotted_key(dotted, value, message):
+    name = dotted.split(".")[0]
+    tree = apply_overrides(params_tree(), {dotted: value})
+    with pytest.raises(ConfigError, match=r"^p\.yaml: " + message):
+        section(tree, name, SECTIONS[name], where="p.yaml")
 
 
-def test_frozen():
-    cfg = from_dict(Outer, {})
-    with pytest.raises(AttributeError):
-        cfg.name = "y"  # type: ignore[misc]
+def test_numbers_fractions_and_lists():
+    assert config("train", lr=1).lr == 1.0 and isinstance(config("train", lr=1).lr, float)
+    assert config("train", milestones=[3, 4]).milestones == (3, 4)
+    tta = config("tta", scales=[1, "8/7"])
+    assert isinstance(tta, TTAConfig) and tta.scales == (1.0, 8 / 7)
 
 
-def test_project_params_load(tmp_path):
+def test_configs_are_frozen():
+    cfg = config("data")
+    assert isinstance(cfg, DataConfig)
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.source = "dir"  # type: ignore[misc]
 
-    params = ROOT / "params.yaml"
-    assert isinstance(load_section(params, "data", DataConfig), DataConfig)
-    assert isinstance(load_section(params, "prepare", PrepareConfig), PrepareConfig)
-    assert isinstance(load_section(params, "balance", BalanceConfig), BalanceConfig)
 
-
-def test_validate_hooks_report_section(tmp_path):
-    with pytest.raises(ConfigError, match="prepare.*val_fraction"):
-        section({"prepare": {"val_fraction": 1.5}}, "prepare", PrepareConfig)
+def test_finetune_sections_state_only_what_differs_from_train():
+    tree = params_tree()
+    for phase in ("finetune_balanced", "finetune_accuracy"):
+        same = {k: v for k, v in tree[phase].items() if tree["train"].get(k) == v}
+        assert same == {}, f"{phase} restates train's {same}"
+    low = apply_overrides(tree, {"train.min_lr": 3.0e-6})
+    assert phase_config(low, "finetune_balanced").min_lr == 3.0e-6  # -S train.* reaches the finetunes
+    bad = apply_overrides(tree, {"finetune_accuracy.lrr": 1.0})
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune_accuracy.lrr'"):
+        phase_config(bad, "finetune_accuracy")
 
 
 def test_load_yaml_errors(tmp_path):

@@ -5,10 +5,9 @@ import shutil
 import pytest
 
 from products10k.common import ConfigError
-from products10k.config import ModelConfig, apply_overrides, load_yaml, member_params, section
+from products10k.config import ModelConfig, apply_overrides, load_yaml, member_params, phase_config, section
 from products10k.config.presets import apply_preset, available
 from products10k.config.presets import main as presets_main
-from products10k.training.loop import resolve_phase_config
 from products10k.training.transforms import resolve_resize
 from tests.helpers import ROOT
 
@@ -25,21 +24,21 @@ def test_paper_preset_gives_the_papers_recipe(tmp_path):
     params = member_params(load_yaml(params_path), "m0")
     model = section(params, "model", ModelConfig)
     assert (model.arch, model.pretrained) == ("efficientnet_b3", True)
-    train = resolve_phase_config(params, "train")
+    train = phase_config(params, "train")
     assert (train.resolution, resolve_resize(train.resolution, train.resize)) == (448, 512)
     assert (train.optimizer, train.lr, train.weight_decay, train.batch_size) == ("adam", 3e-4, 1e-4, 64)
     assert (train.schedule, train.milestones, train.gamma) == ("step", (20, 40, 60), 0.1)
     assert (train.color_jitter, train.random_erasing, train.label_smoothing) == (0.0, 0.0, 0.0)
-    balanced = resolve_phase_config(params, "finetune_balanced")
+    balanced = phase_config(params, "finetune_balanced")
     assert (balanced.lr, balanced.milestones, balanced.accuracy_loss_weight) == (3e-5, (), 0.0)
-    accuracy = resolve_phase_config(params, "finetune_accuracy")
+    accuracy = phase_config(params, "finetune_accuracy")
     assert (accuracy.lr, accuracy.accuracy_loss_weight) == (3e-5, 1.0) and 2 <= accuracy.epochs <= 3
     assert params["prepare"]["size"] == 512
 
     # `dvc exp run -S train.resolution=224` on top: the 256/224 baseline in every phase
     low = apply_overrides(params, {"train.resolution": 224})
     for phase in ("train", "finetune_balanced", "finetune_accuracy"):
-        cfg = resolve_phase_config(low, phase)
+        cfg = phase_config(low, phase)
         assert (cfg.resolution, resolve_resize(cfg.resolution, cfg.resize)) == (224, 256)
 
     assert apply_preset("paper", params_path) == []  # applying again changes nothing

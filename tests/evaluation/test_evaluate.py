@@ -7,15 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from products10k.config import TTAConfig, from_dict
 from products10k.evaluation.metrics import hits_at
 from products10k.evaluation.views import build_views
 from products10k.prepared.shards import ImageStore
 from products10k.submission.predictions import load_predictions
 from products10k.training.checkpoint import load_model
-from tests.helpers import EVAL_SKUS, make_checkpoint, make_eval_data, stage_module
+from tests.helpers import (
+    EVAL_SKUS,
+    config,
+    make_checkpoint,
+    make_eval_data,
+    stage_module,
+    write_project_params,
+)
 
 
 def _params(tmp_path, **sections):
@@ -25,9 +30,7 @@ def _params(tmp_path, **sections):
         "tta": {"scales": [1.0, 1.25], "crops": "center", "flip": True},
     }
     params.update(sections)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_project_params(tmp_path / "params.yaml", params)
 
 
 def _argv(tmp_path, prepared, ckpt, params, phase="train"):
@@ -154,7 +157,7 @@ def test_single_crop_without_a_matching_tta_view_and_no_val_rows(tmp_path, prepa
     model, _ = load_model(ckpt)
     test = pd.read_csv(prepared / "test.csv")
     store = ImageStore(prepared)
-    tf = build_views(from_dict(TTAConfig, {"scales": [1.0], "flip": False}, prefix="tta"), 32, None)[0]
+    tf = build_views(config("tta", scales=[1.0], flip=False), 32, None)[0]
     with torch.inference_mode():
         pred = [int(model(tf.base.transform()(store.read_row(r))[None]).argmax()) for _, r in test.iterrows()]
     expected = (np.array(pred) == test["label"].to_numpy()).mean()

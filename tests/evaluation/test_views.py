@@ -7,18 +7,18 @@ import torch
 from scipy.special import logsumexp
 
 from products10k.common import ConfigError, DataError
-from products10k.config import TTAConfig, from_dict
 from products10k.evaluation.predict import Prediction, ViewsDataset, predict
 from products10k.evaluation.views import BaseView, build_views
 from products10k.prepared.shards import ImageStore
 from products10k.submission.predictions import SplitScores
 from products10k.training.checkpoint import load_model
 from products10k.training.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from tests.helpers import make_checkpoint, make_eval_data
+from tests.helpers import config, make_checkpoint, make_eval_data
 
 
 def _cfg(**kw):
-    return from_dict(TTAConfig, kw, prefix="tta")
+    """One centre view and its flip unless ``kw`` says otherwise."""
+    return config("tta", **{"scales": [1.0], "crops": "center", "flip": True, **kw})
 
 
 def test_build_views_names_sizes_and_order():
@@ -36,7 +36,7 @@ def test_build_views_names_sizes_and_order():
 def test_tta_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="tta.crops"):
         _cfg(crops="ten")
-    with pytest.raises(ConfigError, match="scales must be > 0"):
+    with pytest.raises(ConfigError, match=r"key 'tta.scales\[1\]' is 0.0: Input should be greater than 0"):
         _cfg(scales=[1.0, 0.0])
     with pytest.raises(ConfigError, match="duplicate view sizes"):
         build_views(_cfg(scales=[1.0, 1.001]), 32, None)

@@ -1,23 +1,20 @@
 """dvc.yaml and params.yaml stay in step with the code.
 
 A stage's deps are its package folders plus config and common; a module its script imports that no
-dep covers would let the stage go stale silently when that module changes. A schema field missing
-from params.yaml is a knob DVC cannot track.
+dep covers would let the stage go stale silently when that module changes. (That params.yaml spells
+out every knob is tests/config/test_load.py's: the schema has no defaults.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from products10k import config as params_mod
 from tests.helpers import ROOT
 
 IMPORTS = """
@@ -57,34 +54,3 @@ def test_stage_deps_list_every_module_its_script_imports(name):
         and not any(module == d or module.startswith(d + "/") for d in covered)
     )
     assert not missing, f"dvc.yaml stage '{name}' runs {script}, which imports {missing}: add them to deps"
-
-
-SECTIONS = {
-    "data": params_mod.DataConfig,
-    "prepare": params_mod.PrepareConfig,
-    "balance": params_mod.BalanceConfig,
-    "model": params_mod.ModelConfig,
-    "train": params_mod.PhaseConfig,
-    "dist": params_mod.DistConfig,
-    "evaluate": params_mod.EvaluateConfig,
-    "tta": params_mod.TTAConfig,
-    "submit": params_mod.SubmitConfig,
-}
-
-
-@pytest.mark.parametrize("section", list(SECTIONS))
-def test_params_yaml_spells_out_every_knob(section):
-    """Every field of a stage's config is in params.yaml, so DVC tracks it (no hidden defaults)."""
-    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert section in tree
-    hints = typing.get_type_hints(SECTIONS[section])
-    missing = []
-    for f in dataclasses.fields(SECTIONS[section]):
-        if f.name not in tree[section]:
-            missing.append(f"{section}.{f.name}")
-        elif dataclasses.is_dataclass(hints[f.name]):
-            sub = tree[section][f.name]
-            missing += [
-                f"{section}.{f.name}.{g.name}" for g in dataclasses.fields(hints[f.name]) if g.name not in sub
-            ]
-    assert not missing, f"params.yaml lacks {missing}"

@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 
 from products10k.common import DataError
-from products10k.config import BalanceConfig
 from products10k.prepared.balance import balance, balance_table
-from tests.helpers import ROOT
+from tests.helpers import ROOT, config, write_project_params
 
 COLUMNS = ["name", "label", "sku", "group", "domain", "shard", "offset", "length", "width", "height"]
 
@@ -62,7 +61,7 @@ def test_stage_script_writes_same_columns(tmp_path):
     src = tmp_path / "train.csv"
     train.to_csv(src, index=False)
     params = tmp_path / "params.yaml"
-    params.write_text("balance:\n  per_class: 2\n  seed: 3\n")
+    write_project_params(params, {"balance": {"per_class": 2, "seed": 3}})
     out = tmp_path / "balanced.csv"
     proc = subprocess.run(
         [
@@ -101,5 +100,5 @@ def test_stage_script_bad_params_and_input(tmp_path):
     bad = tmp_path / "t.csv"
     bad.write_text("name,label\n1.jpg,0\n")
     with pytest.raises(DataError, match=r"t\.csv, line 1, column 'sku'"):
-        balance(bad, tmp_path / "b.csv", BalanceConfig())
+        balance(bad, tmp_path / "b.csv", config("balance"))
     assert not (tmp_path / "b.csv").exists()

@@ -1,12 +1,10 @@
 """The prepare stage on tiny raw data made here: outputs, exclusions, zip safety, determinism, script."""
 
-import dataclasses
 import io
 import json
 import subprocess
 import sys
 import threading
-import zipfile
 from pathlib import Path
 
 import cv2
@@ -16,70 +14,23 @@ import pytest
 from PIL import Image
 
 from products10k.common import DataError
-from products10k.config import PrepareConfig
 from products10k.prepared import prepare as prepare_mod
 from products10k.prepared.images import ImageDefect, decode_rgb
 from products10k.prepared.prepare import PREPARED_COLUMNS, prepare
 from products10k.prepared.shards import ImageStore
-from tests.helpers import ROOT
+from tests.helpers import (
+    RAW_GROUPS,
+    RAW_TRAIN_COUNTS,
+    ROOT,
+    TINY_PREPARE,
+    config,
+    jpeg_bytes,
+    make_raw_data,
+    sku_colour,
+    write_project_params,
+)
 
-CFG = PrepareConfig(size=48, val_fraction=0.25, seed=0, max_bad_fraction=0.5, jpeg_quality=90, n_jobs=1)
-# SKU -> number of train images: a long tail with a singleton.
-TRAIN_COUNTS = {101: 6, 102: 4, 103: 3, 204: 2, 205: 1}
-GROUPS = {101: 1, 102: 1, 103: 1, 204: 2, 205: 2}
-
-
-def jpeg(color, w=96, h=72, **save_kw) -> bytes:
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:] = color
-    img[: h // 2, : w // 2] = 255 - np.asarray(color, np.uint8)  # some structure
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=92, **save_kw)
-    return buf.getvalue()
-
-
-def color_of(sku: int) -> tuple[int, int, int]:
-    return ((sku * 53) % 256, (sku * 97) % 256, (sku * 31) % 256)
-
-
-def write_zip(path: Path, members: dict[str, bytes]) -> None:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-
-
-def make_raw(
-    root: Path,
-    replace: dict[str, bytes | None] | None = None,
-    train_prefix: str = "train/",
-    extra: dict[str, bytes] | None = None,
-) -> Path:
-    """Official-layout raw folder; ``replace`` swaps an image's bytes (None = leave it out of the zip)."""
-    raw = root / "raw"
-    raw.mkdir(parents=True)
-    rows, images, i = [], {}, 1
-    for sku, n in TRAIN_COUNTS.items():
-        for _ in range(n):
-            rows.append((f"{i}.jpg", sku, GROUPS[sku], "inshop" if i % 2 else "customer"))
-            images[f"{i}.jpg"] = jpeg(color_of(sku), w=96 + i, h=72)
-            i += 1
-    pd.DataFrame(rows, columns=["name", "class", "group", "domain"]).to_csv(raw / "train.csv", index=False)
-    test_rows, test_images = [], {}
-    for j, sku in enumerate([101, 102, 103, 204, 205, 101]):
-        name = f"{4713700 + j}.jpg"
-        test_rows.append((name, sku, "Public" if j % 2 else "Private"))
-        test_images[name] = jpeg(color_of(sku), w=72, h=100)
-    pd.DataFrame(test_rows, columns=["name", "class", "Usage"]).to_csv(
-        raw / "test_kaggletest.csv", index=False
-    )
-    for name, data in (replace or {}).items():
-        if data is None:
-            images.pop(name)
-        else:
-            images[name] = data
-    write_zip(raw / "train.zip", {train_prefix + n: b for n, b in images.items()} | (extra or {}))
-    write_zip(raw / "test.zip", {"test/" + n: b for n, b in test_images.items()})
-    return raw
+CFG = config("prepare", **TINY_PREPARE)
 
 
 def read(path: Path) -> pd.DataFrame:
@@ -87,7 +38,7 @@ def read(path: Path) -> pd.DataFrame:
 
 
 def test_outputs_follow_the_contract(tmp_path):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     out = tmp_path / "prepared"
     report = prepare(raw, out, CFG)
 
@@ -96,16 +47,16 @@ def test_outputs_follow_the_contract(tmp_path):
     assert train.columns.tolist() == PREPARED_COLUMNS and val.columns.tolist() == PREPARED_COLUMNS
     assert test.columns.tolist() == [*PREPARED_COLUMNS, "Usage"]
     assert lm.columns.tolist() == ["label", "sku", "group", "n_train"]
-    assert lm["sku"].tolist() == sorted(TRAIN_COUNTS) and lm["label"].tolist() == list(range(5))
-    assert dict(zip(lm["sku"], lm["n_train"], strict=True)) == TRAIN_COUNTS
+    assert lm["sku"].tolist() == sorted(RAW_TRAIN_COUNTS) and lm["label"].tolist() == list(range(5))
+    assert dict(zip(lm["sku"], lm["n_train"], strict=True)) == RAW_TRAIN_COUNTS
     both = pd.concat([train, val])
-    assert len(both) == sum(TRAIN_COUNTS.values()) and not set(train["name"]) & set(val["name"])
-    assert set(train["sku"]) == set(TRAIN_COUNTS)  # every SKU keeps a training image
+    assert len(both) == sum(RAW_TRAIN_COUNTS.values()) and not set(train["name"]) & set(val["name"])
+    assert set(train["sku"]) == set(RAW_TRAIN_COUNTS)  # every SKU keeps a training image
     assert 205 not in set(val["sku"])  # the singleton stays in train
     label_of = dict(zip(lm["sku"], lm["label"], strict=True))
     for df in (train, val, test):
         assert (df["label"] == df["sku"].map(label_of)).all()
-        assert (df["group"] == df["sku"].map(GROUPS)).all()
+        assert (df["group"] == df["sku"].map(RAW_GROUPS)).all()
     assert set(both["domain"]) == {"inshop", "customer"} and set(test["domain"]) == {"unknown"}
     assert sorted(test["Usage"].unique()) == ["Private", "Public"]
 
@@ -114,7 +65,7 @@ def test_outputs_follow_the_contract(tmp_path):
         img = store.read_row(row)
         assert img.shape == (row.height, row.width, 3)
         assert min(row.width, row.height) == CFG.size  # all sources are larger than 48
-        sku_color = np.asarray(color_of(row.sku))
+        sku_color = np.asarray(sku_colour(row.sku))
         assert np.abs(img[-5, -5].astype(int) - sku_color).max() < 30  # the row's own image
     assert report["counts"]["train"] == len(train) and report["counts"]["excluded_train"] == 0
     assert json.loads((out / "report.json").read_text())["counts"]["skus"] == 5
@@ -123,16 +74,16 @@ def test_outputs_follow_the_contract(tmp_path):
 
 
 def test_bad_images_are_excluded_and_reported_and_odd_ones_read(tmp_path):
-    good = jpeg(color_of(101))
+    good = jpeg_bytes(sku_colour(101))
     exif = Image.Exif()
     exif[0x0112] = 6
     png = io.BytesIO()
-    Image.new("RGB", (96, 72), color_of(101)).save(png, "PNG")
+    Image.new("RGB", (96, 72), sku_colour(101)).save(png, "PNG")
     cmyk = io.BytesIO()
-    Image.new("RGB", (96, 72), color_of(101)).convert("CMYK").save(cmyk, "JPEG")
+    Image.new("RGB", (96, 72), sku_colour(101)).convert("CMYK").save(cmyk, "JPEG")
     grey = io.BytesIO()
     Image.new("L", (96, 72), 128).save(grey, "JPEG")
-    raw = make_raw(
+    raw = make_raw_data(
         tmp_path,
         replace={
             "2.jpg": None,  # listed but not in the zip
@@ -142,7 +93,7 @@ def test_bad_images_are_excluded_and_reported_and_odd_ones_read(tmp_path):
             "8.jpg": png.getvalue(),
             "9.jpg": cmyk.getvalue(),
             "10.jpg": grey.getvalue(),
-            "11.jpg": jpeg(color_of(103), w=96, h=72, exif=exif.tobytes()),
+            "11.jpg": jpeg_bytes(sku_colour(103), w=96, h=72, exif=exif.tobytes()),
         },
     )
     out = tmp_path / "prepared"
@@ -164,13 +115,13 @@ def test_bad_images_are_excluded_and_reported_and_odd_ones_read(tmp_path):
 
 
 def test_too_many_bad_images_fail_before_writing(tmp_path):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     out = tmp_path / "prepared"
     prepare(raw, out, CFG)
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    broken = make_raw(tmp_path / "b", replace={f"{i}.jpg": b"junk" for i in range(1, 4)})  # 3 of 16 bad
+    broken = make_raw_data(tmp_path / "b", replace={f"{i}.jpg": b"junk" for i in range(1, 4)})  # 3 of 16 bad
     with pytest.raises(DataError) as info:
-        prepare(broken, out, dataclasses.replace(CFG, max_bad_fraction=0.1))
+        prepare(broken, out, CFG.model_copy(update=dict(max_bad_fraction=0.1)))
     msg = str(info.value)
     assert "train.csv" in msg and "3 of 16" in msg and "prepare.max_bad_fraction=0.1" in msg
     assert "line 2 '1.jpg': undecodable" in msg
@@ -180,7 +131,7 @@ def test_too_many_bad_images_fail_before_writing(tmp_path):
 
 @pytest.mark.parametrize("n_jobs", [1, 2])
 def test_crash_mid_run_leaves_no_partial_outputs(tmp_path, monkeypatch, n_jobs):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     out = tmp_path / "prepared"
     real = prepare_mod.prepare_zip_members
     calls = []
@@ -195,7 +146,7 @@ def test_crash_mid_run_leaves_no_partial_outputs(tmp_path, monkeypatch, n_jobs):
     monkeypatch.setattr(prepare_mod, "CHUNK_ROWS", 4)
     monkeypatch.setattr(prepare_mod, "prepare_zip_members", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        prepare(raw, out, dataclasses.replace(CFG, n_jobs=n_jobs))
+        prepare(raw, out, CFG.model_copy(update=dict(n_jobs=n_jobs)))
     assert [p.name for p in out.iterdir()] == ["images"] and not list((out / "images").iterdir())
     # The worker threads are gone and OpenCV's process-wide thread setting is restored.
     assert not [t for t in threading.enumerate() if t.name.startswith("prepare")]
@@ -203,7 +154,7 @@ def test_crash_mid_run_leaves_no_partial_outputs(tmp_path, monkeypatch, n_jobs):
 
 
 def test_csv_errors_fail_before_any_image_work(tmp_path, monkeypatch):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     (raw / "train.csv").write_text((raw / "train.csv").read_text() + "99.jpg,abc,1,inshop\n")
 
     def no_images(*args, **kwargs):
@@ -217,7 +168,7 @@ def test_csv_errors_fail_before_any_image_work(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("entry", ["../evil.jpg", "/abs/evil.jpg", "train/../../evil.jpg", "C:/evil.jpg"])
 def test_zip_slip_entries_refuse_the_archive(tmp_path, entry):
-    raw = make_raw(tmp_path, extra={entry: jpeg((1, 2, 3))})
+    raw = make_raw_data(tmp_path, extra={entry: jpeg_bytes((1, 2, 3))})
     out = tmp_path / "work" / "prepared"
     with pytest.raises(DataError, match="zip slip") as info:
         prepare(raw, out, CFG)
@@ -228,19 +179,19 @@ def test_zip_slip_entries_refuse_the_archive(tmp_path, entry):
 
 @pytest.mark.parametrize("prefix", ["Products10K/train/", ""])
 def test_extra_top_folder_or_flat_zip_is_accepted(tmp_path, prefix):
-    raw = make_raw(tmp_path, train_prefix=prefix, extra={"__MACOSX/train/._1.jpg": b"junk"})
+    raw = make_raw_data(tmp_path, train_prefix=prefix, extra={"__MACOSX/train/._1.jpg": b"junk"})
     report = prepare(raw, tmp_path / "prepared", CFG)
     assert report["counts"]["excluded_train"] == 0
 
 
 def test_ambiguous_zip_layout_is_an_error(tmp_path):
-    raw = make_raw(tmp_path, train_prefix="images/", extra={"other/x.jpg": b"x"})
+    raw = make_raw_data(tmp_path, train_prefix="images/", extra={"other/x.jpg": b"x"})
     with pytest.raises(DataError, match=r"cannot find the image folder 'train/'.*'images/'"):
         prepare(raw, tmp_path / "prepared", CFG)
 
 
 def test_missing_raw_file_is_named(tmp_path):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     (raw / "test.zip").unlink()
     with pytest.raises(DataError, match=r"missing raw file\(s\): .*test\.zip"):
         prepare(raw, tmp_path / "prepared", CFG)
@@ -248,18 +199,18 @@ def test_missing_raw_file_is_named(tmp_path):
 
 def test_parallel_output_is_byte_identical_to_sequential(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_mod, "CHUNK_ROWS", 3)  # several chunks per worker
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     prepare(raw, tmp_path / "seq", CFG)
-    prepare(raw, tmp_path / "par", dataclasses.replace(CFG, n_jobs=2))
-    prepare(raw, tmp_path / "many", dataclasses.replace(CFG, n_jobs=5))  # more threads than cores
+    prepare(raw, tmp_path / "par", CFG.model_copy(update=dict(n_jobs=2)))
+    prepare(raw, tmp_path / "many", CFG.model_copy(update=dict(n_jobs=5)))  # more threads than cores
     for name in ["train.csv", "val.csv", "test.csv", "label_map.csv", "images/shard-00000.bin"]:
         assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "par" / name).read_bytes(), name
         assert (tmp_path / "seq" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
 
 
 def test_shards_roll_over_and_small_images_are_not_upscaled(tmp_path):
-    raw = make_raw(tmp_path)
-    cfg = dataclasses.replace(CFG, size=80, shard_mb=2000 / 2**20)
+    raw = make_raw_data(tmp_path)
+    cfg = CFG.model_copy(update=dict(size=80, shard_mb=2000 / 2**20))
     report = prepare(raw, tmp_path / "prepared", cfg)
     assert report["counts"]["shards"] > 1
     test = read(tmp_path / "prepared" / "test.csv")
@@ -281,9 +232,9 @@ def run_stage(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_stage_script(tmp_path):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     params = tmp_path / "params.yaml"
-    params.write_text("prepare:\n  size: 48\n  val_fraction: 0.25\n  n_jobs: 1\n")
+    write_project_params(params, {"prepare": {"size": 48, "val_fraction": 0.25, "n_jobs": 1}})
     out = tmp_path / "prepared"
     proc = run_stage("--params", str(params), "--raw", str(raw), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -315,11 +266,11 @@ def test_decode_errors_are_image_defects_not_crashes():
 
 
 def test_a_test_sku_without_train_images_is_kept_as_label_minus_one_and_counted(tmp_path):
-    raw = make_raw(tmp_path)
+    raw = make_raw_data(tmp_path)
     tl = pd.read_csv(raw / "test_kaggletest.csv")
     tl.loc[2, "class"] = 999  # a SKU train.csv lacks
     tl.to_csv(raw / "test_kaggletest.csv", index=False)
-    cfg = dataclasses.replace(CFG, max_unseen_test_fraction=0.2)
+    cfg = CFG.model_copy(update=dict(max_unseen_test_fraction=0.2))
     report = prepare(raw, tmp_path / "prepared", cfg)
     assert report["counts"]["test_rows_of_unseen_skus"] == 1 and report["counts"]["test_unseen_skus"] == 1
     test = read(tmp_path / "prepared" / "test.csv")
@@ -327,4 +278,4 @@ def test_a_test_sku_without_train_images_is_kept_as_label_minus_one_and_counted(
     assert row["label"] == -1 and row["group"] == -1 and len(test) == 6  # nothing dropped
     # above the gate (1 of 6 rows > 10%) the stage fails, naming the file, line and column
     with pytest.raises(DataError, match=r"test_kaggletest\.csv.*line 4.*class.*SKU 999"):
-        prepare(raw, tmp_path / "prepared2", dataclasses.replace(CFG, max_unseen_test_fraction=0.1))
+        prepare(raw, tmp_path / "prepared2", CFG.model_copy(update=dict(max_unseen_test_fraction=0.1)))

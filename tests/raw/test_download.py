@@ -17,9 +17,8 @@ import yaml
 
 import products10k.raw.download as dl
 from products10k.common import DataError
-from products10k.config import DataConfig, KaggleConfig, SyntheticConfig
 from products10k.raw import kaggle
-from tests.helpers import ROOT, dvc, make_project
+from tests.helpers import ROOT, config, dvc, make_project, write_project_params
 
 RAW = ("train.zip", "test.zip", "train.csv", "test_kaggletest.csv")
 TINY = {
@@ -31,7 +30,6 @@ TINY = {
     "test_per_sku": 1,
     "n_jobs": 1,
 }
-TINY_CFG = SyntheticConfig(**TINY)
 TRAIN_CSV = "name,class,group\n1.jpg,10,1\n2.jpg,20,1\n"
 TEST_CSV = "name,class,Usage\n1000001.jpg,10,Public\n1000002.jpg,20,Private\n"
 
@@ -86,7 +84,7 @@ def test_synthetic_fills_out_and_replaces_old_content(tmp_path):
     (out / "stale.txt").write_text("from an older run")
     (tmp_path / "data" / ".raw.tmp-killed").mkdir()  # staging of a run killed with SIGKILL
     (tmp_path / "data" / ".raw.tmp-killed" / "train.zip").write_bytes(b"half")
-    dl.download(DataConfig(synthetic=TINY_CFG), out)
+    dl.download(config("data", **{f"synthetic.{k}": v for k, v in TINY.items()}), out)
     assert sorted(p.name for p in out.iterdir()) == sorted(RAW)
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]  # no staging left behind
     umask = os.umask(0o022)
@@ -106,7 +104,7 @@ def test_failed_run_keeps_previous_output_and_leaves_no_staging(tmp_path, monkey
 
     monkeypatch.setattr(dl, "generate", broken)
     with pytest.raises(KeyboardInterrupt):
-        dl.download(DataConfig(synthetic=TINY_CFG), out)
+        dl.download(config("data", **{f"synthetic.{k}": v for k, v in TINY.items()}), out)
     assert [p.name for p in tmp_path.iterdir()] == ["raw"]
     assert [p.name for p in out.iterdir()] == ["train.csv"]
     assert (out / "train.csv").read_text() == "previous"
@@ -120,7 +118,7 @@ def test_failed_run_keeps_previous_output_and_leaves_no_staging(tmp_path, monkey
 def test_dir_zipped_is_copied_and_user_folder_untouched(zipped_dir, tmp_path):
     before = snapshot(zipped_dir)
     out = tmp_path / "raw"
-    dl.download(DataConfig(source="dir", dir=str(zipped_dir)), out)
+    dl.download(config("data", source="dir", dir=str(zipped_dir)), out)
     assert snapshot(zipped_dir) == before
     for name in RAW:
         assert (out / name).read_bytes() == (zipped_dir / name).read_bytes()
@@ -129,14 +127,14 @@ def test_dir_zipped_is_copied_and_user_folder_untouched(zipped_dir, tmp_path):
 
 def test_dir_hardlink_shares_the_files(zipped_dir, tmp_path):
     out = tmp_path / "raw"
-    dl.download(DataConfig(source="dir", dir=str(zipped_dir), link="hardlink"), out)
+    dl.download(config("data", source="dir", dir=str(zipped_dir), link="hardlink"), out)
     assert all((out / n).stat().st_ino == (zipped_dir / n).stat().st_ino for n in RAW)
 
 
 def test_dir_extracted_is_zipped_reproducibly(extracted_dir, tmp_path):
     before = snapshot(extracted_dir)
-    dl.download(DataConfig(source="dir", dir=str(extracted_dir)), tmp_path / "a")
-    dl.download(DataConfig(source="dir", dir=str(extracted_dir)), tmp_path / "b")
+    dl.download(config("data", source="dir", dir=str(extracted_dir)), tmp_path / "a")
+    dl.download(config("data", source="dir", dir=str(extracted_dir)), tmp_path / "b")
     assert snapshot(extracted_dir) == before
     with zipfile.ZipFile(tmp_path / "a" / "train.zip") as zf:
         assert zf.namelist() == ["train/1.jpg", "train/2.jpg"]  # hidden files left out
@@ -147,7 +145,7 @@ def test_dir_extracted_is_zipped_reproducibly(extracted_dir, tmp_path):
 
 
 def test_dir_relative_to_base_dir(zipped_dir, tmp_path):
-    dl.download(DataConfig(source="dir", dir="official"), tmp_path / "raw", base_dir=zipped_dir.parent)
+    dl.download(config("data", source="dir", dir="official"), tmp_path / "raw", base_dir=zipped_dir.parent)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(RAW)
 
 
@@ -155,10 +153,10 @@ def test_dir_missing_files_are_named(zipped_dir, tmp_path):
     (zipped_dir / "test.zip").unlink()
     (zipped_dir / "train.csv").unlink()
     with pytest.raises(DataError, match=r"lacks train\.csv, test\.zip \(or an extracted test/ folder\)"):
-        dl.download(DataConfig(source="dir", dir=str(zipped_dir)), tmp_path / "raw")
+        dl.download(config("data", source="dir", dir=str(zipped_dir)), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
     with pytest.raises(DataError, match="is not a folder"):
-        dl.download(DataConfig(source="dir", dir=str(tmp_path / "nope")), tmp_path / "raw")
+        dl.download(config("data", source="dir", dir=str(tmp_path / "nope")), tmp_path / "raw")
 
 
 def test_check_raw_names_bad_column_and_zip_root(zipped_dir, tmp_path):
@@ -245,14 +243,14 @@ def test_kaggle_credentials_sources(tmp_path, kaggle_env):
 
 def test_kaggle_cli_missing(kaggle_env, tmp_path):
     with pytest.raises(DataError, match="`kaggle` CLI is not on PATH"):
-        dl.download(DataConfig(source="kaggle"), tmp_path / "raw")
+        dl.download(config("data", source="kaggle"), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
 def test_kaggle_without_credentials(kaggle_env, tmp_path):
     fake_kaggle(kaggle_env, "sys.exit(0)\n")
     with pytest.raises(DataError, match="Kaggle credentials not found"):
-        dl.download(DataConfig(source="kaggle"), tmp_path / "raw")
+        dl.download(config("data", source="kaggle"), tmp_path / "raw")
 
 
 def test_kaggle_failure_reports_output_without_the_key(kaggle_env, tmp_path, monkeypatch, caplog):
@@ -263,7 +261,7 @@ def test_kaggle_failure_reports_output_without_the_key(kaggle_env, tmp_path, mon
         "print('ConnectionError: network unreachable, key=' + os.environ['KAGGLE_KEY'])\nsys.exit(1)\n",
     )
     with pytest.raises(DataError) as info:
-        dl.download(DataConfig(source="kaggle"), tmp_path / "raw")
+        dl.download(config("data", source="kaggle"), tmp_path / "raw")
     message = str(info.value)
     assert "exit code 1" in message and "network unreachable" in message
     assert "topsecretkey" not in message and "topsecretkey" not in caplog.text
@@ -275,7 +273,7 @@ def test_kaggle_timeout_never_hangs(kaggle_env, tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_KEY", "k")
     fake_kaggle(kaggle_env, "print('starting', flush=True)\ntime.sleep(60)\n")
     with pytest.raises(DataError, match=r"did not finish in 1 s \(data.kaggle.timeout_s\)"):
-        dl.download(DataConfig(source="kaggle", kaggle=KaggleConfig(timeout_s=1.0)), tmp_path / "raw")
+        dl.download(config("data", source="kaggle", **{"kaggle.timeout_s": 1.0}), tmp_path / "raw")
 
 
 @pytest.mark.parametrize("extracted", [False, True])
@@ -294,7 +292,7 @@ def test_kaggle_archive_is_unpacked_into_the_four_files(kaggle_env, tmp_path, mo
         """,
     )
     out = tmp_path / "raw"
-    dl.download(DataConfig(source="kaggle"), out)
+    dl.download(config("data", source="kaggle"), out)
     assert sorted(p.name for p in out.iterdir()) == sorted(RAW)
     assert (out / "train.csv").read_text() == TRAIN_CSV
     with zipfile.ZipFile(out / "test.zip") as zf:
@@ -322,7 +320,7 @@ def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_stage_script_on_a_tiny_config(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"synthetic": TINY}}))
+    write_project_params(tmp_path / "params.yaml", {"data": {"synthetic": TINY}})
     proc = run_stage(tmp_path, "--params", "params.yaml", "--out", "data/raw")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "data" / "raw").iterdir()) == sorted(RAW)
@@ -330,7 +328,7 @@ def test_stage_script_on_a_tiny_config(tmp_path):
 
 
 def test_stage_script_names_a_bad_key(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"synthetic": {"num_grups": 2}}}))
+    write_project_params(tmp_path / "params.yaml", {"data": {"synthetic": {"num_grups": 2}}})
     proc = run_stage(tmp_path, "--params", "params.yaml", "--out", "data/raw")
     assert proc.returncode == 1
     assert "unknown key 'data.synthetic.num_grups'" in proc.stderr

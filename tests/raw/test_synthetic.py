@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from products10k.common import ConfigError
-from products10k.config import SyntheticConfig, from_dict
 from products10k.raw.synthetic import (
     MARKS,
     generate,
@@ -24,11 +23,19 @@ from products10k.raw.synthetic import (
     render_inshop,
     render_product,
 )
+from tests.helpers import config
 
 RAW = ("train.zip", "test.zip", "train.csv", "test_kaggletest.csv")
 # Tiny but complete: 2 groups x 3 SKUs, ~20 train and 12 test images at the minimum size.
-TINY = SyntheticConfig(
-    seed=3, num_groups=2, skus_per_group=3, train_max_per_sku=5, train_min_per_sku=2, test_per_sku=2, n_jobs=1
+TINY = config(
+    "data.synthetic",
+    seed=3,
+    num_groups=2,
+    skus_per_group=3,
+    train_max_per_sku=5,
+    train_min_per_sku=2,
+    test_per_sku=2,
+    n_jobs=1,
 )
 
 
@@ -50,13 +57,13 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_thread_count(tiny, tmp_path):
-    generate(dataclasses.replace(TINY, n_jobs=2), tmp_path / "again")
+    generate(TINY.model_copy(update=dict(n_jobs=2)), tmp_path / "again")
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(RAW)
     assert digests(tmp_path / "again") == digests(tiny)
 
 
 def test_different_seed_gives_different_data(tiny, tmp_path):
-    generate(dataclasses.replace(TINY, seed=4), tmp_path / "other")
+    generate(TINY.model_copy(update=dict(seed=4)), tmp_path / "other")
     a, b = digests(tiny), digests(tmp_path / "other")
     assert all(a[name] != b[name] for name in RAW)
 
@@ -97,7 +104,7 @@ def test_images_decode_at_least_512_and_domains_look_different(tiny):
 
 
 def test_default_sizes_long_tail_and_splits():
-    cfg = SyntheticConfig()
+    cfg = config("data.synthetic")
     skus = make_catalogue(cfg)
     train, test, usage = make_rows(cfg, skus)
     assert len(skus) == 40
@@ -116,7 +123,7 @@ def test_default_sizes_long_tail_and_splits():
 
 
 def test_ids_spread_and_each_sku_in_one_group():
-    skus = make_catalogue(SyntheticConfig())
+    skus = make_catalogue(config("data.synthetic"))
     ids = sorted(s.sku_id for s in skus)
     assert len(set(ids)) == len(ids) and ids != list(range(ids[0], ids[0] + len(ids)))
     groups = defaultdict(list)
@@ -131,7 +138,7 @@ def test_ids_spread_and_each_sku_in_one_group():
 
 
 def test_in_group_skus_share_colour_and_differ_in_details():
-    skus = make_catalogue(SyntheticConfig())
+    skus = make_catalogue(config("data.synthetic"))
     by_group = defaultdict(list)
     for s in skus:
         by_group[s.group_id].append(render_product(s, 460))
@@ -160,7 +167,7 @@ def _diff_at(sku_a, sku_b, height: int) -> tuple[float, float]:
 
 
 def test_medium_cues_survive_downscaling_and_the_code_fades():
-    sku = make_catalogue(SyntheticConfig())[0]
+    sku = make_catalogue(config("data.synthetic"))[0]
     other_mark = next(m for m in MARKS if m != sku.mark)
     code = "".join("K" if c != "K" else "M" for c in sku.code)
     mark_area, mark_small = _diff_at(sku, dataclasses.replace(sku, mark=other_mark), 112)
@@ -174,7 +181,7 @@ def test_medium_cues_survive_downscaling_and_the_code_fades():
 
 
 def test_customer_photos_are_harder_than_inshop():
-    sku = make_catalogue(SyntheticConfig())[0]
+    sku = make_catalogue(config("data.synthetic"))[0]
     product, mask = render_product(sku, 460)
     rng = np.random.default_rng(0)
     shop = [render_inshop(product, mask, 512, rng) for _ in range(3)]
@@ -200,16 +207,16 @@ def test_customer_photos_are_harder_than_inshop():
 )
 def test_bad_params_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
-        from_dict(SyntheticConfig, {key: value}, where="params.yaml", prefix="data.synthetic")
+        config("data.synthetic", **{key: value})
 
 
 def test_totals_mode_gives_exact_counts_uneven_groups_and_a_real_long_tail(tmp_path):
     """The scale rehearsal's mode (presets/scale.yaml) at 1/200 of its size: exact totals."""
-    cfg = SyntheticConfig(
-        seed=0, num_groups=7, skus_per_group=None, num_skus=48, image_size=48, train_images=700,
+    cfg = config(
+        "data.synthetic", seed=0, num_groups=7, skus_per_group=None, num_skus=48, image_size=48,
+        train_images=700,
         test_images=277, train_min_per_sku=1, train_max_per_sku=120, n_jobs=1,
     )  # fmt: skip
-    cfg.validate()
     skus = make_catalogue(cfg)
     sizes = sorted(Counter(s.group_id for s in skus).values())
     assert len(skus) == 48 and sizes == [6] + [7] * 6  # 48 dealt over 7 groups

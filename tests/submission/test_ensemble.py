@@ -122,7 +122,9 @@ def test_weights_config_is_checked_against_members():
         _ens(members, {"m0": 1, "m1": 1, "m2": 1})
     with pytest.raises(ConfigError, match="no entry for member 'm1'"):
         _ens(members, {"m0": 1})
-    with pytest.raises(ConfigError, match="'fit', 'equal'"):
+    with pytest.raises(
+        ConfigError, match=r"key 'ensemble.weights' is 'best': Input should be 'fit' or 'equal'"
+    ):
         _ens(members, "best")
     with pytest.raises(ConfigError, match="weights.m0"):
         _ens(members, {"m0": -1, "m1": 1})

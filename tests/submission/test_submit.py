@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from products10k.common import DataError, Products10kError
 from products10k.raw.kaggle import submit_command
@@ -22,7 +21,7 @@ from products10k.submission.submit import (
     score_submission,
     validate_submission,
 )
-from tests.helpers import stage_module
+from tests.helpers import TINY_PREPARE, config, jpeg_bytes, make_raw_data, stage_module, write_project_params
 
 SKUS = np.array([501, 502, 503, 504])  # label -> original SKU id
 
@@ -296,19 +295,17 @@ def test_excluded_test_names_from_a_real_prepare_report(tmp_path):
     """The report format is prepare's: a truncated test image is found, a bad train image is not."""
     import zipfile
 
-    from test_prepare import CFG, jpeg, make_raw
-
     from products10k.prepared.prepare import prepare
 
-    good = jpeg((10, 20, 30))
-    raw = make_raw(tmp_path, replace={"2.jpg": good[: len(good) // 2]})
+    good = jpeg_bytes((10, 20, 30))
+    raw = make_raw_data(tmp_path, replace={"2.jpg": good[: len(good) // 2]})
     with zipfile.ZipFile(raw / "test.zip") as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
     members["test/4713701.jpg"] = b""  # an empty test image
     with zipfile.ZipFile(raw / "test.zip", "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-    report = prepare(raw, tmp_path / "prepared", CFG)
+    report = prepare(raw, tmp_path / "prepared", config("prepare", **TINY_PREPARE))
     assert report["counts"]["excluded_test"] == 1
     names = read_excluded_test_names(tmp_path / "prepared" / "report.json", raw / "test_kaggletest.csv")
     assert names == {"4713701.jpg"}
@@ -430,10 +427,9 @@ def test_submit_stage_uploads_with_kaggle_when_enabled(submit_inputs, tmp_path, 
     phase_dir = tmp_path / "finetune_accuracy"
     submit_inputs["prediction_paths"]["m0"].parent.rename(phase_dir)
     params = tmp_path / "params.yaml"
-    kaggle = {"enabled": True, "competition": "products-10k", "message": "e2e", "timeout_s": 10}
-    params.write_text(
-        yaml.safe_dump({"ensemble": {"members": {"m0": {}, "m1": {}}}, "submit": {"kaggle": kaggle}})
-    )
+    kaggle = {"enabled": True, "message": "e2e", "timeout_s": 10}
+    updates = {"ensemble": {"members": {"m0": {}, "m1": {}}}, "submit": {"kaggle": kaggle}}
+    write_project_params(params, updates)
     log = tmp_path / "args.txt"
     bin_dir = tmp_path / "bin"
     _fake_kaggle(bin_dir, f'printf "%s\\n" "$@" > {log}')
@@ -450,15 +446,12 @@ def test_submit_stage_uploads_with_kaggle_when_enabled(submit_inputs, tmp_path, 
 
 def test_submit_stage_rejects_a_phase_that_is_not_evaluated(submit_inputs, tmp_path, caplog):
     params = tmp_path / "params.yaml"
-    params.write_text(
-        yaml.safe_dump(
-            {
-                "ensemble": {"members": {"m0": {}, "m1": {}}},
-                "evaluate": {"phases": ["train"]},
-                "submit": {"phase": "finetune_accuracy"},
-            }
-        )
-    )
+    updates = {
+        "ensemble": {"members": {"m0": {}, "m1": {}}},
+        "evaluate": {"phases": ["train"]},
+        "submit": {"phase": "finetune_accuracy"},
+    }
+    write_project_params(params, updates)
     with pytest.raises(SystemExit):
         stage_module("submit").main(_stage_argv(submit_inputs, params, tmp_path / "finetune_accuracy"))
     assert "submit.phase 'finetune_accuracy' is not in evaluate.phases (train)" in caplog.text

@@ -10,6 +10,7 @@ from products10k.common import Products10kError, save_torch
 from products10k.config import ModelConfig
 from products10k.training import checkpoint as ckpt_lib
 from products10k.training.model import create_model, model_config_dict
+from tests.helpers import config
 
 
 def _save_ckpt(path: Path, model, cfg: ModelConfig, labels: list[int]) -> None:
@@ -40,7 +41,7 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_load_model_round_trip_and_clear_errors(tmp_path):
-    cfg = ModelConfig(arch="resnet10t", pool="gem", head="cosface")
+    cfg = config("model", arch="resnet10t", pool="gem", head="cosface")
     torch.manual_seed(0)
     model = create_model(cfg, 3).eval()
     path = tmp_path / "best.pt"

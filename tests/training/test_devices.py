@@ -19,6 +19,7 @@ from products10k.training.devices import (
 )
 from products10k.training.distributed import DistInfo
 from products10k.training.loop import PhaseRunner
+from tests.helpers import config
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
@@ -129,10 +130,9 @@ def test_without_a_scaler_a_non_finite_gradient_stops():
 
 
 def test_the_head_computes_in_float32_under_autocast():
-    from products10k.config import ModelConfig
     from products10k.training.model import create_model
 
-    model = create_model(ModelConfig(arch="resnet10t"), 7, pretrained=False).eval()
+    model = create_model(config("model", arch="resnet10t"), 7, pretrained=False).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 32, 32))
     assert logits.dtype == torch.float32

@@ -5,14 +5,14 @@ import timm
 import torch
 
 from products10k.common import ConfigError, Products10kError
-from products10k.config import ModelConfig, from_dict
 from products10k.training.model import GeM, create_model
+from tests.helpers import config
 
 
 @pytest.mark.parametrize("head", ["linear", "arcface", "cosface"])
 @pytest.mark.parametrize("pool", ["avg", "gem"])
 def test_model_forward_shapes(head, pool):
-    model = create_model(from_dict(ModelConfig, {"arch": "resnet10t", "head": head, "pool": pool}), 7)
+    model = create_model(config("model", arch="resnet10t", head=head, pool=pool), 7)
     x = torch.randn(2, 3, 32, 32)
     model.train()
     assert model(x, torch.tensor([0, 6])).shape == (2, 7)
@@ -30,7 +30,7 @@ def test_gem_reduces_to_mean_for_p1_and_approaches_max():
 
 def test_unknown_arch_is_a_config_error():
     with pytest.raises(ConfigError, match="not-a-net"):
-        create_model(ModelConfig(arch="not-a-net"), 3)
+        create_model(config("model", arch="not-a-net"), 3)
 
 
 def test_pretrained_without_weights_fails_fast_naming_the_fix(tmp_path, monkeypatch):
@@ -40,11 +40,11 @@ def test_pretrained_without_weights_fails_fast_naming_the_fix(tmp_path, monkeypa
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(Products10kError, match="model.pretrained_file") as err:
-        create_model(ModelConfig(arch="resnet10t", pretrained=True), 3)
+        create_model(config("model", arch="resnet10t", pretrained=True), 3)
     assert "resnet10t" in str(err.value)
     with pytest.raises(Products10kError, match="does not exist"):
         create_model(
-            ModelConfig(arch="resnet10t", pretrained=True, pretrained_file=str(tmp_path / "x.pth")), 3
+            config("model", arch="resnet10t", pretrained=True, pretrained_file=str(tmp_path / "x.pth")), 3
         )
 
 
@@ -53,7 +53,7 @@ def test_pretrained_file_loads_those_weights(tmp_path):
     reference = timm.create_model("resnet10t", num_classes=1000)
     path = tmp_path / "resnet10t.pth"
     torch.save(reference.state_dict(), path)
-    model = create_model(ModelConfig(arch="resnet10t", pretrained=True, pretrained_file=str(path)), 5)
+    model = create_model(config("model", arch="resnet10t", pretrained=True, pretrained_file=str(path)), 5)
     ref = reference.state_dict()
     for name, value in model.backbone.state_dict().items():
         assert torch.equal(value, ref[name]), name
@@ -61,14 +61,14 @@ def test_pretrained_file_loads_those_weights(tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
     with pytest.raises(Products10kError, match="resnet10t"):
         create_model(
-            ModelConfig(arch="resnet10t", pretrained=True, pretrained_file=str(tmp_path / "r18.pth")), 5
+            config("model", arch="resnet10t", pretrained=True, pretrained_file=str(tmp_path / "r18.pth")), 5
         )
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv4_conv_small", "mobilenetv3_small_100", "resnet10t"])
 def test_every_parameter_gets_a_gradient(arch):
     """DDP refuses parameters that get no gradient: timm heads after pooling must not stay dead."""
-    model = create_model(ModelConfig(arch=arch), num_classes=5)
+    model = create_model(config("model", arch=arch), num_classes=5)
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
