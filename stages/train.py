@@ -37,12 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (best.pt, last.pt)")
     p.add_argument("--live", type=Path, default=None, help="DVCLive folder (rank 0 logs there)")
     p.add_argument("--init", type=Path, default=None, help="checkpoint to start from (finetunes)")
-    p.add_argument(
-        "--debug-dir",
-        type=Path,
-        default=None,
-        help="test hook: write per-rank seen sample indices and probe logits here",
-    )
     return p.parse_args(argv)
 
 
@@ -56,7 +50,6 @@ def main(argv: list[str] | None = None) -> None:
         out=args.out,
         live=args.live,
         init=args.init,
-        debug_dir=args.debug_dir,
     )
     result = run_stage(log, run_phase, args.params, args.phase, args.member, paths)
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun sets RANK; one summary line, not one per rank

@@ -18,7 +18,7 @@ from products10k.training.devices import (
     resolve_device,
 )
 from products10k.training.distributed import DistInfo
-from products10k.training.loop import PhaseRunner
+from products10k.training.loop import optimizer_step
 from tests.helpers import config
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -85,7 +85,7 @@ class FakeScaler:
 
 
 def _runner(scaler_enabled: bool, grad: float, clip=None):
-    """The state _optimizer_step reads, around a one-parameter model with the given gradient."""
+    """The state optimizer_step reads, around a one-parameter model with the given gradient."""
     model = nn.Linear(1, 1, bias=False)
     model.weight.grad = torch.full_like(model.weight, grad)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -99,11 +99,8 @@ def _runner(scaler_enabled: bool, grad: float, clip=None):
         scheduler=types.SimpleNamespace(step_update=lambda step: None),
         ema=None,
         phase="train",
-        member="m0",
+        name="train@m0",
         paths=types.SimpleNamespace(out=Path("models/m0/train")),
-    )
-    runner._stop_non_finite = lambda what, epoch, step: PhaseRunner._stop_non_finite(
-        runner, what, epoch, step
     )
     return runner
 
@@ -111,21 +108,21 @@ def _runner(scaler_enabled: bool, grad: float, clip=None):
 def test_fp16_overflow_is_left_to_the_scaler_but_a_nan_loss_stops():
     # fp16: an inf gradient with finite losses is the scaler's routine overflow - step, no stop
     runner = _runner(scaler_enabled=True, grad=float("inf"), clip=1.0)
-    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=3)
+    optimizer_step(runner, torch.tensor(-1), epoch=0, step=3)
     assert runner.scaler.calls == ["unscale_", "step", "update"] and runner.global_step == 1
     # a NaN loss flagged at step 2 stops the run before the optimizer step, naming that step
     runner = _runner(scaler_enabled=True, grad=1.0)
     with pytest.raises(Products10kError, match="loss is NaN/inf at epoch 1, step 3"):
-        PhaseRunner._optimizer_step(runner, torch.tensor(2), epoch=0, step=3)
+        optimizer_step(runner, torch.tensor(2), epoch=0, step=3)
     assert "step" not in runner.scaler.calls and runner.global_step == 0
 
 
 def test_without_a_scaler_a_non_finite_gradient_stops():
     runner = _runner(scaler_enabled=False, grad=float("nan"))
     with pytest.raises(Products10kError, match="gradients are NaN/inf"):
-        PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=1, step=0)
+        optimizer_step(runner, torch.tensor(-1), epoch=1, step=0)
     runner = _runner(scaler_enabled=False, grad=0.5)
-    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
+    optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
     assert runner.scaler.calls == ["step", "update"] and runner.global_step == 1
 
 
@@ -141,6 +138,6 @@ def test_the_head_computes_in_float32_under_autocast():
 def test_gradient_clipping_bounds_the_step():
     runner = _runner(scaler_enabled=False, grad=10.0, clip=1.0)
     before = runner.raw.weight.detach().clone()
-    PhaseRunner._optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
+    optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
     # SGD lr 0.1 on a single weight: the clipped gradient (norm 1) moves it by 0.1, not by 1.0
     assert float((before - runner.raw.weight.detach()).abs().sum()) == pytest.approx(0.1, rel=1e-5)

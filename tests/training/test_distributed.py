@@ -1,4 +1,5 @@
-"""DDP through torchrun: 2 CPU processes (gloo) for one short epoch of the real stage script."""
+"""DDP through torchrun: 2 CPU processes (gloo) training the real phase, watched through its callbacks
+and compared with one process."""
 
 import json
 import os
@@ -14,6 +15,48 @@ from products10k.training import checkpoint as ckpt_lib
 from products10k.training.loop import PhasePaths, run_phase
 from tests.helpers import ROOT, make_training_data, phase_args, write_params
 
+# The phase as torchrun runs it, watched through run_phase's callbacks: every rank records the
+# samples it trained on and, at the end, its parameters' digest and logits on a fixed input.
+WATCHED_PHASE = """
+import hashlib, json, sys
+from pathlib import Path
+
+import torch
+
+from products10k.common import setup_logging
+from products10k.training.loop import Callbacks, PhasePaths, run_phase
+
+params, data, out = map(Path, sys.argv[1:4])
+seen = []
+
+
+def on_batch(state, index, weight):
+    seen.extend(int(i) for i, w in zip(index, weight) if w > 0)
+
+
+def on_end(state):
+    rank = state.info.rank
+    (out / f"seen-rank{rank}.json").write_text(json.dumps(sorted(seen)))
+    size = state.cfg.resolution
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model = state.eval_model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    digest = hashlib.sha256()
+    for _, p in sorted(state.raw.named_parameters()):
+        digest.update(p.detach().cpu().numpy().tobytes())
+    probe = {"input": x, "logits": logits, "param_digest": digest.hexdigest()}
+    torch.save(probe, out / f"probe-rank{rank}.pt")
+
+
+setup_logging()
+paths = PhasePaths(
+    data / "train.csv", data / "val.csv", data / "label_map.csv", data,
+    out / "models" / "train", live=out / "dvclive" / "train",
+)
+run_phase(params, "train", "m0", paths, Callbacks(on_batch=on_batch, on_end=on_end))
+"""
+
 
 def test_two_process_epoch_sees_every_sample_once_and_checkpoint_matches(tmp_path):
     # 21 training images: not divisible by 2 ranks x batch 4, so the padding path is exercised
@@ -23,23 +66,31 @@ def test_two_process_epoch_sees_every_sample_once_and_checkpoint_matches(tmp_pat
         train={"epochs": 1, "batch_size": 8, "drop_last": False},  # keep the short last batch
         dist={"nproc_per_node": 2, "backend": "gloo", "threads": 1, "timeout_s": 120},
     )
-    debug = tmp_path / "debug"
+    script = tmp_path / "watched_phase.py"
+    script.write_text(WATCHED_PHASE)
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(ROOT / "stages" / "train.py")]
-    cmd += ["--params", str(params), *phase_args(data, tmp_path), "--debug-dir", str(debug)]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(params),
+        str(data),
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "rank 1/2 joined the gloo process group" in proc.stderr
 
     n = len(pd.read_csv(data / "train.csv"))
-    seen0 = json.loads((debug / "seen-rank0-epoch1.json").read_text())
-    seen1 = json.loads((debug / "seen-rank1-epoch1.json").read_text())
+    seen0 = json.loads((tmp_path / "seen-rank0.json").read_text())
+    seen1 = json.loads((tmp_path / "seen-rank1.json").read_text())
     assert not set(seen0) & set(seen1)
     assert sorted(seen0 + seen1) == list(range(n))  # every sample exactly once across ranks
 
-    probe0 = torch.load(debug / "probe-rank0.pt")
-    probe1 = torch.load(debug / "probe-rank1.pt")
+    probe0 = torch.load(tmp_path / "probe-rank0.pt")
+    probe1 = torch.load(tmp_path / "probe-rank1.pt")
     assert probe0["param_digest"] == probe1["param_digest"]  # DDP kept the replicas identical
 
     # rank 0 alone wrote the checkpoints and DVCLive files; they load into a 1-process model
