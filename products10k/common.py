@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 from collections import deque
@@ -77,6 +78,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Publish the complete folder ``staging`` as ``out``, replacing an existing ``out``.
+
+    Two renames rather than rmtree-then-rename: the old ``out`` (moved to ``.<name>.old-<pid>``)
+    disappears only once the new one is in place.
+    """
+    old = None
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

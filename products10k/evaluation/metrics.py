@@ -53,12 +53,17 @@ def mean_class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(correct.groupby(labels).mean().mean())
 
 
-def _block(hits1: np.ndarray, hits5: np.ndarray | None, mask: np.ndarray) -> dict:
-    out = {"top1": float(hits1[mask].mean())}
-    if hits5 is not None:
-        out["top5"] = float(hits5[mask].mean())
+def hit_rates(hits: dict[str, np.ndarray], mask: np.ndarray) -> dict:
+    """Each hit array's mean over the rows of ``mask``, and their count: ``{"top1": .., "n": ..}``."""
+    out = {name: float(h[mask].mean()) for name, h in hits.items()}
     out["n"] = int(mask.sum())
     return out
+
+
+def leaderboard_masks(usage) -> dict[str, np.ndarray]:
+    """The rows of Kaggle's two leaderboards, from a test table's ``Usage`` column."""
+    usage = pd.Series(usage).astype(str).str.lower().to_numpy()
+    return {split: usage == split for split in ("public", "private")}
 
 
 def split_metrics(
@@ -81,22 +86,21 @@ def split_metrics(
         return {"n": 0}
     hits1 = hits_at(topk, labels, 1)
     hits5 = hits_at(topk, labels, 5)
-    out = _block(hits1, hits5, np.ones(len(labels), bool))
+    out = hit_rates({"top1": hits1, "top5": hits5}, np.ones(len(labels), bool))
     out["mean_class_acc"] = mean_class_accuracy(topk[:, 0], labels)
 
     counts = pd.Series(labels).map(pd.Series(n_train)).fillna(0).to_numpy()
     slices = {"head": counts > tail_max_images, "tail": counts <= tail_max_images}
     if "Usage" in rows:
-        usage = rows["Usage"].astype(str).str.lower().to_numpy()
-        slices["public"] = usage == "public"
-        slices["private"] = usage == "private"
+        slices.update(leaderboard_masks(rows["Usage"]))
     domain = rows["domain"].astype(str).to_numpy()
     slices["inshop"] = domain == "inshop"
     slices["customer"] = domain == "customer"
     for name, mask in slices.items():
         if mask.any():
             # top-5 only for the leaderboard splits: the table `dvc metrics show` prints stays readable
-            out[name] = _block(hits1, hits5 if name in ("public", "private") else None, mask)
+            leaderboard = name in ("public", "private")
+            out[name] = hit_rates({"top1": hits1, "top5": hits5} if leaderboard else {"top1": hits1}, mask)
     return out
 
 

@@ -11,7 +11,6 @@ would be 2.1 GB in float32).
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from products10k.evaluation.views import View, base_views
 from products10k.submission.predictions import SplitScores, TopKWriter
 from products10k.training.data import PreparedImageDataset
 from products10k.training.devices import host_transfer
-
-log = logging.getLogger(__name__)
 
 
 class ViewsDataset(Dataset):

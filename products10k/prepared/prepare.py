@@ -33,7 +33,7 @@ import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import cv2
 import pandas as pd
@@ -51,22 +51,16 @@ from products10k.prepared.tables import (
     make_label_map,
     split_train_val,
 )
+from products10k.raw.contract import TEST_CSV, TEST_ZIP, TRAIN_CSV, TRAIN_ZIP, unsafe_member
 
 log = logging.getLogger(__name__)
 
-RAW_FILES = {
-    "train_zip": "train.zip",
-    "test_zip": "test.zip",
-    "train_csv": "train.csv",
-    "test_csv": "test_kaggletest.csv",
-}
 # Rows per thread-pool task: a task costs tens of us, a row ~5 ms, so 16 rows amortise the overhead while
 # keeping the tail short (the last tasks run on fewer threads than there are cores) and the progress
 # bar and in-flight memory smooth.
 CHUNK_ROWS = 16
 # macOS archivers add these; they are not images and are ignored when locating the image folder.
 _JUNK = re.compile(r"(^|/)(__MACOSX/|\._)|(^|/)\.DS_Store$|(^|/)Thumbs\.db$")
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _INT_COLUMNS = {"offset": "int64", "length": "int64", "width": "int64", "height": "int64"}
 
 
@@ -82,7 +76,8 @@ class RawPaths:
         raw = Path(raw)
         if not raw.is_dir():
             raise DataError(f"{raw}: raw data folder not found (run the download stage first)")
-        paths = {key: raw / name for key, name in RAW_FILES.items()}
+        files = {"train_zip": TRAIN_ZIP, "test_zip": TEST_ZIP, "train_csv": TRAIN_CSV, "test_csv": TEST_CSV}
+        paths = {key: raw / name for key, name in files.items()}
         missing = [str(p) for p in paths.values() if not p.is_file()]
         if missing:
             raise DataError(f"{raw}: missing raw file(s): {', '.join(missing)}")
@@ -90,11 +85,6 @@ class RawPaths:
 
 
 # ----------------------------------------------------------------------------- zip index
-
-
-def _unsafe_member(name: str) -> bool:
-    posix = name.replace("\\", "/")
-    return posix.startswith("/") or bool(_DRIVE.match(posix)) or ".." in PurePosixPath(posix).parts
 
 
 def index_zip(path: Path, split: str) -> tuple[str, set[str]]:
@@ -109,7 +99,7 @@ def index_zip(path: Path, split: str) -> tuple[str, set[str]]:
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path}: not a readable zip archive: {exc}") from exc
     for info in infos:
-        if _unsafe_member(info.filename):
+        if unsafe_member(info.filename):
             raise DataError(
                 f"{path}: entry {info.filename!r} has an absolute path or a '..' component;"
                 " refusing the archive (zip slip)"

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from products10k.common import DataError
+from products10k.common import DataError, swap_in
 
 SHARD_DIR = "images"
 STAGING_PREFIX = ".images.tmp-"
@@ -80,16 +80,8 @@ class ShardWriter:
         if self._staging is None:
             return
         self._finish_current()
-        old = None
-        if self.dir.exists():
-            # Two renames rather than rmtree-then-rename: the old folder disappears only once the
-            # new one is complete.
-            old = Path(tempfile.mkdtemp(prefix=".images.old-", dir=self.root))
-            os.replace(self.dir, old / SHARD_DIR)
-        os.replace(self._staging, self.dir)
+        swap_in(self._staging, self.dir)
         self._staging = None
-        if old is not None:
-            shutil.rmtree(old)
 
     def abort(self) -> None:
         """Drop everything written so far; ``root/images`` is left as it was."""
@@ -146,12 +138,15 @@ class ImageStore:
             self._maps[shard] = mm
         return mm[int(offset) : int(offset) + int(length)]
 
-    def read(self, shard: str, offset: int, length: int) -> np.ndarray:
+    def read(
+        self, shard: str, offset: int, length: int, flag: int = cv2.IMREAD_COLOR, what: str = "prepared image"
+    ) -> np.ndarray:
+        """Decode one image as RGB; ``flag`` may ask libjpeg for a reduced-size decode."""
         buf = self.read_bytes(shard, offset, length)
-        img = cv2.imdecode(np.asarray(buf), cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.asarray(buf), flag)
         if img is None:
             raise DataError(
-                f"{self.dir / shard}@{offset}: prepared image is not decodable (re-run the prepare stage)"
+                f"{self.dir / shard}@{offset}: {what} is not decodable (re-run the prepare stage)"
             )
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 

@@ -13,7 +13,6 @@ first data row line 2) and the column. Tables come back with typed columns:
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -21,11 +20,8 @@ import numpy as np
 import pandas as pd
 
 from products10k.common import DataError
+from products10k.raw.contract import RAW_CSV_COLUMNS, TEST_CSV, TRAIN_CSV
 
-log = logging.getLogger(__name__)
-
-TRAIN_COLUMNS = ("name", "class", "group")
-TEST_COLUMNS = ("name", "class", "Usage")
 USAGE_VALUES = ("Public", "Private")
 DOMAIN_VALUES = ("inshop", "customer", "unknown")
 _INT_PATTERN = r"[+-]?\d+"
@@ -116,7 +112,7 @@ def _require_choice(df: pd.DataFrame, column: str, values: pd.Series, allowed, p
 def load_train_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read and validate ``train.csv`` (name, class, group[, domain])."""
     path = Path(path)
-    raw = read_table(path, TRAIN_COLUMNS)
+    raw = read_table(path, RAW_CSV_COLUMNS[TRAIN_CSV])
     _check_names(raw, path)
     df = pd.DataFrame(
         {
@@ -152,7 +148,7 @@ def load_test_table(path: str | os.PathLike, train: pd.DataFrame) -> pd.DataFram
     be predicted right and counts as an error, as on Kaggle; more than a few means a wrong file).
     """
     path = Path(path)
-    raw = read_table(path, TEST_COLUMNS)
+    raw = read_table(path, RAW_CSV_COLUMNS[TEST_CSV])
     _check_names(raw, path)
     sku = _to_int(raw, "class", path)
     usage = raw["Usage"].str.strip()

@@ -31,16 +31,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from products10k.common import DataError
+from products10k.common import DataError, swap_in
 from products10k.config import DataConfig, KaggleConfig
 from products10k.raw import kaggle
+from products10k.raw.contract import RAW_CSV_COLUMNS, RAW_FILES, ZIP_ROOTS, unsafe_member
 from products10k.raw.synthetic import generate, zip_info
 
 logger = logging.getLogger(__name__)
 
-RAW_FILES = ("train.zip", "test.zip", "train.csv", "test_kaggletest.csv")
-CSV_COLUMNS = {"train.csv": ("name", "class", "group"), "test_kaggletest.csv": ("name", "class", "Usage")}
-ZIP_ROOTS = {"train.zip": "train/", "test.zip": "test/"}
 SPLITS = ("train", "test")
 
 
@@ -76,27 +74,12 @@ def download(cfg: DataConfig, out: str | os.PathLike, base_dir: str | os.PathLik
         else:  # pragma: no cover - the params loader only admits the three names
             raise DataError(f"unknown data.source {cfg.source!r}")
         check_raw(staging)
-        _swap_in(staging, out)
+        swap_in(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     logger.info("%s holds %s", out, ", ".join(f"{n} ({(out / n).stat().st_size:,} B)" for n in RAW_FILES))
     return out
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Rename ``staging`` onto ``out``, replacing an existing ``out`` (dir, file or link)."""
-    old = None
-    if out.is_symlink() or out.is_file():
-        out.unlink()
-    elif out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +111,7 @@ def check_raw(folder: str | os.PathLike) -> None:
                 raise DataError(
                     f"{path}: no images under '{root}' (the official archive has {root}<name>.jpg)"
                 )
-    for name, columns in CSV_COLUMNS.items():
+    for name, columns in RAW_CSV_COLUMNS.items():
         path = folder / name
         with path.open(encoding="utf-8", newline="") as f:
             header = next(csv.reader(f), None)
@@ -189,13 +172,13 @@ def assemble_from_dir(src: str | os.PathLike, dest: str | os.PathLike, link: str
     src, dest = Path(src), Path(dest)
     if not src.is_dir():
         raise DataError(f"data.dir: {src} is not a folder (expected one holding {', '.join(RAW_FILES)})")
-    missing = [name for name in CSV_COLUMNS if not (src / name).is_file()]
+    missing = [name for name in RAW_CSV_COLUMNS if not (src / name).is_file()]
     for split in SPLITS:
         if not (src / f"{split}.zip").is_file() and not (src / split).is_dir():
             missing.append(f"{split}.zip (or an extracted {split}/ folder)")
     if missing:
         raise DataError(f"data.dir: {src} lacks {', '.join(missing)}")
-    for name in CSV_COLUMNS:
+    for name in RAW_CSV_COLUMNS:
         _place(src / name, dest / name, link)
     for split in SPLITS:
         archive = src / f"{split}.zip"
@@ -240,11 +223,9 @@ def run_kaggle(cfg: KaggleConfig, dest: Path, log_path: Path) -> None:
 
 def _safe_extract(archive: Path, dest: Path) -> None:
     """Extract ``archive`` into ``dest``, refusing entries that would land outside it."""
-    root = dest.resolve()
     with zipfile.ZipFile(archive) as zf:
         for member in zf.namelist():
-            target = (dest / member).resolve()
-            if root != target and root not in target.parents:
+            if unsafe_member(member):
                 raise DataError(f"{archive}: entry {member!r} points outside the archive folder")
         zf.extractall(dest)
 

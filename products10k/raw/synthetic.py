@@ -18,7 +18,7 @@ The cues that separate SKUs of one group, from coarse to fine (sizes relative to
 Within a group every SKU gets a distinct (mark, stripes) pair while the group has at most 16 SKUs
 (4 x 4 pairs); beyond that pairs repeat and only the fine cues tell those SKUs apart.
 
-Output is the official layout (see ``products10k.download.RAW_FILES``): ``train.zip`` (``train/<n>.jpg``),
+Output is the official layout (``products10k.raw.contract``): ``train.zip`` (``train/<n>.jpg``),
 ``test.zip`` (``test/<7 digits>.jpg``), ``train.csv`` (``name,class,group,domain``) and
 ``test_kaggletest.csv`` (``name,class,Usage,domain``). The same params give byte-identical files:
 every image draws from its own RNG seeded by (seed, split, row), JPEGs are encoded by cv2 with

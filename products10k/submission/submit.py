@@ -28,7 +28,7 @@ import pandas as pd
 
 from products10k import common
 from products10k.common import DataError, Products10kError
-from products10k.evaluation.metrics import topk_indices
+from products10k.evaluation.metrics import hit_rates, leaderboard_masks, topk_indices
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.raw import kaggle
 from products10k.submission.ensemble import combine_topk, log_likelihood, resolve_weights
@@ -218,17 +218,12 @@ def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd
     k_cols = [c for c in topk.columns if c.startswith("class_")]
     tk = topk.assign(name=topk["name"].astype(str)).set_index("name").loc[merged.index, k_cols].to_numpy()
     hitk = (tk == merged["truth"].to_numpy().astype(np.int64)[:, None]).any(axis=1).astype(float)
-    out = {"top1": float(hit1.mean()), f"top{len(k_cols)}": float(hitk.mean()), "n": int(labelled.sum())}
+    hits = {"top1": hit1, f"top{len(k_cols)}": hitk}
+    out = {**hit_rates(hits, np.ones(len(hit1), bool)), "n": int(labelled.sum())}
     if "Usage" in truth.columns:
-        usage = truth.loc[merged.index, "Usage"].astype(str).str.lower().to_numpy()
-        for split in ("public", "private"):
-            mask = usage == split
+        for split, mask in leaderboard_masks(truth.loc[merged.index, "Usage"]).items():
             if mask.any():
-                out[split] = {
-                    "top1": float(hit1[mask].mean()),
-                    f"top{len(k_cols)}": float(hitk[mask].mean()),
-                    "n": int(mask.sum()),
-                }
+                out[split] = hit_rates(hits, mask)
     return out
 
 

@@ -17,7 +17,6 @@ checkpoint can never execute code.
 
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from torch import nn
 
 from products10k.common import Products10kError
 from products10k.config import ModelConfig, from_dict
-
-log = logging.getLogger(__name__)
 
 #: keys holding tensors/optimizer state; everything else is metadata
 STATE_KEYS = ("model", "train_state")
@@ -107,17 +104,10 @@ def load_state(model: nn.Module, state: dict, path: str | Path, arch: str) -> No
         ) from exc
 
 
-def load_model(
-    path: str | Path, map_location="cpu", expected_arch: str | None = None
-) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint in eval mode; return ``(model, metadata)``.
-
-    ``expected_arch`` (e.g. params ``model.arch``) fails naming both archs when they differ.
-    """
+def load_model(path: str | Path, map_location="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint in eval mode; return ``(model, metadata)``."""
     ckpt = read_checkpoint(path, map_location)
     meta = metadata(ckpt)
-    if expected_arch is not None:
-        check_arch(meta, expected_arch, path)
     model = build_model(meta, path)
     load_state(model, ckpt["model"], path, meta["model_config"].get("arch"))
     model.eval()

@@ -23,7 +23,6 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from products10k.common import DataError
 from products10k.prepared.images import reduced_decode_flag
 from products10k.prepared.shards import ImageStore
 
@@ -52,17 +51,12 @@ class PreparedImageDataset(Dataset):
         return len(self.labels)
 
     def load(self, i: int) -> np.ndarray:
-        buf = self.store.read_bytes(self.shards[i], self.offsets[i], self.lengths[i])
         flag = cv2.IMREAD_COLOR
         if self.min_side is not None:
             flag = reduced_decode_flag(self.widths[i], self.heights[i], self.min_side)
-        img = cv2.imdecode(np.asarray(buf), flag)
-        if img is None:
-            raise DataError(
-                f"{self.store.dir / self.shards[i]}@{self.offsets[i]}: image '{self.names[i]}' "
-                "is not decodable (re-run the prepare stage)"
-            )
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return self.store.read(
+            self.shards[i], self.offsets[i], self.lengths[i], flag, f"image '{self.names[i]}'"
+        )
 
     def __getitem__(self, index: int):
         n = len(self)

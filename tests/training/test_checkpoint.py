@@ -55,7 +55,7 @@ def test_load_model_round_trip_and_clear_errors(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
     with pytest.raises(Products10kError, match="'resnet10t'.*'resnet18'"):
-        ckpt_lib.load_model(path, expected_arch="resnet18")
+        ckpt_lib.check_arch(meta, "resnet18", path)
     label_map = pd.DataFrame({"label": [0, 1, 2], "sku": [11, 22, 34]})
     with pytest.raises(Products10kError, match=r"best\.pt.*label_map\.csv.*label 2 is SKU 33"):
         ckpt_lib.check_labels(meta, label_map, path, "data/label_map.csv")
