@@ -102,31 +102,8 @@ def evaluate_phase(
         TTAConfig(scales=(1.0,), crops="center", flip=False), resolution, meta.get("resize"), normalize
     )[0]
     log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
-    device = resolve_device(cfg.device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    kw = dict(
-        top_k=cfg.top_k,
-        batch_size=cfg.batch_size,
-        num_workers=eval_workers(cfg.num_workers, device, cores),
-        device=device,
-        amp=amp_dtype(cfg.amp, device),
-        single=single,
-    )
-    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
-    results = {}
-    for split, rows, path in (("val", val, val_path), ("test", test, test_path)):
-        if split == "val" and not len(rows):  # prepare.val_fraction: 0; the ensemble uses equal weights
-            log.info("%s: no %s rows; its metrics are left out", path, split)
-            empty = SplitScores.from_logits([], [], np.zeros((0, len(label_map)), np.float32), cfg.top_k)
-            results[split] = (empty, empty, {"n": 0})
-            continue
-        pred = predict(
-            model, rows, images_root, views, desc=f"{member}/{phase} {split}", where=str(path), **kw
-        )
-        # test.top1 etc: the single centre crop (comparable with the paper); test.tta.*: the TTA average
-        block = split_metrics(pred.single.topk_labels, rows, n_train, cfg.tail_max_images)
-        block["tta"] = tta_metrics(pred, rows, n_train, cfg.tail_max_images)
-        results[split] = (pred.scores, pred.single, block)
+    splits = {"val": (val, val_path), "test": (test, test_path)}
+    results = _predict_splits(model, splits, label_map, images_root, views, single, cfg, f"{member}/{phase}")
     (val_scores, _, val_block), (test_scores, test_single, test_block) = results["val"], results["test"]
     metrics = {
         "val": val_block,
@@ -139,19 +116,7 @@ def evaluate_phase(
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     save_predictions(outputs.predictions, val=val_scores, test=test_scores, skus=skus)
 
-    # the plots show the single centre crop, the figure test.top1 reports
-    test_top = test_single.topk_labels
-    common.write_csv(outputs.per_group, per_group_table(test_top, test))
-    sku_group = dict(zip(label_map["sku"], label_map["group"], strict=True))
-    pairs = confused_pairs(test_top[:, 0], test["label"].to_numpy(), skus, sku_group, top=cfg.top_confused)
-    common.write_csv(outputs.confused, pairs)
-
-    train = read_prepared(train_path, label_map)
-    exemplars = train.drop_duplicates("label", keep="first").set_index("label")
-    errors = worst_errors(test_single, cfg.gallery_size)
-    title = f"{member}/{phase}: {len(errors)} most confident test errors"
-    image = draw_gallery(errors, test, exemplars, skus, ImageStore(images_root), cfg.gallery_tile, title)
-    common.write_bytes(outputs.gallery, encode_png(image))
+    _write_plots(outputs, test_single, test, label_map, train_path, images_root, cfg, f"{member}/{phase}")
 
     common.write_json(outputs.metrics, metrics)
     log.info(
@@ -165,3 +130,51 @@ def evaluate_phase(
         metrics["test"].get("private", {}).get("top1", float("nan")),
     )
     return metrics
+
+
+def _predict_splits(
+    model, splits: dict, label_map, images_root, views, single, cfg: EvaluateConfig, name: str
+):
+    """Per split: (TTA scores, single-crop scores, metrics); an empty val split gets empty scores."""
+    device = resolve_device(cfg.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    kw = dict(
+        top_k=cfg.top_k,
+        batch_size=cfg.batch_size,
+        num_workers=eval_workers(cfg.num_workers, device, cores),
+        device=device,
+        amp=amp_dtype(cfg.amp, device),
+        single=single,
+    )
+    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
+    results = {}
+    for split, (rows, path) in splits.items():
+        if split == "val" and not len(rows):  # prepare.val_fraction: 0; the ensemble uses equal weights
+            log.info("%s: no %s rows; its metrics are left out", path, split)
+            empty = SplitScores.from_logits([], [], np.zeros((0, len(label_map)), np.float32), cfg.top_k)
+            results[split] = (empty, empty, {"n": 0})
+            continue
+        pred = predict(model, rows, images_root, views, desc=f"{name} {split}", where=str(path), **kw)
+        # test.top1 etc: the single centre crop (comparable with the paper); test.tta.*: the TTA average
+        block = split_metrics(pred.single.topk_labels, rows, n_train, cfg.tail_max_images)
+        block["tta"] = tta_metrics(pred, rows, n_train, cfg.tail_max_images)
+        results[split] = (pred.scores, pred.single, block)
+    return results
+
+
+def _write_plots(outputs: EvalOutputs, test_single, test, label_map, train_path, images_root, cfg, name: str):
+    """Per-group top-1, confused pairs and the error gallery, all of the single centre crop (the
+    figure test.top1 reports)."""
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    test_top = test_single.topk_labels
+    common.write_csv(outputs.per_group, per_group_table(test_top, test))
+    sku_group = dict(zip(label_map["sku"], label_map["group"], strict=True))
+    pairs = confused_pairs(test_top[:, 0], test["label"].to_numpy(), skus, sku_group, top=cfg.top_confused)
+    common.write_csv(outputs.confused, pairs)
+
+    train = read_prepared(train_path, label_map)
+    exemplars = train.drop_duplicates("label", keep="first").set_index("label")
+    errors = worst_errors(test_single, cfg.gallery_size)
+    title = f"{name}: {len(errors)} most confident test errors"
+    image = draw_gallery(errors, test, exemplars, skus, ImageStore(images_root), cfg.gallery_tile, title)
+    common.write_bytes(outputs.gallery, encode_png(image))

@@ -227,7 +227,51 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
     """Run the whole prepare stage; returns the report (also written to ``out_dir/report.json``)."""
     raw = RawPaths.from_dir(raw_dir)
     out = Path(out_dir)
+    train, test, unseen = _load_tables(raw, cfg)
+    # every check before the first write: a bad archive leaves no output folder behind
+    archives = {"train": index_zip(raw.train_zip, "train"), "test": index_zip(raw.test_zip, "test")}
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_staging(out):
+        log.warning("removed %s left behind by an interrupted run", stale)
+    merged, excluded, shards = _pack_images(raw, archives, out, train, test, cfg)
 
+    kept = merged["train"]
+    label_map = make_label_map(train, kept)
+    label_of = label_map.set_index("sku")["label"]
+    for key in merged:
+        # -1: a test SKU with no train images (counted above), never a train row
+        merged[key]["label"] = merged[key]["sku"].map(label_of).fillna(-1).astype("int64")
+    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed, cfg.val_min_images)
+    splits = {
+        "train": kept[~is_val][PREPARED_COLUMNS],
+        "val": kept[is_val][PREPARED_COLUMNS],
+        "test": merged["test"][TEST_COLUMNS],
+    }
+    for name, df in splits.items():
+        write_csv(out / f"{name}.csv", df)
+    write_csv(out / "label_map.csv", label_map)
+
+    empty_skus = label_map.loc[label_map["n_train"] == 0, "sku"].tolist()
+    if empty_skus:
+        log.warning(
+            "%d SKU(s) lost all their train images to exclusions: %s", len(empty_skus), empty_skus[:20]
+        )
+    report = _report(train, test, kept, splits, excluded, label_map, unseen, shards, cfg)
+    write_json(out / "report.json", report)
+    log.info(
+        "prepared %d train, %d val, %d test images (%d excluded) into %d shard(s), %.1f MiB",
+        len(splits["train"]),
+        len(splits["val"]),
+        len(splits["test"]),
+        len(report["excluded"]),
+        shards["shards"],
+        shards["shard_bytes"] / 2**20,
+    )
+    return report
+
+
+def _load_tables(raw: RawPaths, cfg: PrepareConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The checked train and test tables, and the count of test rows whose SKU train lacks."""
     train = load_train_table(raw.train_csv)
     test = load_test_table(raw.test_csv, train)
     unseen = check_unseen_test_skus(test, train, raw.test_csv, cfg.max_unseen_test_fraction)
@@ -243,16 +287,21 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
     log.info(
         "tables valid: %d train rows, %d SKUs, %d test rows", len(train), train["sku"].nunique(), len(test)
     )
+    return train, test, unseen
 
-    train_prefix, train_files = index_zip(raw.train_zip, "train")
-    test_prefix, test_files = index_zip(raw.test_zip, "test")
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_staging(out):
-        log.warning("removed %s left behind by an interrupted run", stale)
+def _pack_images(
+    raw: RawPaths, archives: dict, out: Path, train: pd.DataFrame, test: pd.DataFrame, cfg: PrepareConfig
+) -> tuple[dict, dict, dict]:
+    """Decode, resize and pack every listed image into shards under ``out``.
 
-    tables = {"train": (train, raw.train_csv, raw.train_zip, train_prefix, train_files)}
-    tables["test"] = (test, raw.test_csv, raw.test_zip, test_prefix, test_files)
+    ``archives``: per table, :func:`index_zip`'s (prefix, file names). Returns per table (train,
+    test) the rows with their shard location, the excluded images with
+    the reason, and the shard count and size. Too many exclusions fail before the shards are
+    published.
+    """
+    tables = {"train": (train, raw.train_csv, raw.train_zip, *archives["train"])}
+    tables["test"] = (test, raw.test_csv, raw.test_zip, *archives["test"])
     missing = {}
     jobs = []
     for key, (df, _, archive, prefix, files) in tables.items():
@@ -285,59 +334,26 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
             # reindex put NaN (float) into the missing rows' integer columns; they are dropped here.
             merged[key] = m[m["reason"] == ""].drop(columns=["reason", "detail"]).astype(_INT_COLUMNS)
         # Leaving the block publishes the shards; an exception above discards them instead.
+    return merged, excluded, {"shards": writer.n_shards, "shard_bytes": writer.total_bytes}
 
-    kept = merged["train"]
-    label_map = make_label_map(train, kept)
-    label_of = label_map.set_index("sku")["label"]
-    for key in merged:
-        # -1: a test SKU with no train images (counted above), never a train row
-        merged[key]["label"] = merged[key]["sku"].map(label_of).fillna(-1).astype("int64")
-    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed, cfg.val_min_images)
-    train_out = kept[~is_val][PREPARED_COLUMNS]
-    val_out = kept[is_val][PREPARED_COLUMNS]
-    test_out = merged["test"][TEST_COLUMNS]
 
-    write_csv(out / "train.csv", train_out)
-    write_csv(out / "val.csv", val_out)
-    write_csv(out / "test.csv", test_out)
-    write_csv(out / "label_map.csv", label_map)
-
-    empty_skus = label_map.loc[label_map["n_train"] == 0, "sku"].tolist()
-    if empty_skus:
-        log.warning(
-            "%d SKU(s) lost all their train images to exclusions: %s", len(empty_skus), empty_skus[:20]
-        )
-    report = {
-        "counts": {
-            "train_csv_rows": len(train),
-            "test_csv_rows": len(test),
-            "train": len(train_out),
-            "val": len(val_out),
-            "test": len(test_out),
-            "excluded_train": len(excluded["train"]),
-            "excluded_test": len(excluded["test"]),
-            "skus": len(label_map),
-            "groups": int(label_map["group"].nunique()),
-            "val_skus": int(val_out["sku"].nunique()),
-            "train_skus": int(train_out["sku"].nunique()),
-            # SKUs below prepare.val_min_images: every one of their images is trained on
-            "skus_all_images_trained": int((kept["sku"].value_counts() < max(2, cfg.val_min_images)).sum()),
-            "skus_without_train_images": len(empty_skus),
-            "test_rows_of_unseen_skus": unseen["rows"],
-            "test_unseen_skus": unseen["skus"],
-            "shards": writer.n_shards,
-            "shard_bytes": writer.total_bytes,
-        },
-        "excluded": excluded["train"] + excluded["test"],
+def _report(train, test, kept, splits, excluded, label_map, unseen, shards, cfg: PrepareConfig) -> dict:
+    """report.json: counts per split and table, the excluded images and why."""
+    counts = {
+        "train_csv_rows": len(train),
+        "test_csv_rows": len(test),
+        **{name: len(df) for name, df in splits.items()},
+        "excluded_train": len(excluded["train"]),
+        "excluded_test": len(excluded["test"]),
+        "skus": len(label_map),
+        "groups": int(label_map["group"].nunique()),
+        "val_skus": int(splits["val"]["sku"].nunique()),
+        "train_skus": int(splits["train"]["sku"].nunique()),
+        # SKUs below prepare.val_min_images: every one of their images is trained on
+        "skus_all_images_trained": int((kept["sku"].value_counts() < max(2, cfg.val_min_images)).sum()),
+        "skus_without_train_images": int((label_map["n_train"] == 0).sum()),
+        "test_rows_of_unseen_skus": unseen["rows"],
+        "test_unseen_skus": unseen["skus"],
+        **shards,
     }
-    write_json(out / "report.json", report)
-    log.info(
-        "prepared %d train, %d val, %d test images (%d excluded) into %d shard(s), %.1f MiB",
-        len(train_out),
-        len(val_out),
-        len(test_out),
-        len(report["excluded"]),
-        writer.n_shards,
-        writer.total_bytes / 2**20,
-    )
-    return report
+    return {"counts": counts, "excluded": excluded["train"] + excluded["test"]}

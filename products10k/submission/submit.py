@@ -295,23 +295,8 @@ def make_submission(
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     test_list = read_test_list(test_list_path)
-    preds = {}
-    for m in members:
-        p = load_predictions(prediction_paths[m], m)
-        if not np.array_equal(p.skus, skus):
-            raise Products10kError(
-                f"ensemble member '{m}': {prediction_paths[m]} was made with a different label map "
-                f"than {label_map_path} (re-run its training and evaluate stages)"
-            )
-        preds[m] = p
+    preds = _load_members(members, prediction_paths, skus, label_map_path)
     first = members[0]
-    for m in members[1:]:
-        for split in ("val", "test"):
-            if not np.array_equal(getattr(preds[m], split).names, getattr(preds[first], split).names):
-                raise DataError(
-                    f"ensemble members '{first}' and '{m}' predicted different {split} rows "
-                    f"({prediction_paths[first]} vs {prediction_paths[m]})"
-                )
     val_labels = preds[first].val.labels
     weights = resolve_weights(weights_spec, members, [preds[m].val for m in members])
     log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
@@ -332,14 +317,7 @@ def make_submission(
         )
         fallback_names = names[~np.isin(names, test_names)]
         if len(fallback_names):
-            log.warning(
-                "%d test image(s) excluded by prepare (%s) have no prediction; submitting the most "
-                "frequent training SKU %d for them, scored as any other row (e.g. %s)",
-                len(fallback_names),
-                report_path,
-                int(skus[int(np.argmax(label_map["n_train"].to_numpy()))]),
-                ", ".join(fallback_names[:5]),
-            )
+            _log_fallback(fallback_names, report_path, label_map)
         submission, topk = build_submission(names, top_labels, top_probs, skus)
         validate_submission(submission, test_list, skus, where=str(out))
     except Products10kError:
@@ -378,3 +356,37 @@ def make_submission(
         },
     }
     return metrics
+
+
+def _load_members(members: list[str], prediction_paths: dict, skus: np.ndarray, label_map_path) -> dict:
+    """Every member's predictions file, checked to share the label map and the val/test rows."""
+    preds = {}
+    for m in members:
+        p = load_predictions(prediction_paths[m], m)
+        if not np.array_equal(p.skus, skus):
+            raise Products10kError(
+                f"ensemble member '{m}': {prediction_paths[m]} was made with a different label map "
+                f"than {label_map_path} (re-run its training and evaluate stages)"
+            )
+        preds[m] = p
+    first = members[0]
+    for m in members[1:]:
+        for split in ("val", "test"):
+            if not np.array_equal(getattr(preds[m], split).names, getattr(preds[first], split).names):
+                raise DataError(
+                    f"ensemble members '{first}' and '{m}' predicted different {split} rows "
+                    f"({prediction_paths[first]} vs {prediction_paths[m]})"
+                )
+    return preds
+
+
+def _log_fallback(fallback_names: np.ndarray, report_path, label_map: pd.DataFrame) -> None:
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    log.warning(
+        "%d test image(s) excluded by prepare (%s) have no prediction; submitting the most "
+        "frequent training SKU %d for them, scored as any other row (e.g. %s)",
+        len(fallback_names),
+        report_path,
+        int(skus[int(np.argmax(label_map["n_train"].to_numpy()))]),
+        ", ".join(fallback_names[:5]),
+    )
