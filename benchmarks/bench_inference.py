@@ -44,7 +44,7 @@ def write_images(root: Path, n: int, seed: int = 0) -> pd.DataFrame:
     """``n`` photo-like 512x640 JPEGs in a shard; returns prepared-CSV-like rows."""
     rng = np.random.default_rng(seed)
     rows = []
-    with ShardWriter(root) as writer:
+    with ShardWriter(root, shard_mb=256.0) as writer:
         for i in range(n):
             base = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
             img = cv2.resize(base, (640, 512), interpolation=cv2.INTER_CUBIC)
@@ -61,7 +61,7 @@ def write_images(root: Path, n: int, seed: int = 0) -> pd.DataFrame:
 
 
 def time_predict(model, df, root, views, batch_size, num_workers, device, amp=None) -> float:
-    kw = dict(batch_size=batch_size, device=device, amp=amp)
+    kw = dict(batch_size=batch_size, top_k=100, device=device, amp=amp)
     predict(model, df.iloc[:batch_size], root, views, num_workers=0, desc="warm-up", **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()

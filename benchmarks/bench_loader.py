@@ -64,7 +64,7 @@ def build(root: Path, n: int, classes: int = 8, size: int = 800) -> tuple[Path, 
     rng = np.random.default_rng(0)
     folder, prepared = root / "imagefolder", root / "prepared"
     rows = []
-    with ShardWriter(prepared) as writer:
+    with ShardWriter(prepared, shard_mb=256.0) as writer:
         for i in range(n):
             label = i % classes
             img = photo_like(rng, size)

@@ -59,7 +59,7 @@ def draw_gallery(
     exemplars: pd.DataFrame,
     label_skus: np.ndarray,
     store: ImageStore,
-    tile: int = 160,
+    tile: int,
     title: str = "",
 ) -> np.ndarray:
     """The gallery as an RGB uint8 image.

@@ -37,7 +37,7 @@ class ShardWriter:
     byte-identical shards (DVC then sees an unchanged output).
     """
 
-    def __init__(self, root: str | os.PathLike, shard_mb: float = 256.0):
+    def __init__(self, root: str | os.PathLike, shard_mb: float):
         self.root = Path(root)
         self.dir = self.root / SHARD_DIR
         # An existing images folder is kept untouched until close(); a missing one is created empty

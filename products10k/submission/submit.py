@@ -282,7 +282,7 @@ def make_submission(
     test_list_path: str | os.PathLike,
     out: str | os.PathLike,
     top_k_out: str | os.PathLike,
-    top_k: int = 5,
+    top_k: int,
     report_path: str | os.PathLike | None = None,
 ) -> dict:
     """Ensemble the members' predictions, validate and write the submission; return its metrics.

@@ -105,7 +105,7 @@ def test_predict_averages_the_views_and_reports_each(tiny):
 def test_single_view_has_no_leave_one_out(tiny):
     root, model, _ = tiny
     df = pd.read_csv(root / "val.csv")
-    pred = predict(model, df, root, build_views(_cfg(flip=False), 32, None), batch_size=8)
+    pred = predict(model, df, root, build_views(_cfg(flip=False), 32, None), batch_size=8, top_k=4)
     assert list(pred.view_top1) == ["32px-center"] and pred.without_top1 == {}
 
 
@@ -131,7 +131,15 @@ def test_predict_refuses_an_empty_split_naming_it(tiny):
     root, model, _ = tiny
     df = pd.read_csv(root / "val.csv").iloc[:0]
     with pytest.raises(DataError, match="data/prepared/val.csv: no rows to predict"):
-        predict(model, df, root, build_views(_cfg(), 32, None), where="data/prepared/val.csv")
+        predict(
+            model,
+            df,
+            root,
+            build_views(_cfg(), 32, None),
+            top_k=4,
+            batch_size=8,
+            where="data/prepared/val.csv",
+        )
 
 
 def test_views_decode_from_the_largest_view_never_upsampled(tiny):

@@ -39,7 +39,7 @@ def test_missing_shard_is_named(tmp_path):
 
 def test_failed_write_leaves_no_shard(tmp_path):
     with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path) as w:
+        with ShardWriter(tmp_path, shard_mb=1.0) as w:
             w.add(_jpeg((1, 2, 3)))
             raise RuntimeError("killed")
     assert list((tmp_path / "images").iterdir()) == []

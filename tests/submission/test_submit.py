@@ -186,6 +186,7 @@ def submit_inputs(tmp_path):
         "test_list_path": tl_path,
         "out": tmp_path / "sub" / "submission.csv",
         "top_k_out": tmp_path / "sub" / "top5.csv",
+        "top_k": 5,
         "report_path": _report(tmp_path / "report.json", tl_path),  # nothing excluded
     }
 
