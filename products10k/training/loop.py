@@ -101,6 +101,8 @@ class PhaseState:
     normalize: dict  # the backbone's input normalisation (timm's pretrained config), kept in checkpoints
     resize: int
     micro_batch: int  # per rank and forward pass: batch_size / (world x grad_accum)
+    # computed once: len(sampler) shards the whole epoch's order (O(images)), too slow per step
+    batches_per_epoch: int
     amp_dtype: torch.dtype | None
     non_blocking: bool  # asynchronous host-to-device copies (CUDA only)
     train_ds: PreparedImageDataset
@@ -123,10 +125,6 @@ class PhaseState:
     def labels(self) -> list[int]:
         """The SKU id of every label, in label order."""
         return [int(s) for s in self.label_map["sku"]]
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train_sampler) / self.micro_batch)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -215,7 +213,8 @@ def build_state(
         train_sampler = EpochSampler(len(train_ds), info.rank, info.world, True, cfg.seed, **batching)
     # eval mode uses running BN statistics: a 1-sample batch is fine there
     val_sampler = EpochSampler(len(val_ds), info.rank, info.world, shuffle=False)
-    updates_per_epoch = math.ceil(math.ceil(len(train_sampler) / micro_batch) / cfg.grad_accum)
+    batches_per_epoch = math.ceil(len(train_sampler) / micro_batch)
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
 
     raw = _initial_model(model_cfg, label_map, paths, cfg.seed)
     if dist_cfg.sync_bn and info.enabled and info.device.type == "cuda":
@@ -248,6 +247,7 @@ def build_state(
         normalize=normalize,
         resize=resize,
         micro_batch=micro_batch,
+        batches_per_epoch=batches_per_epoch,
         amp_dtype=dtype,
         non_blocking=host_transfer(info.device)["non_blocking"],
         train_ds=train_ds,
