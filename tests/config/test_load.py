@@ -18,7 +18,7 @@ from products10k.config import (
     phase_config,
     section,
 )
-from tests.helpers import ROOT, config, params_tree
+from tests.helpers import ROOT, config, params_tree, write_params
 
 
 @pytest.mark.parametrize("name", list(SECTIONS))
@@ -131,3 +131,34 @@ def test_member_overrides_follow_base():
         member_params(params, "c")
     with pytest.raises(ConfigError, match="no section 'model'"):
         apply_overrides(params, {"model.arch": "x"})
+
+
+def test_finetune_sections_override_train_and_reject_unknown_keys(tmp_path):
+    params = load_yaml(write_params(tmp_path / "p.yaml"))
+    params["train"]["resolution"] = 48
+    params["finetune_balanced"] = {"epochs": 2, "lr": 1.0e-4}
+    ft = phase_config(params, "finetune_balanced")
+    assert (ft.epochs, ft.lr, ft.resolution, ft.batch_size) == (2, 1.0e-4, 48, 8)
+    params["finetune_balanced"]["lr_typo"] = 1
+    with pytest.raises(ConfigError, match="unknown key 'finetune_balanced.lr_typo'"):
+        phase_config(params, "finetune_balanced")
+    params["finetune_balanced"] = {"epochs": "three"}
+    with pytest.raises(ConfigError, match="finetune_balanced.epochs"):
+        phase_config(params, "finetune_balanced")
+    params["train"]["resolutoin"] = 1
+    with pytest.raises(ConfigError, match="unknown key 'train.resolutoin'"):
+        phase_config(params, "train")
+
+
+def test_member_overrides_reach_the_phase_config(tmp_path):
+    path = write_params(tmp_path / "p.yaml", ensemble={"members": {"m0": {}, "m1": {"train.resolution": 64}}})
+    params = load_yaml(path)
+    assert phase_config(member_params(params, "m1"), "finetune_accuracy").resolution == 64
+    assert phase_config(member_params(params, "m0"), "finetune_accuracy").resolution == 32
+
+
+def test_the_embedded_default_params_type_check():
+    params = member_params(load_yaml(ROOT / "params.yaml"), "m0")
+    for phase in ("train", "finetune_balanced", "finetune_accuracy"):
+        phase_config(params, phase)
+    assert phase_config(params, "finetune_accuracy").accuracy_loss_weight == 1.0

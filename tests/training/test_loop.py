@@ -5,14 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from products10k.common import ConfigError, Products10kError
-from products10k.config import load_yaml, member_params, phase_config
 from products10k.training import checkpoint as ckpt_lib
 from products10k.training.loop import PhasePaths, freeze_batchnorm, run_phase
 from products10k.training.losses import PhaseLoss
-from tests.helpers import ROOT, make_training_data, phase_args, stage_module, write_params
+from tests.helpers import make_training_data, phase_args, stage_module, write_params
 
 train_main = stage_module("train").main
 CONTRACT_KEYS = {
@@ -168,38 +166,6 @@ def test_a_finished_phase_is_kept_not_retrained(tmp_path, caplog):
     out = run_phase(params, "train", "m0", paths)
     assert "finished run (epoch 1): keeping it" in caplog.text
     assert (paths.out / "last.pt").read_bytes() == before and len(out["history"]) == 1
-
-
-def test_finetune_sections_override_train_and_reject_unknown_keys(tmp_path):
-    params = yaml.safe_load(write_params(tmp_path / "p.yaml").read_text())
-    params["train"]["resolution"] = 48
-    params["finetune_balanced"] = {"epochs": 2, "lr": 1.0e-4}
-    ft = phase_config(params, "finetune_balanced")
-    assert (ft.epochs, ft.lr, ft.resolution, ft.batch_size) == (2, 1.0e-4, 48, 8)
-    params["finetune_balanced"]["lr_typo"] = 1
-    with pytest.raises(ConfigError, match="unknown key 'finetune_balanced.lr_typo'"):
-        phase_config(params, "finetune_balanced")
-    params["finetune_balanced"] = {"epochs": "three"}
-    with pytest.raises(ConfigError, match="finetune_balanced.epochs"):
-        phase_config(params, "finetune_balanced")
-    params["train"]["resolutoin"] = 1
-    with pytest.raises(ConfigError, match="unknown key 'train.resolutoin'"):
-        phase_config(params, "train")
-
-
-def test_member_overrides_reach_the_phase_config(tmp_path):
-    path = write_params(tmp_path / "p.yaml", ensemble={"members": {"m0": {}, "m1": {"train.resolution": 64}}})
-    params = load_yaml(path)
-    assert phase_config(member_params(params, "m1"), "finetune_accuracy").resolution == 64
-    assert phase_config(member_params(params, "m0"), "finetune_accuracy").resolution == 32
-
-
-def test_the_embedded_default_params_type_check():
-    root = ROOT
-    params = member_params(load_yaml(root / "params.yaml"), "m0")
-    for phase in ("train", "finetune_balanced", "finetune_accuracy"):
-        phase_config(params, phase)
-    assert phase_config(params, "finetune_accuracy").accuracy_loss_weight == 1.0
 
 
 def test_batch_not_divisible_names_the_keys(tmp_path):
