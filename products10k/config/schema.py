@@ -315,8 +315,35 @@ class SubmitConfig(Section):
     """``submit``: the ensemble's submission CSV, its top-k file and its local score."""
 
     phase: Phase
+    # classifier: the members' TTA'd softmax; fused: the classifier fused with kNN over the
+    # training-image index (the index stage, retrieval.phase must then be submit.phase)
+    scores: Literal["classifier", "fused"]
     top_k: int = Field(ge=1)
     kaggle: KaggleSubmitConfig
+
+
+class RetrievalConfig(Section):
+    """``retrieval``: a Faiss index of the training images' embeddings, kNN, and its fusion with the
+    classifier (weight fitted on val)."""
+
+    phase: Phase  # whose checkpoint embeds (one index per ensemble member)
+    k: int = Field(ge=1)  # neighbours that vote
+    vote: Literal["softmax", "count"]  # softmax: weight exp(similarity / temperature); count: 1 each
+    temperature: float = Field(gt=0.0)
+    # kNN probability = (1 - smoothing) x vote share + smoothing / K: no SKU gets probability 0,
+    # so the fusion weight fit (val log-likelihood) is finite for rows whose SKU got no vote
+    smoothing: float = Field(gt=0.0, lt=1.0)
+    batch_size: int = Field(ge=1)  # images per embedding batch
+    search_batch: int = Field(ge=1)  # queries per Faiss search call (progress and memory)
+
+
+class ExportConfig(Section):
+    """``export``: the ONNX model people run (``products10k-predict``), checked with onnxruntime."""
+
+    member: str
+    phase: Phase
+    opset: int = Field(ge=18)  # the torch.export-based exporter writes opset >= 18
+    check_images: int = Field(ge=1)  # prepared test images compared between PyTorch and onnxruntime
 
 
 #: the params.yaml section each stage's config is read from
@@ -331,4 +358,6 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateConfig,
     "tta": TTAConfig,
     "submit": SubmitConfig,
+    "retrieval": RetrievalConfig,
+    "export": ExportConfig,
 }

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from products10k.common import ConfigError, Products10kError, save_torch, seed_everything
+from products10k.common import ConfigError, Products10kError, file_sha256, save_torch, seed_everything
 from products10k.config import (
     DistConfig,
     ModelConfig,
@@ -289,14 +289,6 @@ def _initial_model(
     return model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(
     phase: str, member: str, cfg: PhaseConfig, model_cfg: ModelConfig, world: int, paths: PhasePaths
 ) -> str:
@@ -308,9 +300,9 @@ def fingerprint(
         "model": model_cfg.model_dump(),
         "world": world,
         "optimizer_layout": OPTIMIZER_LAYOUT,
-        "train_csv": _sha256(paths.train_csv),
-        "label_map": _sha256(paths.label_map),
-        "init": _sha256(paths.init) if paths.init else None,
+        "train_csv": file_sha256(paths.train_csv),
+        "label_map": file_sha256(paths.label_map),
+        "init": file_sha256(paths.init) if paths.init else None,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -103,6 +103,14 @@ class Products10kNet(nn.Module):
         """Pooled embedding (B, C) before the head."""
         return self.pool(self.backbone.forward_features(x))
 
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pooled feature (B, C), float32: the vector kNN retrieval compares.
+
+        The same vector for a linear and a margin head: a margin head classifies by the cosine of
+        exactly this normalised feature with its class weights.
+        """
+        return F.normalize(self.features(x).float(), dim=1)
+
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         f = self.dropout(self.features(x))
         # The head runs in float32 even under autocast: thousands of SKU logits a few hundredths

@@ -1,0 +1,119 @@
+"""``products10k-enrol``: add SKUs to an index from a few images each, without retraining.
+
+    products10k-enrol new_skus/ --model models/export --index models/m0/index --out models/m0/index+new
+    products10k-enrol new_skus.csv --model models/export --index models/m0/index --out models/m0/index+new
+
+The images are either a folder with one sub-folder per SKU, named by its SKU id
+(``new_skus/1000123/a.jpg``), or a CSV with columns ``name,class`` (the Products-10K layout;
+``name`` relative to the CSV's folder). They are embedded with the exported model (the model the
+index was built with: checked by checkpoint hash) and appended to a copy of the index written to
+``--out``; the input index is never modified. Known SKU ids get more reference images, new ones
+a new label after the classifier's. ``products10k-predict --index <out>`` then names them in
+``knn`` and ``fused`` modes. An image that cannot be read stops the enrolment with its path and
+reason: an index silently missing a SKU's reference is worse than no index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from products10k import common
+from products10k.common import DataError, Products10kError
+from products10k.deploy.predict import IMAGE_SUFFIXES
+from products10k.deploy.runtime import ExportedModel, check_same_model
+from products10k.prepared.images import ImageDefect, decode_rgb
+from products10k.retrieval.knn import enrol, load_gallery, save_gallery
+
+log = logging.getLogger("products10k.enrol")
+
+
+def read_enrolment(images: Path) -> pd.DataFrame:
+    """``path, sku`` rows from a folder of SKU folders or a ``name,class`` CSV; bad input names the row."""
+    if images.is_dir():
+        rows = []
+        for folder in sorted(p for p in images.iterdir() if p.is_dir()):
+            if not folder.name.isdigit():
+                raise DataError(f"{folder}: SKU folders must be named by their integer SKU id")
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            rows += [(p, int(folder.name)) for p in files]
+        if not rows:
+            raise DataError(f"{images}: no images in SKU sub-folders (expected <images>/<sku id>/<file>.jpg)")
+        return pd.DataFrame(rows, columns=["path", "sku"])
+    if not images.is_file():
+        raise DataError(f"{images}: no such folder or CSV")
+    table = pd.read_csv(images, dtype={"name": str})
+    for col in ("name", "class"):
+        if col not in table.columns:
+            raise DataError(f"{images}: missing column '{col}' (columns: {', '.join(table.columns)})")
+    if table.empty:
+        raise DataError(f"{images}: no rows")
+    sku = pd.to_numeric(table["class"], errors="coerce")
+    bad = sku.isna() | (sku != sku.round())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{images}: row {row + 2}: class '{table['class'].iloc[row]}' is not an integer SKU id"
+        )
+    paths = [images.parent / n for n in table["name"]]
+    return pd.DataFrame({"path": paths, "sku": sku.astype(np.int64)})
+
+
+def embed_files(model: ExportedModel, paths: list[Path], batch_size: int) -> np.ndarray:
+    """(N, D) embeddings of image files; an unreadable one is a DataError naming it."""
+    out = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="enrol", unit="batch", leave=False):
+        batch = []
+        for path in paths[start : start + batch_size]:
+            try:
+                batch.append(model.preprocess(decode_rgb(Path(path).read_bytes(), min_side=model.min_side)))
+            except ImageDefect as exc:
+                raise DataError(f"{path}: {exc.reason}: {exc.detail}") from exc
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read: {exc}") from exc
+        out.append(model.run(np.stack(batch))[1])
+    return np.concatenate(out)
+
+
+def enrol_skus(images: Path, model_dir: Path, index_dir: Path, out: Path, batch_size: int = 32) -> dict:
+    """Enrol the SKUs of ``images`` into a copy of ``index_dir`` written to ``out``; return a summary."""
+    if out.resolve() == index_dir.resolve():
+        raise Products10kError(f"--out {out} is the input index: write the enrolled index to a new folder")
+    table = read_enrolment(images)
+    model = ExportedModel(model_dir)
+    gallery = load_gallery(index_dir)
+    check_same_model(model, gallery, index_dir)
+    vectors = embed_files(model, list(table["path"]), batch_size)
+    added = enrol(gallery, vectors, table["sku"].to_numpy(), [str(p) for p in table["path"]])
+    gallery.meta.setdefault("enrolled", []).append({"source": str(images), **added})
+    save_gallery(gallery, out)
+    log.info(
+        "enrolled %d images of %d SKUs (%d new) -> %s", added["images"], added["skus"], added["new_skus"], out
+    )
+    return added
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="products10k-enrol", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("images", type=Path, help="folder of <sku id>/ sub-folders, or a name,class CSV")
+    p.add_argument("--model", required=True, type=Path, help="export folder (model.onnx + preprocess.json)")
+    p.add_argument("--index", required=True, type=Path, help="index folder to extend (never modified)")
+    p.add_argument("--out", required=True, type=Path, help="new index folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    common.run_stage(log, enrol_skus, args.images, args.model, args.index, args.out, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

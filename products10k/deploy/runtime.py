@@ -1,0 +1,132 @@
+"""The exported model at run time: images in, classifier / kNN / fused top-k SKU ids out.
+
+``ExportedModel`` reads an export folder (``model.onnx`` + ``preprocess.json``) and runs it with
+onnxruntime; images are prepared exactly as the evaluate stage prepares its centre crop (the same
+albumentations transform, built from the spec). ``Scorer`` turns a batch of model outputs into
+top-k SKU ids and scores, with the classifier, kNN over an index folder, or their fusion with the
+weight the index stage fitted on val. An index that names SKUs the classifier does not know
+(``products10k-enrol``) extends the label space: the classifier gives those SKUs probability 0,
+kNN can name them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from products10k.common import Products10kError
+from products10k.retrieval.knn import Gallery, load_gallery, search, vote
+from products10k.submission.ensemble import combine_topk
+from products10k.submission.predictions import SplitScores
+from products10k.training.transforms import eval_transform
+
+MODES = ("classifier", "knn", "fused")
+
+
+class ExportedModel:
+    """An export folder, loaded: ``preprocess(rgb)`` -> CHW float32, ``run(batch)`` -> (logits, embedding)."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        folder = Path(folder)
+        model, spec = folder / "model.onnx", folder / "preprocess.json"
+        for path in (model, spec):
+            if not path.is_file():
+                raise Products10kError(
+                    f"{folder}: not an export folder ({path.name} is missing; run the export stage)"
+                )
+        self.folder = folder
+        self.spec = json.loads(spec.read_text())
+        self.skus = np.asarray(self.spec["skus"], dtype=np.int64)
+        self.transform = eval_transform(
+            int(self.spec["resize_shorter_side"]),
+            int(self.spec["center_crop"]),
+            {"mean": self.spec["mean"], "std": self.spec["std"]},
+        )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def min_side(self) -> int:
+        """The smallest decode that still downsizes to the model's input (a reduced JPEG decode)."""
+        return int(self.spec["resize_shorter_side"])
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        return self.transform(image=rgb)["image"].numpy()
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, embedding = self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        return logits, embedding
+
+
+@dataclass
+class TopK:
+    skus: np.ndarray  # (B, k) int64 original SKU ids, best first
+    scores: np.ndarray  # (B, k) float32 probabilities
+
+
+class Scorer:
+    """Top-k SKU ids from model outputs, by ``mode`` (classifier | knn | fused)."""
+
+    def __init__(self, model: ExportedModel, mode: str, top_k: int, index: str | os.PathLike | None = None):
+        if mode not in MODES:
+            raise Products10kError(f"mode '{mode}' is not one of {', '.join(MODES)}")
+        if mode != "classifier" and index is None:
+            raise Products10kError(f"mode '{mode}' needs an index folder (--index models/<member>/index)")
+        self.mode, self.top_k = mode, top_k
+        self.gallery: Gallery | None = load_gallery(index) if index is not None else None
+        self.skus = model.skus
+        if self.gallery is not None:
+            check_same_model(model, self.gallery, Path(index))
+            self.skus = self.gallery.skus  # the classifier's SKUs, then any enrolled ones
+
+    def __call__(self, logits: np.ndarray, embedding: np.ndarray) -> TopK:
+        n, num_classes = len(logits), len(self.skus)
+        members, weights = [], []
+        if self.mode in ("classifier", "fused"):
+            padded = np.full((n, num_classes), -np.inf, dtype=np.float32)
+            padded[:, : logits.shape[1]] = logits  # enrolled SKUs: probability 0 under the classifier
+            members.append(SplitScores.from_logits(np.arange(n), np.full(n, -1), padded, num_classes))
+            weights.append(1.0)
+        if self.mode in ("knn", "fused"):
+            meta = self.gallery.meta
+            sims, ids = search(self.gallery.index, embedding, meta["k"], batch=max(n, 1))
+            members.append(
+                vote(
+                    sims,
+                    self.gallery.labels[ids],
+                    num_classes,
+                    kind=meta["vote"],
+                    temperature=meta["temperature"],
+                    smoothing=meta["smoothing"],
+                    names=np.arange(n),
+                    labels=np.full(n, -1),
+                )
+            )
+            weights.append(1.0)
+        if self.mode == "fused":
+            w = float(self.gallery.meta["fusion_weight"])
+            weights = [1.0 - w, w]
+        top = combine_topk(members, weights, num_classes, self.top_k)
+        return TopK(self.skus[top.labels], top.probs)
+
+
+def check_same_model(model: ExportedModel, gallery: Gallery, index: Path) -> None:
+    """An index is only meaningful with the model whose embeddings it holds."""
+    ours, theirs = model.spec.get("checkpoint_sha256"), gallery.meta.get("checkpoint_sha256")
+    if ours != theirs:
+        raise Products10kError(
+            f"{index} was built from another checkpoint than {model.folder} "
+            f"({gallery.meta.get('member')}/{gallery.meta.get('phase')} vs "
+            f"{model.spec.get('member')}/{model.spec.get('phase')}): set export.member/export.phase "
+            "to the index's member and retrieval.phase, or use that member's index"
+        )
+    known = gallery.skus[: len(model.skus)]
+    if not np.array_equal(known, model.skus):
+        raise Products10kError(f"{index}: its label map does not start with {model.folder}'s SKUs")

@@ -1,0 +1,73 @@
+"""Embeddings of prepared images: one centre crop at the checkpoint's resolution, the model's
+L2-normalised pooled feature (``Products10kNet.embedding``).
+
+One view, not the TTA set: the gallery holds 142k training images on the real data, and a
+single crop is what the index stage can afford per image and what ``products10k-predict``
+computes per query, so that gallery and query vectors come from the same preprocessing.
+The output is preallocated (N, D) float32 and filled batch by batch: 142k x 1,536
+(EfficientNet-B3) is 873 MB, the largest array of the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from products10k.common import DataError
+from products10k.training.data import PreparedImageDataset
+from products10k.training.devices import host_transfer
+from products10k.training.transforms import eval_transform, resolve_resize
+
+
+def embedding_transform(meta: dict):
+    """The centre-crop transform a checkpoint's metadata asks for (resolution, resize, normalize)."""
+    resolution = int(meta["resolution"])
+    resize = resolve_resize(resolution, meta.get("resize"))
+    return eval_transform(resize, resolution, meta.get("normalize")), resize
+
+
+@torch.inference_mode()
+def embed_rows(
+    model: torch.nn.Module,
+    meta: dict,
+    df: pd.DataFrame,
+    images_root: str | Path,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    amp: torch.dtype | None = None,
+    desc: str = "embed",
+) -> np.ndarray:
+    """(N, D) float32 unit vectors of the rows of a prepared CSV, in row order."""
+    if len(df) == 0:
+        raise DataError(f"{desc}: no rows to embed (the split is empty)")
+    device = torch.device(device)
+    flags = host_transfer(device)
+    transform, resize = embedding_transform(meta)
+    # a reduced JPEG decode down to the resize at most: the crop is then a downscale, as in evaluate
+    dataset = PreparedImageDataset(df, images_root, transform, min_side=resize)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=flags["pin_memory"]
+    )
+    model = model.to(device).eval()
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    out: np.ndarray | None = None
+    start = 0
+    for images, _labels, _index, _weight in tqdm(
+        loader, desc=desc, unit="batch", leave=False, mininterval=1.0
+    ):
+        with autocast:
+            vectors = model.embedding(images.to(device, non_blocking=flags["non_blocking"]))
+        vectors = vectors.float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(dataset), vectors.shape[1]), dtype=np.float32)
+        out[start : start + len(vectors)] = vectors
+        start += len(vectors)
+    return out

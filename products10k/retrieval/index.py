@@ -1,0 +1,188 @@
+"""The index stage's work: one member's checkpoint -> gallery index, kNN and fused predictions.
+
+1. Embed every training image (``embed_rows``) into an exact inner-product Faiss index, saved
+   with its labels, the label -> SKU map and the checkpoint it came from (``models/<m>/index``).
+2. Embed val and test and classify them by kNN over that gallery.
+3. Fuse the kNN probabilities with the classifier's (the evaluate stage's TTA'd predictions of the
+   same member and phase), the weight fitted on val; write the fused predictions in the evaluate
+   stage's file format (``predictions/fused/<m>.npz``), which ``submit.scores: fused`` reads.
+4. Metrics: classifier, kNN and fused top-1/top-5, head and tail SKUs, val and test, and the
+   fitted weight (``metrics/<m>/retrieval.json``).
+
+Val queries are never in the gallery (it is the training split only), so the weight is fitted on
+images the index has not seen, as test images are. Tail SKUs have no val images (prepare keeps
+every image of a tail SKU for training): the weight is fitted on head SKUs; the test metrics
+report the tail separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from products10k import common
+from products10k.config import EvaluateConfig, RetrievalConfig
+from products10k.evaluation.evaluate import load_member_checkpoint
+from products10k.evaluation.metrics import split_metrics
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.retrieval.embed import embed_rows
+from products10k.retrieval.knn import build_gallery, fit_fusion_weight, fuse, knn_scores, save_gallery
+from products10k.submission.predictions import SplitScores, load_predictions, save_predictions
+from products10k.training.devices import amp_dtype, eval_workers, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: the fusion weight without labelled val rows to fit it on (prepare.val_fraction: 0)
+UNFITTED_WEIGHT = 0.5
+
+
+@dataclass
+class IndexInputs:
+    checkpoint: Path
+    label_map: Path
+    train: Path
+    val: Path
+    test: Path
+    images_root: Path
+    classifier: Path  # the evaluate stage's predictions of the same member and retrieval.phase
+
+
+@dataclass
+class IndexOutputs:
+    index: Path
+    fused: Path
+    metrics: Path
+
+
+def build_index(
+    member: str, inputs: IndexInputs, outputs: IndexOutputs, cfg: RetrievalConfig, evaluate: EvaluateConfig
+) -> dict:
+    """Run the stage for one member; write index, fused predictions and metrics; return the metrics."""
+    label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    splits = {
+        "train": read_prepared(inputs.train, label_map),
+        "val": read_prepared(inputs.val, label_map, allow_empty=True),
+        "test": read_prepared(inputs.test, label_map, usage=True, allow_empty=True),
+    }
+    model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
+    classifier = load_predictions(inputs.classifier, member)
+    embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}")
+
+    gallery = build_gallery(
+        embed(splits["train"], "train"),
+        splits["train"]["label"],
+        splits["train"]["name"],
+        skus,
+        _index_meta(member, inputs.checkpoint, meta, cfg),
+    )
+    log.info("%s: index of %d training images x %d dims", member, gallery.index.ntotal, gallery.index.d)
+
+    knn = {}
+    for split in ("val", "test"):
+        rows = splits[split]
+        queries = embed(rows, split) if len(rows) else np.zeros((0, gallery.index.d), np.float32)
+        knn[split] = knn_scores(
+            gallery,
+            queries,
+            rows["name"],
+            rows["label"],
+            k=cfg.k,
+            kind=cfg.vote,
+            temperature=cfg.temperature,
+            smoothing=cfg.smoothing,
+            batch=cfg.search_batch,
+        )
+        _check_same_rows(classifier, split, knn[split], inputs.classifier)
+
+    weight = _fusion_weight(classifier.val, knn["val"], member)
+    gallery.meta["fusion_weight"] = weight
+    fused = {s: fuse(getattr(classifier, s), knn[s], weight, len(skus), evaluate.top_k) for s in knn}
+
+    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
+    metrics = {"fusion_weight": weight, "gallery": int(gallery.index.ntotal), "dim": int(gallery.index.d)}
+    for split in ("val", "test"):
+        scores = {"classifier": getattr(classifier, split), "knn": knn[split], "fused": fused[split]}
+        metrics[split] = {
+            name: _brief(split_metrics(s.topk_labels, splits[split], n_train, evaluate.tail_max_images))
+            for name, s in scores.items()
+        }
+    save_gallery(gallery, outputs.index)
+    save_predictions(outputs.fused, val=fused["val"], test=fused["test"], skus=skus)
+    common.write_json(outputs.metrics, metrics)
+    test = metrics["test"]
+    if "top1" in test["knn"]:
+        log.info(
+            "%s: test top-1 classifier %.4f, kNN %.4f, fused %.4f (kNN weight %.3f)",
+            member,
+            test["classifier"]["top1"],
+            test["knn"]["top1"],
+            test["fused"]["top1"],
+            weight,
+        )
+    return metrics
+
+
+def _embedder(model, meta, images_root, cfg: RetrievalConfig, evaluate: EvaluateConfig, name: str):
+    device = resolve_device(evaluate.device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    kw = dict(
+        batch_size=cfg.batch_size,
+        num_workers=eval_workers(evaluate.num_workers, device, cores),
+        device=device,
+        amp=amp_dtype(evaluate.amp, device),
+    )
+
+    def embed(rows, split: str) -> np.ndarray:
+        return embed_rows(model, meta, rows, images_root, desc=f"{name} embed {split}", **kw)
+
+    return embed
+
+
+def _index_meta(member: str, checkpoint: Path, meta: dict, cfg: RetrievalConfig) -> dict:
+    """What the index was built from and how it votes: predict and enrol check and reuse it."""
+    return {
+        "member": member,
+        "phase": cfg.phase,
+        "checkpoint_sha256": common.file_sha256(checkpoint),
+        "resolution": int(meta["resolution"]),
+        "resize": meta.get("resize"),
+        "normalize": meta.get("normalize"),
+        "k": cfg.k,
+        "vote": cfg.vote,
+        "temperature": cfg.temperature,
+        "smoothing": cfg.smoothing,
+    }
+
+
+def _check_same_rows(classifier, split: str, knn: SplitScores, path: Path) -> None:
+    names = getattr(classifier, split).names
+    if not np.array_equal(names, knn.names):
+        raise common.DataError(
+            f"{path}: its {split} rows are not those of the prepared {split}.csv "
+            "(an evaluate output from other data? re-run its evaluate stage)"
+        )
+
+
+def _fusion_weight(classifier_val: SplitScores, knn_val: SplitScores, member: str) -> float:
+    if not (classifier_val.labels >= 0).any():
+        log.warning(
+            "%s: no labelled val rows to fit the kNN fusion weight on; using %.1f", member, UNFITTED_WEIGHT
+        )
+        return UNFITTED_WEIGHT
+    weight = fit_fusion_weight(classifier_val, knn_val)
+    log.info("%s: kNN fusion weight fitted on %d val rows: %.3f", member, len(classifier_val), weight)
+    return weight
+
+
+def _brief(block: dict) -> dict:
+    """top1/top5 and head/tail top-1 of a split_metrics block: three of them side by side stay readable."""
+    out = {k: block[k] for k in ("top1", "top5") if k in block}
+    for part in ("head", "tail"):
+        if part in block:
+            out[part] = {"top1": block[part]["top1"]}
+    return out

@@ -1,0 +1,242 @@
+"""The gallery index (Faiss), kNN classification, and its fusion with the classifier.
+
+**Index.** ``faiss.IndexFlatIP``: exact inner product, which on unit vectors is the cosine. At the
+real size (142k training images x 1,280-1,536 dims) a flat index is 0.7-0.9 GB and one query
+batch of 4,096 costs ~0.6 GFLOP per gallery thousand, seconds on a CPU for the whole test set:
+an approximate index (IVF, HNSW) would trade recall for a speed the job does not need, and would
+need training and tuning. The index holds only vectors; labels, names and the label -> SKU map
+live beside it (``gallery.npz``), so SKUs can be enrolled by appending to both.
+
+**Vote.** The k nearest gallery images vote for their SKU, each with weight
+``exp(cos / temperature)`` (``softmax``) or 1 (``count``); the kNN probability of a SKU is
+``(1 - smoothing) x its vote share + smoothing / K``. The smoothing keeps every probability
+above 0 (a row whose SKU got no vote still has a finite log-likelihood for the fusion fit), and
+its form is exactly what a predictions file represents: the voted labels' probabilities plus an
+equal share of the rest for every other label (``SplitScores``, ``combine_topk``).
+
+**Fusion.** ``(1 - w) x classifier softmax + w x kNN probability``: the two are combined like two
+ensemble members (``products10k.submission.ensemble``), ``w`` maximising the val log-likelihood
+(a concave fit, SLSQP), so the result is a predictions file the submit stage reads as it reads
+the classifier's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from products10k import common
+from products10k.common import DataError, Products10kError
+from products10k.submission.ensemble import combine_topk, fit_weights
+from products10k.submission.predictions import SplitScores
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+GALLERY_FILE = "gallery.npz"
+META_FILE = "meta.json"
+
+
+@dataclass
+class Gallery:
+    """An index and what its rows are: ``labels[i]`` of vector ``i``, ``skus[label]`` its SKU id."""
+
+    index: faiss.Index
+    labels: np.ndarray  # (N,) int64 label of each gallery vector
+    names: np.ndarray  # (N,) str image name of each gallery vector
+    skus: np.ndarray  # (K,) int64 label -> SKU id; enrolled SKUs are appended
+    meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.skus)
+
+
+def build_gallery(vectors: np.ndarray, labels, names, skus, meta: dict) -> Gallery:
+    """An exact inner-product index over unit ``vectors`` (N, D) float32."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return Gallery(
+        index,
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(names).astype(str),
+        np.asarray(skus, dtype=np.int64),
+        dict(meta),
+    )
+
+
+def save_gallery(gallery: Gallery, folder: str | Path) -> None:
+    """Write index, labels and meta into ``folder`` (staged, then swapped in whole)."""
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".tmp")
+    if staging.exists():  # left by a killed run
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    faiss.write_index(gallery.index, str(staging / INDEX_FILE))
+    with open(staging / GALLERY_FILE, "wb") as f:
+        np.savez(f, labels=gallery.labels, names=gallery.names, skus=gallery.skus)
+    (staging / META_FILE).write_text(json.dumps(gallery.meta, indent=2, sort_keys=True) + "\n")
+    common.swap_in(staging, folder)
+
+
+def load_gallery(folder: str | Path) -> Gallery:
+    """Read an index folder written by :func:`save_gallery`; a missing part is a clear error."""
+    folder = Path(folder)
+    for name in (INDEX_FILE, GALLERY_FILE, META_FILE):
+        if not (folder / name).is_file():
+            raise Products10kError(f"{folder}: not an index folder ({name} is missing; run the index stage)")
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    with np.load(folder / GALLERY_FILE, allow_pickle=False) as data:
+        labels, names, skus = data["labels"], data["names"], data["skus"]
+    if index.ntotal != len(labels):
+        raise DataError(
+            f"{folder}: the index holds {index.ntotal} vectors but {GALLERY_FILE} {len(labels)} labels"
+        )
+    meta = json.loads((folder / META_FILE).read_text())
+    return Gallery(index, labels, names, skus, meta)
+
+
+def enrol(gallery: Gallery, vectors: np.ndarray, skus, names) -> dict:
+    """Append ``vectors`` of SKU ids ``skus`` to ``gallery`` in place; return what was added.
+
+    A SKU id the gallery knows keeps its label (more reference images for it); an unknown one gets
+    the next free label, appended to ``gallery.skus``, so labels of the classifier's SKUs never move.
+    """
+    skus = np.asarray(skus, dtype=np.int64)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if len(vectors) != len(skus) or len(skus) != len(names):
+        raise ValueError(f"{len(vectors)} vectors, {len(skus)} SKU ids, {len(names)} names")
+    if vectors.shape[1] != gallery.index.d:
+        raise DataError(f"embeddings have {vectors.shape[1]} dims, the index {gallery.index.d}")
+    label_of = {int(s): i for i, s in enumerate(gallery.skus)}
+    new = [int(s) for s in dict.fromkeys(skus.tolist()) if int(s) not in label_of]
+    for sku in new:
+        label_of[sku] = len(label_of)
+    gallery.skus = np.concatenate([gallery.skus, np.asarray(new, dtype=np.int64)])
+    gallery.index.add(vectors)
+    gallery.labels = np.concatenate([gallery.labels, np.array([label_of[int(s)] for s in skus], np.int64)])
+    gallery.names = np.concatenate([gallery.names, np.asarray(names).astype(str)])
+    return {"images": int(len(skus)), "skus": int(len(set(skus.tolist()))), "new_skus": len(new)}
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int, desc: str = "search"):
+    """The ``k`` most similar gallery vectors of each query: (similarities, ids), (N, k) each.
+
+    In blocks of ``batch`` queries: Faiss itself tiles the distance computation, the blocks give a
+    progress bar and bound the result arrays being built.
+    """
+    k = min(k, index.ntotal)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    sims = np.empty((len(queries), k), dtype=np.float32)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    for start in tqdm(range(0, len(queries), batch), desc=desc, unit="block", leave=False, mininterval=1.0):
+        stop = min(start + batch, len(queries))
+        sims[start:stop], ids[start:stop] = index.search(queries[start:stop], k)
+    return sims, ids
+
+
+def vote(
+    sims: np.ndarray,
+    neighbour_labels: np.ndarray,
+    num_classes: int,
+    *,
+    kind: str,
+    temperature: float,
+    smoothing: float,
+    names,
+    labels,
+) -> SplitScores:
+    """kNN class probabilities as a :class:`SplitScores` (see the module docstring).
+
+    Each row keeps ``k`` = number of neighbours labels: the voted ones by decreasing probability,
+    then (rows with fewer distinct voted labels) the lowest unvoted labels at ``smoothing / K``,
+    so that labels are unique within a row as ``combine_topk`` requires.
+    """
+    n, k = neighbour_labels.shape
+    k_keep = min(k, num_classes)
+    if kind == "softmax":
+        # relative to the row's best similarity: exp() cannot overflow, the shares are unchanged
+        weights = np.exp((sims - sims[:, :1]) / temperature).astype(np.float64)
+    elif kind == "count":
+        weights = np.ones_like(sims, dtype=np.float64)
+    else:
+        raise ValueError(f"unknown vote '{kind}' (softmax | count)")
+    floor = smoothing / num_classes
+    topk_labels = np.empty((n, k_keep), dtype=np.int32)
+    topk_probs = np.full((n, k_keep), floor, dtype=np.float64)
+    for i in range(n):
+        voted, inverse = np.unique(neighbour_labels[i], return_inverse=True)
+        share = np.bincount(inverse, weights=weights[i], minlength=len(voted))
+        share /= share.sum()
+        order = np.lexsort((voted, -share))[:k_keep]  # highest share first, then the lower label
+        m = len(order)
+        topk_labels[i, :m] = voted[order]
+        topk_probs[i, :m] += (1.0 - smoothing) * share[order]
+        if m < k_keep:
+            fill = np.setdiff1d(np.arange(min(num_classes, k_keep + m)), voted[order], assume_unique=True)
+            topk_labels[i, m:] = fill[: k_keep - m]
+    labels = np.asarray(labels, dtype=np.int64)
+    label_prob = np.full(n, floor)
+    for i in np.flatnonzero(labels >= 0):
+        hit = np.flatnonzero(topk_labels[i] == labels[i])
+        if len(hit):
+            label_prob[i] = topk_probs[i, hit[0]]
+    return SplitScores(
+        names=np.asarray(names).astype(str),
+        labels=labels,
+        topk_labels=topk_labels,
+        topk_logits=np.log(topk_probs).astype(np.float32),
+        logsumexp=np.zeros(n, dtype=np.float32),  # probabilities: they already sum to 1
+        label_logprob=np.where(labels >= 0, np.log(label_prob), np.nan).astype(np.float32),
+    )
+
+
+def knn_scores(
+    gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch
+):
+    """Search the gallery and vote: the kNN :class:`SplitScores` of ``queries``."""
+    sims, ids = search(gallery.index, queries, k, batch)
+    return vote(
+        sims,
+        gallery.labels[ids],
+        gallery.num_classes,
+        kind=kind,
+        temperature=temperature,
+        smoothing=smoothing,
+        names=names,
+        labels=labels,
+    )
+
+
+def fit_fusion_weight(classifier: SplitScores, knn: SplitScores) -> float:
+    """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities."""
+    if not (classifier.labels >= 0).any():
+        raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")
+    return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels)[1])
+
+
+def fuse(
+    classifier: SplitScores, knn: SplitScores, weight: float, num_classes: int, top_k: int
+) -> SplitScores:
+    """``(1 - weight) x classifier + weight x kNN`` as a predictions block (log-probabilities)."""
+    if not np.array_equal(classifier.names, knn.names):
+        raise DataError("classifier and kNN scores are of different rows (names differ)")
+    fused = combine_topk([classifier, knn], [1.0 - weight, weight], num_classes, top_k)
+    with np.errstate(divide="ignore"):
+        logits = np.log(fused.probs.astype(np.float64)).astype(np.float32)
+    return SplitScores(
+        names=classifier.names,
+        labels=classifier.labels,
+        topk_labels=fused.labels.astype(np.int32),
+        topk_logits=logits,
+        logsumexp=np.zeros(len(logits), dtype=np.float32),
+        label_logprob=fused.label_logprob.astype(np.float32),
+    )

@@ -1,0 +1,73 @@
+"""Index one ensemble member's training images; kNN-classify val and test; fuse with the classifier.
+
+Run (dvc.yaml generates one stage per member, e.g. ``index@m0``)::
+
+    python stages/index.py --params params.yaml --member m0 \
+        --checkpoint models/m0/finetune_accuracy/best.pt --label-map data/prepared/label_map.csv \
+        --train data/prepared/train.csv --val data/prepared/val.csv --test data/prepared/test.csv \
+        --images-root data/prepared --classifier predictions/finetune_accuracy/m0.npz \
+        --index models/m0/index --fused predictions/fused/m0.npz --metrics metrics/m0/retrieval.json
+
+``--checkpoint`` and ``--classifier`` are of the phase named by ``retrieval.phase``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from products10k.common import ConfigError, run_stage, seed_everything
+from products10k.config import EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
+from products10k.retrieval.index import IndexInputs, IndexOutputs, build_index
+from products10k.submission.predictions import require_evaluated_phase
+
+log = logging.getLogger("stages.index")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", required=True, type=Path)
+    p.add_argument("--member", required=True, help="ensemble member name (ensemble.members)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="best.pt of retrieval.phase")
+    p.add_argument("--label-map", required=True, type=Path)
+    p.add_argument("--train", required=True, type=Path, help="train CSV: the gallery")
+    p.add_argument("--val", required=True, type=Path, help="val CSV: fits the fusion weight")
+    p.add_argument("--test", required=True, type=Path)
+    p.add_argument("--images-root", required=True, type=Path, help="folder holding images/shard-*.bin")
+    p.add_argument("--classifier", required=True, type=Path, help="evaluate's predictions of retrieval.phase")
+    p.add_argument(
+        "--index", required=True, type=Path, help="output folder: index.faiss, gallery.npz, meta.json"
+    )
+    p.add_argument("--fused", required=True, type=Path, help="output: fused predictions (.npz)")
+    p.add_argument("--metrics", required=True, type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    params = load_yaml(args.params)
+    cfg = section(params, "retrieval", RetrievalConfig, where=args.params)
+    evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
+    if args.member not in member_names(params, args.params):
+        raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
+    require_evaluated_phase(cfg.phase, evaluate.phases, args.params, key="retrieval.phase")
+    seed_everything(0)
+    inputs = IndexInputs(
+        checkpoint=args.checkpoint,
+        label_map=args.label_map,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        images_root=args.images_root,
+        classifier=args.classifier,
+    )
+    build_index(args.member, inputs, IndexOutputs(args.index, args.fused, args.metrics), cfg, evaluate)
+
+
+if __name__ == "__main__":
+    main()
