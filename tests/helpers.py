@@ -426,3 +426,79 @@ def make_raw_data(
     write_zip(raw / "train.zip", {train_prefix + n: b for n, b in images.items()} | (extra or {}))
     write_zip(raw / "test.zip", {"test/" + n: b for n, b in test_images.items()})
     return raw
+
+
+# --- the index stage (and the evaluate stage it reads) on make_eval_data ----------------------
+
+
+def index_params(tmp_path, k=1, vote="count"):
+    return write_project_params(
+        tmp_path / "params.yaml",
+        {
+            "ensemble": {"members": {"m0": {}}, "weights": "fit"},
+            "evaluate": {
+                "batch_size": 4,
+                "gallery_size": 2,
+                "gallery_tile": 32,
+                "tail_max_images": 3,
+                "top_k": 5,
+            },
+            "tta": {"scales": [1.0], "crops": "center", "flip": True},
+            "retrieval": {"phase": "train", "k": k, "vote": vote, "batch_size": 5, "search_batch": 2},
+            "export": {"member": "m0", "phase": "train", "check_images": 6},
+        },
+    )
+
+
+def run_index(tmp_path, prepared, params):
+    """evaluate (the classifier predictions the fusion needs), then the index stage."""
+    ckpt = tmp_path / "models" / "m0" / "train" / "best.pt"
+    if not ckpt.exists():
+        make_checkpoint(ckpt, resolution=32)
+    common = ["--label-map", str(prepared / "label_map.csv"), "--train", str(prepared / "train.csv"),
+              "--val", str(prepared / "val.csv"), "--test", str(prepared / "test.csv"),
+              "--images-root", str(prepared)]  # fmt: skip
+    classifier = tmp_path / "predictions" / "train" / "m0.npz"
+    stage_module("evaluate").main(
+        [
+            "--params",
+            str(params),
+            "--member",
+            "m0",
+            "--phase",
+            "train",
+            "--checkpoint",
+            str(ckpt),
+            *common,
+            "--metrics",
+            str(tmp_path / "metrics" / "train.json"),
+            "--predictions",
+            str(classifier),
+            "--per-group",
+            str(tmp_path / "plots" / "g.csv"),
+            "--confused",
+            str(tmp_path / "plots" / "c.csv"),
+            "--gallery",
+            str(tmp_path / "plots" / "e.png"),
+        ]  # fmt: skip
+    )
+    stage_module("index").main(
+        [
+            "--params",
+            str(params),
+            "--member",
+            "m0",
+            "--checkpoint",
+            str(ckpt),
+            *common,
+            "--classifier",
+            str(classifier),
+            "--index",
+            str(tmp_path / "models" / "m0" / "index"),
+            "--fused",
+            str(tmp_path / "predictions" / "fused" / "m0.npz"),
+            "--metrics",
+            str(tmp_path / "metrics" / "retrieval.json"),
+        ]  # fmt: skip
+    )
+    return ckpt

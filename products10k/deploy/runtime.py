@@ -79,12 +79,13 @@ class Scorer:
             raise Products10kError(f"mode '{mode}' is not one of {', '.join(MODES)}")
         if mode != "classifier" and index is None:
             raise Products10kError(f"mode '{mode}' needs an index folder (--index models/<member>/index)")
-        self.mode, self.top_k = mode, top_k
+        self.mode = mode
         self.gallery: Gallery | None = load_gallery(index) if index is not None else None
         self.skus = model.skus
         if self.gallery is not None:
             check_same_model(model, self.gallery, Path(index))
             self.skus = self.gallery.skus  # the classifier's SKUs, then any enrolled ones
+        self.top_k = min(top_k, len(self.skus))
 
     def __call__(self, logits: np.ndarray, embedding: np.ndarray) -> TopK:
         n, num_classes = len(logits), len(self.skus)
@@ -96,7 +97,7 @@ class Scorer:
             weights.append(1.0)
         if self.mode in ("knn", "fused"):
             meta = self.gallery.meta
-            sims, ids = search(self.gallery.index, embedding, meta["k"], batch=max(n, 1))
+            sims, ids = search(self.gallery.index, embedding, meta["k"], batch=max(n, 1), progress=False)
             members.append(
                 vote(
                     sims,

@@ -127,7 +127,7 @@ def enrol(gallery: Gallery, vectors: np.ndarray, skus, names) -> dict:
     return {"images": int(len(skus)), "skus": int(len(set(skus.tolist()))), "new_skus": len(new)}
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int, desc: str = "search"):
+def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int, desc: str = "search", progress=True):
     """The ``k`` most similar gallery vectors of each query: (similarities, ids), (N, k) each.
 
     In blocks of ``batch`` queries: Faiss itself tiles the distance computation, the blocks give a
@@ -137,7 +137,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int, desc: st
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     sims = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
-    for start in tqdm(range(0, len(queries), batch), desc=desc, unit="block", leave=False, mininterval=1.0):
+    blocks = range(0, len(queries), batch)
+    for start in tqdm(blocks, desc=desc, unit="block", leave=False, mininterval=1.0, disable=not progress):
         stop = min(start + batch, len(queries))
         sims[start:stop], ids[start:stop] = index.search(queries[start:stop], k)
     return sims, ids

@@ -1,0 +1,99 @@
+"""The index stage on a tiny prepared dataset and checkpoint: gallery, kNN against a brute-force
+reference, fused predictions, metrics that match the files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from products10k.evaluation.metrics import split_metrics
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.retrieval.embed import embedding_transform
+from products10k.retrieval.knn import load_gallery
+from products10k.submission.predictions import load_predictions
+from products10k.training.checkpoint import load_model
+from products10k.training.data import PreparedImageDataset
+from tests.helpers import index_params, make_eval_data, run_index, stage_module
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_eval_data(tmp_path_factory.mktemp("prepared"))
+
+
+def _embeddings(ckpt, df, prepared):
+    model, meta = load_model(ckpt)
+    transform, resize = embedding_transform(meta)
+    ds = PreparedImageDataset(df, prepared, transform, min_side=resize)
+    with torch.no_grad():
+        return model.embedding(torch.stack([ds[i][0] for i in range(len(ds))])).numpy()
+
+
+def test_index_stage_knn_matches_brute_force_and_metrics_match_the_files(tmp_path, prepared):
+    ckpt = run_index(tmp_path, prepared, index_params(tmp_path, k=1))
+    label_map = read_label_map(prepared / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
+    train = read_prepared(prepared / "train.csv", label_map)
+    test = read_prepared(prepared / "test.csv", label_map, usage=True)
+
+    gallery = load_gallery(tmp_path / "models" / "m0" / "index")
+    assert gallery.index.ntotal == len(train) and gallery.labels.tolist() == train["label"].tolist()
+    assert gallery.skus.tolist() == label_map["sku"].tolist()
+    assert gallery.meta["checkpoint_sha256"] and gallery.meta["k"] == 1
+
+    # 1-NN by hand, in NumPy from the model's own embeddings: the stage's kNN top-1 must agree
+    sims = _embeddings(ckpt, test, prepared) @ _embeddings(ckpt, train, prepared).T
+    expected = train["label"].to_numpy()[sims.argmax(1)]
+    metrics = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
+    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
+    assert metrics["test"]["knn"]["top1"] == pytest.approx((expected == test["label"].to_numpy()).mean())
+
+    fused = load_predictions(tmp_path / "predictions" / "fused" / "m0.npz")
+    assert fused.test.names.tolist() == test["name"].tolist()
+    block = split_metrics(fused.test.topk_labels, test, n_train, 3)
+    assert metrics["test"]["fused"]["top1"] == pytest.approx(block["top1"])
+    assert (
+        0.0 <= metrics["fusion_weight"] <= 1.0 and gallery.meta["fusion_weight"] == metrics["fusion_weight"]
+    )
+    classifier = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert metrics["test"]["classifier"]["top1"] == pytest.approx(classifier["test"]["tta"]["top1"])
+    # fused probabilities are a distribution over the SKUs
+    assert np.all(np.exp(fused.test.topk_logits).sum(1) <= 1.0 + 1e-4)
+
+
+def test_index_stage_rejects_predictions_of_other_rows(tmp_path, prepared, caplog):
+    params = index_params(tmp_path)
+    ckpt = run_index(tmp_path, prepared, params)
+    shorter = tmp_path / "test_shorter.csv"
+    shorter.write_text("\n".join((prepared / "test.csv").read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(SystemExit):
+        stage_module("index").main(
+            [
+                "--params",
+                str(params),
+                "--member",
+                "m0",
+                "--checkpoint",
+                str(ckpt),
+                "--label-map",
+                str(prepared / "label_map.csv"),
+                "--train",
+                str(prepared / "train.csv"),
+                "--val",
+                str(prepared / "val.csv"),
+                "--test",
+                str(shorter),
+                "--images-root",
+                str(prepared),
+                "--classifier",
+                str(tmp_path / "predictions" / "train" / "m0.npz"),
+                "--index",
+                str(tmp_path / "index2"),
+                "--fused",
+                str(tmp_path / "fused2.npz"),
+                "--metrics",
+                str(tmp_path / "retrieval2.json"),
+            ]  # fmt: skip
+        )
+    assert "test rows are not those of the prepared test.csv" in caplog.text
+    assert not (tmp_path / "index2").exists() and not (tmp_path / "fused2.npz").exists()
