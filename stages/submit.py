@@ -4,13 +4,13 @@ Run::
 
     python stages/submit.py --params params.yaml --predictions predictions/finetune_accuracy \
         --label-map data/prepared/label_map.csv --test-list data/raw/test_kaggletest.csv \
-        --report data/prepared/report.json --fused predictions/fused \
+        --report data/prepared/report.json \
         --out submissions/submission.csv --top-k submissions/top5.csv \
         --metrics metrics/submission.json
 
-``--predictions`` is the folder of the phase named by ``submit.phase`` (one ``<member>.npz`` per
-ensemble member, written by the evaluate stages); with ``submit.scores: fused`` the members'
-kNN-fused predictions in ``--fused`` (written by the index stages) are ensembled instead.
+``--predictions`` is the folder named by ``submit.phase`` (one ``<member>.npz`` per ensemble
+member): a phase's, written by the evaluate stages, or ``predictions/fused``, the members'
+classifier + kNN predictions written by the index stages.
 Test images the prepare stage excluded (``--report``) have no prediction: they get the most
 frequent training SKU, with a warning, and are counted in ``test.fallback_rows`` (see
 products10k/submission/submit.py).
@@ -23,12 +23,11 @@ import logging
 from pathlib import Path
 
 from products10k import common
-from products10k.common import ConfigError, Products10kError, run_stage
+from products10k.common import Products10kError, run_stage
 from products10k.config import (
     DataConfig,
     EnsembleConfig,
     EvaluateConfig,
-    RetrievalConfig,
     SubmitConfig,
     load_yaml,
     member_names,
@@ -43,8 +42,7 @@ log = logging.getLogger("stages.submit")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", required=True, type=Path)
-    p.add_argument("--predictions", required=True, help="folder with <member>.npz of submit.phase")
-    p.add_argument("--fused", help="folder with the index stages' <member>.npz (submit.scores: fused)")
+    p.add_argument("--predictions", required=True, help="predictions/<submit.phase>: <member>.npz each")
     p.add_argument("--label-map", required=True)
     p.add_argument("--test-list", required=True, help="the official test_kaggletest.csv")
     p.add_argument("--report", required=True, help="prepare's report.json (the excluded test images)")
@@ -66,13 +64,12 @@ def _run(args: argparse.Namespace) -> None:
     members = member_names(params, args.params)
     phases = section(params, "evaluate", EvaluateConfig, where=args.params).phases
     competition = section(params, "data", DataConfig, where=args.params).kaggle.competition
-    require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
+    if cfg.phase != "fused":
+        require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
     folder = Path(args.predictions)
     if folder.name != cfg.phase:
         # the folder in dvc.yaml's cmd and submit.phase must name the same phase
         raise Products10kError(f"--predictions {folder} is not the folder of submit.phase '{cfg.phase}'")
-    if cfg.scores == "fused":
-        folder = _fused_folder(args, params, cfg.phase)
     metrics = make_submission(
         members=members,
         prediction_paths={m: folder / f"{m}.npz" for m in members},
@@ -95,19 +92,6 @@ def _run(args: argparse.Namespace) -> None:
         )
     if cfg.kaggle.enabled:
         kaggle_submit(competition, args.out, cfg.kaggle.message, cfg.kaggle.timeout_s)
-
-
-def _fused_folder(args: argparse.Namespace, params: dict, phase: str) -> Path:
-    """The index stages' fused predictions, which must be of submit.phase's checkpoints."""
-    if not args.fused:
-        raise ConfigError(f"{args.params}: submit.scores is 'fused' but no --fused folder was given")
-    retrieval_phase = section(params, "retrieval", RetrievalConfig, where=args.params).phase
-    if retrieval_phase != phase:
-        raise ConfigError(
-            f"{args.params}: submit.scores is 'fused' but retrieval.phase '{retrieval_phase}' "
-            f"is not submit.phase '{phase}' (the fused predictions would be of another phase)"
-        )
-    return Path(args.fused)
 
 
 if __name__ == "__main__":

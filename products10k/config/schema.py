@@ -314,10 +314,10 @@ class KaggleSubmitConfig(Section):
 class SubmitConfig(Section):
     """``submit``: the ensemble's submission CSV, its top-k file and its local score."""
 
-    phase: Phase
-    # classifier: the members' TTA'd softmax; fused: the classifier fused with kNN over the
-    # training-image index (the index stage, retrieval.phase must then be submit.phase)
-    scores: Literal["classifier", "fused"]
+    # a phase: the members' TTA'd classifier predictions of that phase (evaluate stages);
+    # fused: their classifier fused with kNN over the training-image index (index stages, of
+    # retrieval.phase). One folder of predictions/ either way, so submit depends on that alone.
+    phase: Phase | Literal["fused"]
     top_k: int = Field(ge=1)
     kaggle: KaggleSubmitConfig
 

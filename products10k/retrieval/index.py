@@ -5,7 +5,7 @@
 2. Embed val and test and classify them by kNN over that gallery.
 3. Fuse the kNN probabilities with the classifier's (the evaluate stage's TTA'd predictions of the
    same member and phase), the weight fitted on val; write the fused predictions in the evaluate
-   stage's file format (``predictions/fused/<m>.npz``), which ``submit.scores: fused`` reads.
+   stage's file format (``predictions/fused/<m>.npz``), which ``submit.phase: fused`` reads.
 4. Metrics: classifier, kNN and fused top-1/top-5, head and tail SKUs, val and test, and the
    fitted weight (``metrics/<m>/retrieval.json``).
 

@@ -1,9 +1,11 @@
 """From an empty workspace to a validated submission with the real dvc CLI (tiny config).
 
 download -> prepare -> balance -> train -> finetune_balanced -> finetune_accuracy -> evaluate ->
-submit, on a few synthetic SKUs at 32 px for one epoch per phase. Then: the submission is checked
-against the official test list, `dvc metrics show` lists the three phases (Table 1), `dvc plots
-show` renders, and a second run is a no-op.
+index -> submit, and export, on a few synthetic SKUs at 32 px for one epoch per phase. Then: the
+submission is checked against the official test list, `dvc metrics show` lists the three phases
+(Table 1), kNN/fusion and the ONNX check, `dvc plots show` renders, the installed
+`products10k-predict` names the raw test zip's images with the exported model and the index,
+`submit.phase: fused` re-runs only submit, and a second run is a no-op.
 """
 
 import json
@@ -13,7 +15,8 @@ import pytest
 import yaml
 
 from products10k.config import PHASES
-from tests.helpers import ROOT, dvc, make_project
+from products10k.submission.predictions import load_predictions
+from tests.helpers import ROOT, dvc, make_project, run
 
 
 def tiny_params() -> dict:
@@ -71,6 +74,30 @@ def test_empty_workspace_to_validated_submission(tmp_path):
         assert {"top1", "top5", "public", "private"} <= set(data["test"]) and "top1" in data["val"]
         assert (project / "predictions" / phase / "m0.npz").is_file()
     assert "metrics/submission.json" in files
+
+    retrieval = files["metrics/m0/retrieval.json"]["data"]
+    assert {"classifier", "knn", "fused"} <= set(retrieval["test"]) and 0 <= retrieval["fusion_weight"] <= 1
+    export = files["metrics/export.json"]["data"]
+    assert export["top1_agreement"] == 1.0 and export["max_abs_logit_diff"] < 1e-3
+
+    # the model people run, on the raw test archive: one row per image, every one readable
+    out = tmp_path / "predicted.csv"
+    run(project, "products10k-predict", "data/raw/test.zip", "--model", "models/export",
+        "--index", "models/m0/index", "--mode", "fused", "--out", str(out))  # fmt: skip
+    predicted = pd.read_csv(out)
+    assert len(predicted) == len(test_list) and (predicted["status"] == "ok").all()
+    assert predicted["sku_1"].isin(label_map["sku"]).all()
+
+    # the submission from the fused scores: only submit re-runs, and it scores the fused top-1
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["submit"]["phase"] = "fused"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = dvc(project, "repro")
+    assert rerun.stdout.count("Running stage") == 1 and "Running stage 'submit'" in rerun.stdout
+    fused = load_predictions(project / "predictions" / "fused" / "m0.npz").test
+    sub = pd.read_csv(sub_path, dtype={"name": str}).set_index("name")
+    skus = label_map.sort_values("label")["sku"].to_numpy()
+    assert (sub.loc[fused.names, "class"].to_numpy() == skus[fused.topk_labels[:, 0]]).all()
 
     dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
