@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`/`torchrun`: run them with the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test lint bench clean-venv
+.PHONY: install repro test lint bench table1 clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ repro: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# the paper's Table 1 over table1.seeds seeds of DVC experiments -> reports/table1.{md,json,png}
+table1: install
+	$(BIN)/python -m products10k.report.table1 run
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

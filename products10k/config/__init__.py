@@ -34,6 +34,7 @@ from products10k.config.schema import (
     Section,
     SubmitConfig,
     SyntheticConfig,
+    Table1Config,
     TTAConfig,
 )
 
@@ -57,6 +58,7 @@ __all__ = [
     "SubmitConfig",
     "SyntheticConfig",
     "TTAConfig",
+    "Table1Config",
     "apply_overrides",
     "from_dict",
     "load_section",

@@ -346,6 +346,14 @@ class ExportConfig(Section):
     check_images: int = Field(ge=1)  # prepared test images compared between PyTorch and onnxruntime
 
 
+class Table1Config(Section):
+    """``table1``: the Table 1 report over seeds of DVC experiments (``products10k.report.table1``)."""
+
+    seeds: int = Field(ge=1)  # train.seed = 0 .. seeds-1, one high- and one low-resolution experiment each
+    bootstrap: int = Field(ge=100)  # resamples of the test images per interval
+    confidence: float = Field(gt=0.5, lt=1.0)
+
+
 #: the params.yaml section each stage's config is read from
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
@@ -360,4 +368,5 @@ SECTIONS: dict[str, type[Section]] = {
     "submit": SubmitConfig,
     "retrieval": RetrievalConfig,
     "export": ExportConfig,
+    "table1": Table1Config,
 }

@@ -114,7 +114,10 @@ def evaluate_phase(
     }
 
     skus = label_map["sku"].to_numpy(dtype=np.int64)
-    save_predictions(outputs.predictions, val=val_scores, test=test_scores, skus=skus)
+    single_top1 = test_single.topk_labels[:, 0] if len(test_single) else None
+    save_predictions(
+        outputs.predictions, val=val_scores, test=test_scores, skus=skus, single_top1=single_top1
+    )
 
     _write_plots(outputs, test_single, test, label_map, train_path, images_root, cfg, f"{member}/{phase}")
 

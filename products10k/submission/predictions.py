@@ -118,13 +118,30 @@ def require_evaluated_phase(phase: str, phases, where: str, key: str = "phase") 
         raise ConfigError(f"{where}: {key} '{phase}' is not in evaluate.phases ({', '.join(phases)})")
 
 
-def save_predictions(path: str | Path, val: SplitScores, test: SplitScores, skus: np.ndarray) -> None:
+#: the single centre crop's top-1 label of every test row (the paper's protocol), beside the TTA
+#: top-k: the Table 1 report bootstraps its per-image hits (``products10k.report``)
+SINGLE_TOP1 = "test_single_top1"
+
+
+def save_predictions(
+    path: str | Path,
+    val: SplitScores,
+    test: SplitScores,
+    skus: np.ndarray,
+    single_top1: np.ndarray | None = None,
+) -> None:
     """Write both splits and the label -> SKU map as one uncompressed ``.npz`` (atomically).
+
+    ``single_top1``: the test rows' single-crop top-1 labels, stored as ``SINGLE_TOP1``.
 
     Names are stored as fixed-width unicode so that the file loads with ``allow_pickle=False``: a
     predictions file must never be able to run code.
     """
     arrays = {"skus": np.asarray(skus, dtype=np.int64)}
+    if single_top1 is not None:
+        if len(single_top1) != len(test):
+            raise ValueError(f"{len(single_top1)} single-crop labels for {len(test)} test rows")
+        arrays[SINGLE_TOP1] = np.asarray(single_top1, dtype=np.int32)
     for split, scores in (("val", val), ("test", test)):
         for name in ROW_ARRAYS:
             arrays[f"{split}_{name}"] = getattr(scores, name)

@@ -16,32 +16,7 @@ import yaml
 
 from products10k.config import PHASES
 from products10k.submission.predictions import load_predictions
-from tests.helpers import ROOT, dvc, make_project, run
-
-
-def tiny_params() -> dict:
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    update = {
-        "data": {
-            "synthetic": {
-                "num_groups": 2,
-                "skus_per_group": 3,
-                "train_max_per_sku": 6,
-                "train_min_per_sku": 2,
-                "test_per_sku": 2,
-            }
-        },
-        "prepare": {"size": 48, "n_jobs": 1, "val_min_images": 2},  # SKUs of 2-6 images
-        "balance": {"per_class": 2},
-        "evaluate": {"batch_size": 16, "gallery_size": 3, "gallery_tile": 48},
-        "tta": {"scales": [1.0], "flip": True},
-    }
-    # one short epoch per phase at 32 px, for whichever phase sections params.yaml has
-    small = {"epochs": 1, "resolution": 32, "batch_size": 8, "num_workers": 0, "milestones": []}
-    for name in ("train", *PHASES[1:]):
-        if isinstance(base.get(name), dict):
-            update[name] = {k: v for k, v in small.items() if k in base[name] or name == "train"}
-    return update
+from tests.helpers import dvc, make_project, run, tiny_params
 
 
 @pytest.mark.e2e

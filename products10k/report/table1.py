@@ -1,0 +1,445 @@
+"""The paper's Table 1 from your own runs, in one command, with seeds and confidence intervals.
+
+    python -m products10k.report.table1 run          # queue + run the experiments, then `report`
+    python -m products10k.report.table1 report       # the report from experiments already run
+    python -m products10k.report.table1 show [EXP ...]   # Table 1 of the workspace / named experiments
+
+``run`` queues, for each of ``table1.seeds`` seeds (``train.seed`` = 0, 1, ...), two DVC
+experiments of the current workspace (HEAD plus uncommitted changes and params.yaml):
+
+- ``high``: the pipeline as configured, up to the evaluate stages of the three phases: the
+  high-resolution ``train`` row and its two finetune rows;
+- ``low``: ``train.resolution`` x 224/448 (the paper's baseline; 224 under the paper preset), up
+  to ``evaluate@<member>-train`` only.
+
+``dvc queue start -j 1`` runs them one at a time; DVC's run cache restores every stage whose
+inputs it has seen (the data stages after the first experiment). Experiment names carry a
+fingerprint of HEAD, the uncommitted diff and params.yaml (``t1-<fp>-s<seed>-<high|low>``), so
+re-running with nothing changed finds every experiment done and recomputes nothing; a change
+makes new ones.
+
+``report`` reads each experiment's ``metrics/<member>/<phase>.json`` and predictions file (the
+single centre crop's top-1 per test image, the paper's protocol) and writes
+``reports/table1.{md,json,png}``: per row the test top-1 mean ± standard deviation over seeds,
+all / head / tail SKUs, each step's gain with a paired bootstrap interval over test images
+(``products10k.report.stats``), and the paper's published number beside it. The per-image hits are
+checked against the metrics files: a report never disagrees with ``dvc metrics show``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from products10k import common
+from products10k.common import Products10kError
+from products10k.config import (
+    PHASES,
+    EvaluateConfig,
+    PhaseConfig,
+    Table1Config,
+    load_yaml,
+    member_names,
+    section,
+)
+from products10k.report.chart import draw_table1
+from products10k.report.stats import paired_bootstrap, seed_spread
+from products10k.submission.predictions import SINGLE_TOP1
+
+log = logging.getLogger("products10k.table1")
+
+#: the paper's Table 1 (EfficientNet-B3, ImageNet-pretrained, real Products-10K, single centre crop)
+PAPER = {"baseline": 60.04, "train": 62.98, "finetune_balanced": 63.36, "finetune_accuracy": 64.12}
+PAPER_TITLES = {
+    "baseline": "EfficientNet-B3, 224×224",
+    "train": "EfficientNet-B3, 448×448",
+    "finetune_balanced": "+ balanced subset finetune",
+    "finetune_accuracy": "+ accuracy (metric) loss",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # baseline | train | finetune_balanced | finetune_accuracy
+    role: str  # low | high: which experiment of a seed
+    phase: str  # whose metrics and predictions
+    title: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    role: str
+    seed: int
+    overrides: tuple[str, ...]  # -S key=value
+    targets: tuple[str, ...]  # stages to reproduce (all when empty)
+
+
+def table_rows(high: int, low: int) -> list[Row]:
+    return [
+        Row("baseline", "low", "train", f"train @ {low} px (baseline)"),
+        Row("train", "high", "train", f"train @ {high} px"),
+        Row("finetune_balanced", "high", "finetune_balanced", "+ finetune_balanced"),
+        Row("finetune_accuracy", "high", "finetune_accuracy", "+ finetune_accuracy"),
+    ]
+
+
+def low_resolution(high: int) -> int:
+    """The baseline resolution: the paper's 224 for 448, the same ratio for any other."""
+    return max(8, round(high * 224 / 448))
+
+
+# --- experiments ----------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _dvc(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise Products10kError(f"dvc {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def fingerprint(params_path: Path) -> str:
+    """What the experiments are of: HEAD, the uncommitted diff of tracked files, params.yaml."""
+    h = hashlib.sha1()
+    h.update(_git("rev-parse", "HEAD").encode())
+    h.update(_git("diff", "HEAD", "--binary").encode())
+    h.update(params_path.read_bytes())
+    return h.hexdigest()[:7]
+
+
+def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> list[Experiment]:
+    missing = [
+        p for p in PHASES if p not in section(params, "evaluate", EvaluateConfig, where=params_path).phases
+    ]
+    if missing:
+        raise Products10kError(f"{params_path}: evaluate.phases lacks '{missing[0]}', a row of Table 1")
+    high = section(params, "train", PhaseConfig, where=params_path).resolution
+    low = low_resolution(high)
+    fp = fingerprint(params_path)
+    # only the stages the table reads: no index, export or submit in these experiments
+    high_targets = tuple(f"evaluate@{member}-{phase}" for phase in PHASES)
+    out = []
+    for seed in range(cfg.seeds):
+        base = (f"train.seed={seed}",)
+        out.append(Experiment(f"t1-{fp}-s{seed}-high", "high", seed, base, high_targets))
+        out.append(
+            Experiment(
+                f"t1-{fp}-s{seed}-low",
+                "low",
+                seed,
+                (*base, f"train.resolution={low}"),
+                (f"evaluate@{member}-train",),
+            )
+        )
+    return out
+
+
+def experiment_revs() -> dict[str, str]:
+    """Experiment name -> commit of the experiments whose baseline is HEAD."""
+    head = _git("rev-parse", "HEAD").strip()
+    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
+    refs = _git("for-each-ref", "--format=%(refname) %(objectname)", prefix)
+    return {ref[len(prefix) :]: sha for ref, sha in (line.split() for line in refs.splitlines())}
+
+
+def run_experiments(experiments: list[Experiment], poll_s: float = 5.0) -> None:
+    """Queue the experiments not yet done, run the queue one at a time, wait for every one."""
+    done = experiment_revs()
+    todo = [e for e in experiments if e.name not in done]
+    for exp in experiments:
+        if exp.name in done:
+            log.info("%s: already run (nothing changed since): reused", exp.name)
+    if not todo:
+        return
+    for exp in todo:
+        args = ["exp", "run", "--queue", "-n", exp.name]
+        for override in exp.overrides:
+            args += ["-S", override]
+        _dvc(*args, *exp.targets)
+        log.info("queued %s (%s)", exp.name, ", ".join(exp.overrides))
+    _dvc("queue", "start", "-j", "1")
+    names = {e.name for e in todo}
+    started = time.time()
+    while True:
+        finished = names & set(experiment_revs())
+        status = _queue_status(names)
+        failed = sorted(n for n, s in status.items() if s.lower() == "failed")
+        if failed:
+            raise Products10kError(
+                f"experiment {failed[0]} failed: see `dvc queue logs {failed[0]}` "
+                "(fix the cause and run again: finished experiments are reused)"
+            )
+        if finished == names:
+            log.info("all %d experiments ran in %.0f s", len(names), time.time() - started)
+            return
+        if not any(s.lower() in ("queued", "running") for s in status.values()):
+            missing = sorted(names - finished)
+            raise Products10kError(f"the queue stopped before {missing[0]} ran: see `dvc queue status`")
+        time.sleep(poll_s)
+
+
+def _queue_status(names: set[str]) -> dict[str, str]:
+    """Status (Queued, Running, Success, Failed) of our tasks, from `dvc queue status`."""
+    out = {}
+    for line in _dvc("queue", "status").splitlines():
+        words = line.split()
+        hits = [w for w in words if w in names]
+        if hits:
+            out[hits[0]] = words[-1]
+    return out
+
+
+# --- collecting and reporting ---------------------------------------------------------------
+
+
+def _read(path: str, rev: str | None, mode: str = "r"):
+    import dvc.api
+
+    if rev is None:
+        return Path(path).read_bytes() if mode == "rb" else Path(path).read_text()
+    with dvc.api.open(path, rev=rev, mode=mode) as f:
+        return f.read()
+
+
+def load_run(rev: str | None, member: str, phase: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, single-crop top-1 labels, labels) of one phase of one experiment (or the workspace)."""
+    metrics = json.loads(_read(f"metrics/{member}/{phase}.json", rev))
+    with np.load(
+        io.BytesIO(_read(f"predictions/{phase}/{member}.npz", rev, "rb")), allow_pickle=False
+    ) as npz:
+        if SINGLE_TOP1 not in npz.files:
+            raise Products10kError(
+                f"predictions/{phase}/{member}.npz at {rev or 'the workspace'} has no single-crop labels "
+                "(written by an older evaluate stage): re-run the experiments"
+            )
+        return metrics, npz[SINGLE_TOP1].astype(np.int64), npz["test_labels"].astype(np.int64)
+
+
+def collect(experiments: list[Experiment], rows: list[Row], member: str) -> dict[str, np.ndarray]:
+    """Row key -> (seeds, test images) hits; checked against each experiment's metrics file."""
+    revs = experiment_revs()
+    missing = [e.name for e in experiments if e.name not in revs]
+    if missing:
+        raise Products10kError(
+            f"experiment {missing[0]} has not run: `python -m products10k.report.table1 run`"
+        )
+    by_role: dict[str, list[Experiment]] = {}
+    for exp in sorted(experiments, key=lambda e: e.seed):
+        by_role.setdefault(exp.role, []).append(exp)
+    hits, labels0 = {}, None
+    for row in rows:
+        per_seed = []
+        for exp in by_role[row.role]:
+            metrics, pred, labels = load_run(revs[exp.name], member, row.phase)
+            if labels0 is None:
+                labels0 = labels
+            elif not np.array_equal(labels, labels0):
+                raise Products10kError(f"{exp.name}: its test rows differ from the other experiments'")
+            hit = pred == labels
+            if not np.isclose(hit.mean(), metrics["test"]["top1"], atol=1e-9):
+                raise Products10kError(f"{exp.name}/{row.phase}: predictions disagree with its metrics file")
+            per_seed.append(hit)
+        hits[row.key] = np.stack(per_seed)
+    hits["_labels"] = labels0
+    # the label map of the data the experiments ran on (not the workspace's, which may differ or be absent)
+    hits["_label_map"] = _read("data/prepared/label_map.csv", revs[experiments[0].name])
+    return hits
+
+
+def build_report(
+    hits: dict, rows: list[Row], tail_mask: np.ndarray, cfg: Table1Config, names: list[str]
+) -> dict:
+    """Numbers of the report: per row and part (all/head/tail), mean ± sd and the step's interval."""
+    masks = {"all": np.ones_like(tail_mask), "head": ~tail_mask, "tail": tail_mask}
+    out_rows = []
+    for i, row in enumerate(rows):
+        entry = {
+            "key": row.key,
+            "title": row.title,
+            "paper": PAPER[row.key],
+            "paper_title": PAPER_TITLES[row.key],
+        }
+        for part, mask in masks.items():
+            if not mask.any():
+                continue
+            mean, std = seed_spread(hits[row.key][:, mask])
+            entry[part] = {"top1": mean, "std": std, "n": int(mask.sum())}
+            if i > 0:
+                ci = paired_bootstrap(
+                    hits[row.key][:, mask],
+                    hits[rows[i - 1].key][:, mask],
+                    resamples=cfg.bootstrap,
+                    confidence=cfg.confidence,
+                    seed=0,
+                )
+                entry[part]["gain"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+        if i > 0:
+            entry["paper_gain"] = round(PAPER[row.key] - PAPER[rows[i - 1].key], 2)
+        out_rows.append(entry)
+    return {
+        "seeds": len(next(iter(hits.values()))),
+        "test_images": int(len(tail_mask)),
+        "tail_images": int(tail_mask.sum()),
+        "bootstrap": cfg.bootstrap,
+        "confidence": cfg.confidence,
+        "experiments": names,
+        "rows": out_rows,
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _gain(g: dict | None) -> str:
+    if g is None:
+        return ""
+    mark = " *" if g["low"] > 0 or g["high"] < 0 else ""
+    return f"{100 * g['estimate']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}]{mark}"
+
+
+def markdown(report: dict) -> str:
+    conf = round(100 * report["confidence"])
+    lines = [
+        f"Test top-1 (%), single centre crop; mean ± sd over {report['seeds']} seeds; gain vs the row above "
+        f"with its {conf}% paired bootstrap interval over the {report['test_images']} test images "
+        f"({report['bootstrap']} resamples; * = excludes 0). Tail: {report['tail_images']} images.",
+        "",
+        "| row | top-1 | gain [CI] | head | tail | tail gain [CI] | paper | paper gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        cells = [r["title"]]
+        for part in ("all",):
+            cells += [f"**{_pct(r[part]['top1'])}** ± {_pct(r[part]['std'])}", _gain(r[part].get("gain"))]
+        head, tail = r.get("head"), r.get("tail")
+        cells.append(f"{_pct(head['top1'])} ± {_pct(head['std'])}" if head else "")
+        cells.append(f"{_pct(tail['top1'])} ± {_pct(tail['std'])}" if tail else "")
+        cells.append(_gain(tail.get("gain")) if tail else "")
+        cells += [
+            f"{r['paper']:.2f} ({r['paper_title']})",
+            f"{r['paper_gain']:+.2f}" if "paper_gain" in r else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    common.write_json(out_dir / "table1.json", report)
+    common.write_text(out_dir / "table1.md", markdown(report))
+    common.write_bytes(out_dir / "table1.png", draw_table1(report))
+
+
+def tail_mask_of(labels: np.ndarray, label_map_csv: str, tail_max_images: int) -> np.ndarray:
+    """Test rows whose SKU has at most ``tail_max_images`` training images (unknown SKUs: 0)."""
+    label_map = pd.read_csv(io.StringIO(label_map_csv))
+    n_train = pd.Series(label_map["n_train"].to_numpy(), index=label_map["label"].to_numpy())
+    counts = pd.Series(labels).map(n_train).fillna(0).to_numpy()
+    return counts <= tail_max_images
+
+
+# --- the terminal view ----------------------------------------------------------------------
+
+
+def show(revs: dict[str, str | None], member: str, phases) -> str:
+    """Table 1 of the workspace (rev None) or named experiments, ~60 columns wide."""
+    lines = []
+    for name, rev in revs.items():
+        lines.append(f"{name}  ({member}; test top-1 %, single centre crop)")
+        lines.append(f"  {'phase':<20} {'test':>6} {'head':>6} {'tail':>6} {'TTA':>6} {'val':>6}")
+        for phase in phases:
+            try:
+                m = json.loads(_read(f"metrics/{member}/{phase}.json", rev))
+            except (FileNotFoundError, OSError):
+                lines.append(f"  {phase:<20} {'(not run)':>6}")
+                continue
+            t = m.get("test", {})
+            cells = [t.get("top1"), t.get("head", {}).get("top1"), t.get("tail", {}).get("top1")]
+            cells += [t.get("tta", {}).get("top1"), m.get("val", {}).get("top1")]
+            lines.append(
+                f"  {phase:<20} "
+                + " ".join(f"{100 * c:6.1f}" if c is not None else f"{'-':>6}" for c in cells)
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m products10k.report.table1",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("command", choices=("run", "report", "show"))
+    p.add_argument("experiments", nargs="*", help="show: experiment names (default: the workspace)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report: output folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    common.run_stage(log, _run, args)
+
+
+def _run(args: argparse.Namespace) -> None:
+    params = load_yaml(args.params)
+    cfg = section(params, "table1", Table1Config, where=args.params)
+    evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
+    member = member_names(params, args.params)[0]
+    if args.command == "show":
+        revs: dict[str, str | None] = {"workspace": None}
+        if args.experiments:
+            known = {**experiment_revs(), **_all_experiment_revs()}
+            unknown = [e for e in args.experiments if e not in known]
+            if unknown:
+                raise Products10kError(f"no experiment named '{unknown[0]}' (see `dvc exp list`)")
+            revs = {e: known[e] for e in args.experiments}
+        print(show(revs, member, evaluate.phases))
+        return
+    high = section(params, "train", PhaseConfig, where=args.params).resolution
+    rows = table_rows(high, low_resolution(high))
+    experiments = plan(params, args.params, cfg, member)
+    if args.command == "run":
+        run_experiments(experiments)
+    hits = collect(experiments, rows, member)
+    labels, label_map = hits.pop("_labels"), hits.pop("_label_map")
+    tail = tail_mask_of(labels, label_map, evaluate.tail_max_images)
+    report = build_report(hits, rows, tail, cfg, [e.name for e in experiments])
+    write_report(report, args.out)
+    print(markdown(report))
+    log.info("wrote %s/table1.md, table1.json, table1.png", args.out)
+
+
+def _all_experiment_revs() -> dict[str, str]:
+    """Experiment name -> commit for experiments of any baseline (names are unique per baseline)."""
+    refs = _git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/")
+    out = {}
+    for line in refs.splitlines():
+        ref, sha = line.split()
+        if ref.count("/") >= 4:
+            out.setdefault(ref.rsplit("/", 1)[1], sha)
+    return out
+
+
+if __name__ == "__main__":
+    main()

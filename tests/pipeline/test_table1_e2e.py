@@ -1,0 +1,73 @@
+"""`python -m products10k.report.table1 run` end to end on the tiny pipeline: 2 seeds of DVC
+experiments through the real queue, the report's structure, its numbers against the experiments'
+metrics files, a second run that recomputes nothing, and the terminal view."""
+
+import json
+import re
+import subprocess
+import sys
+
+import dvc.api
+import pytest
+
+from tests.helpers import deep_update, make_project, run, tiny_params
+
+
+@pytest.mark.e2e
+def test_table1_runs_seeds_as_experiments_and_reports_what_the_metrics_say(tmp_path):
+    params = deep_update(
+        tiny_params(), {"train": {"resolution": 48}, "table1": {"seeds": 2, "bootstrap": 200}}
+    )
+    project = make_project(tmp_path / "project", params)
+    table1 = (sys.executable, "-m", "products10k.report.table1")
+    first = run(project, *table1, "run", timeout=1200)
+
+    report = json.loads((project / "reports" / "table1.json").read_text())
+    assert report["seeds"] == 2 and (project / "reports" / "table1.png").stat().st_size > 0
+    md = (project / "reports" / "table1.md").read_text()
+    assert md.strip() in first.stdout and md.count("\n| ") == 5  # printed too; header + 4 rows
+    rows = {r["key"]: r for r in report["rows"]}
+    assert list(rows) == ["baseline", "train", "finetune_balanced", "finetune_accuracy"]
+    assert rows["baseline"]["title"] == "train @ 24 px (baseline)"
+
+    # every figure is the seed mean of the experiments' own metrics files
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname:lstrip=4) %(objectname)", "refs/exps/"],
+        cwd=project, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    revs = dict(zip(refs[::2], refs[1::2], strict=True))
+    assert len(revs) == 4 and all(re.fullmatch(r"t1-[0-9a-f]{7}-s[01]-(high|low)", n) for n in revs)
+
+    def metric(role, phase, part):
+        values = []
+        for seed in (0, 1):
+            name = next(n for n in revs if n.endswith(f"-s{seed}-{role}"))
+            with dvc.api.open(f"metrics/m0/{phase}.json", repo=str(project), rev=revs[name]) as f:
+                test = json.load(f)["test"]
+            values.append(test["top1"] if part == "all" else test[part]["top1"])
+        return sum(values) / 2
+
+    for key, role, phase in [("baseline", "low", "train"), ("train", "high", "train"),
+                             ("finetune_balanced", "high", "finetune_balanced"),
+                             ("finetune_accuracy", "high", "finetune_accuracy")]:  # fmt: skip
+        for part in ("all", "head", "tail"):
+            if part in rows[key]:
+                assert rows[key][part]["top1"] == pytest.approx(metric(role, phase, part)), (key, part)
+    gain = rows["train"]["all"]["gain"]
+    assert gain["estimate"] == pytest.approx(rows["train"]["all"]["top1"] - rows["baseline"]["all"]["top1"])
+    assert gain["low"] <= gain["estimate"] <= gain["high"]
+
+    # nothing changed: nothing is queued or recomputed, the same report
+    again = run(project, *table1, "run", timeout=600)
+    assert "already run" in again.stderr and "queued" not in again.stderr
+    assert json.loads((project / "reports" / "table1.json").read_text()) == report
+
+    # the terminal view: the workspace (nothing reproduced there) and a named experiment
+    high0 = next(n for n in revs if n.endswith("-s0-high"))
+    shown = run(project, *table1, "show", high0).stdout
+    assert max(len(line) for line in shown.splitlines()) <= 64
+    with dvc.api.open("metrics/m0/finetune_accuracy.json", repo=str(project), rev=revs[high0]) as f:
+        top1 = json.load(f)["test"]["top1"]
+    line = next(ln.split() for ln in shown.splitlines() if ln.strip().startswith("finetune_accuracy"))
+    assert line[1] == f"{100 * top1:.1f}"
+    assert "(not run)" in run(project, *table1, "show").stdout
