@@ -483,23 +483,7 @@ def run_index(tmp_path, prepared, params):
         ]  # fmt: skip
     )
     stage_module("index").main(
-        [
-            "--params",
-            str(params),
-            "--member",
-            "m0",
-            "--checkpoint",
-            str(ckpt),
-            *common,
-            "--classifier",
-            str(classifier),
-            "--index",
-            str(tmp_path / "models" / "m0" / "index"),
-            "--fused",
-            str(tmp_path / "predictions" / "fused" / "m0.npz"),
-            "--metrics",
-            str(tmp_path / "metrics" / "retrieval.json"),
-        ]  # fmt: skip
+        index_argv(params, ckpt, prepared, prepared / "test.csv", classifier, tmp_path)
     )
     return ckpt
 
@@ -530,3 +514,15 @@ def tiny_params() -> dict:
         if isinstance(base.get(name), dict):
             update[name] = {k: v for k, v in small.items() if k in base[name] or name == "train"}
     return update
+
+
+def index_argv(params, ckpt, prepared, test_csv, classifier, out) -> list[str]:
+    """The index stage's command line on make_eval_data's ``prepared``, outputs under ``out``."""
+    return [
+        "--params", str(params), "--member", "m0", "--checkpoint", str(ckpt),
+        "--label-map", str(prepared / "label_map.csv"), "--train", str(prepared / "train.csv"),
+        "--val", str(prepared / "val.csv"), "--test", str(test_csv), "--images-root", str(prepared),
+        "--classifier", str(classifier), "--index", str(out / "models" / "m0" / "index"),
+        "--fused", str(out / "predictions" / "fused" / "m0.npz"),
+        "--metrics", str(out / "metrics" / "retrieval.json"),
+    ]  # fmt: skip

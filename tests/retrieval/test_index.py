@@ -14,7 +14,7 @@ from products10k.retrieval.knn import load_gallery
 from products10k.submission.predictions import load_predictions
 from products10k.training.checkpoint import load_model
 from products10k.training.data import PreparedImageDataset
-from tests.helpers import index_params, make_eval_data, run_index, stage_module
+from tests.helpers import index_argv, index_params, make_eval_data, run_index, stage_module
 
 
 @pytest.fixture(scope="module")
@@ -68,32 +68,14 @@ def test_index_stage_rejects_predictions_of_other_rows(tmp_path, prepared, caplo
     shorter.write_text("\n".join((prepared / "test.csv").read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(SystemExit):
         stage_module("index").main(
-            [
-                "--params",
-                str(params),
-                "--member",
-                "m0",
-                "--checkpoint",
-                str(ckpt),
-                "--label-map",
-                str(prepared / "label_map.csv"),
-                "--train",
-                str(prepared / "train.csv"),
-                "--val",
-                str(prepared / "val.csv"),
-                "--test",
-                str(shorter),
-                "--images-root",
-                str(prepared),
-                "--classifier",
-                str(tmp_path / "predictions" / "train" / "m0.npz"),
-                "--index",
-                str(tmp_path / "index2"),
-                "--fused",
-                str(tmp_path / "fused2.npz"),
-                "--metrics",
-                str(tmp_path / "retrieval2.json"),
-            ]  # fmt: skip
+            index_argv(
+                params,
+                ckpt,
+                prepared,
+                shorter,
+                tmp_path / "predictions" / "train" / "m0.npz",
+                tmp_path / "o2",
+            )
         )
     assert "test rows are not those of the prepared test.csv" in caplog.text
-    assert not (tmp_path / "index2").exists() and not (tmp_path / "fused2.npz").exists()
+    assert not (tmp_path / "o2" / "models").exists() and not (tmp_path / "o2" / "predictions").exists()
