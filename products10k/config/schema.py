@@ -66,6 +66,9 @@ class SyntheticConfig(Section):
     num_groups: int = Field(ge=1)
     skus_per_group: int | None = Field(ge=1)  # SKUs of a group share shape and base colour
     num_skus: int | None = Field(ge=1)  # instead of skus_per_group: this many SKUs over the groups
+    # distinct (mark, stripes) pairs per group, at most 4 marks x 4 stripe counts: SKUs beyond that
+    # share a pair with another SKU of their group and differ only in the fine print
+    medium_variants: int = Field(ge=1, le=16)
     image_size: int = Field(ge=32)
     train_images: int | None  # exact train total, log-normal per SKU (real: 141,931)
     test_images: int | None  # exact test total, spread evenly over SKUs (real: 55,376)

@@ -9,14 +9,17 @@ long-tailed.
 
 The cues that separate SKUs of one group, from coarse to fine (sizes relative to the product height):
 
-- a *mark* (circle, triangle, square or diamond, ~13%: ~11% of a 512 px image) and the *count of
-  stripes* (1-4 bars of ~3%): medium cues that survive a downscale to ~128 px, so a small CNN
-  trained from scratch on CPU can learn the task at low resolution;
-- a 2-3 character *code* (~3% high: ~12 px at 512, legible at 448, a smudge at 224), a row of 1-3
-  tiny *dots* and a *barcode* of thin bars: fine cues that only high resolution resolves.
+- a *mark* (circle, triangle, square or diamond, ~12%) and the *count of stripes* (1-4 bars of ~3%):
+  medium cues that survive even a 64 px crop (the product ~43 px high);
+- a 3-character *code* (``CODE_HEIGHT`` = 6%): the fine cue, sized for the default 128 px training
+  crop - ~5 px high and legible there, a smudge at 64 px, the Table 1 baseline's half resolution (the
+  paper's 448:224, scaled down);
+- a row of 1-3 tiny *dots* and a *barcode* of thin bars: the finest cues, resolved only at several
+  hundred pixels (they never decide the SKU: the code already does).
 
-Within a group every SKU gets a distinct (mark, stripes) pair while the group has at most 16 SKUs
-(4 x 4 pairs); beyond that pairs repeat and only the fine cues tell those SKUs apart.
+Within a group the SKUs cycle through ``medium_variants`` distinct (mark, stripes) pairs (at most
+4 x 4): with 8 SKUs and 4 variants every SKU shares its mark and stripes with one other SKU of its
+group, and only the code tells the two apart - what a low-resolution model cannot read.
 
 Output is the official layout (``products10k.raw.contract``): ``train.zip`` (``train/<n>.jpg``),
 ``test.zip`` (``test/<7 digits>.jpg``), ``train.csv`` (``name,class,group,domain``) and
@@ -56,6 +59,12 @@ MARKS = ("circle", "triangle", "square", "diamond")
 MAX_STRIPES = 4
 # Letters and digits that stay distinct in the Hershey font (no O/0, I/1, S/5, Z/2, B/8).
 CODE_ALPHABET = "ACDEFHKLMNPRTUVWXY34679"
+# Every code has 3 characters: a blurred code of 2 would still be told from one of 3 by its width.
+CODE_LENGTH = 3
+# Cap height of the code, as a fraction of the product height. A 128 px training crop (the default)
+# shows the product ~60-110 px high, the code ~5-9 px: legible. Half of it (64 px, the Table 1
+# baseline) leaves ~3-4 px with sub-pixel strokes: a grey smudge.
+CODE_HEIGHT = 0.06
 INSHOP_JPEG_QUALITY = 92
 SPLIT_CODES = {"train": 1, "test": 2}
 # Real SKU ids run up to ~9.7k and group ids to ~360; spread synthetic ids over similar ranges so
@@ -128,9 +137,9 @@ def make_catalogue(cfg: SyntheticConfig) -> list[Sku]:
         order = rng.permutation(len(pairs))
         codes: set[str] = set()
         for j in range(group_size):
-            mark, stripes = pairs[order[j % len(pairs)]]
+            mark, stripes = pairs[order[j % cfg.medium_variants]]
             while True:  # codes are unique within the group: the fine cue always differs
-                code = "".join(rng.choice(list(CODE_ALPHABET), int(rng.integers(2, 4))))
+                code = "".join(rng.choice(list(CODE_ALPHABET), CODE_LENGTH))
                 if code not in codes:
                     codes.add(code)
                     break
@@ -379,30 +388,33 @@ def render_product(sku: Sku, height: int) -> tuple[np.ndarray, np.ndarray]:
     ink = _shade(sku.base_bgr, 0.45)
     lw = x1 - x0
 
-    # Vertical layout in fractions of the product height (sums to ~0.6 < smallest label, 0.62).
+    # Vertical layout in fractions of the product height (sums to ~0.61 < smallest label, 0.62).
     y = y0 + round(0.025 * h)
     _put_text_fit(img, sku.brand, x0 + lw // 12, x1 - lw // 12, y, round(0.07 * h), ink, 0.14)
     y += round(0.10 * h)
-    r = round(0.065 * h)  # medium cue: the mark, ~11% of a 512 px image at in-shop scale
+    r = round(0.06 * h)  # medium cue: the mark, ~10% of a 512 px image at in-shop scale
     _draw_mark(img, sku.mark, (x0 + x1) // 2, y + r, r, sku.accent_bgr)
-    y += 2 * r + round(0.03 * h)
+    y += 2 * r + round(0.025 * h)
     # Medium cue: 1-4 bars centred in a fixed-height band, so count and position both differ.
-    bar, gap = round(0.032 * h), round(0.022 * h)
+    bar, gap = round(0.03 * h), round(0.02 * h)
     band = MAX_STRIPES * bar + (MAX_STRIPES - 1) * gap
     used = sku.stripes * bar + (sku.stripes - 1) * gap
     yb = y + (band - used) // 2
     for _ in range(sku.stripes):
         cv2.rectangle(img, (x0 + lw // 5, yb), (x1 - lw // 5, yb + bar - 1), ink, -1)
         yb += bar + gap
-    y += band + round(0.025 * h)
-    # Fine cues on one line: the code (left), 1-3 dots (middle), a barcode (right).
+    y += band + round(0.02 * h)
+    # Fine cue: the code on a line of its own, sized for the default 128 px crop (see CODE_HEIGHT).
+    code_h = round(CODE_HEIGHT * h)
+    _put_text_fit(img, sku.code, x0 + lw // 12, x1 - lw // 12, y, code_h, (30, 30, 30), 0.15)
+    y += code_h + round(0.025 * h)
+    # Finest cues on one line, for high resolutions only: 1-3 dots (left), a barcode (right).
     text_h = round(0.028 * h)
-    _put_text_fit(img, sku.code, x0 + lw // 20, x0 + lw // 2 - lw // 20, y, text_h, (30, 30, 30), 0.12)
     dot_r = max(2, round(0.007 * h))
     for k in range(sku.dots):
-        cv2.circle(img, (x0 + lw // 2 + k * 3 * dot_r, y + text_h // 2), dot_r, (30, 30, 30), -1, cv2.LINE_AA)
+        cv2.circle(img, (x0 + lw // 8 + k * 3 * dot_r, y + text_h // 2), dot_r, (30, 30, 30), -1, cv2.LINE_AA)
     unit = max(1, round(0.0035 * h))
-    xb = x0 + round(lw * 0.68)
+    xb = x0 + round(lw * 0.45)
     for i, width in enumerate(sku.barcode):
         if xb + width * unit > x1 - lw // 20:
             break
