@@ -15,6 +15,11 @@ COLOURS = {"all": (70, 130, 230), "head": (90, 190, 120), "tail": (230, 150, 60)
 PAPER_COLOUR = (200, 40, 40)
 
 
+def seeds_text(n: int) -> str:
+    """``"1 seed"``, ``"3 seeds"``: the report's and the chart's wording."""
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def _text(
     img, text: str, x: int, y: int, scale: float = 0.45, colour=(30, 30, 30), thickness: int = 1
 ) -> None:
@@ -59,7 +64,7 @@ def draw_table1(report: dict) -> bytes:
     conf = round(100 * report["confidence"])
     _text(
         img,
-        f"Table 1: test top-1 (%), single centre crop, {report['seeds']} seeds "
+        f"Table 1: test top-1 (%), single centre crop, {seeds_text(report['seeds'])} "
         f"({report['test_images']} test images); gain vs row above, {conf}% bootstrap CI",
         LEFT,
         30,

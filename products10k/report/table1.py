@@ -53,7 +53,7 @@ from products10k.config import (
     member_names,
     section,
 )
-from products10k.report.chart import draw_table1
+from products10k.report.chart import draw_table1, seeds_text
 from products10k.report.stats import paired_bootstrap, seed_spread
 from products10k.submission.predictions import SINGLE_TOP1
 
@@ -317,8 +317,9 @@ def _gain(g: dict | None) -> str:
 def markdown(report: dict) -> str:
     conf = round(100 * report["confidence"])
     lines = [
-        f"Test top-1 (%), single centre crop; mean ± sd over {report['seeds']} seeds; gain vs the row above "
-        f"with its {conf}% paired bootstrap interval over the {report['test_images']} test images "
+        f"Test top-1 (%), single centre crop; mean ± sd over {seeds_text(report['seeds'])}; "
+        f"gain vs the row above with its {conf}% paired bootstrap interval over the "
+        f"{report['test_images']} test images "
         f"({report['bootstrap']} resamples; * = excludes 0). Tail: {report['tail_images']} images.",
         "",
         "| row | top-1 | gain [CI] | head | tail | tail gain [CI] | paper | paper gain |",
