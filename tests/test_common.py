@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 
@@ -28,6 +30,17 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text().strip().startswith("{")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file left
+
+
+def test_atomic_outputs_get_the_mode_of_a_new_file_not_a_private_one(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+        write_csv(tmp_path / "top5.csv", pd.DataFrame({"name": ["1.jpg"]}))
+    finally:
+        os.umask(old)
+    for name in ("metrics.json", "top5.csv"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640  # 0o666 & ~0o027, not 0o600
 
 
 def test_write_csv_no_index(tmp_path):

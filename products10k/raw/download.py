@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from products10k.common import DataError, swap_in
+from products10k.common import DataError, current_umask, swap_in
 from products10k.config import DataConfig, KaggleConfig
 from products10k.raw import kaggle
 from products10k.raw.contract import RAW_CSV_COLUMNS, RAW_FILES, ZIP_ROOTS, unsafe_member
@@ -56,9 +56,7 @@ def download(cfg: DataConfig, out: str | os.PathLike, base_dir: str | os.PathLik
         shutil.rmtree(stale)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     # mkdtemp makes a private (0700) folder; data/raw should get the usual mode instead.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         if cfg.source == "synthetic":
             generate(cfg.synthetic, staging)
