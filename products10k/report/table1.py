@@ -173,9 +173,11 @@ def run_experiments(experiments: list[Experiment], poll_s: float = 5.0) -> None:
             args += ["-S", override]
         _dvc(*args, *exp.targets)
         log.info("queued %s (%s)", exp.name, ", ".join(exp.overrides))
+    # `queue start` may return at once or only when its worker is done (the worker can hold the
+    # pipes this call reads): the clock starts before it, and the loop below waits either way.
+    started = time.time()
     _dvc("queue", "start", "-j", "1")
     names = {e.name for e in todo}
-    started = time.time()
     while True:
         finished = names & set(experiment_revs())
         status = _queue_status(names)
