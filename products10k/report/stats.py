@@ -6,7 +6,7 @@ r - 1) is compared image by image: ``d[s, i] = hit_r[s, i] - hit_{r-1}[s, i]``. 
 each image has one mean difference ``D[i] = mean_s d[s, i]``; the gain is ``mean_i D[i]`` (the
 difference of the seed-mean accuracies) and its interval is the percentile interval of the means of
 ``bootstrap`` resamples of the images, with replacement. Resampling images (not seeds) measures
-how much the figure would move on another test set of the same size: with 240 test images, the
+how much the figure would move on another test set of the same size: with a few hundred test images, the
 dominant uncertainty of the embedded default. Seed-to-seed variation is reported beside it as the
 standard deviation of each row's accuracy over seeds (with 2-3 seeds an interval over seeds would
 be meaningless). An interval that excludes 0 says the step is real on this test set.
