@@ -140,6 +140,16 @@ def test_ids_spread_and_each_sku_in_one_group():
     assert len({(g[0].shape, g[0].base_bgr) for g in groups.values()}) == len(groups)
 
 
+@pytest.mark.parametrize("variants", [1, 3, 8, 16])
+def test_medium_variants_is_the_number_of_mark_and_stripes_pairs_per_group(variants):
+    groups = defaultdict(list)
+    for s in make_catalogue(config("data.synthetic", medium_variants=variants)):
+        groups[s.group_id].append(s)
+    for members in groups.values():  # 8 SKUs each
+        assert len({(s.mark, s.stripes) for s in members}) == min(variants, len(members))
+        assert len({s.code for s in members}) == len(members)
+
+
 def test_in_group_skus_share_colour_and_differ_in_details():
     skus = make_catalogue(config("data.synthetic"))
     by_group = defaultdict(list)
