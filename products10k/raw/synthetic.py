@@ -62,8 +62,8 @@ CODE_ALPHABET = "ACDEFHKLMNPRTUVWXY34679"
 # Every code has 3 characters: a blurred code of 2 would still be told from one of 3 by its width.
 CODE_LENGTH = 3
 # Cap height of the code, as a fraction of the product height. A 128 px training crop (the default)
-# shows the product ~60-110 px high, the code ~5-9 px: legible. Half of it (64 px, the Table 1
-# baseline) leaves ~3-4 px with sub-pixel strokes: a grey smudge.
+# shows the product ~60-110 px high, the code ~4-7 px: legible. Half of it (64 px, the Table 1
+# baseline) leaves ~2-3 px with sub-pixel strokes: a grey smudge.
 CODE_HEIGHT = 0.06
 INSHOP_JPEG_QUALITY = 92
 SPLIT_CODES = {"train": 1, "test": 2}
@@ -388,7 +388,7 @@ def render_product(sku: Sku, height: int) -> tuple[np.ndarray, np.ndarray]:
     ink = _shade(sku.base_bgr, 0.45)
     lw = x1 - x0
 
-    # Vertical layout in fractions of the product height (sums to ~0.61 < smallest label, 0.62).
+    # Vertical layout in fractions of the product height (sums to ~0.58 < smallest label, 0.62).
     y = y0 + round(0.025 * h)
     _put_text_fit(img, sku.brand, x0 + lw // 12, x1 - lw // 12, y, round(0.07 * h), ink, 0.14)
     y += round(0.10 * h)
