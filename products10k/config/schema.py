@@ -220,6 +220,7 @@ class PhaseConfig(Section):
     freeze_bn: bool
     compile: bool
     num_workers: int = Field(ge=0)
+    checkpoint: Literal["best", "last"]  # which epoch's weights best.pt (the phase's output) holds
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -21,7 +21,7 @@ makes new ones.
 ``report`` reads each experiment's ``metrics/<member>/<phase>.json`` and predictions file (the
 single centre crop's top-1 per test image, the paper's protocol) and writes
 ``reports/table1.{md,json,png}``: per row the test top-1 mean ± standard deviation over seeds,
-all / head / tail SKUs, each step's gain with a paired bootstrap interval over test images
+all / head / tail SKUs, each step's gain with a bootstrap interval over seeds and test images
 (``products10k.report.stats``), and the paper's published number beside it. The per-image hits are
 checked against the metrics files: a report never disagrees with ``dvc metrics show``.
 """
@@ -320,9 +320,10 @@ def markdown(report: dict) -> str:
     conf = round(100 * report["confidence"])
     lines = [
         f"Test top-1 (%), single centre crop; mean ± sd over {seeds_text(report['seeds'])}; "
-        f"gain vs the row above with its {conf}% paired bootstrap interval over the "
-        f"{report['test_images']} test images "
-        f"({report['bootstrap']} resamples; * = excludes 0). Tail: {report['tail_images']} images.",
+        f"gain vs the row above with its {conf}% interval from {report['bootstrap']} bootstrap "
+        f"resamples of both the seeds and the {report['test_images']} test images: it covers "
+        "seed-to-seed and test-sample variation, and * marks a gain whose interval excludes 0 "
+        f"(the step's sign is not explained by either). Tail: {report['tail_images']} images.",
         "",
         "| row | top-1 | gain [CI] | head | tail | tail gain [CI] | paper | paper gain |",
         "|---|---|---|---|---|---|---|---|",

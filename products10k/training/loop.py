@@ -3,6 +3,8 @@
 ``run_phase`` is what ``stages/train.py`` calls and reads as the phase does: build the state
 (data, model, optimizer, resume point), then per epoch ``train_one_epoch``, ``validate`` and, on
 rank 0, ``best.pt`` / ``last.pt`` written atomically and the epoch logged with DVCLive.
+``best.pt`` is the phase's output, the weights the next phase and evaluation read: the epoch with
+the best val top-1 (``checkpoint: best``) or the final epoch (``checkpoint: last``).
 
 Determinism and resume: every random stream of an epoch (sampler order, DataLoader worker
 seeds, albumentations' own generator, dropout) is re-seeded from ``(seed, epoch, rank)`` at the
@@ -159,10 +161,12 @@ def run_phase(
             # lr as the epoch starts (the schedule is stepped per update within the epoch)
             row = {"epoch": epoch + 1, "lr": current_lr(state.optimizer)}
             row.update(train_one_epoch(state, epoch, callbacks.on_batch))
-            improved = True  # no val split (prepare.val_fraction: 0): best.pt = the last epoch
+            # checkpoint: last, or no val split (prepare.val_fraction: 0): best.pt = the last epoch
+            improved = True
             if len(state.val_ds):
                 row.update(validate(state))
-                improved = row["val/top1"] > state.best_top1
+                if state.cfg.checkpoint == "best":
+                    improved = row["val/top1"] > state.best_top1
                 state.best_top1 = max(state.best_top1, row["val/top1"])
                 row["val/best_top1"] = state.best_top1
             state.history.append(row)
@@ -543,7 +547,8 @@ def _autocast(state: PhaseState):
 
 
 def save_epoch(state: PhaseState, epoch: int, row: dict, improved: bool) -> None:
-    """Rank 0: ``best.pt`` if val improved, then ``last.pt`` (its presence marks the epoch complete)."""
+    """Rank 0: ``best.pt`` if val improved (every epoch with ``checkpoint: last``), then ``last.pt``
+    (its presence marks the epoch complete)."""
     state.paths.out.mkdir(parents=True, exist_ok=True)
     top1 = row.get("val/top1", float("nan"))
     if improved:

@@ -155,6 +155,22 @@ def test_no_val_split_keeps_the_last_epoch_as_best(tmp_path, caplog):
         assert torch.equal(value, best["model"][key]), key
 
 
+@pytest.mark.parametrize(("choice", "kept_epoch"), [("best", 1), ("last", 3)])
+def test_checkpoint_choice_picks_the_best_val_epoch_or_the_final_one(
+    tmp_path, monkeypatch, choice, kept_epoch
+):
+    import products10k.training.loop as loop
+
+    falling = iter([0.9, 0.5, 0.2])  # val gets worse every epoch: best and last differ
+    monkeypatch.setattr(loop, "validate", lambda state: {"val/loss": 1.0, "val/top1": next(falling)})
+    data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    params = write_params(tmp_path / "p.yaml", train={"epochs": 3, "checkpoint": choice})
+    paths = _paths(data, tmp_path)
+    run_phase(params, "train", "m0", paths)
+    best = torch.load(paths.out / "best.pt", weights_only=True)
+    assert best["epoch"] == kept_epoch
+
+
 def test_a_finished_phase_is_kept_not_retrained(tmp_path, caplog):
     # killed after its final last.pt but before DVC recorded the stage: the rerun keeps the result
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
