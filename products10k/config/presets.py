@@ -2,6 +2,7 @@
 
     python -m products10k.config.presets list
     python -m products10k.config.presets apply paper [--params params.yaml]
+    python -m products10k.config.presets apply paper offline   # several, merged in order
 
 A preset is a partial params.yaml: its keys are deep-merged into the target (keys it does not
 name keep their values), and the result is type-checked before params.yaml is replaced
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the presets")
-    ap = sub.add_parser("apply", help="merge a preset into params.yaml")
-    ap.add_argument("name")
+    ap = sub.add_parser("apply", help="merge presets into params.yaml, in the order given")
+    ap.add_argument("names", nargs="+", metavar="name")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     setup_logging()
@@ -138,13 +139,14 @@ def main(argv: list[str] | None = None) -> None:
         for name in available():
             log.info("%s: %s", name, preset_path(name))
         return
-    try:
-        changed = apply_preset(args.name, args.params)
-    except Products10kError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    log.info("applied preset '%s' to %s: %d key(s) changed", args.name, args.params, len(changed))
-    for key in changed:
-        log.info("  %s", key)
+    for name in dict.fromkeys(args.names):  # each preset once; params.yaml is checked after each
+        try:
+            changed = apply_preset(name, args.params)
+        except Products10kError as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        log.info("applied preset '%s' to %s: %d key(s) changed", name, args.params, len(changed))
+        for key in changed:
+            log.info("  %s", key)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,20 @@ def test_paper_preset_gives_the_papers_recipe(tmp_path):
     assert apply_preset("paper", params_path) == []  # applying again changes nothing
 
 
+def test_offline_preset_on_top_of_paper_uses_the_registry_lite2_at_448(tmp_path):
+    from products10k.training.weights import registry_file
+
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_path)
+    presets_main(["apply", "paper", "offline", "--params", str(params_path)])
+    params = member_params(load_yaml(params_path), "m0")
+    model = section(params, "model", ModelConfig)
+    assert (model.arch, model.pretrained, model.pretrained_file) == ("tf_efficientnet_lite2", True, None)
+    assert registry_file(model.arch) is not None  # its weights install with the project
+    train = phase_config(params, "train")
+    assert (train.resolution, train.lr, train.milestones) == (448, 3e-4, (20, 40, 60))  # the paper's, kept
+
+
 def test_unknown_preset_and_bad_preset_values_fail(tmp_path):
     assert "paper" in available()
     with pytest.raises(ConfigError, match="no preset 'nope'.*paper"):
