@@ -58,6 +58,19 @@ def test_offline_preset_on_top_of_paper_uses_the_registry_lite2_at_448(tmp_path)
     assert (train.resolution, train.lr, train.milestones) == (448, 3e-4, (20, 40, 60))  # the paper's, kept
 
 
+def test_scratch_preset_trains_the_mobilenet_from_random_weights(tmp_path):
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_path)
+    presets_main(["apply", "scratch", "--params", str(params_path)])
+    params = member_params(load_yaml(params_path), "m0")
+    model = section(params, "model", ModelConfig)
+    assert (model.arch, model.pretrained) == ("mobilenetv4_conv_small", False)
+    assert phase_config(params, "train").lr == 3e-3
+    for phase in ("finetune_balanced", "finetune_accuracy"):
+        cfg = phase_config(params, phase)
+        assert (cfg.freeze_bn, cfg.checkpoint) == (True, "best")
+
+
 def test_unknown_preset_and_bad_preset_values_fail(tmp_path):
     assert "paper" in available()
     with pytest.raises(ConfigError, match="no preset 'nope'.*paper"):

@@ -25,7 +25,7 @@ TINY = {
     },
     "prepare": {"size": 48, "n_jobs": 1, "val_min_images": 2},  # SKUs of 3-8 images
     "balance": {"per_class": 3},
-    "model": {"arch": "resnet10t"},
+    "model": {"arch": "resnet10t", "pretrained": False},
     "train": {"epochs": 2, "resolution": 32, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0},
     "finetune_balanced": {"epochs": 1},
     "finetune_accuracy": {"epochs": 1},

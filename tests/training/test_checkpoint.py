@@ -41,7 +41,7 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_load_model_round_trip_and_clear_errors(tmp_path):
-    cfg = config("model", arch="resnet10t", pool="gem", head="cosface")
+    cfg = config("model", arch="resnet10t", pretrained=False, pool="gem", head="cosface")
     torch.manual_seed(0)
     model = create_model(cfg, 3).eval()
     path = tmp_path / "best.pt"

@@ -12,7 +12,7 @@ from tests.helpers import config
 @pytest.mark.parametrize("head", ["linear", "arcface", "cosface"])
 @pytest.mark.parametrize("pool", ["avg", "gem"])
 def test_model_forward_shapes(head, pool):
-    model = create_model(config("model", arch="resnet10t", head=head, pool=pool), 7)
+    model = create_model(config("model", arch="resnet10t", pretrained=False, head=head, pool=pool), 7)
     x = torch.randn(2, 3, 32, 32)
     model.train()
     assert model(x, torch.tensor([0, 6])).shape == (2, 7)
@@ -68,7 +68,7 @@ def test_pretrained_file_loads_those_weights(tmp_path):
 @pytest.mark.parametrize("arch", ["mobilenetv4_conv_small", "mobilenetv3_small_100", "resnet10t"])
 def test_every_parameter_gets_a_gradient(arch):
     """DDP refuses parameters that get no gradient: timm heads after pooling must not stay dead."""
-    model = create_model(config("model", arch=arch), num_classes=5)
+    model = create_model(config("model", arch=arch, pretrained=False), num_classes=5)
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -25,12 +25,6 @@ EXPECTED = {
 ARCHS = sorted(weights.REGISTRY)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    # one cache for the module's tests, never the user's ~/.cache
-    monkeypatch.setenv("PRODUCTS10K_CACHE", str(tmp_path_factory.getbasetemp() / "p10k-cache"))
-
-
 def _source(arch: str) -> dict:
     path = weights.registry_file(arch)
     assert path is not None, f"{weights.REGISTRY[arch].distribution} is a declared dependency"
