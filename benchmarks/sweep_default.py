@@ -34,26 +34,35 @@ from products10k.config import apply_overrides  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "default_sweep.json"
 CHART = ROOT / "reports" / "default_sweep.png"
 
+
 #: name -> (phase, the run whose last.pt it starts from, overrides)
+def _train(lr: float, epochs: int = 10, resolution: int = 128) -> tuple[str, None, dict]:
+    return ("train", None, {"train.lr": lr, "train.epochs": epochs, "train.resolution": resolution})
+
+
 RUNS: dict[str, tuple[str, str | None, dict]] = {
-    **{
-        f"train lr {lr}": ("train", None, {"train.lr": float(lr), "train.epochs": 10, "train.resolution": 128})
-        for lr in ("1e-4", "3e-4", "1e-3")
-    },
-    "train lr 3e-4, 15 epochs": ("train", None, {"train.lr": 3e-4, "train.epochs": 15, "train.resolution": 128}),
-    **{
-        f"train {res} px": ("train", None, {"train.lr": 3e-4, "train.epochs": 10, "train.resolution": res})
-        for res in (96, 160)
-    },
+    **{f"train lr {lr}": _train(float(lr)) for lr in ("1e-4", "3e-4", "1e-3")},
+    "train lr 3e-4, 15 epochs": _train(3e-4, epochs=15),
+    **{f"train {res} px": _train(3e-4, resolution=res) for res in (96, 160)},
     **{
         f"balanced lr {lr}, BN {bn}": (
             "finetune_balanced",
             "train lr 3e-4",
-            {"finetune_balanced.lr": float(lr), "finetune_balanced.epochs": 4,
-             "finetune_balanced.checkpoint": "last", "finetune_balanced.freeze_bn": bn == "frozen"},
+            {
+                "finetune_balanced.lr": float(lr),
+                "finetune_balanced.epochs": 4,
+                "finetune_balanced.checkpoint": "last",
+                "finetune_balanced.freeze_bn": bn == "frozen",
+            },
         )  # fmt: skip
-        for lr, bn in (("1e-5", "frozen"), ("3e-5", "frozen"), ("1e-4", "frozen"), ("3e-4", "frozen"),
-                       ("3e-5", "trained"), ("1e-4", "trained"))  # fmt: skip
+        for lr, bn in (
+            ("1e-5", "frozen"),
+            ("3e-5", "frozen"),
+            ("1e-4", "frozen"),
+            ("3e-4", "frozen"),
+            ("3e-5", "trained"),
+            ("1e-4", "trained"),
+        )  # fmt: skip
     },
 }
 
@@ -113,7 +122,7 @@ def plot(report: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = (
         ("train: learning rate and epochs (128 px)", lambda n: n.startswith("train lr")),
-        ("train: resolution (lr 3e-4, 10 epochs)", lambda n: n in ("train lr 3e-4", "train 96 px", "train 160 px")),
+        ("train: resolution (lr 3e-4, 10 epochs)", lambda n: n == "train lr 3e-4" or n.endswith(" px")),
         ("finetune_balanced from train lr 3e-4 (val: head SKUs)", lambda n: n.startswith("balanced")),
     )
     for ax, (title, keep) in zip(axes, panels, strict=True):
@@ -128,15 +137,17 @@ def plot(report: dict) -> None:
         ax.set_ylabel("val top-1")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Val curves behind the default's recipe (tf_efficientnet_lite0, ImageNet); {report['machine']}",
-                 fontsize=9)  # fmt: skip
+    title = f"Val curves behind the default's recipe (tf_efficientnet_lite0, ImageNet); {report['machine']}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     CHART.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(CHART, dpi=110)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--plot", action="store_true", help="only draw the chart from the saved results")
     args = parser.parse_args()
     if args.plot:
