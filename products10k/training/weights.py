@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -232,23 +233,27 @@ def converted_file(source: str | os.PathLike, arch: str, state: dict | None = No
     written atomically, so concurrent processes (DDP ranks) at worst convert twice. ``state``:
     ``source`` already loaded, if the caller has it.
     """
-    from safetensors.torch import save_file
-
     digest = file_sha256(source)
     out = cache_dir() / f"{arch}-{digest[:16]}.safetensors"
     if out.is_file():
         return out
     log.info("converting %s to timm's %s layout -> %s", source, arch, out)
-    state = convert_efficientnet_pytorch(_load(source) if state is None else state, arch)
-    with atomic_path(out, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"source_sha256": digest, "arch": arch})
+    _save(convert_efficientnet_pytorch(_load(source) if state is None else state, arch), out, digest, arch)
     return out
+
+
+def _save(state: dict, out: str | os.PathLike, source_sha256: str, arch: str) -> None:
+    """``state`` as a safetensors file, written atomically, its source and arch in the metadata."""
+    from safetensors.torch import save_file
+
+    with atomic_path(out, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"source_sha256": source_sha256, "arch": arch})
 
 
 def _load(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         raise Products10kError(f"weight file '{path}' could not be read: {exc}") from exc
     if not isinstance(state, dict):
         raise Products10kError(f"weight file '{path}' holds a {type(state).__name__}, not a state dict")
@@ -288,11 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             where = found or f"not installed: pip install {entry.distribution}"
             print(f"{arch:24s} {entry.distribution:36s} {where}")
         return
-    from safetensors.torch import save_file
-
     state = convert_efficientnet_pytorch(_load(args.source), args.arch)
-    with atomic_path(args.out, suffix=".safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"source_sha256": file_sha256(args.source), "arch": args.arch})
+    _save(state, args.out, file_sha256(args.source), args.arch)
     print(f"wrote {args.out}: {len(state)} tensors for {args.arch}")
 
 

@@ -154,3 +154,25 @@ def test_list_command_shows_the_installed_packages(capsys):
     weights.main(["list"])
     out = capsys.readouterr().out
     assert all(arch in out for arch in ARCHS) and "not installed" not in out
+
+
+def test_convert_command_writes_a_file_timm_loads(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    arch = "tf_efficientnet_lite0"
+    out = tmp_path / "lite0.safetensors"
+    weights.main(["convert", str(weights.registry_file(arch)), str(out), "--arch", arch])
+    assert "247 tensors" in capsys.readouterr().out
+    written = load_file(out)
+    expected = weights.convert_efficientnet_pytorch(_source(arch), arch)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+    # and the model loader takes it as model.pretrained_file, as it is
+    model = create_model(config("model", arch=arch, pretrained=True, pretrained_file=str(out)), 3)
+    assert torch.equal(model.backbone.conv_stem.weight, expected["conv_stem.weight"])
+
+
+def test_an_unreadable_weight_file_is_an_error_naming_it(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Products10kError, match="broken.pth"):
+        weights.timm_weight_file(bad, "tf_efficientnet_lite0")
