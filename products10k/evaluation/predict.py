@@ -24,7 +24,7 @@ from products10k.common import DataError
 from products10k.evaluation.views import View, base_views
 from products10k.submission.predictions import SplitScores, TopKWriter
 from products10k.training.data import PreparedImageDataset
-from products10k.training.devices import host_transfer
+from products10k.training.devices import host_transfer, to_inference, to_model_input
 
 
 class ViewsDataset(Dataset):
@@ -95,7 +95,7 @@ def predict(
         raise DataError(f"{where or desc}: no rows to predict (the split is empty)")
     device = torch.device(device)
     flags = host_transfer(device)
-    model = model.to(device).eval()
+    model = to_inference(model, device)
     extra = single is not None and single not in views
     dataset = ViewsDataset(df, images_root, [*views, single] if extra else views)
     loader = DataLoader(
@@ -118,7 +118,7 @@ def predict(
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
         per_view = []
         for view in views:
-            x = batch[view.base.name].to(device, non_blocking=flags["non_blocking"])
+            x = to_model_input(batch[view.base.name], device, flags)
             if view.flip:
                 x = torch.flip(x, dims=[-1])
             with autocast:
@@ -138,7 +138,7 @@ def predict(
         writer.add(start, mean, labels[start:stop])
         if single_writer is not None:
             if extra:
-                x = batch[single.base.name].to(device, non_blocking=flags["non_blocking"])
+                x = to_model_input(batch[single.base.name], device, flags)
                 with autocast:
                     one = model(torch.flip(x, dims=[-1]) if single.flip else x).float()
             else:

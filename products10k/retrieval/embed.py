@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from products10k.common import DataError
 from products10k.training.data import PreparedImageDataset
-from products10k.training.devices import host_transfer
+from products10k.training.devices import host_transfer, to_inference, to_model_input
 from products10k.training.transforms import eval_transform, resolve_resize
 
 
@@ -56,7 +56,7 @@ def embed_rows(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=flags["pin_memory"]
     )
-    model = model.to(device).eval()
+    model = to_inference(model, device)
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     out: np.ndarray | None = None
     start = 0
@@ -64,7 +64,7 @@ def embed_rows(
         loader, desc=desc, unit="batch", leave=False, mininterval=1.0
     ):
         with autocast:
-            vectors = model.embedding(images.to(device, non_blocking=flags["non_blocking"]))
+            vectors = model.embedding(to_model_input(images, device, flags))
         vectors = vectors.float().cpu().numpy()
         if out is None:
             out = np.empty((len(dataset), vectors.shape[1]), dtype=np.float32)

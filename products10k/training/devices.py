@@ -60,6 +60,19 @@ def host_transfer(device: torch.device) -> dict:
     return {"pin_memory": cuda, "non_blocking": cuda}
 
 
+def to_inference(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device`` in eval mode and channels-last memory: convolutions on NHWC run
+    1.7x faster on CPU (tf_efficientnet_lite0 at 128 px, 2 cores: 195 vs 117 img/s) and use the
+    tensor cores' layout on GPU. Inputs follow with ``to_model_input``."""
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+def to_model_input(x: torch.Tensor, device: torch.device, flags: dict) -> torch.Tensor:
+    """An image batch on ``device`` in the layout ``to_inference`` gives the model."""
+    x = x.to(device, non_blocking=flags["non_blocking"])
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def eval_workers(configured: int | str, device: torch.device, cores: int) -> int:
     """DataLoader workers for evaluation: ``auto`` = 0 on CPU (decode shares the cores with the
     model), up to 8 on CUDA (JPEG decode of 4 TTA views must keep a GPU fed)."""
