@@ -129,6 +129,15 @@ def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> lis
     ]
     if missing:
         raise Products10kError(f"{params_path}: evaluate.phases lacks '{missing[0]}', a row of Table 1")
+    member_overrides = ((params.get("ensemble") or {}).get("members") or {}).get(member) or {}
+    varied = [key for key in ("train.seed", "train.resolution") if key in member_overrides]
+    if varied:
+        # the member's override would win over the experiment's -S: every seed would train the
+        # same seed, or the low-resolution row would not be low
+        raise Products10kError(
+            f"{params_path}: ensemble.members.{member} sets {varied[0]}, which Table 1 varies itself "
+            "(train.seed per seed, train.resolution for the baseline row): remove it from the member"
+        )
     high = section(params, "train", PhaseConfig, where=params_path).resolution
     low = low_resolution(high)
     fp = fingerprint(params_path)

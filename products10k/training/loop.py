@@ -58,8 +58,10 @@ from products10k.training.transforms import eval_transform, resolve_resize, trai
 
 log = logging.getLogger(__name__)
 
-#: settings that may change between a kill and a resume without changing the result
-RESUME_SAFE_KEYS = ("num_workers", "compile", "eval_batch_size")
+#: settings that may change between a kill and a resume without changing the result. Not
+#: num_workers: each DataLoader worker draws its own augmentation stream (seeded from the epoch's
+#: generator and its worker id; none = the main process's), so another count augments otherwise.
+RESUME_SAFE_KEYS = ("compile", "eval_batch_size")
 #: progress-bar refresh, in steps: reading the running loss is a host-device sync
 BAR_EVERY = 50
 #: part of the resume fingerprint: a last.pt whose optimizer state is laid out otherwise (the

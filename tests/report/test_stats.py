@@ -69,3 +69,14 @@ def test_report_rows_markdown_and_chart():
     assert text.count("\n| ") == 5  # header + 4 rows
     png = cv2.imdecode(np.frombuffer(draw_table1(report), np.uint8), cv2.IMREAD_COLOR)
     assert png.shape == (540, 960, 3) and (png < 250).any()
+
+
+@pytest.mark.parametrize("key", ["train.seed", "train.resolution"])
+def test_table1_refuses_a_member_that_overrides_what_it_varies(key):
+    from products10k.common import Products10kError
+    from products10k.report.table1 import plan
+    from tests.helpers import params_tree
+
+    params = params_tree({"ensemble.members": {"m0": {key: 3 if key == "train.seed" else 96}}})
+    with pytest.raises(Products10kError, match=f"ensemble.members.m0 sets {key}"):
+        plan(params, "params.yaml", config("table1"), "m0")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from products10k.training.loop import PhasePaths, run_phase
-from tests.helpers import ROOT, make_training_data, phase_args, write_params
+from tests.helpers import ROOT, config, make_training_data, phase_args, write_params
 
 
 def _epoch_of(path: Path) -> int | None:
@@ -130,3 +130,25 @@ def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tm
         out = run_phase(params, "train", "m0", paths)
     assert "resuming train@m0" in caplog.text and len(out["history"]) == 2
     assert torch.all(loaded["value"] == 0.125)  # the raw weights came from last.pt's "model"
+
+
+def test_the_worker_count_is_part_of_what_a_resume_must_match(tmp_path):
+    # augmentation streams are drawn per DataLoader worker: a resume with another count would
+    # not continue the killed run's path, so it must start afresh; the eval batch may change
+    from products10k.training.loop import fingerprint
+
+    data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
+    paths = PhasePaths(
+        train_csv=data / "train.csv",
+        val_csv=data / "val.csv",
+        label_map=data / "label_map.csv",
+        images=data,
+        out=tmp_path / "models",
+    )
+    model = config("model", pretrained=False)
+
+    def fp(**train):
+        return fingerprint("train", "m0", config("train", **train), model, 1, paths)
+
+    assert fp(num_workers=0) != fp(num_workers=1)
+    assert fp(num_workers=0, eval_batch_size=8) == fp(num_workers=0, eval_batch_size=64)
