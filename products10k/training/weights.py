@@ -131,7 +131,7 @@ def source_role(key: str) -> Role:
 def timm_roles(keys: list[str]) -> dict[Role, str]:
     """Role -> key for a timm EfficientNet state dict; blocks numbered in order over the stages."""
     block_keys: dict[tuple[int, int], list[str]] = {}
-    top: dict[Role, str] = {}
+    roles: dict[Role, str] = {}
     for key in keys:
         m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(.+)\.(\w+)", key)
         if m:
@@ -140,8 +140,7 @@ def timm_roles(keys: list[str]) -> dict[Role, str]:
         m = re.fullmatch(r"(\w+)\.(\w+)", key)
         if not m or m.group(1) not in _TIMM_TOP_LAYERS:
             raise KeyError(key)
-        top[(*_TIMM_TOP_LAYERS[m.group(1)], m.group(2))] = key
-    roles = dict(top)
+        roles[(*_TIMM_TOP_LAYERS[m.group(1)], m.group(2))] = key
     for n, (stage_block, keys_of_block) in enumerate(sorted(block_keys.items())):
         prefix = "blocks.{}.{}.".format(*stage_block)
         layers = [k[len(prefix) :].rsplit(".", 1) for k in keys_of_block]
