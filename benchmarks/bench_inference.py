@@ -82,7 +82,6 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--classes", type=int, default=1000, help="head size (9691 = Products-10K)")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA) | off | bf16 | fp16")
-    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -95,8 +94,6 @@ def main() -> None:
     tta_params = load_section(params, "tta", TTAConfig)
     device = resolve_device(args.device)
     model = create_model(model_cfg, args.classes, pretrained=False).eval().to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if args.compile:
         model = torch.compile(model)
     amp = amp_dtype(args.amp, device)
@@ -114,7 +111,7 @@ def main() -> None:
     print(
         f"model {model_cfg.arch} (random init, {args.classes} classes), resolution {resolution}, "
         f"{args.n} images, batch {args.batch_size}, {args.num_workers} workers, autocast {amp}, "
-        f"channels_last {args.channels_last}, compile {args.compile}"
+        f"channels-last (predict's layout), compile {args.compile}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         df = write_images(Path(tmp), args.n)
