@@ -63,14 +63,7 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
 
     # the same phase uninterrupted (in-process) ends with the same weights: the resume is exact
     ref_dir = tmp_path / "ref"
-    paths = PhasePaths(
-        train_csv=data / "train.csv",
-        val_csv=data / "val.csv",
-        label_map=data / "label_map.csv",
-        images=data,
-        out=ref_dir / "models",
-        live=None,
-    )
+    paths = _paths(data, ref_dir / "models")
     run_phase(params, "train", "m0", paths)
     reference = torch.load(ref_dir / "models" / "last.pt", weights_only=True)
     for key, value in reference["model"].items():
@@ -78,15 +71,14 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
     assert [r["val/top1"] for r in reference["history"]] == [r["val/top1"] for r in resumed["history"]]
 
 
+def _paths(data: Path, out: Path) -> PhasePaths:
+    """The train phase's paths on a make_training_data folder, checkpoints under ``out``."""
+    return PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, out)
+
+
 def test_settings_change_starts_afresh(tmp_path, caplog):
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
-    paths = PhasePaths(
-        train_csv=data / "train.csv",
-        val_csv=data / "val.csv",
-        label_map=data / "label_map.csv",
-        images=data,
-        out=tmp_path / "models",
-    )
+    paths = _paths(data, tmp_path / "models")
     run_phase(write_params(tmp_path / "a.yaml", train={"epochs": 1}), "train", "m0", paths)
     fp = torch.load(paths.out / "last.pt", weights_only=True)["fingerprint"]
     # another resolution (e.g. `dvc exp run -S train.resolution=...` on a persisted out): no resume
@@ -104,7 +96,7 @@ def test_settings_change_starts_afresh(tmp_path, caplog):
 def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tmp_path, caplog):
     # without EMA last.pt keeps one copy of the weights (train_state.model is None): resume uses it
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
-    paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, tmp_path / "m")
+    paths = _paths(data, tmp_path / "m")
     params = write_params(tmp_path / "p.yaml", train={"epochs": 2})
     run_phase(params, "train", "m0", paths)
     last = torch.load(paths.out / "last.pt", weights_only=True)
@@ -138,13 +130,7 @@ def test_the_worker_count_is_part_of_what_a_resume_must_match(tmp_path):
     from products10k.training.loop import fingerprint
 
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
-    paths = PhasePaths(
-        train_csv=data / "train.csv",
-        val_csv=data / "val.csv",
-        label_map=data / "label_map.csv",
-        images=data,
-        out=tmp_path / "models",
-    )
+    paths = _paths(data, tmp_path / "models")
     model = config("model", pretrained=False)
 
     def fp(**train):
