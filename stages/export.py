@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from products10k.common import ConfigError, run_stage, seed_everything
-from products10k.config import EvaluateConfig, ExportConfig, load_yaml, member_names, section
+from products10k.config import EvaluateConfig, ExportConfig, PrepareConfig, load_yaml, member_names, section
 from products10k.deploy.export import export_model
 from products10k.submission.predictions import require_evaluated_phase
 
@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> None:
         out=args.out,
         metrics_path=args.metrics,
         cfg=cfg,
+        prepare=section(params, "prepare", PrepareConfig, where=args.params),
     )
 
 

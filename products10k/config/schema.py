@@ -147,6 +147,9 @@ class PrepareConfig(Section):
     max_bad_fraction: Fraction01
     max_unseen_test_fraction: Fraction01
     jpeg_quality: int = Field(ge=1, le=100)
+    # decoded pixels per image (prepared/images.py): a JPEG over it is decoded reduced, others excluded
+    # at most Pillow's own refusal, twice its MAX_IMAGE_PIXELS (images.MAX_PIXELS_CEILING; a test checks)
+    max_pixels: int = Field(ge=1_000_000, le=178_956_970)
     n_jobs: NJobs
     shard_mb: float = Field(gt=0.0)
 

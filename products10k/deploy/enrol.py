@@ -9,8 +9,12 @@ The images are either a folder with one sub-folder per SKU, named by its SKU id
 index was built with: checked by checkpoint hash) and appended to a copy of the index written to
 ``--out``; the input index is never modified. Known SKU ids get more reference images, new ones
 a new label after the classifier's. ``products10k-predict --index <out>`` then names them in
-``knn`` and ``fused`` modes. An image that cannot be read stops the enrolment with its path and
-reason: an index silently missing a SKU's reference is worse than no index.
+``knn`` and ``fused`` modes. An image that cannot be read (missing, empty, truncated, undecodable,
+too large: the same bounded decode as prepare and predict) is skipped with a warning naming it and
+its reason, and listed in the index's meta.json; a SKU left with no readable image stops the
+enrolment, as does any skipped image with ``--strict``: an index silently missing a SKU is worse
+than no index. The output is written beside and swapped in whole: a killed enrolment leaves the
+input index untouched and ``--out`` either absent, as it was, or complete.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from products10k import common
 from products10k.common import DataError, Products10kError
 from products10k.deploy.predict import IMAGE_SUFFIXES
 from products10k.deploy.runtime import ExportedModel, check_same_model
-from products10k.prepared.images import ImageDefect, decode_rgb
+from products10k.prepared.images import DEFAULT_MAX_PIXELS, ImageDefect
 from products10k.retrieval.knn import enrol, load_gallery, save_gallery
 
 log = logging.getLogger("products10k.enrol")
@@ -64,23 +68,37 @@ def read_enrolment(images: Path) -> pd.DataFrame:
     return pd.DataFrame({"path": paths, "sku": sku.astype(np.int64)})
 
 
-def embed_files(model: ExportedModel, paths: list[Path], batch_size: int) -> np.ndarray:
-    """(N, D) embeddings of image files; an unreadable one is a DataError naming it."""
-    out = []
+def embed_files(
+    model: ExportedModel, paths: list[Path], batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, dict[int, str]]:
+    """(N', D) embeddings of the readable image files, and {position in ``paths``: why not} for the rest."""
+    out, skipped = [], {}
     for start in tqdm(range(0, len(paths), batch_size), desc="enrol", unit="batch", leave=False):
         batch = []
-        for path in paths[start : start + batch_size]:
+        for i, path in enumerate(paths[start : start + batch_size], start):
             try:
-                batch.append(model.preprocess(decode_rgb(Path(path).read_bytes(), min_side=model.min_side)))
+                batch.append(model.load(Path(path).read_bytes(), max_pixels))
             except ImageDefect as exc:
-                raise DataError(f"{path}: {exc.reason}: {exc.detail}") from exc
+                skipped[i] = f"{exc.reason}: {exc.detail}"
+            except FileNotFoundError:
+                skipped[i] = "missing: no such file"
             except OSError as exc:
-                raise DataError(f"{path}: cannot read: {exc}") from exc
-        out.append(model.run(np.stack(batch))[1])
-    return np.concatenate(out)
+                skipped[i] = f"unreadable: {type(exc).__name__}: {exc}"
+        if batch:
+            out.append(model.run(np.stack(batch))[1])
+    dim = model.session.get_outputs()[1].shape[1]
+    return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), skipped
 
 
-def enrol_skus(images: Path, model_dir: Path, index_dir: Path, out: Path, batch_size: int = 32) -> dict:
+def enrol_skus(
+    images: Path,
+    model_dir: Path,
+    index_dir: Path,
+    out: Path,
+    batch_size: int = 32,
+    strict: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict:
     """Enrol the SKUs of ``images`` into a copy of ``index_dir`` written to ``out``; return a summary."""
     if out.resolve() == index_dir.resolve():
         raise Products10kError(f"--out {out} is the input index: write the enrolled index to a new folder")
@@ -88,12 +106,30 @@ def enrol_skus(images: Path, model_dir: Path, index_dir: Path, out: Path, batch_
     model = ExportedModel(model_dir)
     gallery = load_gallery(index_dir)
     check_same_model(model, gallery, index_dir)
-    vectors = embed_files(model, list(table["path"]), batch_size)
-    added = enrol(gallery, vectors, table["sku"].to_numpy(), [str(p) for p in table["path"]])
+    vectors, skipped = embed_files(model, list(table["path"]), batch_size, max_pixels)
+    for i, why in skipped.items():
+        log.warning("skipped %s (SKU %d): %s", table["path"].iat[i], table["sku"].iat[i], why)
+    if skipped and strict:
+        raise DataError(f"{len(skipped)} image(s) could not be read and --strict is set (see the warnings)")
+    ok = np.ones(len(table), bool)
+    ok[list(skipped)] = False
+    lost = sorted(set(table["sku"]) - set(table.loc[ok, "sku"]))
+    if lost:
+        raise DataError(
+            f"SKU(s) {', '.join(map(str, lost))}: none of their images could be read (see the warnings)"
+        )
+    kept = table[ok]
+    added = enrol(gallery, vectors, kept["sku"].to_numpy(), [str(p) for p in kept["path"]])
+    added["skipped"] = [{"path": str(table["path"].iat[i]), "error": why} for i, why in skipped.items()]
     gallery.meta.setdefault("enrolled", []).append({"source": str(images), **added})
     save_gallery(gallery, out)
     log.info(
-        "enrolled %d images of %d SKUs (%d new) -> %s", added["images"], added["skus"], added["new_skus"], out
+        "enrolled %d images of %d SKUs (%d new), %d skipped -> %s",
+        added["images"],
+        added["skus"],
+        added["new_skus"],
+        len(skipped),
+        out,
     )
     return added
 
@@ -107,12 +143,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index", required=True, type=Path, help="index folder to extend (never modified)")
     p.add_argument("--out", required=True, type=Path, help="new index folder")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--strict", action="store_true", help="stop when any image cannot be read")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decoded pixels per image")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    common.run_stage(log, enrol_skus, args.images, args.model, args.index, args.out, args.batch_size)
+    common.run_stage(
+        log,
+        enrol_skus,
+        args.images,
+        args.model,
+        args.index,
+        args.out,
+        args.batch_size,
+        args.strict,
+        args.max_pixels,
+    )
 
 
 if __name__ == "__main__":

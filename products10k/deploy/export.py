@@ -6,7 +6,8 @@ The folder it writes (``models/export``) is all a user needs to run the model an
   (N, D), the L2-normalised pooled feature the Faiss index holds (so one forward pass serves the
   classifier, kNN and their fusion). Dynamic batch size; exported with ``torch.onnx.export``'s
   torch.export-based exporter (the TorchScript one is deprecated since PyTorch 2.9).
-- ``preprocess.json``: how an image becomes that input (RGB, shorter side to ``resize`` with area
+- ``preprocess.json``: how an image becomes that input (the prepare stage's resize and JPEG re-encode,
+  then RGB, shorter side to ``resize`` with area
   interpolation, centre crop ``resolution``, /255, mean/std, NCHW), the label -> original SKU id
   map (``skus``), and the checkpoint's SHA-256 (an index is only used with the model it was built by).
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from products10k import common
 from products10k.common import Products10kError
-from products10k.config import ExportConfig
+from products10k.config import ExportConfig, PrepareConfig
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.retrieval.embed import embedding_transform
 from products10k.training.checkpoint import check_labels, load_model
@@ -58,8 +59,16 @@ class ExportedNet(nn.Module):
         return logits, F.normalize(features, dim=1)
 
 
-def preprocess_spec(meta: dict, skus: np.ndarray, checkpoint: Path, member: str, phase: str) -> dict:
-    """``preprocess.json``: what the model expects and what its outputs mean."""
+def preprocess_spec(
+    meta: dict, skus: np.ndarray, checkpoint: Path, member: str, phase: str, prepare: PrepareConfig
+) -> dict:
+    """``preprocess.json``: what the model expects and what its outputs mean.
+
+    ``prepare``: every image the model was trained and evaluated on went through the prepare stage's
+    resize (shorter side ``size``) and JPEG re-encode (``jpeg_quality``) first; deploy repeats both,
+    so a raw photo reaches the model as evaluation's images did (skipping them moved the network's
+    input by up to 0.40 in normalised units on a 1200 x 900 photo).
+    """
     _, resize = embedding_transform(meta)
     normalize = meta.get("normalize") or {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     return {
@@ -67,6 +76,7 @@ def preprocess_spec(meta: dict, skus: np.ndarray, checkpoint: Path, member: str,
         "outputs": ["logits", "embedding"],
         "color": "RGB",
         "layout": "NCHW",
+        "prepare": {"resize_shorter_side": int(prepare.size), "jpeg_quality": int(prepare.jpeg_quality)},
         "resize_shorter_side": int(resize),
         "interpolation": "area",
         "center_crop": int(meta["resolution"]),
@@ -90,6 +100,7 @@ def export_model(
     out: Path,
     metrics_path: Path,
     cfg: ExportConfig,
+    prepare: PrepareConfig,
 ) -> dict:
     """Export, check against PyTorch, publish ``out`` whole; return the check's metrics."""
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
@@ -110,7 +121,7 @@ def export_model(
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     _export_onnx(net, images[:2], staging / MODEL_FILE, cfg.opset)
-    spec = preprocess_spec(meta, label_map["sku"].to_numpy(), checkpoint, cfg.member, cfg.phase)
+    spec = preprocess_spec(meta, label_map["sku"].to_numpy(), checkpoint, cfg.member, cfg.phase, prepare)
     (staging / PREPROCESS_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     metrics = compare(net, staging / MODEL_FILE, images)
     metrics["onnx_mb"] = round((staging / MODEL_FILE).stat().st_size / 2**20, 2)

@@ -8,7 +8,16 @@ image members, read in place; nothing is extracted). Output, CSV or JSON by the 
 extension: one row per image in input order with ``source``, ``status`` (ok | error), ``error``
 (why an image could not be read: missing, empty, truncated, undecodable ...), and the top-k
 original SKU ids with their probabilities (``sku_1``, ``score_1``, ...). An unreadable image is
-reported in its row and does not stop the run; the exit status is 0 as long as the model ran.
+reported in its row and does not stop the run; the exit status is 0 as long as the model ran. What
+cannot be read, and why: a file that is missing, empty, truncated, undecodable or too large for the
+pixel budget (``--max-pixels``: a JPEG over it is decoded reduced, any other image refused), a zip
+member that is encrypted or uses a compression method Python cannot read (``unreadable``), a zip
+inside a zip (``unsupported``). Zip members are read in place, so an entry named ``../x.jpg`` or a
+symlink entry cannot reach outside the archive. A name that is not valid UTF-8 is written with
+backslash escapes.
+
+Every image is prepared as the model's training and evaluation images were: the prepare stage's
+resize and JPEG re-encode (recorded in preprocess.json), then the evaluate stage's centre crop.
 
 Modes: ``classifier`` (the softmax of the logits), ``knn`` (the index's k nearest training images
 vote, see ``products10k.retrieval.knn``), ``fused`` (both, with the weight fitted on val by the
@@ -34,7 +43,7 @@ from tqdm.auto import tqdm
 from products10k import common
 from products10k.common import Products10kError
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
-from products10k.prepared.images import ImageDefect, decode_rgb
+from products10k.prepared.images import DEFAULT_MAX_PIXELS, ZIP_READ_ERRORS, ImageDefect, open_zip
 
 log = logging.getLogger("products10k.predict")
 
@@ -48,12 +57,17 @@ class Source:
     label: str
     path: Path
     member: str | None = None  # a zip member
+    error: str = ""  # known unusable before reading (a nested zip)
 
     def read(self) -> bytes:
         if self.member is None:
             return self.path.read_bytes()
-        with zipfile.ZipFile(self.path) as archive:
-            return archive.read(self.member)
+        return open_zip(self.path).read(self.member)
+
+
+def printable(name: str) -> str:
+    """``name`` with the bytes of a non-UTF-8 file name (surrogate escapes) as ``\\xNN``: CSV-safe."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def gather(inputs: list[str]) -> list[Source]:
@@ -67,42 +81,64 @@ def gather(inputs: list[str]) -> list[Source]:
         path = Path(raw)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            sources.extend(Source(str(p), p) for p in files)
+            sources.extend(Source(printable(str(p)), p) for p in files)
         elif path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                members = sorted(
-                    m.filename
-                    for m in archive.infolist()
-                    if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES
-                )
-            sources.extend(Source(f"{path}:{m}", path, m) for m in members)
+            sources.extend(_zip_sources(path))
         else:
-            sources.append(Source(str(path), path))
+            sources.append(Source(printable(str(path)), path))
     return sources
 
 
-def load_image(source: Source, model: ExportedModel) -> tuple[np.ndarray | None, str]:
+def _zip_sources(path: Path) -> list[Source]:
+    """A zip's image members, sorted; a nested zip is a row with an error, not silently skipped."""
+    label = printable(str(path))
+    try:
+        infos = zipfile.ZipFile(path).infolist()
+    except ZIP_READ_ERRORS as exc:
+        return [Source(label, path, error=f"unreadable: {type(exc).__name__}: {exc}")]
+    sources = []
+    for info in sorted((i for i in infos if not i.is_dir()), key=lambda i: i.filename):
+        suffix = Path(info.filename).suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            sources.append(Source(f"{label}:{printable(info.filename)}", path, info.filename))
+        elif suffix == ".zip":
+            error = "unsupported: a zip inside a zip (extract it and pass the inner archive)"
+            sources.append(Source(f"{label}:{printable(info.filename)}", path, info.filename, error))
+    return sources
+
+
+def load_image(
+    source: Source, model: ExportedModel, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray | None, str]:
     """(model input, "") or (None, the reason the image cannot be used)."""
+    if source.error:
+        return None, source.error
     try:
         data = source.read()
     except FileNotFoundError:
         return None, "missing: no such file"
-    except (OSError, zipfile.BadZipFile, KeyError) as exc:
+    except IsADirectoryError:
+        return None, "unreadable: a folder, not an image file"
+    except (*ZIP_READ_ERRORS, KeyError) as exc:
         return None, f"unreadable: {type(exc).__name__}: {exc}"
     try:
-        rgb = decode_rgb(data, min_side=model.min_side)
+        return model.load(data, max_pixels), ""
     except ImageDefect as exc:
         return None, f"{exc.reason}: {exc.detail}"
-    return model.preprocess(rgb), ""
 
 
 def predict_sources(
-    sources: list[Source], model: ExportedModel, scorer: Scorer, batch_size: int, n_jobs: int = -1
+    sources: list[Source],
+    model: ExportedModel,
+    scorer: Scorer,
+    batch_size: int,
+    n_jobs: int = -1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[dict]:
     """One output row per source, in order; images decoded on threads, the model run per batch."""
     rows: list[dict] = []
     workers = common.resolve_n_jobs(n_jobs, len(sources))
-    loaded = common.ordered_map(load_image, ((s, model) for s in sources), workers, "decode")
+    loaded = common.ordered_map(load_image, ((s, model, max_pixels) for s in sources), workers, "decode")
     progress = tqdm(total=len(sources), desc="predict", unit="img", mininterval=1.0)
     for chunk in _chunks(zip(sources, loaded, strict=True), batch_size):
         ok = [(i, x) for i, (_, (x, _err)) in enumerate(chunk) if x is not None]
@@ -154,12 +190,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"decoded pixels per image (default {DEFAULT_MAX_PIXELS}): a larger JPEG is decoded reduced, "
+        "another image reported as too-large",
+    )
     p.add_argument("--out", required=True, type=Path, help="output .csv or .json")
     args = p.parse_args(argv)
     if args.out.suffix.lower() not in (".csv", ".json"):
         p.error(f"--out {args.out}: the extension must be .csv or .json")
-    if args.top_k < 1 or args.batch_size < 1:
-        p.error("--top-k and --batch-size must be >= 1")
+    if args.top_k < 1 or args.batch_size < 1 or args.max_pixels < 1:
+        p.error("--top-k, --batch-size and --max-pixels must be >= 1")
     return args
 
 
@@ -175,7 +218,7 @@ def _run(args: argparse.Namespace) -> None:
     sources = gather(args.inputs)
     if not sources:
         raise Products10kError(f"no images found in {', '.join(args.inputs)}")
-    rows = predict_sources(sources, model, scorer, args.batch_size)
+    rows = predict_sources(sources, model, scorer, args.batch_size, max_pixels=args.max_pixels)
     write_rows(rows, args.out)
     bad = [r for r in rows if r["status"] == "error"]
     log.info("%d images, %s mode -> %s; %d could not be read", len(rows), mode, args.out, len(bad))

@@ -1,12 +1,13 @@
 """The exported model at run time: images in, classifier / kNN / fused top-k SKU ids out.
 
 ``ExportedModel`` reads an export folder (``model.onnx`` + ``preprocess.json``) and runs it with
-onnxruntime; images are prepared exactly as the evaluate stage prepares its centre crop (the same
-albumentations transform, built from the spec). ``Scorer`` turns a batch of model outputs into
-top-k SKU ids and scores, with the classifier, kNN over an index folder, or their fusion with the
-weight the index stage fitted on val. An index that names SKUs the classifier does not know
-(``products10k-enrol``) extends the label space: the classifier gives those SKUs probability 0,
-kNN can name them.
+onnxruntime; image bytes are prepared exactly as the model's evaluation images were: the prepare
+stage's bounded decode, resize and JPEG re-encode (``prepare_image``), then the evaluate stage's
+reduced decode and centre crop (the same albumentations transform, built from the spec).
+``Scorer`` turns a batch of model outputs into top-k SKU ids and scores, with the classifier, kNN
+over an index folder, or their fusion with the weight the index stage fitted on val. An index that
+names SKUs the classifier does not know (``products10k-enrol``) extends the label space: the
+classifier gives those SKUs probability 0, kNN can name them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from products10k.common import Products10kError
+from products10k.prepared.images import DEFAULT_MAX_PIXELS, decode_rgb, prepare_image
 from products10k.retrieval.knn import Gallery, load_gallery, search, vote
 from products10k.submission.ensemble import combine_topk
 from products10k.submission.predictions import SplitScores
@@ -58,7 +60,22 @@ class ExportedModel:
         return int(self.spec["resize_shorter_side"])
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        """An upright RGB image (already prepared, see :meth:`load`) -> the model's CHW input."""
         return self.transform(image=rgb)["image"].numpy()
+
+    def load(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Image file bytes -> the model's CHW input, as the evaluate stage saw its images.
+
+        Raises ImageDefect (empty, truncated, undecodable, too-large) for a file that cannot be used.
+        An export older than the ``prepare`` record decodes straight to the model's resize.
+        """
+        prepare = self.spec.get("prepare")
+        if prepare is None:
+            return self.preprocess(decode_rgb(data, min_side=self.min_side, max_pixels=max_pixels))
+        jpeg, _, _ = prepare_image(
+            data, int(prepare["resize_shorter_side"]), int(prepare["jpeg_quality"]), max_pixels
+        )
+        return self.preprocess(decode_rgb(jpeg, min_side=self.min_side))
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, embedding = self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})

@@ -3,7 +3,8 @@
 Contract of :func:`prepare_image`: bytes of any image file in, an upright 3-channel RGB image
 resized so that its shorter side is ``size`` (never upscaled), re-encoded as a baseline JPEG
 without EXIF, out. A file that cannot be read raises :class:`ImageDefect` carrying a short
-machine-readable ``reason`` (``empty``, ``truncated``, ``undecodable``) for the prepare report.
+machine-readable ``reason`` (``empty``, ``truncated``, ``undecodable``, ``too-large``) for the prepare
+report and predict's rows.
 
 Decisions, and why:
 
@@ -17,6 +18,18 @@ Decisions, and why:
 - **Reduced JPEG decode.** libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain at a
   fraction of the cost. We use it only when the reduced image still has its shorter side
   >= ``size``, so the final resize is always a downscale from at least the target resolution.
+- **A pixel budget.** Every decode is bounded by ``max_pixels`` *decoded* pixels (``prepare.max_pixels``,
+  ``products10k-predict --max-pixels``), checked on the header before any pixel is decoded, so one
+  file cannot take the memory of the run: a 5 KB JPEG claiming 60000 x 60000 pixels, a PNG
+  decompression bomb. A JPEG over the budget is decoded at the largest reduction that fits (libjpeg's
+  1/2, 1/4, 1/8), even below ``min_side``: a 20000 x 20000 photo costs 2500 x 2500 pixels, not
+  1.2 GB. Other formats have no reduced decode and are refused (``too-large``). The header is read by
+  Pillow, whose own refusal (twice ``Image.MAX_IMAGE_PIXELS``, 179 MP) is also reported as
+  ``too-large``; a file whose header Pillow cannot read falls to OpenCV's own limit (2^30 pixels).
+- **Nothing a file holds raises anything but ImageDefect.** OpenCV raises ``cv2.error`` on some
+  headers and Pillow raises a zoo of exceptions (SyntaxError, struct.error, ValueError ...) on broken
+  files; both are caught and become ``undecodable`` with the decoder's words, because one hostile
+  file must never stop a run.
 - **Interpolation by factor.** Shrinking by 2x or more uses INTER_AREA (it averages source pixels;
   INTER_LINEAR would skip pixels and alias fine print, which is what tells SKUs apart). Below 2x -
   the usual case after a reduced decode - INTER_LINEAR still reads every source pixel, and measured
@@ -30,6 +43,7 @@ import io
 import math
 import os
 import threading
+import warnings
 import zipfile
 import zlib
 
@@ -43,10 +57,14 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND"
+#: decoded pixels per image unless the caller says otherwise: a 50 MP photo, 150 MB as 8-bit RGB
+DEFAULT_MAX_PIXELS = 50_000_000
+#: Pillow refuses headers above twice its MAX_IMAGE_PIXELS, so a budget above that cannot be honoured
+MAX_PIXELS_CEILING = 2 * Image.MAX_IMAGE_PIXELS
 
 
 class ImageDefect(Exception):
-    """An image file that cannot be used; ``reason`` is one of empty/truncated/undecodable."""
+    """An image file that cannot be used; ``reason`` is one of empty/truncated/undecodable/too-large."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -69,11 +87,18 @@ def _looks_truncated(data: bytes) -> bool:
 
 
 def _header(data: bytes) -> tuple[str | None, int, int] | None:
-    """(format, width, height) from the file header without decoding pixels; None if unreadable."""
+    """(format, width, height) from the file header without decoding pixels; None if unreadable.
+
+    A header beyond Pillow's decompression-bomb limit raises ImageDefect("too-large").
+    """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format, im.width, im.height
-    except (OSError, ValueError, Image.DecompressionBombError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own budget
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format, im.width, im.height
+    except Image.DecompressionBombError as exc:
+        raise ImageDefect("too-large", str(exc)) from exc
+    except Exception:  # noqa: BLE001 - any broken header: OpenCV gets its chance, see module docstring
         return None
 
 
@@ -83,44 +108,68 @@ def _decode_pil(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - hostile input: see the module docstring
         # Pillow raises OSError("image file is truncated ...") for cut-off files.
         reason = "truncated" if ("truncated" in str(exc) or _looks_truncated(data)) else "undecodable"
         raise ImageDefect(reason, f"{type(exc).__name__}: {exc}") from exc
 
 
-def reduced_decode_flag(width: int, height: int, min_side: int) -> int:
-    """The cheapest OpenCV flag to decode a ``width`` x ``height`` JPEG with shorter side >= ``min_side``.
+def reduced_decode_flag(width: int, height: int, min_side: int | None, max_pixels: int | None = None) -> int:
+    """The cheapest OpenCV flag to decode a ``width`` x ``height`` JPEG with shorter side >= ``min_side``
+    and at most ``max_pixels`` decoded pixels; ImageDefect("too-large") when even 1/8 scale is over.
 
     ``IMREAD_REDUCED_COLOR_<f>`` makes libjpeg scale in the DCT domain, and libjpeg sizes the
     output ``ceil(side / f)`` (``jdiv_round_up`` in ``jpeg_calc_output_dimensions``). So the
     decoded shorter side is exactly ``ceil(short / f)``: testing that value is what guarantees
     it is >= ``min_side`` while still picking the cheapest such scale (rounding down would be
     safe too, but would full-decode e.g. a 1023-pixel side for a 512 target that 1/2 scale serves).
-    For JPEG bytes only (OpenCV resizes other formats with its own rounding); the prepared image
-    shards hold JPEGs only. EXIF rotation swaps width and height, which leaves the shorter side.
+    The budget wins over ``min_side``: a photo too large for it is decoded at the largest reduction
+    that fits. For JPEG bytes only (OpenCV resizes other formats with its own rounding); the prepared
+    image shards hold JPEGs only. EXIF rotation swaps width and height, which changes neither bound.
     """
+    scales = [(factor, flag) for factor, flag in _REDUCED] + [(1, cv2.IMREAD_COLOR)]  # cheapest first
+    fits = [
+        (factor, flag)
+        for factor, flag in scales
+        if max_pixels is None or math.ceil(width / factor) * math.ceil(height / factor) <= max_pixels
+    ]
+    if not fits:
+        raise ImageDefect(
+            "too-large",
+            f"{width}x{height} pixels, over the budget of {max_pixels} even decoded at 1/8 scale",
+        )
+    if min_side is None:
+        return fits[-1][1]  # the full decode if it fits, else the largest image that does
     short = min(int(width), int(height))
-    for factor, flag in _REDUCED:
+    for factor, flag in fits:
         if math.ceil(short / factor) >= min_side:
             return flag
-    return cv2.IMREAD_COLOR
+    return fits[-1][1]  # nothing in budget reaches min_side: the largest image that fits
 
 
-def _decode_bgr(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[int, int] | None]:
+def _decode_bgr(
+    data: bytes, min_side: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int] | None]:
     """Decode to upright BGR (OpenCV's order); also return the full-resolution (width, height) read
     from a JPEG header."""
     if len(data) == 0:
         raise ImageDefect("empty", "file has 0 bytes")
     flag = cv2.IMREAD_COLOR
     full_wh = None
-    if data.startswith(_JPEG_SOI):
-        header = _header(data)
-        if header is not None:
-            full_wh = (header[1], header[2])
-            if min_side is not None:
-                flag = reduced_decode_flag(*full_wh, min_side)
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    header = _header(data)
+    if header is not None:
+        fmt, width, height = header
+        if data.startswith(_JPEG_SOI):  # JPEG, and MPO (a camera's JPEG with extra frames)
+            full_wh = (width, height)
+            flag = reduced_decode_flag(width, height, min_side, max_pixels)
+        elif max_pixels is not None and width * height > max_pixels:
+            raise ImageDefect(
+                "too-large", f"{fmt} of {width}x{height} pixels, over the budget of {max_pixels} pixels"
+            )
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    except cv2.error as exc:  # e.g. a header beyond OpenCV's own pixel limit
+        raise ImageDefect("undecodable", f"OpenCV: {str(exc).strip().splitlines()[-1]}") from exc
     if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3 and bgr.size > 0:
         return bgr, full_wh
     if _looks_truncated(data):
@@ -128,14 +177,17 @@ def _decode_bgr(data: bytes, min_side: int | None) -> tuple[np.ndarray, tuple[in
     return cv2.cvtColor(_decode_pil(data), cv2.COLOR_RGB2BGR), full_wh
 
 
-def decode_rgb(data: bytes, min_side: int | None = None) -> np.ndarray:
-    """Decode image bytes into an upright HxWx3 RGB uint8 array.
+def decode_rgb(
+    data: bytes, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Decode image bytes into an upright HxWx3 RGB uint8 array of at most ``max_pixels`` pixels.
 
     With ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, but only at a scale whose
     shorter side is still >= ``min_side`` (so callers that downscale to ``min_side`` lose
-    nothing). Raises :class:`ImageDefect` for empty, truncated or undecodable bytes.
+    nothing), unless the budget needs more. Raises :class:`ImageDefect` for empty, truncated,
+    undecodable or too-large bytes.
     """
-    return cv2.cvtColor(_decode_bgr(data, min_side)[0], cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_decode_bgr(data, min_side, max_pixels)[0], cv2.COLOR_BGR2RGB)
 
 
 def target_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -186,18 +238,25 @@ def encode_jpeg(image: np.ndarray, quality: int, *, bgr: bool = False) -> bytes:
     return buf.tobytes()
 
 
-def prepare_image(data: bytes, size: int, quality: int) -> tuple[bytes, int, int]:
-    """Decode, orient, downscale (shorter side ``size``) and JPEG-encode one image.
+def prepare_image(
+    data: bytes, size: int, quality: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, int, int]:
+    """Decode (at most ``max_pixels``), orient, downscale (shorter side ``size``) and JPEG-encode one image.
 
     Returns (jpeg_bytes, width, height) of the prepared image; raises :class:`ImageDefect`.
     """
     # Decode, resize and encode all stay in OpenCV's BGR order: resizing works per channel, so this
     # gives the same bytes as going through RGB, without two colour conversions (~0.3 ms/image).
-    bgr, full_wh = _decode_bgr(data, min_side=size)
+    bgr, full_wh = _decode_bgr(data, min_side=size, max_pixels=max_pixels)
     out = resize_shorter(bgr, size, full_wh=full_wh)
     h, w = out.shape[:2]
     return encode_jpeg(out, quality, bgr=True), w, h
 
+
+#: what reading one zip member can raise: a bad CRC or a cut-off archive (BadZipFile, zlib.error,
+#: EOFError, OSError), an encrypted member (RuntimeError: password required), a compression method
+#: zipfile lacks (NotImplementedError: implode, AES ...)
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError)
 
 # One open ZipFile per archive and thread: a ZipFile must not be read from several threads at once
 # (its shared file position and reference count are not thread-safe), so every worker thread of the
@@ -206,7 +265,9 @@ def prepare_image(data: bytes, size: int, quality: int) -> tuple[bytes, int, int
 _LOCAL = threading.local()
 
 
-def _open_zip(path: str) -> zipfile.ZipFile:
+def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
+    """This thread's open handle of the zip at ``path`` (its central directory is parsed once)."""
+    path = os.fspath(path)
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)  # a rewritten file at the same path is a new archive
     zips = getattr(_LOCAL, "zips", None)
@@ -220,7 +281,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
 
 
 def prepare_zip_members(
-    zip_path: str, members: list[str], size: int, quality: int
+    zip_path: str, members: list[str], size: int, quality: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> list[tuple[bytes | None, int, int, str, str]]:
     """:func:`prepare_image` for ``members`` of one archive: (jpeg, width, height, reason, detail) each.
 
@@ -229,16 +290,16 @@ def prepare_zip_members(
     is returned (reason non-empty, jpeg None) rather than raised, so one bad file does not cost the
     rest of the chunk; a member must exist (the caller checks the archive's index).
     """
-    zf = _open_zip(zip_path)
+    zf = open_zip(zip_path)
     out = []
     for member in members:
         try:
             data = zf.read(member)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # bad CRC, cut-off archive
-            out.append((None, 0, 0, "unreadable", f"zip entry {member!r}: {exc}"))
+        except ZIP_READ_ERRORS as exc:
+            out.append((None, 0, 0, "unreadable", f"zip entry {member!r}: {type(exc).__name__}: {exc}"))
             continue
         try:
-            jpeg, w, h = prepare_image(data, size, quality)
+            jpeg, w, h = prepare_image(data, size, quality, max_pixels)
         except ImageDefect as exc:
             out.append((None, 0, 0, exc.reason, exc.detail))
             continue

@@ -10,8 +10,9 @@ Output (``data/prepared``): ``images/shard-*.bin`` (see prepared/shards.py), ``t
 Order of work, so that bad input fails fast and a failure writes nothing:
 
 1. tables are validated (tables.py) - a bad CSV fails before any image is read;
-2. both zips are indexed; an entry with an absolute path or ``..`` refuses the archive (zip
-   slip; nothing is ever extracted to disk anyway - images are streamed from the zip);
+2. both zips are indexed; an entry with an absolute path or ``..`` (zip slip) is never read and is
+   listed in report.json's ``unsafe_entries`` (nothing is ever extracted to disk - images are
+   streamed from the zip - and a CSV name cannot hold a folder separator, so no row can name one);
 3. images are decoded, resized and JPEG-encoded in parallel (a thread pool, chunks of rows per
    task), and appended to shards in CSV order (deterministic bytes);
 4. unreadable images are excluded; if the excluded share of train.csv or of test_kaggletest.csv
@@ -87,24 +88,27 @@ class RawPaths:
 # ----------------------------------------------------------------------------- zip index
 
 
-def index_zip(path: Path, split: str) -> tuple[str, set[str]]:
-    """Check ``path`` for unsafe entries and find its image folder; returns (prefix, file names).
+def index_zip(path: Path, split: str) -> tuple[str, set[str], list[str]]:
+    """Find the image folder of ``path``; returns (prefix, file names, unsafe entries).
 
     ``prefix`` ends with ``/`` (or is empty for a flat zip); a CSV name ``n`` is the member
-    ``prefix + n``.
+    ``prefix + n``. Unsafe entries (zip slip) are left out of the file names.
     """
     try:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path}: not a readable zip archive: {exc}") from exc
-    for info in infos:
-        if unsafe_member(info.filename):
-            raise DataError(
-                f"{path}: entry {info.filename!r} has an absolute path or a '..' component;"
-                " refusing the archive (zip slip)"
-            )
-    files = {i.filename for i in infos if not i.is_dir() and not _JUNK.search(i.filename)}
+    unsafe = [i.filename for i in infos if unsafe_member(i.filename)]
+    for name in unsafe[:10]:
+        log.warning(
+            "%s: entry %r has an absolute path or a '..' component (zip slip): never read", path, name
+        )
+    files = {
+        i.filename
+        for i in infos
+        if not i.is_dir() and not _JUNK.search(i.filename) and i.filename not in unsafe
+    }
     folders = Counter(f.rsplit("/", 1)[0] + "/" if "/" in f else "" for f in files)
     if f"{split}/" in folders or not folders:  # no files at all: only valid for an empty table
         prefix = f"{split}/"
@@ -122,7 +126,7 @@ def index_zip(path: Path, split: str) -> tuple[str, set[str]]:
             )
     if prefix != f"{split}/":
         log.info("%s: images are under %r instead of the official %r", path, prefix or "(root)", f"{split}/")
-    return prefix, files
+    return prefix, files, unsafe
 
 
 # ----------------------------------------------------------------------------- image workers
@@ -144,7 +148,7 @@ def _chunks(jobs: list[_Job]):
 
 
 def process_images(
-    jobs: list[_Job], writer: ShardWriter, size: int, quality: int, n_jobs: int
+    jobs: list[_Job], writer: ShardWriter, size: int, quality: int, n_jobs: int, max_pixels: int
 ) -> dict[str, pd.DataFrame]:
     """Prepare the rows of every job; returns per table a frame aligned with its rows.
 
@@ -168,7 +172,7 @@ def process_images(
     # the thread scheduling, so the output bytes are deterministic and independent of n_jobs.
     outputs = ordered_map(
         prepare_zip_members,
-        [(str(job.archive), members, size, quality) for job, _, members in tasks],
+        [(str(job.archive), members, size, quality, max_pixels) for job, _, members in tasks],
         n_workers,
         thread_name_prefix="prepare",
     )
@@ -256,7 +260,8 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
         log.warning(
             "%d SKU(s) lost all their train images to exclusions: %s", len(empty_skus), empty_skus[:20]
         )
-    report = _report(train, test, kept, splits, excluded, label_map, unseen, shards, cfg)
+    unsafe = {str(path): archives[key][2] for key, path in (("train", raw.train_zip), ("test", raw.test_zip))}
+    report = _report(train, test, kept, splits, excluded, label_map, unseen, shards, unsafe, cfg)
     write_json(out / "report.json", report)
     log.info(
         "prepared %d train, %d val, %d test images (%d excluded) into %d shard(s), %.1f MiB",
@@ -304,15 +309,15 @@ def _pack_images(
     tables["test"] = (test, raw.test_csv, raw.test_zip, *archives["test"])
     missing = {}
     jobs = []
-    for key, (df, _, archive, prefix, files) in tables.items():
+    for key, (df, _, archive, prefix, files, _unsafe) in tables.items():
         present = (prefix + df["name"]).isin(files)
         missing[key] = ~present
         jobs.append(_Job(key, archive, prefix, df.loc[present, ["name", "line"]]))
 
     with ShardWriter(out, shard_mb=cfg.shard_mb) as writer:
-        located = process_images(jobs, writer, cfg.size, cfg.jpeg_quality, cfg.n_jobs)
+        located = process_images(jobs, writer, cfg.size, cfg.jpeg_quality, cfg.n_jobs, cfg.max_pixels)
         merged, excluded = {}, {}
-        for key, (df, csv, archive, prefix, _) in tables.items():
+        for key, (df, csv, archive, prefix, _, _) in tables.items():
             loc = located[key].reindex(df.index)
             loc.loc[missing[key], ["shard", "reason", "detail"]] = [
                 "",
@@ -337,8 +342,10 @@ def _pack_images(
     return merged, excluded, {"shards": writer.n_shards, "shard_bytes": writer.total_bytes}
 
 
-def _report(train, test, kept, splits, excluded, label_map, unseen, shards, cfg: PrepareConfig) -> dict:
-    """report.json: counts per split and table, the excluded images and why."""
+def _report(
+    train, test, kept, splits, excluded, label_map, unseen, shards, unsafe, cfg: PrepareConfig
+) -> dict:
+    """report.json: counts per split and table, the excluded images and why, the zip-slip entries."""
     counts = {
         "train_csv_rows": len(train),
         "test_csv_rows": len(test),
@@ -356,4 +363,8 @@ def _report(train, test, kept, splits, excluded, label_map, unseen, shards, cfg:
         "test_unseen_skus": unseen["skus"],
         **shards,
     }
-    return {"counts": counts, "excluded": excluded["train"] + excluded["test"]}
+    return {
+        "counts": counts,
+        "excluded": excluded["train"] + excluded["test"],
+        "unsafe_entries": unsafe,
+    }

@@ -3,7 +3,11 @@ onnxruntime against PyTorch, real JPEG/PNG files with real defects, a zip, an en
 
 import io
 import json
+import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +18,8 @@ from PIL import Image
 
 from products10k.deploy import enrol, predict
 from products10k.deploy.runtime import ExportedModel
-from products10k.prepared.shards import ImageStore
+from products10k.prepared.images import prepare_image
+from products10k.prepared.shards import ImageStore, ShardWriter
 from products10k.training.checkpoint import load_model
 from products10k.training.transforms import eval_transform
 from tests.helpers import index_params, make_eval_data, run_index, stage_module
@@ -114,10 +119,14 @@ def test_predict_folders_zips_and_bad_images(project, tmp_path):
     assert errors[str(tmp_path / "missing.jpg")].startswith("missing")
     assert rows.loc[rows["status"] == "error", "sku_1"].isna().all()
 
-    # the classifier's top-1 is the PyTorch model's on the same decode and centre crop
+    # the classifier's top-1 is the PyTorch model's on prepare's re-encode, decode and centre crop
     model, meta = load_model(ckpt)
     tf = eval_transform(37, 32, meta.get("normalize"))
-    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    spec = json.loads((root / "models" / "export" / "preprocess.json").read_text())["prepare"]
+    prepared_jpeg = prepare_image(good, spec["resize_shorter_side"], spec["jpeg_quality"])[0]
+    rgb = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(prepared_jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
     with torch.no_grad():
         probs = torch.softmax(model(tf(image=rgb)["image"][None]), 1)[0].numpy()
     skus = json.loads((root / "models" / "export" / "preprocess.json").read_text())["skus"]
@@ -170,7 +179,122 @@ def test_enrol_bad_input_names_the_problem(project, tmp_path, caplog):
     csv.write_text("name,class\nx.jpg,12\n")
     with pytest.raises(SystemExit):
         enrol.main([str(csv), "--model", model, "--index", index, "--out", str(tmp_path / "o")])
-    assert f"{tmp_path / 'x.jpg'}: empty" in caplog.text and not (tmp_path / "o").exists()
+    assert f"skipped {tmp_path / 'x.jpg'} (SKU 12): empty" in caplog.text
+    assert "SKU(s) 12: none of their images could be read" in caplog.text and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         enrol.main([str(csv), "--model", model, "--index", index, "--out", index])
     assert "write the enrolled index to a new folder" in caplog.text
+
+
+def test_deploy_feeds_the_model_what_evaluation_fed_it(project, tmp_path):
+    """A raw photo through products10k-predict's loader equals the same photo through prepare (resize
+    to prepare.size, JPEG re-encode), the shards and the evaluate stage's dataset: exactly."""
+    from products10k.training.data import PreparedImageDataset
+    from tests.hostile import base_image
+
+    root, _, _ = project
+    model = ExportedModel(root / "models" / "export")
+    prep = model.spec["prepare"]
+    photo = cv2.imencode(".jpg", cv2.resize(base_image(), (1200, 900)), [cv2.IMWRITE_JPEG_QUALITY, 97])[
+        1
+    ].tobytes()
+    jpeg, w, h = prepare_image(photo, prep["resize_shorter_side"], prep["jpeg_quality"])
+    with ShardWriter(tmp_path, shard_mb=1) as writer:
+        shard, offset, length = writer.add(jpeg)
+    rows = pd.DataFrame(
+        {
+            "shard": [shard],
+            "offset": [offset],
+            "length": [length],
+            "width": [w],
+            "height": [h],
+            "label": [0],
+            "name": ["p"],
+        }
+    )
+    dataset = PreparedImageDataset(rows, tmp_path, model.transform, min_side=model.min_side)
+    evaluated = dataset[0][0].numpy()
+    assert np.array_equal(model.load(photo), evaluated)
+    # what deploy computed before it re-created prepare's step: a different network input
+    direct = model.preprocess(
+        cv2.cvtColor(cv2.imdecode(np.frombuffer(photo, np.uint8), 1), cv2.COLOR_BGR2RGB)
+    )
+    assert np.abs(direct - evaluated).max() > 0.01
+
+
+def test_predict_and_enrol_read_the_hostile_corpus_or_name_each_failure(project, tmp_path, caplog):
+    from tests.hostile import ANY, BUDGET, OK, ZIP_EXPECT, corpus, hostile_zip
+
+    root, prepared, _ = project
+    cases = corpus()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, case in cases.items():
+        (photos / name).write_bytes(case.data)
+    good = prepared_image(prepared, "test.csv", 0)
+    odd_name = os.fsdecode(b"caf\xe9-latin1.jpg")  # not UTF-8: a surrogate escape in Python
+    (photos / odd_name).write_bytes(good)
+    shelf = hostile_zip(tmp_path / "shelf.zip", good)
+    model = str(root / "models" / "export")
+    out = tmp_path / "rows.csv"
+    predict.main([str(photos), str(shelf), "--model", model, "--out", str(out), "--max-pixels", str(BUDGET)])
+
+    rows = pd.read_csv(out, keep_default_na=False).set_index("source")
+    assert len(rows) == len(cases) + 1 + len(ZIP_EXPECT)  # one row per input, nested zip included
+    got = {s: (r["status"] if r["status"] == "ok" else r["error"].split(":")[0]) for s, r in rows.iterrows()}
+    for name, case in cases.items():
+        if case.expect != ANY:
+            assert got[str(photos / name)] == case.expect, name
+    assert got[str(photos) + "/caf\\xe9-latin1.jpg"] == OK  # the name written with its byte escaped
+    assert {m: got[f"{shelf}:{m}"] for m in ZIP_EXPECT} == ZIP_EXPECT
+    assert (rows.loc[rows["status"] == "ok", "sku_1"] != "").all()
+
+    # enrol: the same files as a SKU's images; the readable ones are enrolled, the rest named and skipped
+    new = tmp_path / "new" / "4242"
+    new.mkdir(parents=True)
+    for name, case in cases.items():
+        (new / name).write_bytes(case.data)
+    index, enrolled = root / "models" / "m0" / "index", tmp_path / "enrolled"
+    enrol.main([str(new.parent), "--model", model, "--index", str(index), "--out", str(enrolled),
+                "--max-pixels", str(BUDGET)])  # fmt: skip
+    [entry] = json.loads((enrolled / "meta.json").read_text())["enrolled"]
+    skipped = {Path(s["path"]).name: s["error"].split(":")[0] for s in entry["skipped"]}
+    for name, case in cases.items():
+        if case.expect == OK:
+            assert name not in skipped
+        elif case.expect != ANY:
+            assert skipped[name] == case.expect, name
+    assert entry["images"] == len(cases) - len(skipped)
+    with pytest.raises(SystemExit):  # --strict: any unreadable image stops it, nothing written
+        enrol.main([str(new.parent), "--model", model, "--index", str(index), "--out", str(tmp_path / "s"),
+                    "--max-pixels", str(BUDGET), "--strict"])  # fmt: skip
+    assert "--strict is set" in caplog.text and not (tmp_path / "s").exists()
+
+
+def test_predict_peak_memory_over_a_huge_photo_stays_bounded(project, tmp_path):
+    """A 12000 x 8000 JPEG (96 MP, 288 MB decoded in full): predict decodes it at 1/8 scale (and the
+    budget would refuse a full decode), so its peak RSS stays within 64 MB of a run over a small photo."""
+    root, prepared, _ = project
+    huge = tmp_path / "huge.jpg"
+    gradient = np.linspace(0, 255, 12000, dtype=np.float32).astype(np.uint8)
+    canvas = np.broadcast_to(gradient[None, :, None], (8000, 12000, 3))
+    huge.write_bytes(cv2.imencode(".jpg", np.ascontiguousarray(canvas))[1].tobytes())
+    del canvas
+    small = tmp_path / "small.jpg"
+    small.write_bytes(prepared_image(prepared, "test.csv", 0))
+    code = (
+        "import resource, sys; from products10k.deploy import predict; "
+        "predict.main(sys.argv[1:]); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+
+    def peak_mb(image):
+        out = tmp_path / f"{image.stem}.json"
+        args = [str(image), "--model", str(root / "models" / "export"), "--out", str(out), "--threads", "1"]
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text())[0]["status"] == "ok"
+        return int(proc.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+    assert peak_mb(huge) - peak_mb(small) < 64

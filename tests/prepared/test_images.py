@@ -177,3 +177,72 @@ def test_reduced_decode_flag():
     assert reduced_decode_flag(1021, 1100, 512) == cv2.IMREAD_COLOR
     ok, jpeg = cv2.imencode(".jpg", np.zeros((1100, 1023, 3), np.uint8))
     assert ok and cv2.imdecode(jpeg, cv2.IMREAD_REDUCED_COLOR_2).shape[:2] == (550, 512)
+
+
+# --- the hostile corpus (tests/hostile.py) and the pixel budget ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_corpus():
+    from tests.hostile import corpus
+
+    return corpus()
+
+
+def test_every_hostile_file_is_read_or_named_never_raised(hostile_corpus):
+    from tests.hostile import ANY, BUDGET, OK
+
+    outcomes = {}
+    for name, case in hostile_corpus.items():
+        try:
+            rgb = decode_rgb(case.data, max_pixels=BUDGET)
+        except ImageDefect as exc:  # anything else fails the test: a traceback in a real run
+            outcomes[name] = exc.reason
+            continue
+        outcomes[name] = OK
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, name
+        assert rgb.shape[0] * rgb.shape[1] <= BUDGET, name
+        if case.upright is not None:  # the right picture, the right way up (every EXIF orientation)
+            assert rgb.shape == case.upright.shape, name
+            assert np.abs(rgb.astype(int) - case.upright).mean() < 6, name
+    expected = {name: case.expect for name, case in hostile_corpus.items() if case.expect != ANY}
+    assert {name: outcomes[name] for name in expected} == expected
+
+
+def test_a_jpeg_over_the_budget_is_decoded_reduced_and_others_refused():
+    from tests.hostile import base_image, jpeg_claiming, png_bomb
+
+    big = cv2.resize(base_image(), (4000, 3000))
+    data = cv2.imencode(".jpg", big)[1].tobytes()
+    assert decode_rgb(data).shape == (3000, 4000, 3)  # 12 MP: within the default budget
+    assert decode_rgb(data, max_pixels=3_000_000).shape == (1500, 2000, 3)  # 1/2 fits exactly
+    assert decode_rgb(data, max_pixels=2_999_999).shape == (750, 1000, 3)  # 1/4
+    # prepare keeps its output size from the header, so a reduced decode changes no dimension
+    assert prepare_image(data, 256, 90, max_pixels=2_000_000)[1:] == (341, 256)
+    with pytest.raises(ImageDefect, match="over the budget of 100000 even decoded at 1/8") as info:
+        decode_rgb(data, max_pixels=100_000)
+    assert info.value.reason == "too-large"
+    png = cv2.imencode(".png", big)[1].tobytes()
+    with pytest.raises(ImageDefect, match="PNG of 4000x3000 pixels") as info:
+        decode_rgb(png, max_pixels=3_000_000)
+    assert info.value.reason == "too-large"
+    for hostile in (jpeg_claiming(60000, 60000), png_bomb()):  # tiny files, giant headers
+        with pytest.raises(ImageDefect) as info:
+            decode_rgb(hostile)
+        assert info.value.reason == "too-large"
+
+
+def test_reduced_decode_flag_obeys_the_budget_before_min_side():
+    assert reduced_decode_flag(4000, 3000, 256) == cv2.IMREAD_REDUCED_COLOR_8
+    assert reduced_decode_flag(4000, 3000, 1000, max_pixels=12_000_000) == cv2.IMREAD_REDUCED_COLOR_2
+    assert reduced_decode_flag(4000, 3000, 3000, max_pixels=3_000_000) == cv2.IMREAD_REDUCED_COLOR_2
+    assert reduced_decode_flag(4000, 3000, None, max_pixels=12_000_000) == cv2.IMREAD_COLOR
+    with pytest.raises(ImageDefect):
+        reduced_decode_flag(40000, 30000, None, max_pixels=1_000_000)
+
+
+def test_the_params_ceiling_is_pillows():
+    from products10k.config.schema import PrepareConfig
+    from products10k.prepared.images import MAX_PIXELS_CEILING
+
+    assert PrepareConfig.model_fields["max_pixels"].metadata[1].le == MAX_PIXELS_CEILING

@@ -167,14 +167,56 @@ def test_csv_errors_fail_before_any_image_work(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("entry", ["../evil.jpg", "/abs/evil.jpg", "train/../../evil.jpg", "C:/evil.jpg"])
-def test_zip_slip_entries_refuse_the_archive(tmp_path, entry):
+def test_zip_slip_entries_are_never_read_and_are_reported(tmp_path, entry):
     raw = make_raw_data(tmp_path, extra={entry: jpeg_bytes((1, 2, 3))})
     out = tmp_path / "work" / "prepared"
-    with pytest.raises(DataError, match="zip slip") as info:
-        prepare(raw, out, CFG)
-    assert "train.zip" in str(info.value) and repr(entry) in str(info.value)
-    assert not out.exists()
+    report = prepare(raw, out, CFG)
+    assert report["unsafe_entries"] == {str(raw / "train.zip"): [entry], str(raw / "test.zip"): []}
+    assert report["counts"]["excluded_train"] == 0  # the run completes with every listed image
     assert not list(tmp_path.rglob("evil.jpg"))
+
+
+def test_the_hostile_corpus_is_read_or_excluded_with_its_reason_and_every_reader_reads_the_rest(tmp_path):
+    from products10k.training.data import PreparedImageDataset
+    from products10k.training.transforms import eval_transform
+    from tests.hostile import ANY, BUDGET, OK, append_members, corpus
+
+    cases = corpus()
+    good = jpeg_bytes(sku_colour(101))
+    raw = make_raw_data(tmp_path)
+    zip_cases = {"encrypted.jpg": "unreadable", "imploded.jpg": "unreadable", "link.jpg": "undecodable"}
+    members = {f"train/{n}": c.data for n, c in cases.items()}
+    members |= {"train/encrypted.jpg": good, "train/imploded.jpg": good, "train/link.jpg": b"/etc/passwd"}
+    members["train/caf\u00e9.jpg"] = good  # cp437 name, no UTF-8 flag
+    append_members(
+        raw / "train.zip",
+        members,
+        encrypted=("train/encrypted.jpg",),
+        imploded=("train/imploded.jpg",),
+        links=("train/link.jpg",),
+    )
+    table = read(raw / "train.csv")
+    names = [*cases, *zip_cases, "caf\u00e9.jpg"]
+    extra = pd.DataFrame({"name": names, "class": 101, "group": 1, "domain": "customer"})
+    pd.concat([table, extra]).to_csv(raw / "train.csv", index=False)
+
+    cfg = CFG.model_copy(update=dict(max_pixels=BUDGET, max_bad_fraction=0.95))
+    report = prepare(raw, tmp_path / "prepared", cfg)
+    reasons = {e["name"]: e["reason"] for e in report["excluded"]}
+    expected = {n: c.expect for n, c in cases.items() if c.expect not in (OK, ANY)} | zip_cases
+    assert {n: reasons.get(n, OK) for n in expected} == expected
+    out = tmp_path / "prepared"
+    kept = pd.concat([read(out / f"{split}.csv") for split in ("train", "val")])
+    assert {n for n, c in cases.items() if c.expect == OK} | {"caf\u00e9.jpg"} <= set(kept["name"])
+    assert set(kept["name"]) | set(reasons) == set(table["name"]) | set(names)  # each row: kept or why not
+
+    # the readers of prepared data (training loader, evaluate, index, export) read every kept row
+    test = read(out / "test.csv")
+    for rows in (kept, test):
+        dataset = PreparedImageDataset(rows, out, eval_transform(40, 32), min_side=40)
+        for i in range(len(dataset)):
+            image, label, index, _ = dataset[i]
+            assert tuple(image.shape) == (3, 32, 32) and index == i
 
 
 @pytest.mark.parametrize("prefix", ["Products10K/train/", ""])

@@ -1,0 +1,208 @@
+"""A corpus of hostile and odd image files, and of hostile zip archives, built here from real encoders.
+
+Every reader of user input (prepare, products10k-predict, products10k-enrol) is run over it: each file
+is either read or reported with its reason, never a traceback, and the rest of the run completes.
+
+``corpus(base)`` returns ``{name: Case}``: the bytes of one file and what a reader must make of it,
+``OK`` (decoded, upright RGB), a reason (``empty``, ``truncated``, ``undecodable``, ``too-large``) or
+``ANY`` for damage whose outcome is the decoder's call (a flipped byte may still decode); readers are run
+with ``BUDGET`` pixels, so the "genuinely huge" files here stay cheap to build. ``hostile_zip`` writes an
+archive whose members a zip reader cannot read (encrypted, an unsupported compression method) beside a
+traversal entry, a symlink entry, a nested zip and a name that is not UTF-8.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+OK, ANY = "ok", "any"
+#: the pixel budget the corpus is run with (readers' max_pixels): 1 MP
+BUDGET = 1_000_000
+#: what the readers are told about EXIF orientation k: Pillow's transpose of the stored pixels
+ORIENTATIONS = range(1, 9)
+
+
+@dataclass(frozen=True)
+class Case:
+    data: bytes
+    expect: str  # OK, ANY or the reason a reader must report
+    # for OK cases of known content: the upright RGB image a decode must be close to (None: not checked)
+    upright: np.ndarray | None = None
+
+
+def base_image(w: int = 120, h: int = 90) -> np.ndarray:
+    """An asymmetric RGB picture: a gradient with a dark corner, so every flip and turn tells apart."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 90)], axis=-1).astype(np.uint8)
+    img[: h // 3, : w // 4] = 10
+    return img
+
+
+def _save(img: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
+    im = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _encode(ext: str, rgb: np.ndarray) -> bytes:
+    return cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]))[1].tobytes()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A valid greyscale PNG of ``side`` x ``side`` zero pixels: ~400 KB that would decode to side^2 bytes."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small valid JPEG whose frame header (SOF0) is rewritten to claim ``width`` x ``height``."""
+    data = bytearray(_save(base_image(64, 48), "JPEG", quality=80))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def corpus(huge_side: int = 2400) -> dict[str, Case]:
+    """The hostile and odd files; ``huge_side``: the genuinely huge JPEG/PNG (over BUDGET at full size)."""
+    base = base_image()
+    huge = cv2.resize(base, (huge_side, huge_side * 3 // 4))
+    jpeg = _save(base, "JPEG", quality=92)
+    cases: dict[str, Case] = {
+        "plain.jpg": Case(jpeg, OK, base),
+        "empty.jpg": Case(b"", "empty"),
+        "text.jpg": Case(b"Dear customer, the photo follows.\n" * 20, "undecodable"),
+        "zeros.jpg": Case(bytes(4096), "undecodable"),
+        "progressive.jpg": Case(_save(base, "JPEG", quality=92, progressive=True), OK, base),
+        "cmyk.jpg": Case(_save(Image.fromarray(base).convert("CMYK"), "JPEG", quality=95), OK, base),
+        "grey.jpg": Case(_save(Image.fromarray(base).convert("L"), "JPEG"), OK),
+        "png16.png": Case(_encode(".png", base.astype(np.uint16) * 257), OK, base),
+        "palette.png": Case(_save(Image.fromarray(base).convert("P", palette=Image.ADAPTIVE), "PNG"), OK),
+        "rgba.png": Case(_save(Image.fromarray(base).convert("RGBA"), "PNG"), OK, base),
+        "gif-as.jpg": Case(_save(base, "GIF"), OK),
+        "webp-as.jpg": Case(_save(base, "WEBP", lossless=True), OK, base),
+        "tiff-as.jpg": Case(_save(base, "TIFF"), OK, base),
+        "bmp-as.jpg": Case(_save(base, "BMP"), OK, base),
+        "claims-60000x60000.jpg": Case(jpeg_claiming(60000, 60000), "too-large"),
+        "png-bomb.png": Case(png_bomb(), "too-large"),
+        # over BUDGET at full size: a JPEG is decoded reduced, a PNG has no reduced decode
+        "huge.jpg": Case(_encode(".jpg", huge), OK),
+        "huge.png": Case(_encode(".png", huge), "too-large"),
+    }  # fmt: skip
+    for k in ORIENTATIONS:
+        exif = Image.Exif()
+        exif[0x0112] = k
+        stored = _save(base, "JPEG", quality=95, exif=exif.tobytes())
+        with Image.open(io.BytesIO(stored)) as im:
+            upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        cases[f"exif-{k}.jpg"] = Case(stored, OK, upright)
+    for offset in (1, 2, 3, 10, 100, 300, len(jpeg) // 2, len(jpeg) - 2):
+        cases[f"cut-{offset}.jpg"] = Case(jpeg[:offset], ANY)
+    png = _save(base, "PNG")
+    for offset in (8, 30, len(png) // 2, len(png) - 12):
+        cases[f"cut-{offset}.png"] = Case(png[:offset], ANY)
+    for offset in (2, 3, 6, 20, 100, 160, 170, 200, 400, 600):
+        flipped = bytearray(jpeg)
+        flipped[offset] ^= 0xFF
+        cases[f"flip-{offset}.jpg"] = Case(bytes(flipped), ANY)
+    return cases
+
+
+def _patch_member(data: bytearray, name: str, *, flags: int | None = None, method: int | None = None) -> None:
+    """Rewrite the general-purpose flags / compression method of member ``name`` in both its local
+    header and its central-directory entry (zipfile cannot write encrypted or imploded members)."""
+    encoded = name.encode()
+    for sig, flags_at, method_at, name_at in ((b"PK\x03\x04", 6, 8, 30), (b"PK\x01\x02", 8, 10, 46)):
+        pos = 0
+        while (pos := data.find(sig, pos)) != -1:
+            if data[pos + name_at : pos + name_at + len(encoded)] == encoded:
+                if flags is not None:
+                    data[pos + flags_at : pos + flags_at + 2] = struct.pack("<H", flags)
+                if method is not None:
+                    data[pos + method_at : pos + method_at + 2] = struct.pack("<H", method)
+            pos += 4
+
+
+#: member -> what a reader must make of it ("ok", or the reason its row must give)
+ZIP_EXPECT = {
+    "shelf/good.jpg": OK,
+    "shelf/encrypted.jpg": "unreadable",
+    "shelf/imploded.jpg": "unreadable",
+    "shelf/../../escape.jpg": OK,  # read in place, never extracted: the name is only a label
+    "shelf/link.jpg": "undecodable",  # a symlink entry's bytes are its target's path
+    "shelf/inner.zip": "unsupported",
+    "shelf/caf\u00e9-\u0192.jpg": OK,  # stored in cp437, no UTF-8 flag
+}
+
+
+def append_members(
+    path: Path,
+    members: dict[str, bytes],
+    *,
+    encrypted: tuple[str, ...] = (),
+    imploded: tuple[str, ...] = (),
+    links: tuple[str, ...] = (),
+) -> None:
+    """Append ``members`` to the zip at ``path`` (made if absent); ``encrypted`` get the encryption flag,
+    ``imploded`` compression method 6 (zipfile reads neither), ``links`` the symlink mode. A name that
+    cp437 can spell is stored in cp437 without the UTF-8 flag, as old archivers write it."""
+    renames = {}
+    with zipfile.ZipFile(path, "a" if path.exists() else "w", zipfile.ZIP_STORED) as zf:
+        for i, (name, data) in enumerate(members.items()):
+            stored = name
+            if not name.isascii():  # zipfile writes non-ASCII names as UTF-8: renamed below
+                size = len(name.encode("cp437"))
+                stored = ("~" * size + str(i))[-size:]
+                renames[stored.encode()] = name.encode("cp437")
+            info = zipfile.ZipInfo(stored, date_time=(2020, 1, 1, 0, 0, 0))
+            if name in links:
+                info.create_system = 3
+                info.external_attr = (0o120777 << 16) | 0x20  # S_IFLNK
+            zf.writestr(info, data)
+    raw = bytearray(path.read_bytes())
+    for placeholder, real in renames.items():
+        raw = bytearray(raw.replace(placeholder, real))
+    for name in encrypted:
+        _patch_member(raw, name, flags=0x1)
+    for name in imploded:
+        _patch_member(raw, name, method=6)
+    path.write_bytes(bytes(raw))
+
+
+def hostile_zip(path: Path, good: bytes) -> Path:
+    """A zip with the members of :data:`ZIP_EXPECT`; ``good`` is a readable image's bytes."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as nested:
+        nested.writestr("deep.jpg", good)
+    members = {name: good for name in ZIP_EXPECT}
+    members["shelf/link.jpg"] = b"/etc/passwd"
+    members["shelf/inner.zip"] = inner.getvalue()
+    append_members(
+        path,
+        members,
+        encrypted=("shelf/encrypted.jpg",),
+        imploded=("shelf/imploded.jpg",),
+        links=("shelf/link.jpg",),
+    )
+    return path
