@@ -3,25 +3,39 @@
 #   make test    create .venv, install the project with dev tools, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
+# The exact packages, pinned by hash (tools/lock.py). `make install LOCK=` installs from pyproject.toml's
+# floors instead: the newest releases the registry serves, for a platform the lock was not made on.
+LOCK ?= requirements.lock
 BIN := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`/`torchrun`: run them with the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test lint bench table1 clean-venv
+.PHONY: install repro test lint bench table1 lock clean-venv
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
+ifeq ($(strip $(LOCK)),)
 	$(BIN)/python -m pip install -e '.[dev]'
+else
+	$(BIN)/python -m pip install --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --no-deps -e .
+	$(BIN)/python -m pip check
+endif
 	touch $@
 
 install: $(BIN)/.installed
 
+# re-resolve pyproject.toml's floors against the registry and rewrite requirements.lock (then commit it)
+lock:
+	$(PYTHON) tools/lock.py
+
 repro: install
 	$(BIN)/dvc repro
 
+# without the lock, tests/test_lock.py's check that the environment is the locked one is skipped, said so
 test: install
-	$(BIN)/python -m pytest
+	$(if $(strip $(LOCK)),,PRODUCTS10K_UNLOCKED=1) $(BIN)/python -m pytest
 
 # the paper's Table 1 over table1.seeds seeds of DVC experiments -> reports/table1.{md,json,png}
 table1: install

@@ -11,11 +11,13 @@ The output is preallocated (N, D) float32 and filled batch by batch: 142k x 1,53
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -44,8 +46,14 @@ def embed_rows(
     device: torch.device | str = "cpu",
     amp: torch.dtype | None = None,
     desc: str = "embed",
+    on_logits: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """(N, D) float32 unit vectors of the rows of a prepared CSV, in row order."""
+    """(N, D) float32 unit vectors of the rows of a prepared CSV, in row order.
+
+    ``on_logits(start, logits)``: also hand over the classifier's (B, K) float32 logits of rows
+    ``start:start+B`` from the same forward pass, one centre crop: what ``products10k-predict``
+    computes (the index stage fits the deploy fusion weight on them). Streamed, never (N, K).
+    """
     if len(df) == 0:
         raise DataError(f"{desc}: no rows to embed (the split is empty)")
     device = torch.device(device)
@@ -64,8 +72,10 @@ def embed_rows(
         loader, desc=desc, unit="batch", leave=False, mininterval=1.0
     ):
         with autocast:
-            vectors = model.embedding(to_model_input(images, device, flags))
-        vectors = vectors.float().cpu().numpy()
+            features = model.features(to_model_input(images, device, flags))
+        vectors = F.normalize(features.float(), dim=1).cpu().numpy()  # = model.embedding
+        if on_logits is not None:
+            on_logits(start, model.classify(features).float().cpu().numpy())
         if out is None:
             out = np.empty((len(dataset), vectors.shape[1]), dtype=np.float32)
         out[start : start + len(vectors)] = vectors

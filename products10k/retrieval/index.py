@@ -5,9 +5,13 @@
 2. Embed val and test and classify them by kNN over that gallery.
 3. Fuse the kNN probabilities with the classifier's (the evaluate stage's TTA'd predictions of the
    same member and phase), the weight fitted on val; write the fused predictions in the evaluate
-   stage's file format (``predictions/fused/<m>.npz``), which ``submit.phase: fused`` reads.
-4. Metrics: classifier, kNN and fused top-1/top-5, head and tail SKUs, val and test, and the
-   fitted weight (``metrics/<m>/retrieval.json``).
+   stage's file format (``predictions/fused/<m>.npz``), which ``submit.phase: fused`` reads. A
+   second weight is fitted on val for deploy: on the classifier's single centre crop, computed in
+   the embedding pass, which is what ``products10k-predict --mode fused`` has (the index's
+   meta.json ``fusion_weight``).
+4. Metrics: classifier, kNN and fused top-1/top-5, head and tail SKUs, val and test, and both
+   fitted weights (``metrics/<m>/retrieval.json``); the val figures are in-sample for the fused
+   scores (their weight was fitted on those rows).
 
 Val queries are never in the gallery (it is the training split only), so the weight is fitted on
 images the index has not seen, as test images are. Tail SKUs have no val images (prepare keeps
@@ -31,7 +35,7 @@ from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.retrieval.embed import embed_rows
 from products10k.retrieval.knn import build_gallery, fit_fusion_weight, fuse, knn_scores, save_gallery
-from products10k.submission.predictions import SplitScores, load_predictions, save_predictions
+from products10k.submission.predictions import SplitScores, TopKWriter, load_predictions, save_predictions
 from products10k.training.devices import amp_dtype, eval_workers, resolve_device
 
 log = logging.getLogger(__name__)
@@ -83,9 +87,17 @@ def build_index(
     log.info("%s: index of %d training images x %d dims", member, gallery.index.ntotal, gallery.index.d)
 
     knn = {}
+    # the classifier's single centre crop of val, from the embedding pass: what predict computes
+    single_val = TopKWriter(len(splits["val"]), evaluate.top_k, len(skus))
+    val_labels = splits["val"]["label"].to_numpy()
+
+    def single_crop(start: int, logits: np.ndarray) -> None:
+        single_val.add(start, logits, val_labels[start : start + len(logits)])
+
     for split in ("val", "test"):
         rows = splits[split]
-        queries = embed(rows, split) if len(rows) else np.zeros((0, gallery.index.d), np.float32)
+        hook = single_crop if split == "val" else None
+        queries = embed(rows, split, hook) if len(rows) else np.zeros((0, gallery.index.d), np.float32)
         knn[split] = knn_scores(
             gallery,
             queries,
@@ -99,12 +111,23 @@ def build_index(
         )
         _check_same_rows(classifier, split, knn[split], inputs.classifier)
 
-    weight = _fusion_weight(classifier.val, knn["val"], member)
-    gallery.meta["fusion_weight"] = weight
+    # Two weights: the pipeline fuses kNN with the evaluate stage's TTA-averaged scores, deploy with
+    # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
+    weight = _fusion_weight(classifier.val, knn["val"], member, "TTA")
+    deploy_weight = _fusion_weight(
+        single_val.result(splits["val"]["name"], val_labels), knn["val"], member, "single-crop"
+    )
+    gallery.meta["fusion_weight"] = deploy_weight  # what products10k-predict --mode fused applies
+    gallery.meta["fusion_weight_fitted_on"] = "val, single centre crop (as products10k-predict)"
     fused = {s: fuse(getattr(classifier, s), knn[s], weight, len(skus), evaluate.top_k) for s in knn}
 
     n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
-    metrics = {"fusion_weight": weight, "gallery": int(gallery.index.ntotal), "dim": int(gallery.index.d)}
+    metrics = {
+        "fusion_weight": weight,
+        "fusion_weight_single_crop": deploy_weight,
+        "gallery": int(gallery.index.ntotal),
+        "dim": int(gallery.index.d),
+    }
     for split in ("val", "test"):
         scores = {"classifier": getattr(classifier, split), "knn": knn[split], "fused": fused[split]}
         metrics[split] = {
@@ -137,8 +160,10 @@ def _embedder(model, meta, images_root, cfg: RetrievalConfig, evaluate: Evaluate
         amp=amp_dtype(evaluate.amp, device),
     )
 
-    def embed(rows, split: str) -> np.ndarray:
-        return embed_rows(model, meta, rows, images_root, desc=f"{name} embed {split}", **kw)
+    def embed(rows, split: str, on_logits=None) -> np.ndarray:
+        return embed_rows(
+            model, meta, rows, images_root, desc=f"{name} embed {split}", on_logits=on_logits, **kw
+        )
 
     return embed
 
@@ -168,14 +193,20 @@ def _check_same_rows(classifier, split: str, knn: SplitScores, path: Path) -> No
         )
 
 
-def _fusion_weight(classifier_val: SplitScores, knn_val: SplitScores, member: str) -> float:
+def _fusion_weight(classifier_val: SplitScores, knn_val: SplitScores, member: str, scores: str) -> float:
     if not (classifier_val.labels >= 0).any():
         log.warning(
             "%s: no labelled val rows to fit the kNN fusion weight on; using %.1f", member, UNFITTED_WEIGHT
         )
         return UNFITTED_WEIGHT
     weight = fit_fusion_weight(classifier_val, knn_val)
-    log.info("%s: kNN fusion weight fitted on %d val rows: %.3f", member, len(classifier_val), weight)
+    log.info(
+        "%s: kNN fusion weight (%s classifier) fitted on %d val rows: %.3f",
+        member,
+        scores,
+        len(classifier_val),
+        weight,
+    )
     return weight
 
 

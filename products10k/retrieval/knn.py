@@ -240,4 +240,5 @@ def fuse(
         topk_logits=logits,
         logsumexp=np.zeros(len(logits), dtype=np.float32),
         label_logprob=fused.label_logprob.astype(np.float32),
+        prob_error=fused.error_bound.astype(np.float32),  # estimates: an ensemble of this carries it on
     )

@@ -113,9 +113,11 @@ def combine_topk(
 ) -> EnsembleTopK:
     """Weighted average of the members' softmax probabilities, reduced to its top-``k`` per row.
 
-    Per block of rows: a (rows, K) buffer gets, for each member, its exact probabilities of the
-    labels it kept and the mean of its left-out mass elsewhere. A member that kept every label
-    (k = K) is exact; the bound ``sum_m w_m * p_k,m`` says how far off any other can be.
+    Per block of rows: a (rows, K) buffer gets, for each member, its probabilities of the labels it
+    kept and the mean of its left-out mass elsewhere. A member that kept every label (k = K) adds only
+    its own ``prob_error`` e_m; another adds ``w_m * (p_k,m + e_m)``: its kept probabilities are within
+    e_m of the exact ones, and a left-out label's exact probability lies in [0, p_k,m + e_m], as does
+    the estimate (see products10k.submission.predictions).
     """
     if len(members) != len(weights):
         raise ValueError(f"{len(members)} members but {len(weights)} weights")
@@ -138,6 +140,7 @@ def combine_topk(
             if w <= 0:
                 continue
             p = np.exp(m.topk_logits[start:stop].astype(np.float64) - m.logsumexp[start:stop, None])
+            bound[start:stop] += w * m.prob_error[start:stop]
             rest = np.zeros(len(p))
             if m.k < num_classes:
                 # the left-out labels share the rest of the member's mass equally

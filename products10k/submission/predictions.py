@@ -12,14 +12,19 @@ row of a split the file keeps
   ``1 - sum(them)`` is the exact probability mass of the K - k labels left out;
 - ``label_logprob`` (N,) float32: the exact log-softmax of the row's own label (NaN where the label
   is -1, a test SKU the training set lacks), whether or not it is in the top-k: the ensemble weight
-  fit needs it for every row.
+  fit needs it for every row;
+- ``prob_error`` (N,) float32, optional (zeros when absent): how far the kept probabilities may be
+  from the exact ones. Zero for the evaluate stage's files, whose probabilities are exact; the index
+  stage's fused file holds estimates (a combination of two top-k blocks, see below) and stores their
+  bound here, so an ensemble that uses it as a member (``submit.phase: fused``) carries it on.
 
 What is exact and what is not: a member's top-1..top-k predictions, its top-1/top-5 metrics, its
 confidence and every label's probability it kept are exact. The ensemble
 (``products10k.ensemble.combine_topk``) needs a member's probability of a label that member did
 not keep; it uses the mean of that member's left-out mass, which lies, as the true value does, in
 [0, p_k] (p_k = the member's k-th probability). An ensemble probability is therefore off by at most
-``sum_m w_m * p_k,m``; the submit stage reports the largest such bound and how many rows' top-1
+``sum_m w_m * (p_k,m + e_m)`` (``e_m``: the member's own ``prob_error``, which also moves the left-out
+labels' range to [0, p_k + e]); the submit stage reports the largest such bound and how many rows' top-1
 it could change. Size at full scale with k = 100: 55,376 x 100 x 8 B = 44 MB of test rows per file.
 
 Kept apart from ``evaluation`` so that ``submit`` (which only ensembles saved scores) depends on
@@ -41,6 +46,7 @@ from products10k.evaluation.metrics import topk_indices
 SPLITS = ("val", "test")
 ROW_ARRAYS = ("names", "labels", "topk_labels", "topk_logits", "logsumexp", "label_logprob")
 PREDICTION_KEYS = tuple(f"{s}_{a}" for s in SPLITS for a in ROW_ARRAYS) + ("skus",)
+PROB_ERROR = "prob_error"  # optional per split: files written before it was added are exact
 
 
 @dataclass
@@ -53,6 +59,11 @@ class SplitScores:
     topk_logits: np.ndarray  # (N, k) float32
     logsumexp: np.ndarray  # (N,) float32, over all K classes
     label_logprob: np.ndarray  # (N,) float32, NaN where labels < 0
+    prob_error: np.ndarray | None = None  # (N,) float32: bound on |kept prob - exact|; None = exact
+
+    def __post_init__(self) -> None:
+        if self.prob_error is None:
+            self.prob_error = np.zeros(len(self.labels), dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,7 +154,7 @@ def save_predictions(
             raise ValueError(f"{len(single_top1)} single-crop labels for {len(test)} test rows")
         arrays[SINGLE_TOP1] = np.asarray(single_top1, dtype=np.int32)
     for split, scores in (("val", val), ("test", test)):
-        for name in ROW_ARRAYS:
+        for name in (*ROW_ARRAYS, PROB_ERROR):
             arrays[f"{split}_{name}"] = getattr(scores, name)
     with common.atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -171,5 +182,11 @@ def load_predictions(path: str | Path, member: str = "") -> Predictions:
                 f"{who}{path}: missing array '{missing[0]}' (written by an older evaluate? "
                 "re-run it: `dvc repro -f` the evaluate stage)"
             )
-        splits = {s: SplitScores(**{a: data[f"{s}_{a}"] for a in ROW_ARRAYS}) for s in SPLITS}
+        splits = {
+            s: SplitScores(
+                **{a: data[f"{s}_{a}"] for a in ROW_ARRAYS},
+                prob_error=data[f"{s}_{PROB_ERROR}"] if f"{s}_{PROB_ERROR}" in data.files else None,
+            )
+            for s in SPLITS
+        }
         return Predictions(splits["val"], splits["test"], data["skus"])

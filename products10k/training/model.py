@@ -114,7 +114,11 @@ class Products10kNet(nn.Module):
         return F.normalize(self.features(x).float(), dim=1)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        f = self.dropout(self.features(x))
+        return self.classify(self.features(x), target)
+
+    def classify(self, features: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of pooled ``features`` (the second half of ``forward``)."""
+        f = self.dropout(features)
         # The head runs in float32 even under autocast: thousands of SKU logits a few hundredths
         # apart would be reordered by bf16 rounding (~0.85% of argmaxes flip at 9.7k classes).
         with torch.autocast(f.device.type, enabled=False):

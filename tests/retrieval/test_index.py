@@ -79,3 +79,46 @@ def test_index_stage_rejects_predictions_of_other_rows(tmp_path, prepared, caplo
         )
     assert "test rows are not those of the prepared test.csv" in caplog.text
     assert not (tmp_path / "o2" / "models").exists() and not (tmp_path / "o2" / "predictions").exists()
+
+
+def test_the_deploy_fusion_weight_is_fitted_on_the_single_crop_logits_of_the_embedding_pass(
+    tmp_path, prepared, monkeypatch
+):
+    """predict --mode fused has one centre crop of the classifier, not the evaluate stage's TTA
+    average: the weight in the index's meta.json is fitted on what the embedding pass computes."""
+    from products10k.retrieval import index as index_mod
+    from products10k.retrieval.knn import fit_fusion_weight, knn_scores
+    from products10k.submission.predictions import SplitScores
+
+    label_map = read_label_map(prepared / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
+    val = read_prepared(prepared / "val.csv", label_map)
+    labels = val["label"].to_numpy()
+    # the single crop: confidently right on the first half of val, confidently wrong on the rest
+    logits = np.full((len(val), len(label_map)), -5.0, np.float32)
+    half = len(val) // 2
+    logits[
+        np.arange(len(val)), np.where(np.arange(len(val)) < half, labels, (labels + 1) % len(label_map))
+    ] = 5.0
+    real = index_mod.embed_rows
+    seen = {}
+
+    def embed_rows(model, meta, df, images_root, *, on_logits=None, **kw):
+        vectors = real(model, meta, df, images_root, **kw)
+        if on_logits is not None:  # val: kNN misled on the first half (their vectors rolled)
+            vectors[:half] = np.roll(vectors[:half], 1, axis=0)
+            on_logits(0, logits)
+            seen["val"] = vectors
+        return vectors
+
+    monkeypatch.setattr(index_mod, "embed_rows", embed_rows)
+    run_index(tmp_path, prepared, index_params(tmp_path, k=1))
+
+    gallery = load_gallery(tmp_path / "models" / "m0" / "index")
+    names = val["name"].to_numpy()
+    meta = gallery.meta
+    knn = knn_scores(gallery, seen["val"], names, labels, k=meta["k"], kind=meta["vote"],
+                     temperature=meta["temperature"], smoothing=meta["smoothing"], batch=8)  # fmt: skip
+    single = fit_fusion_weight(SplitScores.from_logits(names, labels, logits, 5), knn)
+    metrics = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
+    assert meta["fusion_weight"] == pytest.approx(single, abs=1e-6) == metrics["fusion_weight_single_crop"]
+    assert abs(metrics["fusion_weight"] - single) > 0.05  # the TTA weight, which deploy used before

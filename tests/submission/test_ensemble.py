@@ -114,6 +114,37 @@ def _ens(members, weights):
     return from_dict(EnsembleConfig, {"members": members, "weights": weights}, prefix="ensemble")
 
 
+def test_an_ensemble_of_fused_estimates_carries_their_bound(tmp_path):
+    # The index stage's fused file holds estimated probabilities (classifier and kNN combined from
+    # top-k blocks). An ensemble that uses it as a member (submit.phase: fused) must add that
+    # estimate's own bound to its own, or the reported max_prob_error can be exceeded.
+    from products10k.retrieval.knn import fuse
+    from products10k.submission.predictions import load_predictions, save_predictions
+
+    rng = np.random.default_rng(134)  # one of the draws where the bound without it is exceeded
+    n, num_classes, k = 200, 8, 2
+    labels = rng.integers(0, num_classes, n)
+    names = np.array([str(i) for i in range(n)])
+    exact, blocks = {}, {}
+    for name in ("classifier", "knn", "other"):
+        logits = rng.normal(scale=rng.uniform(0.5, 4), size=(n, num_classes))
+        exact[name] = softmax(logits, axis=1)
+        blocks[name] = SplitScores.from_logits(names, labels, logits, k)
+    w, v = rng.uniform(0.1, 0.9), rng.uniform(0.3, 1.0)
+    fused = fuse(blocks["classifier"], blocks["knn"], w, num_classes, k)
+    assert (fused.prob_error > 0).all()
+    save_predictions(tmp_path / "fused.npz", val=fused, test=fused, skus=np.arange(num_classes))
+    fused = load_predictions(tmp_path / "fused.npz").test  # the bound survives the file
+
+    # every label's ensemble probability (k = K), against the exact average of the full softmaxes
+    ens = combine_topk([fused, blocks["other"]], [v, 1 - v], num_classes, num_classes)
+    truth = v * ((1 - w) * exact["classifier"] + w * exact["knn"]) + (1 - v) * exact["other"]
+    error = np.abs(np.take_along_axis(truth, ens.labels, axis=1) - ens.probs).max(axis=1)
+    assert (error <= ens.error_bound + 1e-6).all()
+    without_fused_bound = ens.error_bound - v * fused.prob_error
+    assert (error > without_fused_bound + 0.01).any()  # the bound before this fix: exceeded
+
+
 def test_weights_config_is_checked_against_members():
     members = {"m0": {}, "m1": {"train.resolution": 224}}
     cfg = _ens(members, {"m0": 1, "m1": 2})
