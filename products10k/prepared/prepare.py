@@ -240,12 +240,14 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
     merged, excluded, shards = _pack_images(raw, archives, out, train, test, cfg)
 
     kept = merged["train"]
-    label_map = make_label_map(train, kept)
+    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed, cfg.val_min_images)
+    # n_train counts what the model trains on (train.csv), so head/tail is by training images
+    label_map = make_label_map(train, kept[~is_val])
     label_of = label_map.set_index("sku")["label"]
     for key in merged:
         # -1: a test SKU with no train images (counted above), never a train row
         merged[key]["label"] = merged[key]["sku"].map(label_of).fillna(-1).astype("int64")
-    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed, cfg.val_min_images)
+    kept = merged["train"]
     splits = {
         "train": kept[~is_val][PREPARED_COLUMNS],
         "val": kept[is_val][PREPARED_COLUMNS],

@@ -243,15 +243,16 @@ def split_train_val(
     return is_val
 
 
-def make_label_map(train: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
+def make_label_map(train: pd.DataFrame, trained: pd.DataFrame) -> pd.DataFrame:
     """``label, sku, group, n_train``: contiguous labels over the SKUs of the raw train table.
 
     Labels are assigned to every SKU of ``train`` (sorted by SKU id) even if all its images were
     excluded as unreadable, so one corrupt file does not renumber the classes; ``n_train`` counts
-    the images of ``kept`` (train + val rows after exclusions) and may then be 0.
+    the images of ``trained`` (the rows of train.csv: after exclusions and without the val split,
+    i.e. what the model trains on and what head/tail is defined by) and may then be 0.
     """
     lm = train.drop_duplicates("sku")[["sku", "group"]].sort_values("sku").reset_index(drop=True)
     lm.insert(0, "label", np.arange(len(lm), dtype=np.int64))
-    counts = kept["sku"].value_counts()
+    counts = trained["sku"].value_counts()
     lm["n_train"] = lm["sku"].map(counts).fillna(0).astype("int64")
     return lm

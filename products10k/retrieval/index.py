@@ -14,9 +14,10 @@
    scores (their weight was fitted on those rows).
 
 Val queries are never in the gallery (it is the training split only), so the weight is fitted on
-images the index has not seen, as test images are. Tail SKUs have no val images (prepare keeps
-every image of a tail SKU for training): the weight is fitted on head SKUs; the test metrics
-report the tail separately.
+images the index has not seen, as test images are. SKUs below ``prepare.val_min_images`` give no
+val images (prepare keeps every image of them for training), so the weight is fitted mostly on head
+SKUs; the test metrics report the tail (<= ``evaluate.tail_max_images`` images in train.csv)
+separately.
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def build_index(
         "dim": int(gallery.index.d),
     }
     for split in ("val", "test"):
-        scores = {"classifier": getattr(classifier, split), "knn": knn[split], "fused": fused[split]}
+        # val's fused scores use the weight fitted on those rows: named in-sample where they are shown
+        fused_key = "fused_in_sample" if split == "val" else "fused"
+        scores = {"classifier": getattr(classifier, split), "knn": knn[split], fused_key: fused[split]}
         metrics[split] = {
             name: _brief(split_metrics(s.topk_labels, splits[split], n_train, evaluate.tail_max_images))
             for name, s in scores.items()

@@ -52,9 +52,9 @@ def test_index_stage_knn_matches_brute_force_and_metrics_match_the_files(tmp_pat
     assert fused.test.names.tolist() == test["name"].tolist()
     block = split_metrics(fused.test.topk_labels, test, n_train, 3)
     assert metrics["test"]["fused"]["top1"] == pytest.approx(block["top1"])
-    assert (
-        0.0 <= metrics["fusion_weight"] <= 1.0 and gallery.meta["fusion_weight"] == metrics["fusion_weight"]
-    )
+    assert 0.0 <= metrics["fusion_weight"] <= 1.0
+    assert gallery.meta["fusion_weight"] == metrics["fusion_weight_single_crop"]  # deploy's: one crop
+    assert set(metrics["val"]) == {"classifier", "knn", "fused_in_sample"}  # its weight was fitted on val
     classifier = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["test"]["classifier"]["top1"] == pytest.approx(classifier["test"]["tta"]["top1"])
     # fused probabilities are a distribution over the SKUs

@@ -202,6 +202,8 @@ def test_make_submission_writes_a_valid_scored_submission(submit_inputs):
     assert metrics["test"]["top1"] == pytest.approx(5 / 6)
     assert metrics["test"]["fallback_rows"] == 0
     assert metrics["ensemble"]["weights"]["m0"] > 0.9
+    # val is what the weights were fitted on: labelled in-sample, never shown as plain "val"
+    assert "val" not in metrics and 0 <= metrics["val_in_sample"]["top1"] <= 1
     top5 = pd.read_csv(submit_inputs["top_k_out"])
     assert top5.shape == (6, 1 + 2 * 4)  # K = 4 < 5: four SKU ids and four scores
     assert not list(submit_inputs["out"].parent.glob(".*"))  # no temp files left behind
