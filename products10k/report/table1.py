@@ -159,15 +159,32 @@ def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> lis
     return out
 
 
-def experiment_revs() -> dict[str, str]:
-    """Experiment name -> commit of the experiments whose baseline is HEAD."""
-    head = _git("rev-parse", "HEAD").strip()
-    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
-    refs = _git("for-each-ref", "--format=%(refname) %(objectname)", prefix)
-    return {ref[len(prefix) :]: sha for ref, sha in (line.split() for line in refs.splitlines())}
+def dvc_experiments(all_commits: bool = False) -> dict[str, dict]:
+    """Experiment name -> {"rev": full commit, "state": queued | running | failed | success}.
+
+    From ``dvc exp show --json``, DVC's documented machine-readable output (the experiments of HEAD;
+    of every commit with ``all_commits``), never its private ref layout or its tables for people:
+    a DVC upgrade that changes either cannot silently break the report. A finished experiment
+    carries no executor record, hence "success".
+    """
+    baselines = json.loads(_dvc("exp", "show", "--json", *(["--all-commits"] if all_commits else [])))
+    out: dict[str, dict] = {}
+    for baseline in baselines:
+        for exp_range in baseline.get("experiments") or []:
+            state = ((exp_range.get("executor") or {}).get("state") or "success").lower()
+            for exp in (exp_range.get("revs") or [])[:1]:  # the tip; more only for legacy checkpoints
+                name = exp.get("name") or exp_range.get("name")
+                if name:
+                    out.setdefault(name, {"rev": exp["rev"], "state": state})
+    return out
 
 
-def run_experiments(experiments: list[Experiment], poll_s: float = 5.0) -> None:
+def experiment_revs(all_commits: bool = False) -> dict[str, str]:
+    """Experiment name -> commit of the finished experiments (of HEAD, or of every commit)."""
+    return {name: e["rev"] for name, e in dvc_experiments(all_commits).items() if e["state"] == "success"}
+
+
+def run_experiments(experiments: list[Experiment], poll_s: float = 10.0) -> None:
     """Queue the experiments not yet done, run the queue one at a time, wait for every one."""
     done = experiment_revs()
     todo = [e for e in experiments if e.name not in done]
@@ -188,32 +205,21 @@ def run_experiments(experiments: list[Experiment], poll_s: float = 5.0) -> None:
     _dvc("queue", "start", "-j", "1")
     names = {e.name for e in todo}
     while True:
-        finished = names & set(experiment_revs())
-        status = _queue_status(names)
-        failed = sorted(n for n, s in status.items() if s.lower() == "failed")
+        status = {n: e["state"] for n, e in dvc_experiments().items() if n in names}
+        failed = sorted(n for n, state in status.items() if state == "failed")
         if failed:
             raise Products10kError(
                 f"experiment {failed[0]} failed: see `dvc queue logs {failed[0]}` "
                 "(fix the cause and run again: finished experiments are reused)"
             )
+        finished = {n for n, state in status.items() if state == "success"}
         if finished == names:
             log.info("all %d experiments ran in %.0f s", len(names), time.time() - started)
             return
-        if not any(s.lower() in ("queued", "running") for s in status.values()):
+        if not any(state in ("queued", "running") for state in status.values()):
             missing = sorted(names - finished)
             raise Products10kError(f"the queue stopped before {missing[0]} ran: see `dvc queue status`")
         time.sleep(poll_s)
-
-
-def _queue_status(names: set[str]) -> dict[str, str]:
-    """Status (Queued, Running, Success, Failed) of our tasks, from `dvc queue status`."""
-    out = {}
-    for line in _dvc("queue", "status").splitlines():
-        words = line.split()
-        hits = [w for w in words if w in names]
-        if hits:
-            out[hits[0]] = words[-1]
-    return out
 
 
 # --- collecting and reporting ---------------------------------------------------------------
@@ -422,7 +428,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "show":
         revs: dict[str, str | None] = {"workspace": None}
         if args.experiments:
-            known = {**experiment_revs(), **_all_experiment_revs()}
+            known = {**experiment_revs(all_commits=True), **experiment_revs()}
             unknown = [e for e in args.experiments if e not in known]
             if unknown:
                 raise Products10kError(f"no experiment named '{unknown[0]}' (see `dvc exp list`)")
@@ -441,17 +447,6 @@ def _run(args: argparse.Namespace) -> None:
     write_report(report, args.out)
     print(markdown(report))
     log.info("wrote %s/table1.md, table1.json, table1.png", args.out)
-
-
-def _all_experiment_revs() -> dict[str, str]:
-    """Experiment name -> commit for experiments of any baseline (names are unique per baseline)."""
-    refs = _git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/")
-    out = {}
-    for line in refs.splitlines():
-        ref, sha = line.split()
-        if ref.count("/") >= 4:
-            out.setdefault(ref.rsplit("/", 1)[1], sha)
-    return out
 
 
 if __name__ == "__main__":

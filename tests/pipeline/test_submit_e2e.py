@@ -16,13 +16,12 @@ import yaml
 
 from products10k.config import PHASES
 from products10k.submission.predictions import load_predictions
-from tests.helpers import dvc, make_project, run, tiny_params
+from tests.helpers import dvc, make_project, run
 
 
 @pytest.mark.e2e
-def test_empty_workspace_to_validated_submission(tmp_path):
-    project = make_project(tmp_path / "project", tiny_params())
-    dvc(project, "repro")
+def test_empty_workspace_to_validated_submission(reference_pipeline, tmp_path):
+    project = reference_pipeline.project  # make_project(tiny_params()) + `dvc repro` (conftest.py)
 
     sub_path = project / "submissions" / "submission.csv"
     sub = pd.read_csv(sub_path, dtype={"name": str})
