@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path.chmod(0o666 & ~current_umask())
     try:
         yield tmp_path
+        pause_point(f"publish {path.parent.name}/{path.name}")
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -95,8 +97,12 @@ def swap_in(staging: Path, out: Path) -> None:
     """Publish the complete folder ``staging`` as ``out``, replacing an existing ``out``.
 
     Two renames rather than rmtree-then-rename: the old ``out`` (moved to ``.<name>.old-<pid>``)
-    disappears only once the new one is in place.
+    disappears only once the new one is in place. A run killed between the renames leaves ``out``
+    absent (never half-written) and the old copy aside; the next publish removes such leftovers.
     """
+    pause_point(f"publish {out.parent.name}/{out.name}")
+    for leftover in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     old = None
     if out.is_symlink() or out.is_file():
         out.unlink()
@@ -145,6 +151,27 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(obj, tmp)
+
+
+# --- fault injection ---------------------------------------------------------------------------
+
+
+def pause_point(name: str) -> None:
+    """Fault-injection hook for the kill tests: a no-op unless ``$PRODUCTS10K_PAUSE_AT`` is ``name``.
+
+    Then the process appends its pid to ``$PRODUCTS10K_PAUSE_DIR/pids`` and waits to be killed, so a
+    test can SIGKILL a real run at a precise moment (a file complete but not yet published, a shard
+    half-written, a training epoch in flight) instead of guessing one with a timer. Named points:
+    ``publish <folder>/<name>`` before every atomic publish (atomic_path, swap_in), and the ones
+    the stages add where a kill is most interesting (``prepare images``, ``train step``).
+    """
+    if os.environ.get("PRODUCTS10K_PAUSE_AT") != name:
+        return
+    folder = Path(os.environ.get("PRODUCTS10K_PAUSE_DIR", "."))
+    with open(folder / "pids", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    while True:  # until killed
+        time.sleep(0.1)
 
 
 # --- seeding -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import cv2
 import pandas as pd
 from tqdm.auto import tqdm
 
-from products10k.common import DataError, ordered_map, resolve_n_jobs, write_csv, write_json
+from products10k.common import DataError, ordered_map, pause_point, resolve_n_jobs, write_csv, write_json
 from products10k.config import PrepareConfig
 from products10k.prepared.contract import PREPARED_COLUMNS, TEST_COLUMNS
 from products10k.prepared.images import prepare_zip_members
@@ -186,6 +186,7 @@ def process_images(
                         shard, offset, length = writer.add(jpeg)
                         results[job.table].append((shard, offset, length, w, h, "", ""))
                 bar.update(len(chunk))
+                pause_point("prepare images")  # kill tests: shards half-written
     finally:
         outputs.close()  # on an error: cancel the queued chunks, wait for the running ones
         cv2.setNumThreads(cv_threads)

@@ -36,7 +36,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from products10k.common import ConfigError, Products10kError, file_sha256, save_torch, seed_everything
+from products10k.common import (
+    ConfigError,
+    Products10kError,
+    file_sha256,
+    pause_point,
+    save_torch,
+    seed_everything,
+)
 from products10k.config import (
     DistConfig,
     ModelConfig,
@@ -361,6 +368,7 @@ def train_one_epoch(
         if last_micro:
             optimizer_step(state, bad_step, epoch, step)
             bad_step.fill_(-1)
+            pause_point("train step")  # kill tests: an epoch in flight
         with torch.no_grad():
             hits = ((logits.argmax(1) == target).float() * weight).sum()
             sums += torch.stack([loss_sum.detach().double(), hits.double(), weight.sum().double()])

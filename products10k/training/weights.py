@@ -168,7 +168,11 @@ def convert_efficientnet_pytorch(source: dict, arch: str) -> dict[str, torch.Ten
 
     if not timm.is_model(arch):
         raise Products10kError(f"'{arch}' is not a timm model name")
-    target = _without_counters(timm.create_model(arch, pretrained=False, num_classes=1000).state_dict())
+    # Only the target's names and shapes are needed: built on the meta device (no memory, no init),
+    # and with the RNG state restored, so a conversion (a cold cache) draws nothing from the stream
+    # that then initialises the classifier head: warm and cold caches train the same model.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        target = _without_counters(timm.create_model(arch, pretrained=False, num_classes=1000).state_dict())
     source = _without_counters(source)
     try:
         wanted = timm_roles(list(target))

@@ -3,12 +3,14 @@ each time, ends with exactly the results of an uninterrupted run.
 
 The whole process group is killed (dvc, torchrun and the stage's Python), as a power cut or the
 OOM killer would, inside download, prepare, a training epoch, evaluate, index, submit and export, in
-the order the run reaches them. After each kill: every output a user or DVC reads is either absent
+the order the run reaches them, each at a precise moment (``products10k.common.pause_point``: the
+stage pauses there and the test kills it). After each kill: every output a user or DVC reads is either absent
 or whole (it parses), and the killed stage is not recorded in dvc.lock. The last restart runs to the
 end; its metrics, submission, predictions, index and exported model equal the uninterrupted run's
 byte for byte (same install, same machine).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -27,49 +29,44 @@ import yaml
 from tests.helpers import _env, dvc, make_project, tiny_params
 from tests.pipeline.conftest import RESULTS
 
-# (stage, a path whose appearance shows the stage at work or None, seconds to wait after that)
+# (stage, the moment inside it: a pause point of products10k.common.pause_point), in the run's order
 KILLS = [
-    ("download", None, 1.0),
-    ("prepare", None, 2.5),
-    ("train@m0", "dvclive/m0/train", 1.0),  # DVCLive has started: inside the epoch
-    ("evaluate@m0-train", None, 3.0),
-    ("index@m0", None, 3.0),
-    ("submit", None, 1.5),
-    ("export", None, 3.0),
+    ("download", "publish data/raw"),  # the raw files built, not yet renamed into place
+    ("prepare", "prepare images"),  # shards half-written
+    ("train@m0", "train step"),  # a training epoch in flight
+    ("evaluate@m0-train", "publish train/m0.npz"),  # predictions written, not yet renamed
+    ("index@m0", "publish m0/index"),  # the index folder staged, not yet swapped in
+    ("submit", "publish submissions/submission.csv"),
+    ("export", "publish models/export"),  # model.onnx checked and staged
 ]
 
 
-def kill_inside(project: Path, stage: str, trigger: str | None, delay: float) -> str:
-    """Start `dvc repro`, SIGKILL its process group ``delay`` s after ``stage`` starts (and ``trigger``
-    exists); return the output up to the kill."""
-    env = _env() | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: the kill takes every child with it
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(f"Running stage '{stage}'"):
-                deadline = time.time() + 300
-                while trigger and not (project / trigger).exists() and time.time() < deadline:
-                    time.sleep(0.05)
-                time.sleep(delay)
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            pytest.fail(f"the run ended before stage {stage} started:\n{''.join(lines)}")
-    finally:
-        proc.stdout.close()
+def kill_at(project: Path, stage: str, point: str, pause_dir: Path) -> None:
+    """Run `dvc repro` until a process reaches ``point`` inside ``stage``, then SIGKILL dvc's process
+    group (dvc, torchrun, the stage) and the paused process itself, as a power cut would."""
+    pids = pause_dir / "pids"
+    pids.unlink(missing_ok=True)
+    env = _env() | {"PRODUCTS10K_PAUSE_AT": point, "PRODUCTS10K_PAUSE_DIR": str(pause_dir)}
+    log = pause_dir / "dvc.log"
+    with open(log, "w") as out:
+        # its own process group (start_new_session): the kill takes every child with it
+        cmd = [sys.executable, "-m", "dvc", "repro"]
+        proc = subprocess.Popen(
+            cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.time() + 600
+        while not pids.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        reached = pids.exists()
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids.read_text().split() if reached else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(lines)
-    return "".join(lines)
+    text = log.read_text()
+    assert reached, f"the run never reached {point!r}:\n{text}"
+    running = [line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")]
+    assert running and running[-1] == stage, f"{point!r} was reached in {running[-1:]}, not {stage}"
 
 
 def check_whole(project: Path) -> None:
@@ -102,11 +99,11 @@ def locked_stages(project: Path) -> set[str]:
 @pytest.mark.e2e
 def test_repro_killed_inside_every_stage_family_ends_as_an_uninterrupted_run(reference_pipeline, tmp_path):
     order = reference_pipeline.stages
-    assert [order.index(s) for s, _, _ in KILLS] == sorted(order.index(s) for s, _, _ in KILLS)
+    assert [order.index(s) for s, _ in KILLS] == sorted(order.index(s) for s, _ in KILLS)
     project = make_project(tmp_path / "project", tiny_params())
-    for stage, trigger, delay in KILLS:
-        kill_inside(project, stage, trigger, delay)
-        assert stage not in locked_stages(project), f"{stage} finished before the kill: shorten its delay"
+    for stage, point in KILLS:
+        kill_at(project, stage, point, tmp_path)
+        assert stage not in locked_stages(project)
         check_whole(project)
     final = dvc(project, "repro").stdout
     assert "Running stage 'download'" not in final  # finished stages are not redone

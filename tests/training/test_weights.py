@@ -115,6 +115,21 @@ def test_converted_file_is_cached_by_source_hash(tmp_path, monkeypatch):
     assert second != first and second.parent == first.parent
 
 
+def test_a_cold_cache_and_a_warm_one_build_the_same_model(tmp_path, monkeypatch):
+    # The conversion must draw nothing from the seeded stream that then initialises the head: a
+    # first run (cache empty) and a second one (cache filled) train the same model. It did draw, and
+    # a kill test caught a fresh clone's first `dvc repro` differing from its second.
+    monkeypatch.setenv("PRODUCTS10K_CACHE", str(tmp_path / "cache"))
+    cfg = config("model", arch="tf_efficientnet_lite0", pretrained=True)
+    states = []
+    for _ in range(2):  # cold: converts and writes the cache; warm: reads it
+        torch.manual_seed(0)
+        states.append(create_model(cfg, 5).state_dict())
+    assert list((tmp_path / "cache" / "weights").iterdir())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
 def test_pretrained_lite_model_loads_the_registry_weights():
     arch = "tf_efficientnet_lite0"
     model = create_model(config("model", arch=arch, pretrained=True), 5)
