@@ -32,6 +32,22 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file left
 
 
+def test_a_temporary_left_by_a_killed_writer_is_removed_by_the_next_write_not_a_live_ones(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "submission.csv"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".submission.csv.{dead.pid}.abc123.csv"  # what a SIGKILL before the rename leaves
+    live = tmp_path / f".submission.csv.{os.getpid()}.def456.csv"  # another writer, still at work
+    other = tmp_path / f".top5.csv.{dead.pid}.abc123.csv"  # another file's: not this write's business
+    for path in (left, live, other):
+        path.write_text("name,class\n")
+    write_csv(target, pd.DataFrame({"name": ["1.jpg"], "class": [5]}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
 def test_atomic_outputs_get_the_mode_of_a_new_file_not_a_private_one(tmp_path):
     old = os.umask(0o027)
     try:

@@ -298,3 +298,47 @@ def test_predict_peak_memory_over_a_huge_photo_stays_bounded(project, tmp_path):
         return int(proc.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
     assert peak_mb(huge) - peak_mb(small) < 64
+
+
+def test_enrol_killed_mid_write_leaves_the_input_whole_and_the_output_whole_or_absent(project, tmp_path):
+    import signal
+    import time
+
+    root, prepared, _ = project
+    new = tmp_path / "new" / "888"
+    new.mkdir(parents=True)
+    new.joinpath("a.jpg").write_bytes(prepared_image(prepared, "test.csv", 1))
+    index = root / "models" / "m0" / "index"
+    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    out = tmp_path / "enrolled"
+    args = [
+        str(new.parent),
+        "--model",
+        str(root / "models" / "export"),
+        "--index",
+        str(index),
+        "--out",
+        str(out),
+    ]
+    enrol.main(args)  # a first enrolment: the output exists, whole
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    new.joinpath("b.jpg").write_bytes(prepared_image(prepared, "test.csv", 2))
+
+    # the second is killed with its new index staged, at the moment it would be published
+    env = dict(
+        os.environ,
+        PRODUCTS10K_PAUSE_AT=f"publish {tmp_path.name}/enrolled",
+        PRODUCTS10K_PAUSE_DIR=str(tmp_path),
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "products10k.deploy.enrol", *args], env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "pids").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "pids").exists(), "enrol never reached its publish"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # the input index is untouched
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the output: the previous, whole
+    enrol.main(args)  # run again: the staged leftover is replaced, the new version published
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["enrolled"][-1]["images"] == 2 and not (tmp_path / "enrolled.tmp").exists()
