@@ -175,8 +175,10 @@ def write_csv(path: str | os.PathLike, df, **kwargs) -> None:
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     import torch
 
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+    # through a file object: given a path, torch.save names the archive's root folder after the file,
+    # here a random temporary name, and the same checkpoint would differ byte by byte between runs
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 # --- fault injection ---------------------------------------------------------------------------

@@ -107,3 +107,17 @@ def test_closing_ordered_map_cancels_queued_tasks():
 def test_ordered_map_rejects_no_workers():
     with pytest.raises(ValueError, match="n_workers must be >= 1"):
         list(ordered_map(int, [("1",)], 0))
+
+
+def test_a_checkpoint_saved_twice_is_the_same_bytes(tmp_path):
+    # its hash is recorded (preprocess.json, the index's meta.json): the kill test compares it with
+    # an uninterrupted run's, and torch.save given a path names the archive after the temporary file
+    import torch
+
+    from products10k.common import save_torch
+
+    saved = []
+    for _ in range(2):
+        save_torch(tmp_path / "best.pt", {"weights": torch.arange(6.0).reshape(2, 3), "epoch": 3})
+        saved.append((tmp_path / "best.pt").read_bytes())
+    assert saved[0] == saved[1]
