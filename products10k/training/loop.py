@@ -566,6 +566,14 @@ def save_epoch(state: PhaseState, epoch: int, row: dict, improved: bool) -> None
     save_torch(state.paths.out / "last.pt", checkpoint(state, epoch + 1, top1, with_state=True))
 
 
+#: the per-epoch figures that measure the machine, not the model
+TIMINGS = ("throughput", "epoch_time_s", "data_wait")
+
+
+def _without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMINGS}
+
+
 def checkpoint(state: PhaseState, epoch: int, val_top1: float, with_state: bool) -> dict:
     """The checkpoint contract (products10k.training.checkpoint) of ``state`` after ``epoch``."""
     ck = {
@@ -582,7 +590,11 @@ def checkpoint(state: PhaseState, epoch: int, val_top1: float, with_state: bool)
         "val_top1": float(val_top1),
         "best_val_top1": float(state.best_top1),
         "phase_config": state.cfg.model_dump(),
-        "history": list(state.history),
+        # last.pt keeps the whole history (a resume replays it into DVCLive); best.pt, the published
+        # model, leaves out the wall-clock figures, so that the same training gives the same bytes:
+        # its hash names the model in the next phase's resume fingerprint, preprocess.json and the
+        # index's meta.json
+        "history": [row if with_state else _without_timings(row) for row in state.history],
         "fingerprint": state.fingerprint,
     }
     if with_state:
