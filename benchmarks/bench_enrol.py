@@ -45,7 +45,7 @@ from benchmarks.machine import describe  # noqa: E402
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
 from products10k.retrieval.embed import embed_rows, embedding_transform  # noqa: E402
 from products10k.retrieval.knn import build_gallery, enrol, fit_fusion_weight, fuse, knn_scores  # noqa: E402
-from products10k.submission.predictions import SplitScores  # noqa: E402
+from products10k.scores import SplitScores  # noqa: E402
 from products10k.training.checkpoint import load_model  # noqa: E402
 from products10k.training.data import PreparedImageDataset  # noqa: E402
 

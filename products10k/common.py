@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import joblib
 import numpy as np
 
 T = TypeVar("T")
@@ -250,6 +249,8 @@ def resolve_n_jobs(n_jobs: int, n_tasks: int | None = None) -> int:
     """
     if n_jobs == 0:
         raise ValueError("n_jobs must be >= 1, or negative for 'all cores but n_jobs+1' (-1 = all)")
+    import joblib  # here, not at the top: the deploy runtime imports this module and never needs it
+
     n = joblib.effective_n_jobs(n_jobs)
     if n_tasks is not None:
         n = min(n, n_tasks)

@@ -21,7 +21,7 @@ from pathlib import Path
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import EvaluateConfig, TTAConfig, load_yaml, member_names, section
 from products10k.evaluation.evaluate import EvalOutputs, evaluate_phase
-from products10k.submission.predictions import require_evaluated_phase
+from products10k.scores import require_evaluated_phase
 
 log = logging.getLogger("stages.evaluate")
 

@@ -33,7 +33,7 @@ from products10k.config import (
     member_names,
     section,
 )
-from products10k.submission.predictions import require_evaluated_phase
+from products10k.scores import require_evaluated_phase
 from products10k.submission.submit import kaggle_submit, make_submission
 
 log = logging.getLogger("stages.submit")

@@ -28,6 +28,8 @@ index stage). kNN and fused need ``--index``: the index stage's folder, or one t
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import sys
@@ -37,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from products10k import common
@@ -168,15 +169,18 @@ def _chunks(items, size: int) -> Iterator[list]:
 
 
 def write_rows(rows: list[dict], out: Path) -> None:
-    """CSV (``.csv``) or JSON (``.json``) by extension, written atomically."""
+    """CSV (``.csv``) or JSON (``.json``) by extension, written atomically.
+
+    In the CSV a row without a prediction has empty ``sku_*``/``score_*`` cells (ids stay integers).
+    """
     if out.suffix.lower() == ".json":
         common.write_text(out, json.dumps(rows, indent=1) + "\n")
-    else:
-        frame = pd.DataFrame(rows)
-        for col in frame.columns:
-            if col.startswith("sku_"):
-                frame[col] = frame[col].astype("Int64")  # ids, not floats, where a row has none
-        common.write_csv(out, frame)
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    common.write_text(out, buffer.getvalue())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,9 @@
 ``ExportedModel`` reads an export folder (``model.onnx`` + ``preprocess.json``) and runs it with
 onnxruntime; image bytes are prepared exactly as the model's evaluation images were: the prepare
 stage's bounded decode, resize and JPEG re-encode (``prepare_image``), then the evaluate stage's
-reduced decode and centre crop (the same albumentations transform, built from the spec).
+reduced decode and centre crop (``centre_crop_input``: albumentations' eval transform redone in
+OpenCV and NumPy, checked against it by a test). The runtime imports no torch, albumentations,
+pandas or DVC: numpy, OpenCV, Pillow (the decoder's header reads), onnxruntime and Faiss.
 ``Scorer`` turns a batch of model outputs into top-k SKU ids and scores, with the classifier, kNN
 over an index folder, or their fusion with the weight the index stage fitted on val. An index that
 names SKUs the classifier does not know (``products10k-enrol``) extends the label space: the
@@ -17,15 +19,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
 from products10k.common import Products10kError
 from products10k.prepared.images import DEFAULT_MAX_PIXELS, decode_rgb, prepare_image
 from products10k.retrieval.knn import Gallery, load_gallery, search, vote
-from products10k.submission.ensemble import combine_topk
-from products10k.submission.predictions import SplitScores
-from products10k.training.transforms import eval_transform
+from products10k.scores import SplitScores, combine_topk
 
 MODES = ("classifier", "knn", "fused")
 
@@ -44,11 +45,8 @@ class ExportedModel:
         self.folder = folder
         self.spec = json.loads(spec.read_text())
         self.skus = np.asarray(self.spec["skus"], dtype=np.int64)
-        self.transform = eval_transform(
-            int(self.spec["resize_shorter_side"]),
-            int(self.spec["center_crop"]),
-            {"mean": self.spec["mean"], "std": self.spec["std"]},
-        )
+        self.mean = np.asarray(self.spec["mean"], dtype=np.float32)
+        self.std = np.asarray(self.spec["std"], dtype=np.float32)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -61,7 +59,7 @@ class ExportedModel:
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         """An upright RGB image (already prepared, see :meth:`load`) -> the model's CHW input."""
-        return self.transform(image=rgb)["image"].numpy()
+        return centre_crop_input(rgb, self.min_side, int(self.spec["center_crop"]), self.mean, self.std)
 
     def load(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Image file bytes -> the model's CHW input, as the evaluate stage saw its images.
@@ -80,6 +78,29 @@ class ExportedModel:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, embedding = self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})
         return logits, embedding
+
+
+def centre_crop_input(
+    rgb: np.ndarray, resize: int, crop: int, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+    """The evaluate stage's centre crop (training/transforms.py ``eval_transform``) without torch.
+
+    Shorter side to ``resize`` (INTER_AREA; the other side rounded half to even, as albumentations'
+    SmallestMaxSize does), a ``crop`` x ``crop`` centre crop (offsets floored), then
+    ``(x / 255 - mean) / std`` in float32, as CHW.
+    """
+    h, w = rgb.shape[:2]
+    scale = resize / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    h, w = rgb.shape[:2]
+    if h < crop or w < crop:
+        raise ValueError(f"a {w}x{h} image cannot be centre-cropped to {crop}x{crop}")
+    top, left = (h - crop) // 2, (w - crop) // 2
+    patch = rgb[top : top + crop, left : left + crop].astype(np.float32)
+    patch = (patch - mean * np.float32(255.0)) * (np.float32(1.0) / (std * np.float32(255.0)))
+    return np.ascontiguousarray(patch.transpose(2, 0, 1))
 
 
 @dataclass

@@ -9,7 +9,7 @@ Outputs (paths come from the stage's command line):
   of every view alone, of all views but one, and of all together. One file per member and phase, so
   ``dvc metrics show`` lists base -> +balanced finetune -> +accuracy loss as rows: Table 1.
 - predictions ``.npz``: the top-k of the TTA-averaged val and test logits with names, labels and
-  the label -> SKU map, the ensemble's input (``products10k.submission.predictions``: bounded at any class
+  the label -> SKU map, the ensemble's input (``products10k.scores``: bounded at any class
   count; metrics, gallery and plots are computed from the same exact top-k).
 - plots: per-group accuracy and the most confused SKU pairs (CSV for ``dvc plots``), and a PNG
   gallery of the most confident test errors.
@@ -34,7 +34,7 @@ from products10k.evaluation.predict import predict
 from products10k.evaluation.views import build_views
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.prepared.shards import ImageStore
-from products10k.submission.predictions import SplitScores, save_predictions
+from products10k.scores import SplitScores, save_predictions
 from products10k.training.checkpoint import check_labels, load_model
 from products10k.training.devices import amp_dtype, eval_workers, resolve_device
 

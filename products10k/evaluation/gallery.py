@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from products10k.prepared.shards import ImageStore
-from products10k.submission.predictions import SplitScores
+from products10k.scores import SplitScores
 
 HEADER = 36
 CAPTION = 34

@@ -12,32 +12,6 @@ import numpy as np
 import pandas as pd
 
 
-def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest scores per row, best first: (N, min(k, K)); ties -> lower index.
-
-    ``argpartition`` then a sort of only the k survivors: O(N*K) instead of a full O(N*K log K)
-    sort, which matters at 55k x 9.7k test logits. ``argpartition`` picks arbitrarily among
-    scores equal to the k-th largest, so the rows where such a tie crosses the k-th place (rare
-    with real logits, common with a constant prior) are redone with a stable full sort.
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be 2-D (N, K), got shape {scores.shape}")
-    k = min(k, scores.shape[1])
-    if k == scores.shape[1] or scores.shape[0] == 0:
-        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    kth = part_scores.min(axis=1)
-    tied = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
-    if len(tied):
-        part[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :k]
-        part_scores[tied] = np.take_along_axis(scores[tied], part[tied], axis=1)
-    # lexsort on (index, -score): equal scores in index order
-    order = np.lexsort((part, -part_scores), axis=1)
-    return np.take_along_axis(part, order, axis=1)
-
-
 def hits_at(topk: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Boolean per row: is the label among the first ``k`` predictions."""
     labels = np.asarray(labels)

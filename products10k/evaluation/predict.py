@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from products10k.common import DataError
 from products10k.evaluation.views import View, base_views
-from products10k.submission.predictions import SplitScores, TopKWriter
+from products10k.scores import SplitScores, TopKWriter
 from products10k.training.data import PreparedImageDataset
 from products10k.training.devices import host_transfer, to_inference, to_model_input
 

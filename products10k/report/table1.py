@@ -55,7 +55,7 @@ from products10k.config import (
 )
 from products10k.report.chart import draw_table1, seeds_text
 from products10k.report.stats import paired_bootstrap, seed_spread
-from products10k.submission.predictions import SINGLE_TOP1
+from products10k.scores import SINGLE_TOP1
 
 log = logging.getLogger("products10k.table1")
 

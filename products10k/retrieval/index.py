@@ -36,7 +36,7 @@ from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.retrieval.embed import embed_rows
 from products10k.retrieval.knn import build_gallery, fit_fusion_weight, fuse, knn_scores, save_gallery
-from products10k.submission.predictions import SplitScores, TopKWriter, load_predictions, save_predictions
+from products10k.scores import SplitScores, TopKWriter, load_predictions, save_predictions
 from products10k.training.devices import amp_dtype, eval_workers, resolve_device
 
 log = logging.getLogger(__name__)

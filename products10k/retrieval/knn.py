@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 
 from products10k import common
 from products10k.common import DataError, Products10kError
-from products10k.submission.ensemble import combine_topk, fit_weights
-from products10k.submission.predictions import SplitScores
+from products10k.scores import SplitScores, combine_topk
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +218,8 @@ def knn_scores(
 
 def fit_fusion_weight(classifier: SplitScores, knn: SplitScores) -> float:
     """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities."""
+    from products10k.submission.ensemble import fit_weights  # scipy: not for the deploy runtime's imports
+
     if not (classifier.labels >= 0).any():
         raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")
     return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels)[1])

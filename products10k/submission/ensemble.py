@@ -11,24 +11,20 @@ accuracy-loss finetune, a different resolution) comparable.
 The average itself (``combine_topk``) works on blocks of rows with one (rows, K) float32 buffer,
 so memory does not grow with the member count or the test set: 2,048 rows x 9,691 classes is
 79 MB. A member's probability of a label it did not keep in its top-k is estimated by the mean of
-its left-out mass (see ``products10k.submission.predictions`` for the error this allows, reported per row).
+its left-out mass (see ``products10k.scores`` for the error this allows, reported per row).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
 
 from products10k.common import Products10kError
-from products10k.evaluation.metrics import topk_indices
-from products10k.submission.predictions import SplitScores
+from products10k.scores import SplitScores
 
 log = logging.getLogger(__name__)
-
-BLOCK_ROWS = 2048
 
 
 def fit_weights(label_logprobs: list[np.ndarray], labels: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -89,77 +85,3 @@ def resolve_weights(spec: str | dict, members: list[str], val: list[SplitScores]
     else:
         raise Products10kError(f"ensemble.weights is {spec!r}, expected 'fit', 'equal' or a mapping")
     return {m: float(w) for m, w in zip(members, weights, strict=True)}
-
-
-@dataclass
-class EnsembleTopK:
-    """The ensemble's top-k per row and how far its probabilities may be from the exact average."""
-
-    labels: np.ndarray  # (N, k) int64, best first
-    probs: np.ndarray  # (N, k) float32
-    error_bound: np.ndarray  # (N,) max |estimated - exact| of any ensemble probability of the row
-    label_logprob: np.ndarray  # (N,) exact log of the ensemble probability of the row's label
-
-    @property
-    def uncertain_top1(self) -> np.ndarray:
-        """Rows whose top-1 the estimate could change: margin to the runner-up <= 2 x the bound."""
-        if self.probs.shape[1] < 2:
-            return np.zeros(len(self.probs), dtype=bool)
-        return (self.probs[:, 0] - self.probs[:, 1]) <= 2 * self.error_bound
-
-
-def combine_topk(
-    members: list[SplitScores], weights: list[float], num_classes: int, k: int, block_rows: int = BLOCK_ROWS
-) -> EnsembleTopK:
-    """Weighted average of the members' softmax probabilities, reduced to its top-``k`` per row.
-
-    Per block of rows: a (rows, K) buffer gets, for each member, its probabilities of the labels it
-    kept and the mean of its left-out mass elsewhere. A member that kept every label (k = K) adds only
-    its own ``prob_error`` e_m; another adds ``w_m * (p_k,m + e_m)``: its kept probabilities are within
-    e_m of the exact ones, and a left-out label's exact probability lies in [0, p_k,m + e_m], as does
-    the estimate (see products10k.submission.predictions).
-    """
-    if len(members) != len(weights):
-        raise ValueError(f"{len(members)} members but {len(weights)} weights")
-    n = len(members[0])
-    if any(len(m) != n for m in members):
-        raise ValueError(f"members predicted different row counts: {[len(m) for m in members]}")
-    k = min(k, num_classes)
-    out_labels = np.zeros((n, k), dtype=np.int64)
-    out_probs = np.zeros((n, k), dtype=np.float32)
-    bound = np.zeros(n, dtype=np.float64)
-    label_prob = np.zeros(n, dtype=np.float64)
-    rows_labels = members[0].labels
-    for m, w in zip(members, weights, strict=True):
-        if w > 0:
-            label_prob += w * np.exp(np.asarray(m.label_logprob, dtype=np.float64))
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        dense = np.zeros((stop - start, num_classes), dtype=np.float32)
-        for m, w in zip(members, weights, strict=True):
-            if w <= 0:
-                continue
-            p = np.exp(m.topk_logits[start:stop].astype(np.float64) - m.logsumexp[start:stop, None])
-            bound[start:stop] += w * m.prob_error[start:stop]
-            rest = np.zeros(len(p))
-            if m.k < num_classes:
-                # the left-out labels share the rest of the member's mass equally
-                rest = np.clip(1.0 - p.sum(axis=1), 0.0, None) / (num_classes - m.k)
-                dense += (w * rest[:, None]).astype(np.float32)
-                bound[start:stop] += w * p[:, -1]
-            rows = np.arange(len(p))[:, None]  # labels are unique within a row: plain fancy add
-            dense[rows, m.topk_labels[start:stop]] += (w * (p - rest[:, None])).astype(np.float32)
-        top = topk_indices(dense, k)
-        out_labels[start:stop] = top
-        out_probs[start:stop] = np.take_along_axis(dense, top, axis=1)
-    with np.errstate(divide="ignore"):
-        label_logprob = np.where(rows_labels >= 0, np.log(label_prob), np.nan)
-    return EnsembleTopK(out_labels, out_probs, bound, label_logprob)
-
-
-def log_likelihood(label_logprob: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
-    """Mean log-probability of the labelled rows (the quantity the weight fit maximises)."""
-    keep = np.asarray(labels) >= 0
-    if not keep.any():
-        return float("nan")
-    return float(np.mean(np.log(np.exp(label_logprob[keep]) + eps)))

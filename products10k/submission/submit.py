@@ -28,11 +28,11 @@ import pandas as pd
 
 from products10k import common
 from products10k.common import DataError, Products10kError
-from products10k.evaluation.metrics import hit_rates, leaderboard_masks, topk_indices
+from products10k.evaluation.metrics import hit_rates, leaderboard_masks
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.raw import kaggle
-from products10k.submission.ensemble import combine_topk, log_likelihood, resolve_weights
-from products10k.submission.predictions import load_predictions
+from products10k.scores import combine_topk, load_predictions, log_likelihood, topk_indices
+from products10k.submission.ensemble import resolve_weights
 
 log = logging.getLogger(__name__)
 

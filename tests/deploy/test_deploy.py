@@ -212,7 +212,10 @@ def test_deploy_feeds_the_model_what_evaluation_fed_it(project, tmp_path):
             "name": ["p"],
         }
     )
-    dataset = PreparedImageDataset(rows, tmp_path, model.transform, min_side=model.min_side)
+    transform = eval_transform(
+        model.min_side, model.spec["center_crop"], {"mean": model.spec["mean"], "std": model.spec["std"]}
+    )
+    dataset = PreparedImageDataset(rows, tmp_path, transform, min_side=model.min_side)
     evaluated = dataset[0][0].numpy()
     assert np.array_equal(model.load(photo), evaluated)
     # what deploy computed before it re-created prepare's step: a different network input

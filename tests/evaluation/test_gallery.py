@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from products10k.submission.predictions import SplitScores
+from products10k.scores import SplitScores
 
 
 def test_worst_errors_are_the_most_confident_mistakes():

@@ -11,8 +11,8 @@ from products10k.evaluation.metrics import (
     mean_class_accuracy,
     per_group_table,
     split_metrics,
-    topk_indices,
 )
+from products10k.scores import topk_indices
 
 
 def test_topk_indices_sorted_best_first_and_ties_by_index():

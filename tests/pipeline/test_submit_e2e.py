@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from products10k.config import PHASES
-from products10k.submission.predictions import load_predictions
+from products10k.scores import load_predictions
 from tests.helpers import dvc, make_project, run
 
 

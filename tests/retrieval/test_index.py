@@ -11,7 +11,7 @@ from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.retrieval.embed import embedding_transform
 from products10k.retrieval.knn import load_gallery
-from products10k.submission.predictions import load_predictions
+from products10k.scores import load_predictions
 from products10k.training.checkpoint import load_model
 from products10k.training.data import PreparedImageDataset
 from tests.helpers import index_argv, index_params, make_eval_data, run_index, stage_module
@@ -88,7 +88,7 @@ def test_the_deploy_fusion_weight_is_fitted_on_the_single_crop_logits_of_the_emb
     average: the weight in the index's meta.json is fitted on what the embedding pass computes."""
     from products10k.retrieval import index as index_mod
     from products10k.retrieval.knn import fit_fusion_weight, knn_scores
-    from products10k.submission.predictions import SplitScores
+    from products10k.scores import SplitScores
 
     label_map = read_label_map(prepared / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
     val = read_prepared(prepared / "val.csv", label_map)

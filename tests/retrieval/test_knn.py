@@ -15,7 +15,7 @@ from products10k.retrieval.knn import (
     search,
     vote,
 )
-from products10k.submission.predictions import SplitScores
+from products10k.scores import SplitScores
 
 
 def unit(rows) -> np.ndarray:

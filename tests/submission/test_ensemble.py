@@ -6,8 +6,8 @@ from scipy.special import log_softmax, softmax
 
 from products10k.common import ConfigError
 from products10k.config import EnsembleConfig, from_dict
-from products10k.submission.ensemble import combine_topk, fit_weights, log_likelihood, resolve_weights
-from products10k.submission.predictions import SplitScores
+from products10k.scores import SplitScores, combine_topk, log_likelihood
+from products10k.submission.ensemble import fit_weights, resolve_weights
 
 
 def _member(labels, k, strength, rng):
@@ -119,7 +119,7 @@ def test_an_ensemble_of_fused_estimates_carries_their_bound(tmp_path):
     # top-k blocks). An ensemble that uses it as a member (submit.phase: fused) must add that
     # estimate's own bound to its own, or the reported max_prob_error can be exceeded.
     from products10k.retrieval.knn import fuse
-    from products10k.submission.predictions import load_predictions, save_predictions
+    from products10k.scores import load_predictions, save_predictions
 
     rng = np.random.default_rng(134)  # one of the draws where the bound without it is exceeded
     n, num_classes, k = 200, 8, 2

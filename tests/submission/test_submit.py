@@ -11,7 +11,7 @@ import pytest
 
 from products10k.common import DataError, Products10kError
 from products10k.raw.kaggle import submit_command
-from products10k.submission.predictions import SplitScores, save_predictions
+from products10k.scores import SplitScores, save_predictions
 from products10k.submission.submit import (
     align_to_test_list,
     build_submission,

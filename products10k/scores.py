@@ -1,4 +1,11 @@
-"""The predictions file between ``evaluate`` and ``submit``: the top-k of every row, not all K scores.
+"""Top-k scores, NumPy only: the predictions-file contract and the probability averaging that the
+evaluate, index and submit stages and the deployed model (predict, serve) all share.
+
+It sits below them all and imports no torch, pandas or scipy, so the deploy runtime stays light and
+no stage package imports another for it. ``topk_indices`` picks a row's best labels;
+``combine_topk`` averages members' top-k blocks into an ensemble's top-k (with its error bound).
+
+The predictions file between ``evaluate`` and ``submit``: the top-k of every row, not all K scores.
 
 At Products-10K's size a full score matrix is 55,376 test rows x 9,691 classes = 2.1 GB in
 float32 per member and phase, and every whole-array step on it (a softmax, an argsort, a float64
@@ -37,11 +44,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import logsumexp
 
 from products10k import common
 from products10k.common import ConfigError, DataError, Products10kError
-from products10k.evaluation.metrics import topk_indices
+
+#: rows per block when probabilities are averaged over the full label space (combine_topk)
+BLOCK_ROWS = 2048
+
+
+def logsumexp(z: np.ndarray, axis: int = 1) -> np.ndarray:
+    """log(sum(exp(z))) along ``axis``, shifted by the maximum so exp() cannot overflow."""
+    top = np.max(z, axis=axis, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.sum(np.exp(z - top), axis=axis, keepdims=True)) + top).squeeze(axis)
+
 
 SPLITS = ("val", "test")
 ROW_ARRAYS = ("names", "labels", "topk_labels", "topk_logits", "logsumexp", "label_logprob")
@@ -190,3 +207,106 @@ def load_predictions(path: str | Path, member: str = "") -> Predictions:
             for s in SPLITS
         }
         return Predictions(splits["val"], splits["test"], data["skus"])
+
+
+# --- top-k and the ensemble average --------------------------------------------------------
+
+
+def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores per row, best first: (N, min(k, K)); ties -> lower index.
+
+    ``argpartition`` then a sort of only the k survivors: O(N*K) instead of a full O(N*K log K)
+    sort, which matters at 55k x 9.7k test logits. ``argpartition`` picks arbitrarily among
+    scores equal to the k-th largest, so the rows where such a tie crosses the k-th place (rare
+    with real logits, common with a constant prior) are redone with a stable full sort.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (N, K), got shape {scores.shape}")
+    k = min(k, scores.shape[1])
+    if k == scores.shape[1] or scores.shape[0] == 0:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    kth = part_scores.min(axis=1)
+    tied = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k)
+    if len(tied):
+        part[tied] = np.argsort(-scores[tied], axis=1, kind="stable")[:, :k]
+        part_scores[tied] = np.take_along_axis(scores[tied], part[tied], axis=1)
+    # lexsort on (index, -score): equal scores in index order
+    order = np.lexsort((part, -part_scores), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+@dataclass
+class EnsembleTopK:
+    """The ensemble's top-k per row and how far its probabilities may be from the exact average."""
+
+    labels: np.ndarray  # (N, k) int64, best first
+    probs: np.ndarray  # (N, k) float32
+    error_bound: np.ndarray  # (N,) max |estimated - exact| of any ensemble probability of the row
+    label_logprob: np.ndarray  # (N,) exact log of the ensemble probability of the row's label
+
+    @property
+    def uncertain_top1(self) -> np.ndarray:
+        """Rows whose top-1 the estimate could change: margin to the runner-up <= 2 x the bound."""
+        if self.probs.shape[1] < 2:
+            return np.zeros(len(self.probs), dtype=bool)
+        return (self.probs[:, 0] - self.probs[:, 1]) <= 2 * self.error_bound
+
+
+def combine_topk(
+    members: list[SplitScores], weights: list[float], num_classes: int, k: int, block_rows: int = BLOCK_ROWS
+) -> EnsembleTopK:
+    """Weighted average of the members' softmax probabilities, reduced to its top-``k`` per row.
+
+    Per block of rows: a (rows, K) buffer gets, for each member, its probabilities of the labels it
+    kept and the mean of its left-out mass elsewhere. A member that kept every label (k = K) adds only
+    its own ``prob_error`` e_m; another adds ``w_m * (p_k,m + e_m)``: its kept probabilities are within
+    e_m of the exact ones, and a left-out label's exact probability lies in [0, p_k,m + e_m], as does
+    the estimate (see products10k.scores).
+    """
+    if len(members) != len(weights):
+        raise ValueError(f"{len(members)} members but {len(weights)} weights")
+    n = len(members[0])
+    if any(len(m) != n for m in members):
+        raise ValueError(f"members predicted different row counts: {[len(m) for m in members]}")
+    k = min(k, num_classes)
+    out_labels = np.zeros((n, k), dtype=np.int64)
+    out_probs = np.zeros((n, k), dtype=np.float32)
+    bound = np.zeros(n, dtype=np.float64)
+    label_prob = np.zeros(n, dtype=np.float64)
+    rows_labels = members[0].labels
+    for m, w in zip(members, weights, strict=True):
+        if w > 0:
+            label_prob += w * np.exp(np.asarray(m.label_logprob, dtype=np.float64))
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        dense = np.zeros((stop - start, num_classes), dtype=np.float32)
+        for m, w in zip(members, weights, strict=True):
+            if w <= 0:
+                continue
+            p = np.exp(m.topk_logits[start:stop].astype(np.float64) - m.logsumexp[start:stop, None])
+            bound[start:stop] += w * m.prob_error[start:stop]
+            rest = np.zeros(len(p))
+            if m.k < num_classes:
+                # the left-out labels share the rest of the member's mass equally
+                rest = np.clip(1.0 - p.sum(axis=1), 0.0, None) / (num_classes - m.k)
+                dense += (w * rest[:, None]).astype(np.float32)
+                bound[start:stop] += w * p[:, -1]
+            rows = np.arange(len(p))[:, None]  # labels are unique within a row: plain fancy add
+            dense[rows, m.topk_labels[start:stop]] += (w * (p - rest[:, None])).astype(np.float32)
+        top = topk_indices(dense, k)
+        out_labels[start:stop] = top
+        out_probs[start:stop] = np.take_along_axis(dense, top, axis=1)
+    with np.errstate(divide="ignore"):
+        label_logprob = np.where(rows_labels >= 0, np.log(label_prob), np.nan)
+    return EnsembleTopK(out_labels, out_probs, bound, label_logprob)
+
+
+def log_likelihood(label_logprob: np.ndarray, labels: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean log-probability of the labelled rows (the quantity the weight fit maximises)."""
+    keep = np.asarray(labels) >= 0
+    if not keep.any():
+        return float("nan")
+    return float(np.mean(np.log(np.exp(label_logprob[keep]) + eps)))
