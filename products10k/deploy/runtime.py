@@ -112,17 +112,26 @@ class TopK:
 class Scorer:
     """Top-k SKU ids from model outputs, by ``mode`` (classifier | knn | fused)."""
 
-    def __init__(self, model: ExportedModel, mode: str, top_k: int, index: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model: ExportedModel,
+        mode: str,
+        top_k: int,
+        index: str | os.PathLike | None = None,
+        gallery: Gallery | None = None,
+    ):
+        """``index``: an index folder to load; or ``gallery``, one already loaded (and checked against
+        ``model``: the service keeps one per index version)."""
         if mode not in MODES:
             raise Products10kError(f"mode '{mode}' is not one of {', '.join(MODES)}")
-        if mode != "classifier" and index is None:
+        if mode != "classifier" and index is None and gallery is None:
             raise Products10kError(f"mode '{mode}' needs an index folder (--index models/<member>/index)")
         self.mode = mode
-        self.gallery: Gallery | None = load_gallery(index) if index is not None else None
-        self.skus = model.skus
-        if self.gallery is not None:
-            check_same_model(model, self.gallery, Path(index))
-            self.skus = self.gallery.skus  # the classifier's SKUs, then any enrolled ones
+        if gallery is None and index is not None:
+            gallery = load_gallery(index)
+            check_same_model(model, gallery, Path(index))
+        self.gallery = gallery
+        self.skus = model.skus if gallery is None else gallery.skus  # the classifier's, then enrolled ones
         self.top_k = min(top_k, len(self.skus))
 
     def __call__(self, logits: np.ndarray, embedding: np.ndarray) -> TopK:
