@@ -32,7 +32,7 @@ from products10k.common import DataError, Products10kError
 from products10k.deploy.predict import IMAGE_SUFFIXES
 from products10k.deploy.runtime import ExportedModel, check_same_model
 from products10k.prepared.images import DEFAULT_MAX_PIXELS, ImageDefect
-from products10k.retrieval.knn import enrol, load_gallery, save_gallery
+from products10k.retrieval.knn import enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.enrol")
 
@@ -122,7 +122,15 @@ def enrol_skus(
     added = enrol(gallery, vectors, kept["sku"].to_numpy(), [str(p) for p in kept["path"]])
     added["skipped"] = [{"path": str(table["path"].iat[i]), "error": why} for i, why in skipped.items()]
     gallery.meta.setdefault("enrolled", []).append({"source": str(images), **added})
-    save_gallery(gallery, out)
+    # a thumbnail for each SKU the index had none for: its first readable image
+    first = kept.drop_duplicates("sku")
+    known = {int(s) for s in gallery.skus[: len(model.skus)]}
+    thumbs = {
+        int(r.sku): thumbnail_jpeg(Path(r.path).read_bytes())
+        for r in first.itertuples()
+        if int(r.sku) not in known
+    }
+    save_gallery(gallery, out, thumbs=thumbs, thumbs_from=index_dir)
     log.info(
         "enrolled %d images of %d SKUs (%d new), %d skipped -> %s",
         added["images"],

@@ -52,12 +52,11 @@ from products10k.common import Products10kError
 from products10k.deploy.predict import IMAGE_SUFFIXES, printable
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer, check_same_model
 from products10k.prepared.images import DEFAULT_MAX_PIXELS, ZIP_READ_ERRORS, ImageDefect
-from products10k.retrieval.knn import Gallery, enrol, load_gallery, save_gallery
+from products10k.retrieval.knn import THUMBS_DIR, Gallery, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.serve")
 
 PAGE = Path(__file__).with_name("page.html")
-THUMBS = "thumbs"  # an index folder's thumbnails: <sku>.jpg
 
 
 @dataclass(frozen=True)
@@ -343,7 +342,7 @@ class Service:
         raw = request.path_params["sku_id"]
         if version is None or not raw.isdigit():
             return _error(404, "no such thumbnail")
-        path = version.folder / THUMBS / f"{int(raw)}.jpg"
+        path = version.folder / THUMBS_DIR / f"{int(raw)}.jpg"
         if not path.is_file():
             return _error(404, f"no thumbnail for SKU {raw}")
         return Response(path.read_bytes(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -352,27 +351,15 @@ class Service:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-def _build_version(current: IndexVersion, folder: Path, vectors, sku: int, names, thumb: bytes) -> Gallery:
+def _build_version(current: IndexVersion, folder: Path, vectors, sku: int, names, photo: bytes) -> Gallery:
     """A copy of ``current`` with the images added, written to ``folder`` (staged, swapped in whole)."""
     gallery = load_gallery(current.folder)  # a private copy: the current version stays as it is
     added = enrol(gallery, vectors, np.full(len(vectors), sku, np.int64), [f"enrolled:{n}" for n in names])
     gallery.meta.setdefault("enrolled", []).append({"source": "products10k-serve", **added})
-    save_gallery(gallery, folder)
-    thumbs = folder / THUMBS
-    thumbs.mkdir(exist_ok=True)
-    if (current.folder / THUMBS).is_dir():  # hard links: a thumbnail store per version costs no space
-        for path in (current.folder / THUMBS).iterdir():
-            if not (thumbs / path.name).exists():
-                os.link(path, thumbs / path.name)
-    if not (thumbs / f"{sku}.jpg").exists():
-        common.write_bytes(thumbs / f"{sku}.jpg", _thumbnail_jpeg(thumb))
+    known = (current.folder / THUMBS_DIR / f"{sku}.jpg").is_file()
+    thumbs = {} if known else {sku: thumbnail_jpeg(photo)}
+    save_gallery(gallery, folder, thumbs=thumbs, thumbs_from=current.folder)
     return gallery
-
-
-def _thumbnail_jpeg(data: bytes, side: int = 96) -> bytes:
-    from products10k.prepared.images import prepare_image
-
-    return prepare_image(data, side, 85)[0]
 
 
 def _zip_items(name: str, data: bytes) -> list[tuple[str, bytes | None, str]]:

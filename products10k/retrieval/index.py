@@ -34,8 +34,16 @@ from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.evaluation.evaluate import load_member_checkpoint
 from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.prepared.shards import ImageStore
 from products10k.retrieval.embed import embed_rows
-from products10k.retrieval.knn import build_gallery, fit_fusion_weight, fuse, knn_scores, save_gallery
+from products10k.retrieval.knn import (
+    build_gallery,
+    fit_fusion_weight,
+    fuse,
+    knn_scores,
+    save_gallery,
+    thumbnail_jpeg,
+)
 from products10k.scores import SplitScores, TopKWriter, load_predictions, save_predictions
 from products10k.training.devices import amp_dtype, eval_workers, resolve_device
 
@@ -137,7 +145,7 @@ def build_index(
             name: _brief(split_metrics(s.topk_labels, splits[split], n_train, evaluate.tail_max_images))
             for name, s in scores.items()
         }
-    save_gallery(gallery, outputs.index)
+    save_gallery(gallery, outputs.index, thumbs=_thumbnails(splits["train"], inputs.images_root, skus))
     save_predictions(outputs.fused, val=fused["val"], test=fused["test"], skus=skus)
     common.write_json(outputs.metrics, metrics)
     test = metrics["test"]
@@ -151,6 +159,16 @@ def build_index(
             weight,
         )
     return metrics
+
+
+def _thumbnails(train, images_root, skus: np.ndarray) -> dict[int, bytes]:
+    """One small JPEG per SKU, from its first training image: what products10k-serve's page shows."""
+    store = ImageStore(images_root)
+    first = train.drop_duplicates("label")
+    return {
+        int(skus[row.label]): thumbnail_jpeg(bytes(store.read_bytes(row.shard, row.offset, row.length)))
+        for row in first.itertuples()
+    }
 
 
 def _embedder(model, meta, images_root, cfg: RetrievalConfig, evaluate: EvaluateConfig, name: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 GALLERY_FILE = "gallery.npz"
 META_FILE = "meta.json"
+THUMBS_DIR = "thumbs"  # <sku>.jpg: one small photo per SKU (products10k-serve's page)
 
 
 @dataclass
@@ -72,8 +74,18 @@ def build_gallery(vectors: np.ndarray, labels, names, skus, meta: dict) -> Galle
     )
 
 
-def save_gallery(gallery: Gallery, folder: str | Path) -> None:
-    """Write index, labels and meta into ``folder`` (staged, then swapped in whole)."""
+def save_gallery(
+    gallery: Gallery,
+    folder: str | Path,
+    thumbs: dict[int, bytes] | None = None,
+    thumbs_from: str | Path | None = None,
+) -> None:
+    """Write index, labels and meta into ``folder`` (staged, then swapped in whole).
+
+    ``thumbs``: a small JPEG per SKU id, written to ``thumbs/<sku>.jpg`` (what products10k-serve's
+    page shows beside a SKU); ``thumbs_from``: an index folder whose thumbnails are carried over
+    (hard-linked where the file system allows) unless ``thumbs`` replaces them.
+    """
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".tmp")
     if staging.exists():  # left by a killed run
@@ -83,7 +95,30 @@ def save_gallery(gallery: Gallery, folder: str | Path) -> None:
     with open(staging / GALLERY_FILE, "wb") as f:
         np.savez(f, labels=gallery.labels, names=gallery.names, skus=gallery.skus)
     (staging / META_FILE).write_text(json.dumps(gallery.meta, indent=2, sort_keys=True) + "\n")
+    _write_thumbs(staging / THUMBS_DIR, thumbs or {}, Path(thumbs_from) / THUMBS_DIR if thumbs_from else None)
     common.swap_in(staging, folder)
+
+
+def thumbnail_jpeg(data: bytes, side: int = 96) -> bytes:
+    """A SKU's thumbnail from any image file's bytes: shorter side ``side``, JPEG quality 85."""
+    from products10k.prepared.images import prepare_image
+
+    return prepare_image(data, side, 85)[0]
+
+
+def _write_thumbs(out: Path, thumbs: dict[int, bytes], carried: Path | None) -> None:
+    if not thumbs and not (carried and carried.is_dir()):
+        return
+    out.mkdir()
+    if carried is not None and carried.is_dir():
+        for path in carried.iterdir():
+            try:
+                os.link(path, out / path.name)
+            except OSError:  # another file system: a copy
+                shutil.copy2(path, out / path.name)
+    for sku, data in thumbs.items():
+        (out / f"{int(sku)}.jpg").unlink(missing_ok=True)  # never write through a hard link
+        (out / f"{int(sku)}.jpg").write_bytes(data)
 
 
 def load_gallery(folder: str | Path) -> Gallery:

@@ -123,6 +123,8 @@ def test_enrolled_sku_is_predicted_by_knn(project, tmp_path):
     assert (index / "gallery.npz").read_bytes() == before  # the input index is untouched
     meta = json.loads((tmp_path / "enrolled" / "meta.json").read_text())
     assert meta["enrolled"][0]["new_skus"] == 1 and meta["enrolled"][0]["images"] == 3
+    thumbs = {p.name for p in (tmp_path / "enrolled" / "thumbs").iterdir()}
+    assert "777.jpg" in thumbs and {p.name for p in (index / "thumbs").iterdir()} < thumbs  # carried over
 
     out = tmp_path / "p.json"
     predict.main([str(new / "777" / "1.jpg"), "--model", str(root / "models" / "export"),
@@ -283,7 +285,7 @@ def test_enrol_killed_mid_write_leaves_the_input_whole_and_the_output_whole_or_a
     new.mkdir(parents=True)
     new.joinpath("a.jpg").write_bytes(prepared_image(prepared, "test.csv", 1))
     index = root / "models" / "m0" / "index"
-    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    before = _files(index)
     out = tmp_path / "enrolled"
     args = [
         str(new.parent),
@@ -295,7 +297,7 @@ def test_enrol_killed_mid_write_leaves_the_input_whole_and_the_output_whole_or_a
         str(out),
     ]
     enrol.main(args)  # a first enrolment: the output exists, whole
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    first = _files(out)
     new.joinpath("b.jpg").write_bytes(prepared_image(prepared, "test.csv", 2))
 
     # the second is killed with its new index staged, at the moment it would be published
@@ -311,8 +313,12 @@ def test_enrol_killed_mid_write_leaves_the_input_whole_and_the_output_whole_or_a
     assert (tmp_path / "pids").exists(), "enrol never reached its publish"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # the input index is untouched
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # the output: the previous, whole
+    assert _files(index) == before  # the input index is untouched
+    assert _files(out) == first  # the output: the previous, whole
     enrol.main(args)  # run again: the staged leftover is replaced, the new version published
     meta = json.loads((out / "meta.json").read_text())
     assert meta["enrolled"][-1]["images"] == 2 and not (tmp_path / "enrolled.tmp").exists()
+
+
+def _files(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

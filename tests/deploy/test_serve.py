@@ -95,6 +95,10 @@ def test_healthz_names_the_model_and_the_index(server):
     assert status == 200 and health["status"] == "ok" and health["enrolment"] is True
     assert health["model"]["checkpoint_sha256"] == spec["checkpoint_sha256"]
     assert health["index"]["skus"] == len(spec["skus"]) and health["index"]["version"] >= 0
+    # the index stage wrote a thumbnail per trained SKU for the page
+    status, thumb = call(base, f"/v1/skus/{spec['skus'][0]}/thumbnail")
+    assert status == 200 and thumb[:3] == b"\xff\xd8\xff"
+    assert call(base, "/v1/skus/123456789/thumbnail")[0] == 404
 
 
 def test_recognize_answers_every_image_in_order_and_bad_ones_in_their_own_result(server, tmp_path):
