@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`/`torchrun`: run them with the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test lint bench table1 lock clean-venv
+.PHONY: install repro test lint bench table1 lock clean-venv chromium
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ repro: install
 	$(BIN)/dvc repro
 
 # without the lock, tests/test_lock.py's check that the environment is the locked one is skipped, said so
-test: install
+test: install chromium
 	$(if $(strip $(LOCK)),,PRODUCTS10K_UNLOCKED=1) $(BIN)/python -m pytest
+
+# the serve page's browser test drives Debian's Chromium through its chromedriver (never a download)
+chromium:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the browser test"; \
+		SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
 
 # the paper's Table 1 over table1.seeds seeds of DVC experiments -> reports/table1.{md,json,png}
 table1: install

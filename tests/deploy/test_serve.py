@@ -7,6 +7,7 @@ followed by a recognition that names the new SKU by kNN, and the batcher merging
 import asyncio
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -236,3 +237,51 @@ def test_enrolment_is_off_without_a_token_file(project):
     response = asyncio.run(scenario())
     assert response.status_code == 403 and b"--token-file" in response.body
     assert create_app(service).routes
+
+
+def chromium_driver():
+    """Headless Debian Chromium driven by its chromedriver (packages chromium, chromium-driver; .ci/run
+    installs them), with the flags a closed network and a root user need. No download of any kind."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1100,900"]  # fmt: skip
+    for flag in flags:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=DriverService("/usr/bin/chromedriver"), options=options)
+
+
+def test_the_page_in_a_real_browser_shows_the_top_skus_of_a_dropped_photo(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, _, prepared, _ = server
+    photo = tmp_path / "shelf-photo.jpg"
+    photo.write_bytes(prepared_image(prepared, "test.csv", 2))
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a photo")
+    expected = call(base, "/v1/recognize?top_k=5", [(photo.name, photo.read_bytes())])[1]["results"][0]
+
+    driver = chromium_driver()
+    try:
+        driver.get(base + "/")
+        driver.find_element(By.ID, "files").send_keys(f"{photo}\n{bad}")
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 2)
+        shown = driver.find_elements(By.CSS_SELECTOR, f'.result[data-source="{photo.name}"] li.sku')
+        assert [int(li.get_attribute("data-sku")) for li in shown] == expected["skus"]
+        assert shown[0].text.startswith(f"SKU {expected['skus'][0]}")
+        # the thumbnails loaded from the index (a broken one would have zero natural width)
+        widths = driver.execute_script(
+            "return [...document.querySelectorAll('li.sku img')].map(i => i.complete ? i.naturalWidth : -1)"
+        )
+        assert widths and all(w > 0 for w in widths)
+        error = driver.find_element(By.CSS_SELECTOR, f'.result[data-source="{bad.name}"] .error').text
+        assert error.startswith("Could not be read:")
+        shot = os.environ.get("PRODUCTS10K_SCREENSHOT")  # docs: where a screenshot of the page is wanted
+        driver.save_screenshot(shot or str(tmp_path / "page.png"))
+    finally:
+        driver.quit()
