@@ -42,7 +42,9 @@ def resolve(project: Path, hold: list[str]) -> list[dict]:
         constraints.write_text("".join(f"{req}\n" for req in hold))
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
         cmd += ["--constraint", str(constraints)]
-        proc = subprocess.run([*cmd, "--report", str(report), f"{project}[dev]"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [*cmd, "--report", str(report), f"{project}[dev]"], capture_output=True, text=True
+        )
         # pip warns once per package about the local mirror's folders it skips: noise, not news
         noise = "is ignored: it is neither a file nor a directory"
         sys.stderr.write("".join(line for line in proc.stderr.splitlines(True) if noise not in line))
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     lines = lock_lines(resolve(ROOT, args.hold))
-    header = HEADER.format(system=platform.system(), machine=platform.machine(), python=platform.python_version())
+    header = HEADER.format(
+        system=platform.system(), machine=platform.machine(), python=platform.python_version()
+    )
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(header + "\n".join(lines) + "\n")
     tmp.replace(args.out)
