@@ -27,7 +27,7 @@ def test_the_lock_satisfies_every_floor_in_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     locked = pins()
     extras = project["optional-dependencies"]
-    for line in [*project["dependencies"], *extras["dev"], *extras["serve"]]:
+    for line in [*project["dependencies"], *extras["pipeline"], *extras["serve"], *extras["dev"]]:
         req = Requirement(line)
         name = canonicalize_name(req.name)
         if name == "products10k":  # dev = products10k[serve] + tools: the extra itself is checked

@@ -20,11 +20,11 @@ input index untouched and ``--out`` either absent, as it was, or complete.
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from products10k import common
@@ -32,13 +32,13 @@ from products10k.common import DataError, Products10kError
 from products10k.deploy.predict import IMAGE_SUFFIXES
 from products10k.deploy.runtime import ExportedModel, check_same_model
 from products10k.prepared.images import DEFAULT_MAX_PIXELS, ImageDefect
-from products10k.retrieval.knn import enrol, load_gallery, save_gallery, thumbnail_jpeg
+from products10k.retrieval.knn import THUMBS_DIR, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.enrol")
 
 
-def read_enrolment(images: Path) -> pd.DataFrame:
-    """``path, sku`` rows from a folder of SKU folders or a ``name,class`` CSV; bad input names the row."""
+def read_enrolment(images: Path) -> list[tuple[Path, int]]:
+    """``(path, sku)`` rows from a folder of SKU folders or a ``name,class`` CSV; bad input names the row."""
     if images.is_dir():
         rows = []
         for folder in sorted(p for p in images.iterdir() if p.is_dir()):
@@ -48,24 +48,28 @@ def read_enrolment(images: Path) -> pd.DataFrame:
             rows += [(p, int(folder.name)) for p in files]
         if not rows:
             raise DataError(f"{images}: no images in SKU sub-folders (expected <images>/<sku id>/<file>.jpg)")
-        return pd.DataFrame(rows, columns=["path", "sku"])
+        return rows
     if not images.is_file():
         raise DataError(f"{images}: no such folder or CSV")
-    table = pd.read_csv(images, dtype={"name": str})
-    for col in ("name", "class"):
-        if col not in table.columns:
-            raise DataError(f"{images}: missing column '{col}' (columns: {', '.join(table.columns)})")
-    if table.empty:
+    with open(images, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for col in ("name", "class"):
+            if col not in columns:
+                raise DataError(f"{images}: missing column '{col}' (columns: {', '.join(columns)})")
+        rows = []
+        for line, record in enumerate(reader, start=2):
+            value = (record["class"] or "").strip()
+            try:
+                sku = int(float(value)) if float(value).is_integer() else None
+            except ValueError:
+                sku = None
+            if sku is None:
+                raise DataError(f"{images}: row {line}: class '{value}' is not an integer SKU id")
+            rows.append((images.parent / record["name"], sku))
+    if not rows:
         raise DataError(f"{images}: no rows")
-    sku = pd.to_numeric(table["class"], errors="coerce")
-    bad = sku.isna() | (sku != sku.round())
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(
-            f"{images}: row {row + 2}: class '{table['class'].iloc[row]}' is not an integer SKU id"
-        )
-    paths = [images.parent / n for n in table["name"]]
-    return pd.DataFrame({"path": paths, "sku": sku.astype(np.int64)})
+    return rows
 
 
 def embed_files(
@@ -103,33 +107,31 @@ def enrol_skus(
     if out.resolve() == index_dir.resolve():
         raise Products10kError(f"--out {out} is the input index: write the enrolled index to a new folder")
     table = read_enrolment(images)
+    paths, skus = [p for p, _ in table], np.array([s for _, s in table], dtype=np.int64)
     model = ExportedModel(model_dir)
     gallery = load_gallery(index_dir)
     check_same_model(model, gallery, index_dir)
-    vectors, skipped = embed_files(model, list(table["path"]), batch_size, max_pixels)
+    vectors, skipped = embed_files(model, paths, batch_size, max_pixels)
     for i, why in skipped.items():
-        log.warning("skipped %s (SKU %d): %s", table["path"].iat[i], table["sku"].iat[i], why)
+        log.warning("skipped %s (SKU %d): %s", paths[i], skus[i], why)
     if skipped and strict:
         raise DataError(f"{len(skipped)} image(s) could not be read and --strict is set (see the warnings)")
     ok = np.ones(len(table), bool)
     ok[list(skipped)] = False
-    lost = sorted(set(table["sku"]) - set(table.loc[ok, "sku"]))
+    lost = sorted(set(skus.tolist()) - set(skus[ok].tolist()))
     if lost:
         raise DataError(
             f"SKU(s) {', '.join(map(str, lost))}: none of their images could be read (see the warnings)"
         )
-    kept = table[ok]
-    added = enrol(gallery, vectors, kept["sku"].to_numpy(), [str(p) for p in kept["path"]])
-    added["skipped"] = [{"path": str(table["path"].iat[i]), "error": why} for i, why in skipped.items()]
+    kept = [(paths[i], int(skus[i])) for i in np.flatnonzero(ok)]
+    added = enrol(gallery, vectors, skus[ok], [str(p) for p, _ in kept])
+    added["skipped"] = [{"path": str(paths[i]), "error": why} for i, why in skipped.items()]
     gallery.meta.setdefault("enrolled", []).append({"source": str(images), **added})
-    # a thumbnail for each SKU the index had none for: its first readable image
-    first = kept.drop_duplicates("sku")
-    known = {int(s) for s in gallery.skus[: len(model.skus)]}
-    thumbs = {
-        int(r.sku): thumbnail_jpeg(Path(r.path).read_bytes())
-        for r in first.itertuples()
-        if int(r.sku) not in known
-    }
+    # a thumbnail for each SKU the index has none for: its first readable image
+    thumbs: dict[int, bytes] = {}
+    for path, sku in kept:
+        if sku not in thumbs and not (index_dir / THUMBS_DIR / f"{sku}.jpg").is_file():
+            thumbs[sku] = thumbnail_jpeg(path.read_bytes())
     save_gallery(gallery, out, thumbs=thumbs, thumbs_from=index_dir)
     log.info(
         "enrolled %d images of %d SKUs (%d new), %d skipped -> %s",

@@ -26,9 +26,9 @@ def test_the_opencv_centre_crop_is_the_evaluate_stages_exactly(h, w, resize, cro
     assert np.abs(got - expected.numpy()).max() <= 1e-6
 
 
-def test_predict_and_the_runtime_import_no_torch_albumentations_dvc_pandas_or_scipy():
+def test_predict_enrol_and_serve_import_no_torch_albumentations_dvc_pandas_or_scipy():
     code = (
-        "import sys, products10k.deploy.predict, products10k.deploy.runtime, products10k.scores; "
+        "import sys, products10k.deploy.predict, products10k.deploy.enrol, products10k.deploy.serve; "
         "print(sorted(m for m in ('torch', 'albumentations', 'dvc', 'pandas', 'scipy', 'timm', 'sklearn') "
         "if m in sys.modules))"
     )
