@@ -6,8 +6,9 @@ Run (one process):
         --label-map data/prepared/label_map.csv --images data/prepared \
         --out models/m0/train --live dvclive/m0/train
 
-DDP: the same arguments after ``torchrun --standalone --nproc_per_node=N`` (dvc.yaml builds this
-from ``dist.nproc_per_node``). Finetune phases add ``--init models/m0/<previous>/best.pt``.
+DDP: the same arguments after ``torchrun --standalone --nproc_per_node=N`` (dvc.yaml runs it through
+``python -m products10k.training.launch --nproc-per-node ${dist.nproc_per_node}``, which is torchrun
+for N > 1 and this script alone for N = 1). Finetune phases add ``--init models/m0/<previous>/best.pt``.
 A re-run after a kill resumes from ``<out>/last.pt`` when the settings are unchanged.
 """
 

@@ -506,7 +506,7 @@ def tiny_params() -> dict:
         "prepare": {"size": 48, "n_jobs": 1, "val_min_images": 2},  # SKUs of 2-6 images
         "balance": {"per_class": 2},
         "evaluate": {"batch_size": 16, "gallery_size": 3, "gallery_tile": 48},
-        "tta": {"scales": [1.0], "flip": True},
+        "tta": {"scales": [1.0], "flip": True},  # two views: the TTA average stays exercised
     }
     # one short epoch per phase at 32 px, for whichever phase sections params.yaml has
     small = {"epochs": 1, "resolution": 32, "batch_size": 8, "num_workers": 0, "milestones": []}

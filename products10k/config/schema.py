@@ -359,6 +359,7 @@ class Table1Config(Section):
     seeds: int = Field(ge=1)  # train.seed = 0 .. seeds-1, one high- and one low-resolution experiment each
     bootstrap: int = Field(ge=100)  # resamples of the test images per interval
     confidence: float = Field(gt=0.5, lt=1.0)
+    jobs: int = Field(ge=1)  # experiments run at once (`dvc queue start -j`)
 
 
 #: the params.yaml section each stage's config is read from

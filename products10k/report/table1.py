@@ -12,8 +12,8 @@ experiments of the current workspace (HEAD plus uncommitted changes and params.y
 - ``low``: ``train.resolution`` x 224/448 (the paper's baseline; 224 under the paper preset), up
   to ``evaluate@<member>-train`` only.
 
-``dvc queue start -j 1`` runs them one at a time; DVC's run cache restores every stage whose
-inputs it has seen (the data stages after the first experiment). Experiment names carry a
+``dvc queue start -j <table1.jobs>`` runs them (one at a time by default); DVC's run cache restores
+every stage whose inputs it has seen (the data stages after the first experiment). Experiment names carry a
 fingerprint of HEAD, the uncommitted diff and params.yaml (``t1-<fp>-s<seed>-<high|low>``), so
 re-running with nothing changed finds every experiment done and recomputes nothing; a change
 makes new ones.
@@ -184,7 +184,7 @@ def experiment_revs(all_commits: bool = False) -> dict[str, str]:
     return {name: e["rev"] for name, e in dvc_experiments(all_commits).items() if e["state"] == "success"}
 
 
-def run_experiments(experiments: list[Experiment], poll_s: float = 10.0) -> None:
+def run_experiments(experiments: list[Experiment], jobs: int = 1, poll_s: float = 10.0) -> None:
     """Queue the experiments not yet done, run the queue one at a time, wait for every one."""
     done = experiment_revs()
     todo = [e for e in experiments if e.name not in done]
@@ -202,7 +202,7 @@ def run_experiments(experiments: list[Experiment], poll_s: float = 10.0) -> None
     # `queue start` may return at once or only when its worker is done (the worker can hold the
     # pipes this call reads): the clock starts before it, and the loop below waits either way.
     started = time.time()
-    _dvc("queue", "start", "-j", "1")
+    _dvc("queue", "start", "-j", str(jobs))
     names = {e.name for e in todo}
     while True:
         status = {n: e["state"] for n, e in dvc_experiments().items() if n in names}
@@ -439,7 +439,7 @@ def _run(args: argparse.Namespace) -> None:
     rows = table_rows(high, low_resolution(high))
     experiments = plan(params, args.params, cfg, member)
     if args.command == "run":
-        run_experiments(experiments)
+        run_experiments(experiments, cfg.jobs)
     hits = collect(experiments, rows, member)
     labels, label_map = hits.pop("_labels"), hits.pop("_label_map")
     tail = tail_mask_of(labels, label_map, evaluate.tail_max_images)

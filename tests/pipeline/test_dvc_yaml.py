@@ -7,6 +7,7 @@ out every knob is tests/config/test_load.py's: the schema has no defaults.)
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def _stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+@functools.cache  # the three training phases share stages/train.py: one interpreter start per script
 def _script_imports(script: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", IMPORTS, str(ROOT / script)], capture_output=True, text=True, check=True

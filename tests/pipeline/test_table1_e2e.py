@@ -16,7 +16,7 @@ from tests.helpers import deep_update, make_project, run, tiny_params
 @pytest.mark.e2e
 def test_table1_runs_seeds_as_experiments_and_reports_what_the_metrics_say(tmp_path):
     params = deep_update(
-        tiny_params(), {"train": {"resolution": 48}, "table1": {"seeds": 2, "bootstrap": 200}}
+        tiny_params(), {"train": {"resolution": 48}, "table1": {"seeds": 2, "bootstrap": 200, "jobs": 2}}
     )
     project = make_project(tmp_path / "project", params)
     table1 = (sys.executable, "-m", "products10k.report.table1")

@@ -1,7 +1,7 @@
 """The three training phases through the real dvc CLI, then a resolution experiment.
 
-download -> prepare -> balance -> train@m0 -> finetune_balanced@m0 -> finetune_accuracy@m0 on a
-tiny synthetic config (torchrun with 1 process, as dvc.yaml builds it), then
+download -> prepare -> balance -> train@m0 -> finetune_balanced@m0 -> finetune_accuracy@m0 of the
+tiny pipeline's run (torchrun with 1 process, as dvc.yaml builds it), then
 `dvc exp run -S train.resolution=40` and `dvc metrics diff` on the DVCLive metrics.
 """
 
@@ -11,34 +11,16 @@ import pytest
 import torch
 
 from products10k.config import PHASES
-from tests.helpers import dvc, make_project, run
-
-TINY = {
-    "data": {
-        "synthetic": {
-            "num_groups": 2,
-            "skus_per_group": 3,
-            "train_max_per_sku": 8,
-            "train_min_per_sku": 3,
-            "test_per_sku": 1,
-        }
-    },
-    "prepare": {"size": 48, "n_jobs": 1, "val_min_images": 2},  # SKUs of 3-8 images
-    "balance": {"per_class": 3},
-    "model": {"arch": "resnet10t", "pretrained": False},
-    "train": {"epochs": 2, "resolution": 32, "batch_size": 8, "num_workers": 0, "warmup_epochs": 0},
-    "finetune_balanced": {"epochs": 1},
-    "finetune_accuracy": {"epochs": 1},
-    "dist": {"nproc_per_node": 1, "threads": 1},
-}
+from tests.helpers import dvc, run
 
 
 @pytest.mark.e2e
-def test_three_phases_then_resolution_experiment(tmp_path):
-    project = make_project(tmp_path / "project", TINY)
-    out = dvc(project, "repro", "finetune_accuracy@m0")
+def test_three_phases_then_resolution_experiment(reference_pipeline):
+    # the tiny pipeline's run (tests/pipeline/conftest.py), shared with the submit and kill tests:
+    # this test goes last in it (it commits and runs an experiment there)
+    project = reference_pipeline.project
     for phase in PHASES:
-        assert f"Running stage '{phase}@m0'" in out.stdout
+        assert f"{phase}@m0" in reference_pipeline.stages
         best = torch.load(project / "models" / "m0" / phase / "best.pt", weights_only=True)
         assert best["phase"] == phase and best["resolution"] == 32
         assert (project / "dvclive" / "m0" / phase / "metrics.json").is_file()
