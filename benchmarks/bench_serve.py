@@ -197,6 +197,8 @@ def main() -> None:
             result["steady"] = {k: v for k, v in steady.items() if k != "records"}
             health = json.loads(_get(port, "/healthz"))
             result["images_per_model_run"] = round(health["batches"]["images"] / health["batches"]["runs"], 2)
+            if args.screenshot:  # before the enrolment: a photo the index has never seen
+                screenshot(port, photos[-1], args.screenshot)
 
             before = answers(port, photos)
             new_photos = [(f"new{i}.jpg", photos[i][1]) for i in range(5)]
@@ -221,8 +223,6 @@ def main() -> None:
                 {r[3]["index_version"] for r in swap["records"] if r[3]}
             )
             result["peak_rss_mb"] = round(rss_mb(server.pid, "VmHWM"), 1)
-            if args.screenshot:
-                screenshot(port, photos[0], args.screenshot)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -248,7 +248,7 @@ def screenshot(port: int, photo: tuple[str, bytes], out: Path) -> None:
         path.write_bytes(photo[1])
         driver = chromium_driver()
         try:
-            driver.set_window_size(1000, 640)
+            driver.set_window_size(1000, 760)
             driver.get(f"http://127.0.0.1:{port}/")
             driver.find_element(By.ID, "files").send_keys(str(path))
             WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result li.sku"))
