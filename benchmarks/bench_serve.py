@@ -23,7 +23,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,24 +35,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
+from tests.deploy.test_serve import chromium_driver, free_port, multipart  # noqa: E402
+
 NEW_SKU = 990_000_001
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, data in files:
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n\r\n'
-        parts.append(head.encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def post(conn: http.client.HTTPConnection, path: str, files, token: str | None = None) -> tuple[int, dict]:
@@ -239,9 +226,6 @@ def _get(port: int, path: str) -> bytes:
 def screenshot(port: int, photo: tuple[str, bytes], out: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.deploy.test_serve import chromium_driver
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / photo[0]

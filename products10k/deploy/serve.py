@@ -76,8 +76,12 @@ class IndexVersion:
     gallery: Gallery
 
 
-class TooLarge(Exception):
-    """The request is over a limit: answered with 413 and the message."""
+class RequestError(Exception):
+    """A request that cannot be served as sent: answered with ``status`` and the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 # --- dynamic batching ---------------------------------------------------------------------------
@@ -181,25 +185,27 @@ class Service:
     # -- reading requests
 
     async def read_images(self, request: Request) -> list[tuple[str, bytes | None, str]]:
-        """The request's images as (source, bytes or None, error), zips expanded; TooLarge over a limit."""
+        """The request's images as (source, bytes or None, error), zips expanded.
+
+        RequestError 413 over a limit, 400 without images."""
         length = request.headers.get("content-length")
         limit = self.limits.max_request_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             await _drain(request, 4 * limit)
-            raise TooLarge(f"the request is {int(length)} bytes, over the limit of {limit}")
+            raise RequestError(413, f"the request is {int(length)} bytes, over the limit of {limit}")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
                 await _drain(request, 4 * limit - len(body))
-                raise TooLarge(f"the request is over the limit of {limit} bytes")
+                raise RequestError(413, f"the request is over the limit of {limit} bytes")
         replay = _replay(bytes(body))
         form = await Request(request.scope, replay).form(max_files=10_000, max_fields=100)
         items: list[tuple[str, bytes | None, str]] = []
         try:
             for upload in form.getlist("images"):
                 if not isinstance(upload, UploadFile):
-                    raise TooLarge("the field 'images' must hold files (multipart/form-data uploads)")
+                    raise RequestError(400, "the field 'images' must hold files (multipart uploads)")
                 data = await upload.read()
                 name = printable(upload.filename or "image")
                 if name.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
@@ -207,9 +213,11 @@ class Service:
                 else:
                     items.append((name, data, ""))
                 if len(items) > self.limits.max_images:
-                    raise TooLarge(f"more than {self.limits.max_images} images in one request")
+                    raise RequestError(413, f"more than {self.limits.max_images} images in one request")
         finally:
             await form.close()
+        if not items:
+            raise RequestError(400, "no images: send them as multipart field 'images'")
         return items
 
     async def embed(self, items) -> tuple[list, np.ndarray, np.ndarray, list[int]]:
@@ -279,10 +287,8 @@ class Service:
             return _error(400, f"top_k must be between 1 and {self.limits.max_top_k}")
         try:
             items = await self.read_images(request)
-        except TooLarge as exc:
-            return _error(413, str(exc))
-        if not items:
-            return _error(400, "no images: send them as multipart field 'images'")
+        except RequestError as exc:
+            return _error(exc.status, str(exc))
         errors, logits, embedding, ok = await self.embed(items)
         results = [
             {"source": name, "status": "error" if error else "ok", "error": error, "skus": [], "scores": []}
@@ -312,10 +318,8 @@ class Service:
         sku = int(raw)
         try:
             items = await self.read_images(request)
-        except TooLarge as exc:
-            return _error(413, str(exc))
-        if not items:
-            return _error(400, "no images: send them as multipart field 'images'")
+        except RequestError as exc:
+            return _error(exc.status, str(exc))
         errors, _, embedding, ok = await self.embed(items)
         skipped = [{"source": name, "error": e} for (name, _, _), e in zip(items, errors, strict=True) if e]
         if not ok:
