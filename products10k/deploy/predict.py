@@ -90,22 +90,30 @@ def gather(inputs: list[str]) -> list[Source]:
     return sources
 
 
-def _zip_sources(path: Path) -> list[Source]:
-    """A zip's image members, sorted; a nested zip is a row with an error, not silently skipped."""
-    label = printable(str(path))
-    try:
-        infos = zipfile.ZipFile(path).infolist()
-    except ZIP_READ_ERRORS as exc:
-        return [Source(label, path, error=f"unreadable: {type(exc).__name__}: {exc}")]
-    sources = []
-    for info in sorted((i for i in infos if not i.is_dir()), key=lambda i: i.filename):
+NESTED_ZIP = "unsupported: a zip inside a zip (extract it and pass the inner archive)"
+
+
+def zip_members(archive: zipfile.ZipFile) -> list[tuple[str, str]]:
+    """(member, error) of a zip's image members and nested zips, sorted by name; error is "" for an
+    image, NESTED_ZIP for a zip (a row with the reason, not silently skipped). predict and serve share it."""
+    out = []
+    for info in sorted((i for i in archive.infolist() if not i.is_dir()), key=lambda i: i.filename):
         suffix = Path(info.filename).suffix.lower()
         if suffix in IMAGE_SUFFIXES:
-            sources.append(Source(f"{label}:{printable(info.filename)}", path, info.filename))
+            out.append((info.filename, ""))
         elif suffix == ".zip":
-            error = "unsupported: a zip inside a zip (extract it and pass the inner archive)"
-            sources.append(Source(f"{label}:{printable(info.filename)}", path, info.filename, error))
-    return sources
+            out.append((info.filename, NESTED_ZIP))
+    return out
+
+
+def _zip_sources(path: Path) -> list[Source]:
+    """A zip's image members (and nested zips, as errors), sorted."""
+    label = printable(str(path))
+    try:
+        members = zip_members(zipfile.ZipFile(path))
+    except ZIP_READ_ERRORS as exc:
+        return [Source(label, path, error=f"unreadable: {type(exc).__name__}: {exc}")]
+    return [Source(f"{label}:{printable(m)}", path, m, error) for m, error in members]
 
 
 def load_image(

@@ -49,7 +49,7 @@ from starlette.routing import Route
 
 from products10k import common
 from products10k.common import Products10kError
-from products10k.deploy.predict import IMAGE_SUFFIXES, printable
+from products10k.deploy.predict import printable, zip_members
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer, check_same_model
 from products10k.prepared.images import DEFAULT_MAX_PIXELS, ZIP_READ_ERRORS, ImageDefect
 from products10k.retrieval.knn import THUMBS_DIR, Gallery, enrol, load_gallery, save_gallery, thumbnail_jpeg
@@ -370,22 +370,19 @@ def _zip_items(name: str, data: bytes) -> list[tuple[str, bytes | None, str]]:
     """A zip upload's image members as items (nested zips and unreadable members as errors)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        infos = sorted((i for i in archive.infolist() if not i.is_dir()), key=lambda i: i.filename)
+        members = zip_members(archive)
     except ZIP_READ_ERRORS as exc:
         return [(name, None, f"unreadable: {type(exc).__name__}: {exc}")]
     items = []
-    for info in infos:
-        suffix = Path(info.filename).suffix.lower()
-        label = f"{name}:{printable(info.filename)}"
-        if suffix == ".zip":
-            items.append(
-                (label, None, "unsupported: a zip inside a zip (extract it and send the inner archive)")
-            )
-        elif suffix in IMAGE_SUFFIXES:
-            try:
-                items.append((label, archive.read(info), ""))
-            except ZIP_READ_ERRORS as exc:
-                items.append((label, None, f"unreadable: {type(exc).__name__}: {exc}"))
+    for member, error in members:
+        label = f"{name}:{printable(member)}"
+        if error:
+            items.append((label, None, error))
+            continue
+        try:
+            items.append((label, archive.read(member), ""))
+        except ZIP_READ_ERRORS as exc:
+            items.append((label, None, f"unreadable: {type(exc).__name__}: {exc}"))
     return items
 
 
