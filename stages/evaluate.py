@@ -10,6 +10,10 @@ Run (dvc.yaml generates one stage per member x phase, e.g. ``evaluate@m0-finetun
         --per-group plots/m0/finetune_accuracy/per_group.csv \
         --confused plots/m0/finetune_accuracy/confused_pairs.csv \
         --gallery plots/m0/finetune_accuracy/errors.png
+
+dvc.yaml starts it through ``products10k.training.launch``: with ``dist.nproc_per_node > 1``
+it runs under torchrun, each rank (one GPU each) predicts its shard of the rows and rank 0
+merges them and writes the outputs, identical to a single process's.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import logging
 from pathlib import Path
 
 from products10k.common import ConfigError, run_stage, seed_everything
-from products10k.config import EvaluateConfig, TTAConfig, load_yaml, member_names, section
+from products10k.config import DistConfig, EvaluateConfig, TTAConfig, load_yaml, member_names, section
 from products10k.evaluation.evaluate import EvalOutputs, evaluate_phase
 from products10k.scores import require_evaluated_phase
+from products10k.training.distributed import cleanup, init_distributed
 
 log = logging.getLogger("stages.evaluate")
 
@@ -54,10 +59,19 @@ def _run(args: argparse.Namespace) -> None:
     params = load_yaml(args.params)
     cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
     tta = section(params, "tta", TTAConfig, where=args.params)
+    dist_cfg = section(params, "dist", DistConfig, where=args.params)
     if args.member not in member_names(params, args.params):
         raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
     require_evaluated_phase(args.phase, cfg.phases, args.params)
     seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
+    info = init_distributed(dist_cfg)  # one process unless started by torchrun
+    try:
+        _evaluate(args, cfg, tta, info)
+    finally:
+        cleanup(info)
+
+
+def _evaluate(args: argparse.Namespace, cfg: EvaluateConfig, tta: TTAConfig, info) -> None:
     evaluate_phase(
         member=args.member,
         phase=args.phase,
@@ -76,6 +90,7 @@ def _run(args: argparse.Namespace) -> None:
         ),
         cfg=cfg,
         tta=tta,
+        info=info,
     )
 
 

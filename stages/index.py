@@ -8,7 +8,9 @@ Run (dvc.yaml generates one stage per member, e.g. ``index@m0``)::
         --images-root data/prepared --classifier predictions/finetune_accuracy/m0.npz \
         --index models/m0/index --fused predictions/fused/m0.npz --metrics metrics/m0/retrieval.json
 
-``--checkpoint`` and ``--classifier`` are of the phase named by ``retrieval.phase``.
+``--checkpoint`` and ``--classifier`` are of the phase named by ``retrieval.phase``. dvc.yaml
+starts it through ``products10k.training.launch``: with ``dist.nproc_per_node > 1`` every rank
+embeds its shard of the images and rank 0 merges them, builds the index and writes the outputs.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import logging
 from pathlib import Path
 
 from products10k.common import ConfigError, run_stage, seed_everything
-from products10k.config import EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
+from products10k.config import DistConfig, EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
 from products10k.retrieval.index import IndexInputs, IndexOutputs, build_index
 from products10k.scores import require_evaluated_phase
+from products10k.training.distributed import cleanup, init_distributed
 
 log = logging.getLogger("stages.index")
 
@@ -53,6 +56,7 @@ def _run(args: argparse.Namespace) -> None:
     params = load_yaml(args.params)
     cfg = section(params, "retrieval", RetrievalConfig, where=args.params)
     evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
+    dist_cfg = section(params, "dist", DistConfig, where=args.params)
     if args.member not in member_names(params, args.params):
         raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
     require_evaluated_phase(cfg.phase, evaluate.phases, args.params, key="retrieval.phase")
@@ -66,7 +70,12 @@ def _run(args: argparse.Namespace) -> None:
         images_root=args.images_root,
         classifier=args.classifier,
     )
-    build_index(args.member, inputs, IndexOutputs(args.index, args.fused, args.metrics), cfg, evaluate)
+    outputs = IndexOutputs(args.index, args.fused, args.metrics)
+    info = init_distributed(dist_cfg)  # one process unless started by torchrun
+    try:
+        build_index(args.member, inputs, outputs, cfg, evaluate, info)
+    finally:
+        cleanup(info)
 
 
 if __name__ == "__main__":

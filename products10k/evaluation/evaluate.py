@@ -30,13 +30,14 @@ from products10k.common import Products10kError
 from products10k.config import EvaluateConfig, TTAConfig
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
 from products10k.evaluation.metrics import confused_pairs, per_group_table, split_metrics
-from products10k.evaluation.predict import predict
+from products10k.evaluation.predict import predict_sharded
 from products10k.evaluation.views import build_views
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.prepared.shards import ImageStore
 from products10k.scores import SplitScores, save_predictions
 from products10k.training.checkpoint import check_labels, load_model
 from products10k.training.devices import amp_dtype, eval_workers, resolve_device
+from products10k.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,14 @@ def evaluate_phase(
     outputs: EvalOutputs,
     cfg: EvaluateConfig,
     tta: TTAConfig,
-) -> dict:
-    """Evaluate one member's checkpoint of one phase; write every output; return the metrics."""
+    info: DistInfo | None = None,
+) -> dict | None:
+    """Evaluate one member's checkpoint of one phase; write every output; return the metrics.
+
+    Under torchrun (``info``) every rank predicts its shard of val and test; rank 0 merges them,
+    computes the metrics and writes every output, and the other ranks return None.
+    """
+    info = info or DistInfo()
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
     val = read_prepared(val_path, label_map, allow_empty=True)
     test = read_prepared(test_path, label_map, usage=True, allow_empty=True)
@@ -103,7 +110,11 @@ def evaluate_phase(
     )[0]
     log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
     splits = {"val": (val, val_path), "test": (test, test_path)}
-    results = _predict_splits(model, splits, label_map, images_root, views, single, cfg, f"{member}/{phase}")
+    results = _predict_splits(
+        model, splits, label_map, images_root, views, single, cfg, f"{member}/{phase}", info
+    )
+    if not info.is_main:
+        return None
     (val_scores, _, val_block), (test_scores, test_single, test_block) = results["val"], results["test"]
     metrics = {
         "val": val_block,
@@ -136,11 +147,13 @@ def evaluate_phase(
 
 
 def _predict_splits(
-    model, splits: dict, label_map, images_root, views, single, cfg: EvaluateConfig, name: str
+    model, splits: dict, label_map, images_root, views, single, cfg: EvaluateConfig, name: str, info: DistInfo
 ):
-    """Per split: (TTA scores, single-crop scores, metrics); an empty val split gets empty scores."""
+    """Per split: (TTA scores, single-crop scores, metrics); an empty val split gets empty scores.
+    Rank 0 gets every split's merged results; other ranks get an empty dict."""
     device = resolve_device(cfg.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks share the host
     kw = dict(
         top_k=cfg.top_k,
         batch_size=cfg.batch_size,
@@ -148,6 +161,8 @@ def _predict_splits(
         device=device,
         amp=amp_dtype(cfg.amp, device),
         single=single,
+        info=info,
+        num_classes=len(label_map),
     )
     n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
     results = {}
@@ -157,7 +172,9 @@ def _predict_splits(
             empty = SplitScores.from_logits([], [], np.zeros((0, len(label_map)), np.float32), cfg.top_k)
             results[split] = (empty, empty, {"n": 0})
             continue
-        pred = predict(model, rows, images_root, views, desc=f"{name} {split}", where=str(path), **kw)
+        pred = predict_sharded(model, rows, images_root, views, desc=f"{name} {split}", where=str(path), **kw)
+        if pred is None:  # not rank 0: its shard went to rank 0
+            continue
         # test.top1 etc: the single centre crop (comparable with the paper); test.tta.*: the TTA average
         block = split_metrics(pred.single.topk_labels, rows, n_train, cfg.tail_max_images)
         block["tta"] = tta_metrics(pred, rows, n_train, cfg.tail_max_images)

@@ -25,6 +25,7 @@ from products10k.evaluation.views import View, base_views
 from products10k.scores import SplitScores, TopKWriter
 from products10k.training.data import PreparedImageDataset
 from products10k.training.devices import host_transfer, to_inference, to_model_input
+from products10k.training.distributed import DistInfo, gather_rows, shard_of
 
 
 class ViewsDataset(Dataset):
@@ -82,6 +83,7 @@ def predict(
     desc: str = "predict",
     where: str = "",
     single: View | None = None,
+    progress: bool = True,
 ) -> Prediction:
     """Run ``model`` over the rows of ``df`` (``name``, ``label``, image location) with every view.
 
@@ -115,7 +117,8 @@ def predict(
     without_top1 = {v: np.empty(n, dtype=np.int64) for v in names} if len(views) > 1 else {}
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     start = 0
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0):
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=not progress)
+    for batch in bar:
         per_view = []
         for view in views:
             x = to_model_input(batch[view.base.name], device, flags)
@@ -148,3 +151,77 @@ def predict(
     names = df["name"].astype(str).to_numpy()
     single_scores = single_writer.result(names, labels) if single_writer is not None else None
     return Prediction(writer.result(names, labels), single_scores, view_top1, without_top1)
+
+
+def predict_sharded(
+    model: torch.nn.Module,
+    df: pd.DataFrame,
+    images_root: str | Path,
+    views: list[View],
+    *,
+    info: DistInfo,
+    num_classes: int,
+    top_k: int,
+    batch_size: int,
+    single: View | None = None,
+    **kw,
+) -> Prediction | None:
+    """:func:`predict` over this rank's shard of ``df``, merged on rank 0 (None on other ranks).
+
+    Under torchrun each rank runs whole batches of its own contiguous rows (``shard_of``); rank 0
+    receives the others' top-k and argmax rows and returns the Prediction of all of ``df``, the
+    same arrays one process computes. A single process predicts everything itself.
+    """
+    rows = df.iloc[shard_of(len(df), batch_size, info)]
+    common = dict(top_k=top_k, batch_size=batch_size, single=single, progress=info.is_main, **kw)
+    if len(rows):
+        pred = predict(model, rows, images_root, views, **common)
+    else:  # a rank past the last batch still takes part in the merge, with no rows
+        pred = _empty_prediction(views, single, top_k, num_classes)
+    if not info.enabled:
+        return pred
+    merged = gather_rows(_prediction_arrays(pred), len(df), batch_size, info)
+    return None if merged is None else _prediction_from_arrays(merged, df, pred)
+
+
+def _empty_prediction(views: list[View], single: View | None, top_k: int, num_classes: int) -> Prediction:
+    def empty() -> SplitScores:
+        return TopKWriter(0, top_k, num_classes).result(np.array([], dtype=object), np.array([], np.int64))
+
+    names = [v.name for v in views]
+    without = {v: np.empty(0, np.int64) for v in names} if len(views) > 1 else {}
+    return Prediction(
+        empty(), empty() if single is not None else None, {v: np.empty(0, np.int64) for v in names}, without
+    )
+
+
+_SCORE_ARRAYS = ("topk_labels", "topk_logits", "logsumexp", "label_logprob", "prob_error")
+
+
+def _prediction_arrays(pred: Prediction) -> dict[str, np.ndarray]:
+    """A Prediction's per-row arrays by name (names and labels are rank 0's own ``df``)."""
+    out = {}
+    for part in ("scores", "single"):
+        scores = getattr(pred, part)
+        if scores is not None:
+            out.update({f"{part}.{a}": getattr(scores, a) for a in _SCORE_ARRAYS})
+    out.update({f"view_top1.{v}": a for v, a in pred.view_top1.items()})
+    out.update({f"without_top1.{v}": a for v, a in pred.without_top1.items()})
+    return out
+
+
+def _prediction_from_arrays(arrays: dict[str, np.ndarray], df: pd.DataFrame, like: Prediction) -> Prediction:
+    """The Prediction of all of ``df`` from the merged arrays, keyed and ordered as ``like`` (the
+    views' order is the metrics' key order)."""
+    names = np.asarray(df["name"].astype(str).to_numpy()).astype(str)  # as TopKWriter.result
+    labels = df["label"].to_numpy(dtype=np.int64)
+
+    def scores(part: str) -> SplitScores | None:
+        if f"{part}.topk_labels" not in arrays:
+            return None
+        return SplitScores(names, labels, **{a: arrays[f"{part}.{a}"] for a in _SCORE_ARRAYS})
+
+    def per_view(prefix: str) -> dict[str, np.ndarray]:
+        return {v: arrays[f"{prefix}.{v}"] for v in getattr(like, prefix)}
+
+    return Prediction(scores("scores"), scores("single"), per_view("view_top1"), per_view("without_top1"))

@@ -47,6 +47,7 @@ def embed_rows(
     amp: torch.dtype | None = None,
     desc: str = "embed",
     on_logits: Callable[[int, np.ndarray], None] | None = None,
+    progress: bool = True,
 ) -> np.ndarray:
     """(N, D) float32 unit vectors of the rows of a prepared CSV, in row order.
 
@@ -69,7 +70,7 @@ def embed_rows(
     out: np.ndarray | None = None
     start = 0
     for images, _labels, _index, _weight in tqdm(
-        loader, desc=desc, unit="batch", leave=False, mininterval=1.0
+        loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=not progress
     ):
         with autocast:
             features = model.features(to_model_input(images, device, flags))

@@ -46,6 +46,7 @@ from products10k.retrieval.knn import (
 )
 from products10k.scores import SplitScores, TopKWriter, load_predictions, save_predictions
 from products10k.training.devices import amp_dtype, eval_workers, resolve_device
+from products10k.training.distributed import DistInfo, gather_rows, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,19 @@ class IndexOutputs:
 
 
 def build_index(
-    member: str, inputs: IndexInputs, outputs: IndexOutputs, cfg: RetrievalConfig, evaluate: EvaluateConfig
-) -> dict:
-    """Run the stage for one member; write index, fused predictions and metrics; return the metrics."""
+    member: str,
+    inputs: IndexInputs,
+    outputs: IndexOutputs,
+    cfg: RetrievalConfig,
+    evaluate: EvaluateConfig,
+    info: DistInfo | None = None,
+) -> dict | None:
+    """Run the stage for one member; write index, fused predictions and metrics; return the metrics.
+
+    Under torchrun (``info``) every rank embeds its shard of train, val and test; rank 0 merges the
+    vectors, builds the index, searches and writes every output; the other ranks return None.
+    """
+    info = info or DistInfo()
     label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     splits = {
@@ -84,32 +95,35 @@ def build_index(
     }
     model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
     classifier = load_predictions(inputs.classifier, member)
-    embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}")
+    embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}", info)
 
-    gallery = build_gallery(
-        embed(splits["train"], "train"),
-        splits["train"]["label"],
-        splits["train"]["name"],
-        skus,
-        _index_meta(member, inputs.checkpoint, meta, cfg),
-    )
-    log.info("%s: index of %d training images x %d dims", member, gallery.index.ntotal, gallery.index.d)
+    # every rank embeds its shard (a single process: all rows); rank 0 gets them all and builds the
+    # gallery before the queries are embedded, so the train vectors are held once at a time
+    train_vectors, _ = embed(splits["train"], "train")
+    gallery = None
+    if info.is_main:
+        gallery = build_gallery(
+            train_vectors,
+            splits["train"]["label"],
+            splits["train"]["name"],
+            skus,
+            _index_meta(member, inputs.checkpoint, meta, cfg),
+        )
+        log.info("%s: index of %d training images x %d dims", member, gallery.index.ntotal, gallery.index.d)
+    del train_vectors
+    # the classifier's single centre crop of val, from the embedding pass: what predict computes
+    val_vectors, single_val = embed(splits["val"], "val", with_logits=True)
+    test_vectors, _ = embed(splits["test"], "test")
+    if not info.is_main:
+        return None
+    queries = {"val": val_vectors, "test": test_vectors}
 
     knn = {}
-    # the classifier's single centre crop of val, from the embedding pass: what predict computes
-    single_val = TopKWriter(len(splits["val"]), evaluate.top_k, len(skus))
-    val_labels = splits["val"]["label"].to_numpy()
-
-    def single_crop(start: int, logits: np.ndarray) -> None:
-        single_val.add(start, logits, val_labels[start : start + len(logits)])
-
     for split in ("val", "test"):
         rows = splits[split]
-        hook = single_crop if split == "val" else None
-        queries = embed(rows, split, hook) if len(rows) else np.zeros((0, gallery.index.d), np.float32)
         knn[split] = knn_scores(
             gallery,
-            queries,
+            queries[split],
             rows["name"],
             rows["label"],
             k=cfg.k,
@@ -123,9 +137,7 @@ def build_index(
     # Two weights: the pipeline fuses kNN with the evaluate stage's TTA-averaged scores, deploy with
     # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
     weight = _fusion_weight(classifier.val, knn["val"], member, "TTA")
-    deploy_weight = _fusion_weight(
-        single_val.result(splits["val"]["name"], val_labels), knn["val"], member, "single-crop"
-    )
+    deploy_weight = _fusion_weight(single_val, knn["val"], member, "single-crop")
     gallery.meta["fusion_weight"] = deploy_weight  # what products10k-predict --mode fused applies
     gallery.meta["fusion_weight_fitted_on"] = "val, single centre crop (as products10k-predict)"
     fused = {s: fuse(getattr(classifier, s), knn[s], weight, len(skus), evaluate.top_k) for s in knn}
@@ -171,22 +183,52 @@ def _thumbnails(train, images_root, skus: np.ndarray) -> dict[int, bytes]:
     }
 
 
-def _embedder(model, meta, images_root, cfg: RetrievalConfig, evaluate: EvaluateConfig, name: str):
+def _embedder(model, meta, images_root, cfg: RetrievalConfig, evaluate: EvaluateConfig, name: str, info):
+    """``embed(rows, split, with_logits)``: the (N, D) unit vectors of ``rows`` and, with
+    ``with_logits``, the classifier's single-crop SplitScores of the same forward pass; each rank
+    embeds its shard of whole batches, rank 0 gets all rows, the other ranks (None, None)."""
     device = resolve_device(evaluate.device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks share the host
     kw = dict(
         batch_size=cfg.batch_size,
         num_workers=eval_workers(evaluate.num_workers, device, cores),
         device=device,
         amp=amp_dtype(evaluate.amp, device),
+        progress=info.is_main,
     )
+    dim = int(model.backbone.num_features)
+    num_classes = int(model.num_classes)
 
-    def embed(rows, split: str, on_logits=None) -> np.ndarray:
-        return embed_rows(
-            model, meta, rows, images_root, desc=f"{name} embed {split}", on_logits=on_logits, **kw
-        )
+    def embed(rows, split: str, with_logits: bool = False):
+        part = rows.iloc[shard_of(len(rows), cfg.batch_size, info)]
+        labels = part["label"].to_numpy()
+        writer = TopKWriter(len(part), evaluate.top_k, num_classes) if with_logits else None
+
+        def on_logits(start: int, logits: np.ndarray) -> None:
+            writer.add(start, logits, labels[start : start + len(logits)])
+
+        arrays = {"vectors": np.zeros((0, dim), np.float32)}  # a rank with no rows, or an empty split
+        if len(part):
+            hook = on_logits if writer is not None else None
+            desc = f"{name} embed {split}"
+            arrays["vectors"] = embed_rows(model, meta, part, images_root, desc=desc, on_logits=hook, **kw)
+        if writer is not None:
+            arrays.update({a: getattr(writer, a) for a in _WRITER_ARRAYS})
+        merged = gather_rows(arrays, len(rows), cfg.batch_size, info)
+        if merged is None:
+            return None, None
+        if writer is None:
+            return merged["vectors"], None
+        single = TopKWriter(0, evaluate.top_k, num_classes)
+        for a in _WRITER_ARRAYS:
+            setattr(single, a, merged[a])
+        return merged["vectors"], single.result(rows["name"], rows["label"])
 
     return embed
+
+
+_WRITER_ARRAYS = ("topk_labels", "topk_logits", "logsumexp", "label_logprob")
 
 
 def _index_meta(member: str, checkpoint: Path, meta: dict, cfg: RetrievalConfig) -> dict:

@@ -2,6 +2,13 @@
 
 torchrun exports RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; without them the
 script runs single-process with no process group, so the same code serves a laptop and 8 GPUs.
+
+Rank 0 alone writes files (checkpoints, DVCLive, the evaluate and index outputs), so on several
+nodes it must run on the node whose DVC workspace records the stage. torchrun's c10d rendezvous
+numbers the nodes in an order of its own (host name, then agent pid), so the launcher marks that
+node's processes (``OUTPUT_NODE_ENV``, products10k.training.launch) and :func:`init_distributed`
+renumbers the ranks to put them first. The other nodes read nothing rank 0 has not sent them: the
+initial weights and the resume state are broadcast (:func:`broadcast_object`).
 """
 
 from __future__ import annotations
@@ -11,13 +18,18 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from products10k.common import ConfigError
 from products10k.config import DistConfig
 from products10k.training.devices import ddp_backend
 
 log = logging.getLogger(__name__)
+
+#: set to 1 by products10k.training.launch on the node that holds the DVC workspace (it writes)
+OUTPUT_NODE_ENV = "PRODUCTS10K_OUTPUT_NODE"
 
 
 @dataclass(frozen=True)
@@ -49,11 +61,13 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         device = torch.device("cpu")
     if world > 1:
         backend = ddp_backend(cfg.backend, cuda)
-        dist.init_process_group(
+        options = dict(
             backend=backend,
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
+        dist.init_process_group(**options)
+        rank = _output_node_first(rank, world, options)
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -63,6 +77,49 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))
     return DistInfo(rank=rank, local_rank=local_rank, world=world, device=device)
+
+
+def _output_node_first(rank: int, world: int, options: dict) -> int:
+    """This process's rank once the output node's processes are ranks 0, 1, ... (see the module
+    docstring); the process group is re-made with those ranks when torchrun numbered otherwise."""
+    marks: list = [None] * world
+    dist.all_gather_object(marks, os.environ.get(OUTPUT_NODE_ENV) == "1", group=_host_group())
+    marked = [r for r, m in enumerate(marks) if m]
+    if not marked:  # started by hand (torchrun ...), not by the launcher: torchrun's order stands
+        return rank
+    first, local = marked[0], int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if marked != list(range(first, first + local)):
+        raise ConfigError(
+            f"ranks {marked} were all started as the output node: start one node with the DVC stage "
+            "(dvc repro / dvc exp run) and every other node with "
+            "`python -m products10k.training.launch --join <stage>`"
+        )
+    if first == 0:
+        return rank
+    # torchrun gives each node a contiguous block of ranks: a rotation keeps every block whole
+    new_rank = (rank - first) % world
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=options["timeout"]
+    )
+    cleanup(DistInfo(world=world))
+    dist.init_process_group(
+        store=dist.PrefixStore(f"products10k/output-node-first/{restart}", store),
+        rank=new_rank,
+        world_size=world,
+        **options,
+    )
+    log.info("torchrun's rank %d is rank %d: the output node's processes come first", rank, new_rank)
+    return new_rank
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (a picklable object through host memory); as is single-process."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_host_group())
+    return box[0]
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
@@ -76,6 +133,70 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def shard_bounds(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """Every rank's rows ``[start, stop)`` for inference: contiguous runs of whole batches.
+
+    Each rank then forms exactly the batches one process would (same rows, same batch shape), so
+    its arithmetic is the single process's and the merged outputs can equal it byte for byte.
+    Ranks past the last batch get an empty range.
+    """
+    batches = -(-n // batch_size)
+    edges = [min(n, (r * batches // world) * batch_size) for r in range(world + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def shard_of(n: int, batch_size: int, info: DistInfo) -> slice:
+    """This rank's rows of ``n`` (:func:`shard_bounds`); all of them in a single process."""
+    start, stop = shard_bounds(n, batch_size, info.world)[info.rank]
+    return slice(start, stop)
+
+
+def gather_rows(arrays: dict[str, np.ndarray], n: int, batch_size: int, info: DistInfo):
+    """Rank 0: each array's rows from every rank's shard, in row order; other ranks: None.
+
+    ``arrays`` holds this rank's rows of ``n`` (sharded by :func:`shard_of` with ``batch_size``),
+    same keys, dtypes and trailing shapes on every rank (an empty shard sends (0, ...) arrays).
+    Rank 0 preallocates each (n, ...) array and receives every shard straight into its rows, so
+    a 142k x 1,536 gallery is held once, not once per rank plus a concatenated copy. Point-to-point
+    over gloo on the host (a gloo group beside NCCL on GPUs): the arrays live in host memory.
+    """
+    if not info.enabled:
+        return arrays
+    bounds = shard_bounds(n, batch_size, info.world)
+    group = _host_group()
+    if not info.is_main:
+        for key in sorted(arrays):
+            if len(arrays[key]):
+                dist.send(torch.from_numpy(np.ascontiguousarray(arrays[key])), dst=0, group=group)
+        return None
+    merged = {}
+    for key in sorted(arrays):
+        mine = arrays[key]
+        out = np.empty((n, *mine.shape[1:]), dtype=mine.dtype)
+        for rank, (start, stop) in enumerate(bounds):
+            if rank == 0:
+                out[start:stop] = mine
+            elif stop > start:
+                dist.recv(torch.from_numpy(out[start:stop]), src=rank, group=group)
+        merged[key] = out
+    return merged
+
+
+_HOST_GROUP = None
+
+
+def _host_group():
+    """The process group for host (CPU) tensors: the default one under gloo, a gloo one beside NCCL."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def cleanup(info: DistInfo) -> None:
+    global _HOST_GROUP
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None

@@ -57,7 +57,13 @@ from products10k.prepared.contract import read_label_map, read_prepared
 from products10k.training import checkpoint as ckpt_lib
 from products10k.training.data import ClassBalancedSampler, EpochSampler, PreparedImageDataset
 from products10k.training.devices import amp_dtype, host_transfer, needs_grad_scaler
-from products10k.training.distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from products10k.training.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
 from products10k.training.losses import PhaseLoss
 from products10k.training.model import create_model, input_normalization, model_config_dict
 from products10k.training.optim import create_scheduler, current_lr
@@ -229,7 +235,7 @@ def build_state(
     batches_per_epoch = math.ceil(len(train_sampler) / micro_batch)
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
 
-    raw = _initial_model(model_cfg, label_map, paths, cfg.seed)
+    raw = _initial_model(model_cfg, label_map, paths, cfg.seed, info)
     if dist_cfg.sync_bn and info.enabled and info.device.type == "cuda":
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw.to(info.device)
@@ -274,18 +280,20 @@ def build_state(
         scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
         scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
         criterion=PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight),
-        fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths),
+        # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
+        fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths) if info.is_main else "",
     )
 
 
 def _initial_model(
-    model_cfg: ModelConfig, label_map: pd.DataFrame, paths: PhasePaths, seed: int
+    model_cfg: ModelConfig, label_map: pd.DataFrame, paths: PhasePaths, seed: int, info: DistInfo
 ) -> nn.Module:
-    """A new model (ImageNet weights if configured) or, for a finetune, the previous phase's."""
+    """A new model (ImageNet weights if configured) or, for a finetune, the previous phase's: read
+    by rank 0 and broadcast, as another node need not hold the previous phase's checkpoint."""
     seed_everything(seed)  # identical initial weights on every rank
     if paths.init is None:
         return create_model(model_cfg, len(label_map))
-    init = ckpt_lib.read_checkpoint(paths.init)
+    init = broadcast_object(ckpt_lib.read_checkpoint(paths.init) if info.is_main else None, info)
     meta = ckpt_lib.metadata(init)
     ckpt_lib.check_arch(meta, model_cfg.arch, paths.init)
     ckpt_lib.check_labels(meta, label_map, paths.init, paths.label_map)
@@ -613,22 +621,14 @@ def checkpoint(state: PhaseState, epoch: int, val_top1: float, with_state: bool)
 
 
 def resume(state: PhaseState) -> int:
-    """Load ``last.pt`` into ``state`` when it is a run of the same settings; return the start epoch."""
-    out, info = state.paths.out, state.info
-    last = out / "last.pt"
-    if info.is_main and out.is_dir():
-        # temp files of a save interrupted by SIGKILL (atomic_path names them .<name>.*)
-        for stale in out.glob(".*.pt.*"):
-            stale.unlink(missing_ok=True)
-    if not last.is_file():
-        return 0
-    try:
-        ck = ckpt_lib.read_checkpoint(last, map_location=info.device)
-    except Products10kError as exc:
-        log.warning("not resuming: %s", exc)
-        return 0
-    if ck.get("fingerprint") != state.fingerprint or "train_state" not in ck:
-        log.info("%s was made with other settings/data: starting the phase afresh", last)
+    """Load ``last.pt`` into ``state`` when it is a run of the same settings; return the start epoch.
+
+    Rank 0 reads and checks it and broadcasts it: every rank resumes from the same state, including
+    those on nodes that never held the file (an elastic restart on several nodes).
+    """
+    last = state.paths.out / "last.pt"
+    ck = broadcast_object(_resume_checkpoint(state) if state.info.is_main else None, state.info)
+    if ck is None:
         return 0
     state.history = list(ck.get("history", []))
     state.best_top1 = float(ck.get("best_val_top1", -1.0))
@@ -647,6 +647,27 @@ def resume(state: PhaseState) -> int:
     state.scheduler.step_update(state.global_step)
     log.info("resuming %s from %s after epoch %d", state.name, last, ck["epoch"])
     return int(ck["epoch"])
+
+
+def _resume_checkpoint(state: PhaseState) -> dict | None:
+    """Rank 0: ``last.pt`` if it is a run of these settings (its fingerprint), else None."""
+    out = state.paths.out
+    last = out / "last.pt"
+    if out.is_dir():
+        # temp files of a save interrupted by SIGKILL (atomic_path names them .<name>.*)
+        for stale in out.glob(".*.pt.*"):
+            stale.unlink(missing_ok=True)
+    if not last.is_file():
+        return None
+    try:
+        ck = ckpt_lib.read_checkpoint(last)
+    except Products10kError as exc:
+        log.warning("not resuming: %s", exc)
+        return None
+    if ck.get("fingerprint") != state.fingerprint or "train_state" not in ck:
+        log.info("%s was made with other settings/data: starting the phase afresh", last)
+        return None
+    return ck
 
 
 # --- logging -----------------------------------------------------------------------------------
