@@ -237,9 +237,13 @@ class PhaseConfig(Section):
 
 
 class DistConfig(Section):
-    """``dist``: processes per node for torchrun (the dvc.yaml cmd reads nproc_per_node)."""
+    """``dist``: processes per node and nodes for torchrun (products10k.training.launch reads it)."""
 
     nproc_per_node: int = Field(ge=1)
+    nnodes: int = Field(ge=1)
+    rdzv_endpoint: str | None = Field(pattern=r"^[^\s:]+:\d+$")  # HOST:PORT of the node that runs dvc
+    rdzv_id: str | None = Field(pattern=r"^[\w.-]+$")  # null: derived from the stage command
+    max_restarts: int = Field(ge=0)  # torchrun restarts of failed workers, which resume from last.pt
     backend: Literal["auto", "nccl", "gloo"]
     sync_bn: bool
     timeout_s: int = Field(ge=1)  # collective timeout: a dead peer fails the run instead of hanging it

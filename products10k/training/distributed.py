@@ -25,11 +25,9 @@ import torch.distributed as dist
 from products10k.common import ConfigError
 from products10k.config import DistConfig
 from products10k.training.devices import ddp_backend
+from products10k.training.launch import OUTPUT_NODE_ENV
 
 log = logging.getLogger(__name__)
-
-#: set to 1 by products10k.training.launch on the node that holds the DVC workspace (it writes)
-OUTPUT_NODE_ENV = "PRODUCTS10K_OUTPUT_NODE"
 
 
 @dataclass(frozen=True)

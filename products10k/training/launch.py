@@ -1,48 +1,140 @@
-"""How the training stages start: ``torchrun`` when several processes are asked for, else plain Python.
+"""How the pipeline's torch stages start: plain Python, or torchrun on one node or several.
 
-    python -m products10k.training.launch --nproc-per-node N stages/train.py --phase train ...
+    python -m products10k.training.launch --params params.yaml stages/train.py --phase train ...
+    python -m products10k.training.launch --params params.yaml --single-node stages/evaluate.py ...
+    python -m products10k.training.launch --join train@m0        # on every other node
 
-dvc.yaml's training commands go through this with ``dist.nproc_per_node``. With N > 1 it becomes
-``torchrun --standalone --nproc_per_node=N`` (DDP, one process per GPU or, on a CPU, per gloo rank);
-with N = 1 the script runs in this very process (``exec``): torchrun's agent and its second
-interpreter cost ~3 s of start-up per stage for nothing there, which adds up over the three phases,
-every DVC experiment and every test run. The script reads ``WORLD_SIZE`` / ``RANK`` from torchrun
-when present and is a single process without them (products10k.training.distributed).
+dvc.yaml starts train, the finetunes, evaluate and index through this; it reads ``dist`` from
+``--params``:
+
+- ``nnodes: 1`` and ``nproc_per_node: 1`` and no restarts: the script runs in this very process
+  (``exec``). torchrun's agent and a second interpreter cost ~3 s of start-up per stage for
+  nothing there, which adds up over the three phases, every DVC experiment and every test run.
+- one node, several processes: ``torchrun --standalone --nproc_per_node=N`` (DDP: one process
+  per GPU, or gloo ranks on a CPU), with ``--max-restarts`` when ``dist.max_restarts`` > 0.
+- ``nnodes > 1``: ``torchrun --nnodes --rdzv-backend=c10d --rdzv-endpoint --rdzv-id
+  --max-restarts`` on this node. The node running ``dvc repro`` / ``dvc exp run`` hosts the
+  rendezvous (``dist.rdzv_endpoint`` is its address) and its processes become ranks 0.. (rank 0
+  writes the outputs there, products10k.training.distributed). Every other node runs
+  ``--join <stage>``: the same stage command, read from dvc.yaml, in the same commit with the
+  prepared data pulled (``dvc pull data/prepared``).
+
+``--single-node`` (evaluate, index): the ranks of this node only, whatever ``dist.nnodes`` says;
+inference is sharded over its GPUs, never over nodes. ``--dry-run`` prints the command instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shlex
 import sys
+from pathlib import Path
+
+from products10k.common import ConfigError, Products10kError
+from products10k.config import DistConfig, load_yaml, section
+
+MODULE = "products10k.training.launch"
+#: set to 1 on the node that holds the DVC workspace: its processes become ranks 0.. and write
+#: the outputs (products10k.training.distributed). Here, not there: the launcher imports no torch.
+OUTPUT_NODE_ENV = "PRODUCTS10K_OUTPUT_NODE"
 
 
-def command(nproc_per_node: int, script: str, args: list[str]) -> list[str]:
-    """The argv that runs ``script`` with ``args`` on ``nproc_per_node`` processes."""
-    if nproc_per_node < 1:
-        raise SystemExit(f"--nproc-per-node must be >= 1 (dist.nproc_per_node), got {nproc_per_node}")
-    if nproc_per_node == 1:
-        return [sys.executable, script, *args]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc_per_node}",
+def command(
+    cfg: DistConfig, script: str, args: list[str], *, single_node: bool = False, joining: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    """The argv that runs ``script`` with ``args`` as ``cfg`` asks, and the environment it adds."""
+    if single_node or cfg.nnodes == 1:
+        restarts = 0 if single_node else cfg.max_restarts
+        if cfg.nproc_per_node == 1 and restarts == 0:
+            return [sys.executable, script, *args], {}
+        run = [*_torchrun(), "--standalone", f"--nproc_per_node={cfg.nproc_per_node}"]
+        if restarts:
+            run.append(f"--max-restarts={restarts}")
+        return [*run, script, *args], {}
+    if not cfg.rdzv_endpoint:
+        raise ConfigError(
+            f"dist.nnodes is {cfg.nnodes} but dist.rdzv_endpoint is not set: set it to HOST:PORT of "
+            "the node that runs dvc (e.g. node0.cluster:29400), reachable from every node"
+        )
+    run_id = cfg.rdzv_id or _run_id(script, args)
+    run = [
+        *_torchrun(),
+        f"--nnodes={cfg.nnodes}",
+        f"--nproc_per_node={cfg.nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+        f"--rdzv-id={run_id}",
+        # a node that never joins fails the run after the collective timeout instead of hanging it
+        f"--rdzv-conf=join_timeout={cfg.timeout_s}",
+        f"--max-restarts={cfg.max_restarts}",
     ]
-    return [*torchrun, script, *args]
+    return [*run, script, *args], ({} if joining else {OUTPUT_NODE_ENV: "1"})
+
+
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _run_id(script: str, args: list[str]) -> str:
+    """The same on every node (they run the same stage command), different between stages."""
+    return "products10k-" + hashlib.sha256(shlex.join([script, *args]).encode()).hexdigest()[:12]
+
+
+def stage_argv(stage: str, repo: str | Path = ".") -> list[str]:
+    """The launcher arguments of a dvc.yaml stage's command (``train@m0`` -> ``--params ...``)."""
+    try:
+        from dvc.repo import Repo  # DVC resolves foreach/matrix stages and ${} in their commands
+    except ImportError as exc:  # the light runtime install has no dvc
+        raise Products10kError("--join needs dvc: pip install products10k[pipeline]") from exc
+    with Repo(str(repo)) as dvc_repo:
+        try:
+            stages = dvc_repo.stage.collect(stage)
+        except Exception as exc:  # DVC's own errors name the stage and the file
+            raise ConfigError(f"--join {stage}: {exc}") from exc
+    argv = shlex.split(stages[0].cmd)
+    if argv[:3] != ["python", "-m", MODULE]:
+        raise ConfigError(f"--join {stage}: its command does not start with `python -m {MODULE}`: {stages[0].cmd}")
+    return argv[3:]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--params", type=Path, help="params.yaml: its dist section")
+    p.add_argument("--single-node", action="store_true", help="this node's processes only (inference)")
+    p.add_argument("--join", metavar="STAGE", help="join STAGE's run started on the node that runs dvc")
+    p.add_argument("--joining", action="store_true", help=argparse.SUPPRESS)  # what --join runs
+    p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    p.add_argument("script", nargs="?")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m products10k.training.launch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--nproc-per-node", type=int, required=True)
-    p.add_argument("script")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    ns = p.parse_args(argv)
-    argv = command(ns.nproc_per_node, ns.script, ns.args)
+    ns = parse_args(argv)
+    stage = ns.join
+    try:
+        if stage:
+            extra = ["--dry-run"] if ns.dry_run else []
+            ns = parse_args(["--joining", *extra, *stage_argv(stage)])
+        if ns.params is None or ns.script is None:
+            raise ConfigError("give --params PARAMS SCRIPT [ARGS...] or --join STAGE")
+        cfg = section(load_yaml(ns.params), "dist", DistConfig, where=ns.params)
+        if ns.joining and (ns.single_node or cfg.nnodes == 1):
+            raise ConfigError(
+                f"--join {stage}: this stage runs on one node ({ns.params}: dist.nnodes is "
+                f"{cfg.nnodes}{'; inference never spans nodes' if ns.single_node else ''}): nothing to join"
+            )
+        run, env = command(cfg, ns.script, ns.args, single_node=ns.single_node, joining=ns.joining)
+    except Products10kError as exc:
+        sys.exit(f"error: {exc}")
+    if ns.dry_run:
+        print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(run), sep=" " if env else "")
+        return
     sys.stdout.flush()
-    os.execv(argv[0], argv)
+    os.execve(run[0], run, {**os.environ, **env})
 
 
 if __name__ == "__main__":

@@ -1,28 +1,91 @@
-"""products10k.training.launch: plain Python for one process, torchrun for several (as dvc.yaml runs it)."""
+"""products10k.training.launch: plain Python for one process, torchrun on one node or several, and
+``--join`` reading a stage's command from dvc.yaml (as dvc.yaml and the other nodes run it).
+
+The commands are checked with ``--dry-run`` in this process; two of them are run for real."""
 
 import subprocess
 import sys
 
+import pytest
+import yaml
+from dvc.repo import Repo
 
-def _run(tmp_path, nproc: int) -> list[str]:
-    script = tmp_path / "who.py"
-    script.write_text(
-        "import os, sys\nprint(os.environ.get('WORLD_SIZE'), os.environ.get('RANK'), sys.argv[1:])\n"
-    )
-    cmd = [sys.executable, "-m", "products10k.training.launch", "--nproc-per-node", str(nproc), str(script)]
-    out = subprocess.run([*cmd, "--phase", "train"], capture_output=True, text=True, check=True, timeout=120)
+from products10k.training.launch import main
+from tests.helpers import write_params
+
+WHO = "import os, sys\nprint(os.environ.get('WORLD_SIZE'), os.environ.get('RANK'), sys.argv[1:])\n"
+
+
+def _run(tmp_path, **dist) -> list[str]:
+    (tmp_path / "who.py").write_text(WHO)
+    params = write_params(tmp_path / "params.yaml", dist=dist)
+    cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "--phase", "x"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
     return sorted(out.stdout.splitlines())
 
 
+def _dry(capsys, *args) -> list[str]:
+    main([*args, "--dry-run"] if args[0] == "--join" else ["--dry-run", *args])
+    return capsys.readouterr().out.split()
+
+
 def test_one_process_runs_the_script_itself_without_torchrun(tmp_path):
-    assert _run(tmp_path, 1) == ["None None ['--phase', 'train']"]
+    assert _run(tmp_path, nproc_per_node=1) == ["None None ['--phase', 'x']"]
 
 
 def test_several_processes_run_under_torchrun_as_ranks(tmp_path):
-    assert _run(tmp_path, 2) == ["2 0 ['--phase', 'train']", "2 1 ['--phase', 'train']"]
+    assert _run(tmp_path, nproc_per_node=2) == ["2 0 ['--phase', 'x']", "2 1 ['--phase', 'x']"]
 
 
-def test_a_process_count_below_one_is_refused(tmp_path):
-    cmd = [sys.executable, "-m", "products10k.training.launch", "--nproc-per-node", "0", "x.py"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode != 0 and "dist.nproc_per_node" in proc.stderr
+def test_restarts_alone_start_torchrun_even_for_one_process(tmp_path, capsys):
+    params = str(write_params(tmp_path / "params.yaml", dist={"nproc_per_node": 1, "max_restarts": 2}))
+    out = _dry(capsys, "--params", params, "who.py")
+    assert "--standalone" in out and "--max-restarts=2" in out
+    # inference (--single-node) is never restarted: it has no checkpoint to resume from
+    assert _dry(capsys, "--params", params, "--single-node", "who.py") == [sys.executable, "who.py"]
+
+
+def test_several_nodes_use_the_c10d_rendezvous_and_mark_the_output_node(tmp_path, capsys):
+    dist = {"nproc_per_node": 2, "nnodes": 3, "rdzv_endpoint": "node0:29400", "max_restarts": 1}
+    params = str(write_params(tmp_path / "params.yaml", dist=dist))
+    out = _dry(capsys, "--params", params, "who.py", "--x")
+    assert out[0] == "PRODUCTS10K_OUTPUT_NODE=1"  # the node that runs dvc: its ranks come first
+    assert {"--nnodes=3", "--nproc_per_node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
+            "--max-restarts=1"} <= set(out)  # fmt: skip
+    assert out[-2:] == ["who.py", "--x"] and "--standalone" not in out
+    # evaluate and index shard over this node's GPUs only
+    single = _dry(capsys, "--params", params, "--single-node", "who.py")
+    assert "--standalone" in single and "--nproc_per_node=2" in single and out[0] not in single
+
+
+@pytest.mark.parametrize(
+    "dist, key",
+    [({"nproc_per_node": 0}, "nproc_per_node"), ({"nnodes": 2}, "dist.rdzv_endpoint"),
+     ({"rdzv_endpoint": "no-port"}, "rdzv_endpoint")],  # fmt: skip
+)
+def test_bad_dist_settings_name_the_key(tmp_path, dist, key):
+    params = write_params(tmp_path / "params.yaml", dist=dist)
+    with pytest.raises(SystemExit) as exc:
+        main(["--params", str(params), "who.py"])
+    assert key in str(exc.value)
+
+
+def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, capsys, monkeypatch):
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}
+    write_params(tmp_path / "params.yaml", dist=dist)
+    stages = {
+        "train": {"foreach": ["m0"], "do": {"cmd": "python -m products10k.training.launch "
+                                                   "--params params.yaml who.py --member ${item}"}},
+        "evaluate": {"cmd": "python -m products10k.training.launch --params params.yaml --single-node who.py"},
+    }  # fmt: skip
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    Repo.init(str(tmp_path), no_scm=True).close()
+    monkeypatch.chdir(tmp_path)
+    ours = _dry(capsys, "--params", "params.yaml", "who.py", "--member", "m0")
+    joined = _dry(capsys, "--join", "train@m0")
+    # the same torchrun command (same rendezvous id), without the output node's mark
+    assert ours == ["PRODUCTS10K_OUTPUT_NODE=1", *joined] and "--rdzv-id=products10k-" in " ".join(joined)
+    for stage, message in [("evaluate", "nothing to join"), ("nope", "nope")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["--join", stage])
+        assert message in str(exc.value)
