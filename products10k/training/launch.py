@@ -95,7 +95,7 @@ def stage_argv(stage: str, repo: str | Path = ".") -> list[str]:
             raise ConfigError(f"--join {stage}: {exc}") from exc
     argv = shlex.split(stages[0].cmd)
     if argv[:3] != ["python", "-m", MODULE]:
-        raise ConfigError(f"--join {stage}: its command does not start with `python -m {MODULE}`: {stages[0].cmd}")
+        raise ConfigError(f"--join {stage}: its command is not `python -m {MODULE} ...`: {stages[0].cmd}")
     return argv[3:]
 
 

@@ -19,7 +19,7 @@ WHO = "import os, sys\nprint(os.environ.get('WORLD_SIZE'), os.environ.get('RANK'
 def _run(tmp_path, **dist) -> list[str]:
     (tmp_path / "who.py").write_text(WHO)
     params = write_params(tmp_path / "params.yaml", dist=dist)
-    cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "--phase", "x"]
+    cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "-x"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
     return sorted(out.stdout.splitlines())
 
@@ -30,11 +30,11 @@ def _dry(capsys, *args) -> list[str]:
 
 
 def test_one_process_runs_the_script_itself_without_torchrun(tmp_path):
-    assert _run(tmp_path, nproc_per_node=1) == ["None None ['--phase', 'x']"]
+    assert _run(tmp_path, nproc_per_node=1) == ["None None ['-x']"]
 
 
 def test_several_processes_run_under_torchrun_as_ranks(tmp_path):
-    assert _run(tmp_path, nproc_per_node=2) == ["2 0 ['--phase', 'x']", "2 1 ['--phase', 'x']"]
+    assert _run(tmp_path, nproc_per_node=2) == ["2 0 ['-x']", "2 1 ['-x']"]
 
 
 def test_restarts_alone_start_torchrun_even_for_one_process(tmp_path, capsys):
@@ -60,8 +60,11 @@ def test_several_nodes_use_the_c10d_rendezvous_and_mark_the_output_node(tmp_path
 
 @pytest.mark.parametrize(
     "dist, key",
-    [({"nproc_per_node": 0}, "nproc_per_node"), ({"nnodes": 2}, "dist.rdzv_endpoint"),
-     ({"rdzv_endpoint": "no-port"}, "rdzv_endpoint")],  # fmt: skip
+    [
+        ({"nproc_per_node": 0}, "nproc_per_node"),
+        ({"nnodes": 2}, "dist.rdzv_endpoint"),
+        ({"rdzv_endpoint": "no-port"}, "rdzv_endpoint"),
+    ],  # fmt: skip
 )
 def test_bad_dist_settings_name_the_key(tmp_path, dist, key):
     params = write_params(tmp_path / "params.yaml", dist=dist)
@@ -76,7 +79,7 @@ def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, cap
     stages = {
         "train": {"foreach": ["m0"], "do": {"cmd": "python -m products10k.training.launch "
                                                    "--params params.yaml who.py --member ${item}"}},
-        "evaluate": {"cmd": "python -m products10k.training.launch --params params.yaml --single-node who.py"},
+        "evaluate": {"cmd": "python -m products10k.training.launch --params params.yaml --single-node w.py"},
     }  # fmt: skip
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     Repo.init(str(tmp_path), no_scm=True).close()
