@@ -190,14 +190,18 @@ def pause_point(name: str) -> None:
     test can SIGKILL a real run at a precise moment (a file complete but not yet published, a shard
     half-written, a training epoch in flight) instead of guessing one with a timer. Named points:
     ``publish <folder>/<name>`` before every atomic publish (atomic_path, swap_in), and the ones
-    the stages add where a kill is most interesting (``prepare images``, ``train step``).
+    the stages add where a kill is most interesting (``prepare images``, ``train epoch <n>``).
+    Once the test creates ``$PRODUCTS10K_PAUSE_DIR/released`` the point lets processes through
+    (those waiting, and the ones torchrun restarts after the kill with the same environment).
     """
     if os.environ.get("PRODUCTS10K_PAUSE_AT") != name:
         return
     folder = Path(os.environ.get("PRODUCTS10K_PAUSE_DIR", "."))
+    if (folder / "released").exists():
+        return
     with open(folder / "pids", "a") as f:
         f.write(f"{os.getpid()}\n")
-    while True:  # until killed
+    while not (folder / "released").exists():  # until killed or released
         time.sleep(0.1)
 
 

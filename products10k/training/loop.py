@@ -376,7 +376,7 @@ def train_one_epoch(
         if last_micro:
             optimizer_step(state, bad_step, epoch, step)
             bad_step.fill_(-1)
-            pause_point("train step")  # kill tests: an epoch in flight
+            pause_point(f"train epoch {epoch + 1}")  # kill tests: that epoch in flight
         with torch.no_grad():
             hits = ((logits.argmax(1) == target).float() * weight).sum()
             sums += torch.stack([loss_sum.detach().double(), hits.double(), weight.sum().double()])

@@ -33,7 +33,7 @@ from tests.pipeline.conftest import RESULTS
 KILLS = [
     ("download", "publish data/raw"),  # the raw files built, not yet renamed into place
     ("prepare", "prepare images"),  # shards half-written
-    ("train@m0", "train step"),  # a training epoch in flight
+    ("train@m0", "train epoch 1"),  # a training epoch in flight
     ("evaluate@m0-train", "publish train/m0.npz"),  # predictions written, not yet renamed
     ("index@m0", "publish m0/index"),  # the index folder staged, not yet swapped in
     ("submit", "publish submissions/submission.csv"),
