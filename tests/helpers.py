@@ -450,38 +450,26 @@ def index_params(tmp_path, k=1, vote="count"):
     )
 
 
+def evaluate_argv(params, ckpt, prepared, out) -> list[str]:
+    """The evaluate stage's command line on make_eval_data's ``prepared``, outputs under ``out``."""
+    return [
+        "--params", str(params), "--member", "m0", "--phase", "train", "--checkpoint", str(ckpt),
+        "--label-map", str(prepared / "label_map.csv"), "--train", str(prepared / "train.csv"),
+        "--val", str(prepared / "val.csv"), "--test", str(prepared / "test.csv"),
+        "--images-root", str(prepared), "--metrics", str(out / "metrics" / "train.json"),
+        "--predictions", str(out / "predictions" / "train" / "m0.npz"),
+        "--per-group", str(out / "plots" / "g.csv"), "--confused", str(out / "plots" / "c.csv"),
+        "--gallery", str(out / "plots" / "e.png"),
+    ]  # fmt: skip
+
+
 def run_index(tmp_path, prepared, params):
     """evaluate (the classifier predictions the fusion needs), then the index stage."""
     ckpt = tmp_path / "models" / "m0" / "train" / "best.pt"
     if not ckpt.exists():
         make_checkpoint(ckpt, resolution=32)
-    common = ["--label-map", str(prepared / "label_map.csv"), "--train", str(prepared / "train.csv"),
-              "--val", str(prepared / "val.csv"), "--test", str(prepared / "test.csv"),
-              "--images-root", str(prepared)]  # fmt: skip
+    stage_module("evaluate").main(evaluate_argv(params, ckpt, prepared, tmp_path))
     classifier = tmp_path / "predictions" / "train" / "m0.npz"
-    stage_module("evaluate").main(
-        [
-            "--params",
-            str(params),
-            "--member",
-            "m0",
-            "--phase",
-            "train",
-            "--checkpoint",
-            str(ckpt),
-            *common,
-            "--metrics",
-            str(tmp_path / "metrics" / "train.json"),
-            "--predictions",
-            str(classifier),
-            "--per-group",
-            str(tmp_path / "plots" / "g.csv"),
-            "--confused",
-            str(tmp_path / "plots" / "c.csv"),
-            "--gallery",
-            str(tmp_path / "plots" / "e.png"),
-        ]  # fmt: skip
-    )
     stage_module("index").main(
         index_argv(params, ckpt, prepared, prepared / "test.csv", classifier, tmp_path)
     )

@@ -2,10 +2,15 @@
 reference, fused predictions, metrics that match the files."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
@@ -14,7 +19,15 @@ from products10k.retrieval.knn import load_gallery
 from products10k.scores import load_predictions
 from products10k.training.checkpoint import load_model
 from products10k.training.data import PreparedImageDataset
-from tests.helpers import index_argv, index_params, make_eval_data, run_index, stage_module
+from tests.helpers import (
+    ROOT,
+    evaluate_argv,
+    index_argv,
+    index_params,
+    make_eval_data,
+    run_index,
+    stage_module,
+)
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +135,38 @@ def test_the_deploy_fusion_weight_is_fitted_on_the_single_crop_logits_of_the_emb
     metrics = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
     assert meta["fusion_weight"] == pytest.approx(single, abs=1e-6) == metrics["fusion_weight_single_crop"]
     assert abs(metrics["fusion_weight"] - single) > 0.05  # the TTA weight, which deploy used before
+
+
+def test_evaluate_and_index_over_two_ranks_write_what_one_process_writes(tmp_path, prepared):
+    """dist.nproc_per_node: 2 (gloo), launched as dvc.yaml does: each rank predicts and embeds its
+    shard of whole batches (val's 4 rows are one batch: rank 0 has none), rank 0 merges and writes.
+    Every output file equals the single process's, byte for byte."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    # one torch thread in each process: on a CPU the thread count changes float reduction orders,
+    # so one process with 2 threads differs from 2 ranks of 1 in the last bits (sharding does not)
+    params = yaml.safe_load(index_params(one).read_text())
+    params["dist"].update(threads=1)
+    (one / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ckpt = run_index(one, prepared, one / "params.yaml")
+    params["dist"].update(nproc_per_node=2, backend="gloo", timeout_s=120)
+    (two / "models" / "m0" / "train").mkdir(parents=True)
+    (two / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(ckpt, two / "models" / "m0" / "train" / "best.pt")
+    ckpt2, classifier = two / "models" / "m0" / "train" / "best.pt", two / "predictions" / "train" / "m0.npz"
+    launch = [sys.executable, "-m", "products10k.training.launch", "--params", str(two / "params.yaml")]
+    for script, argv in [
+        ("evaluate", evaluate_argv(two / "params.yaml", ckpt2, prepared, two)),
+        ("index", index_argv(two / "params.yaml", ckpt2, prepared, prepared / "test.csv", classifier, two)),
+    ]:
+        cmd = [*launch, "--single-node", str(ROOT / "stages" / f"{script}.py"), *argv]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "rank 1/2 joined the gloo process group" in proc.stderr
+
+    outputs = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name != "params.yaml")
+    assert len(outputs) >= 10 and Path("models/m0/index/index.faiss") in outputs
+    written = sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.name != "params.yaml")
+    assert written == outputs
+    for path in outputs:
+        assert (two / path).read_bytes() == (one / path).read_bytes(), path
