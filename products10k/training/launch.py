@@ -2,7 +2,7 @@
 
     python -m products10k.training.launch --params params.yaml stages/train.py --phase train ...
     python -m products10k.training.launch --params params.yaml --single-node stages/evaluate.py ...
-    python -m products10k.training.launch --join train@m0        # on every other node
+    python -m products10k.training.launch --join train@m0 finetune_balanced@m0 ...  # other nodes
 
 dvc.yaml starts train, the finetunes, evaluate and index through this; it reads ``dist`` from
 ``--params``:
@@ -16,8 +16,8 @@ dvc.yaml starts train, the finetunes, evaluate and index through this; it reads 
   --max-restarts`` on this node. The node running ``dvc repro`` / ``dvc exp run`` hosts the
   rendezvous (``dist.rdzv_endpoint`` is its address) and its processes become ranks 0.. (rank 0
   writes the outputs there, products10k.training.distributed). Every other node runs
-  ``--join <stage>``: the same stage command, read from dvc.yaml, in the same commit with the
-  prepared data pulled (``dvc pull data/prepared``).
+  ``--join <stage> ...``: the same stage commands, read from dvc.yaml, one after another, in the
+  same commit with the same params and the prepared data pulled (``dvc pull data/prepared``).
 
 ``--single-node`` (evaluate, index): the ranks of this node only, whatever ``dist.nnodes`` says;
 inference is sharded over its GPUs, never over nodes. ``--dry-run`` prints the command instead.
@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--params", type=Path, help="params.yaml: its dist section")
     p.add_argument("--single-node", action="store_true", help="this node's processes only (inference)")
-    p.add_argument("--join", metavar="STAGE", help="join STAGE's run started on the node that runs dvc")
+    p.add_argument("--join", metavar="STAGE", nargs="+",
+                   help="join these stages' runs (in turn) started on the node that runs dvc")  # fmt: skip
     p.add_argument("--joining", action="store_true", help=argparse.SUPPRESS)  # what --join runs
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("script", nargs="?")
@@ -114,7 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
-    stage = ns.join
+    if ns.join and len(ns.join) > 1:  # one phase after another, as dvc runs them on the first node
+        for stage in ns.join:
+            extra = ["--dry-run"] if ns.dry_run else []
+            sys.stdout.flush()
+            done = subprocess.run([sys.executable, "-m", MODULE, "--join", stage, *extra], check=False)
+            if done.returncode:
+                sys.exit(f"error: --join {stage} failed (exit status {done.returncode})")
+        return
+    stage = ns.join[0] if ns.join else None
     try:
         if stage:
             extra = ["--dry-run"] if ns.dry_run else []

@@ -92,3 +92,22 @@ def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, cap
         with pytest.raises(SystemExit) as exc:
             main(["--join", stage])
         assert message in str(exc.value)
+
+
+def test_join_takes_the_phases_in_turn_and_stops_at_the_first_failure(tmp_path, capfd, monkeypatch):
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}
+    write_params(tmp_path / "params.yaml", dist=dist)
+    cmd = "python -m products10k.training.launch --params params.yaml"
+    stages = {name: {"cmd": f"{cmd} {name}.py"} for name in ("a", "b")}
+    stages["e"] = {"cmd": f"{cmd} --single-node e.py"}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    Repo.init(str(tmp_path), no_scm=True).close()
+    monkeypatch.chdir(tmp_path)
+    main(["--join", "a", "b", "--dry-run"])
+    lines = capfd.readouterr().out.splitlines()
+    assert [line.split()[-1] for line in lines] == ["a.py", "b.py"]
+    with pytest.raises(SystemExit) as exc:
+        main(["--join", "a", "e", "b", "--dry-run"])
+    assert "--join e failed" in str(exc.value)
+    out = capfd.readouterr()
+    assert [line.split()[-1] for line in out.out.splitlines()] == ["a.py"] and "nothing to join" in out.err
