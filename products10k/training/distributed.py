@@ -64,8 +64,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-        dist.init_process_group(**options)
-        rank = _output_node_first(rank, world, options)
+        rank = _join_process_group(rank, world, options)
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -77,9 +76,22 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world=world, device=device)
 
 
-def _output_node_first(rank: int, world: int, options: dict) -> int:
-    """This process's rank once the output node's processes are ranks 0, 1, ... (see the module
-    docstring); the process group is re-made with those ranks when torchrun numbered otherwise."""
+#: the TCPStore of torchrun's rendezvous (env://), kept for the life of the process: the process
+#: that hosts it must not drop it while the others still use it (a regrouping makes a new group on it)
+_STORE = None
+
+
+def _join_process_group(rank: int, world: int, options: dict) -> int:
+    """Join the process group, the output node's processes first; return this process's rank.
+
+    torchrun's ranks stand unless the launcher marked the node that holds the DVC workspace
+    (``OUTPUT_NODE_ENV``) and c10d put another node first: then the group is made again on the same
+    store, with the ranks rotated so that the marked node's come first (see the module docstring).
+    """
+    global _STORE
+    _STORE, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=options["timeout"]))
+    group_store = dist.PrefixStore("products10k/torchrun", _STORE)
+    dist.init_process_group(store=group_store, rank=rank, world_size=world, **options)
     marks: list = [None] * world
     dist.all_gather_object(marks, os.environ.get(OUTPUT_NODE_ENV) == "1", group=_host_group())
     marked = [r for r, m in enumerate(marks) if m]
@@ -96,17 +108,9 @@ def _output_node_first(rank: int, world: int, options: dict) -> int:
         return rank
     # torchrun gives each node a contiguous block of ranks: a rotation keeps every block whole
     new_rank = (rank - first) % world
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=options["timeout"]
-    )
     cleanup(DistInfo(world=world))
-    dist.init_process_group(
-        store=dist.PrefixStore(f"products10k/output-node-first/{restart}", store),
-        rank=new_rank,
-        world_size=world,
-        **options,
-    )
+    group_store = dist.PrefixStore("products10k/output-node-first", _STORE)
+    dist.init_process_group(store=group_store, rank=new_rank, world_size=world, **options)
     log.info("torchrun's rank %d is rank %d: the output node's processes come first", rank, new_rank)
     return new_rank
 

@@ -40,6 +40,11 @@ MODULE = "products10k.training.launch"
 #: set to 1 on the node that holds the DVC workspace: its processes become ranks 0.. and write
 #: the outputs (products10k.training.distributed). Here, not there: the launcher imports no torch.
 OUTPUT_NODE_ENV = "PRODUCTS10K_OUTPUT_NODE"
+#: A fresh store for the workers of every rendezvous round. torchrun's default shares the
+#: rendezvous store with them across restarts, and a restarted worker can then read the address
+#: of a dead one from the round before (pytorch/pytorch#135712, #167288): measured here, 3 of 5
+#: restarts of 2 gloo workers failed with "connectFullMesh ... Connection refused".
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def command(
@@ -53,7 +58,7 @@ def command(
         run = [*_torchrun(), "--standalone", f"--nproc_per_node={cfg.nproc_per_node}"]
         if restarts:
             run.append(f"--max-restarts={restarts}")
-        return [*run, script, *args], {}
+        return [*run, script, *args], dict(TORCHRUN_ENV)
     if not cfg.rdzv_endpoint:
         raise ConfigError(
             f"dist.nnodes is {cfg.nnodes} but dist.rdzv_endpoint is not set: set it to HOST:PORT of "
@@ -71,7 +76,7 @@ def command(
         f"--rdzv-conf=join_timeout={cfg.timeout_s}",
         f"--max-restarts={cfg.max_restarts}",
     ]
-    return [*run, script, *args], ({} if joining else {OUTPUT_NODE_ENV: "1"})
+    return [*run, script, *args], {**TORCHRUN_ENV, **({} if joining else {OUTPUT_NODE_ENV: "1"})}
 
 
 def _torchrun() -> list[str]:

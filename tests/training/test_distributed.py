@@ -232,6 +232,7 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_phase_ends_as_if_uninter
     os.kill(int(pids.read_text().split()[1]), signal.SIGKILL)
     (pause / "released").touch()  # the restarted workers go through
     log = agent.communicate(timeout=300)[0]
+    (pause / "log.txt").write_text(log)
     assert agent.returncode == 0, log[-3000:]
     assert f"resuming {PHASE}@m0" in log and "after epoch 1" in log
 
