@@ -1,6 +1,7 @@
 """`python -m products10k.report.table1 run` end to end on the tiny pipeline: one seed's DVC
 experiments (high and low resolution) through the real queue, two at a time, the report's
-structure, its numbers against the experiments' metrics files, a second run that recomputes nothing, and the terminal view."""
+structure, its numbers against the experiments' metrics files, a second run that recomputes
+nothing, and the terminal view."""
 
 import json
 import re
