@@ -33,9 +33,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from products10k.common import ConfigError, Products10kError
-from products10k.config import DistConfig, load_yaml, section
+import yaml
 
+# products10k.common and .config are imported where they are needed: in the one-process case
+# (the default, every stage of a laptop run) pydantic and NumPy would double the launcher's 0.2 s
 MODULE = "products10k.training.launch"
 #: set to 1 on the node that holds the DVC workspace: its processes become ranks 0.. and write
 #: the outputs (products10k.training.distributed). Here, not there: the launcher imports no torch.
@@ -48,9 +49,12 @@ TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def command(
-    cfg: DistConfig, script: str, args: list[str], *, single_node: bool = False, joining: bool = False
+    cfg, script: str, args: list[str], *, single_node: bool = False, joining: bool = False
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv that runs ``script`` with ``args`` as ``cfg`` asks, and the environment it adds."""
+    """The argv that runs ``script`` with ``args`` as ``cfg`` (a DistConfig) asks, and the
+    environment it adds."""
+    from products10k.common import ConfigError
+
     if single_node or cfg.nnodes == 1:
         restarts = 0 if single_node else cfg.max_restarts
         if cfg.nproc_per_node == 1 and restarts == 0:
@@ -90,6 +94,8 @@ def _run_id(script: str, args: list[str]) -> str:
 
 def stage_argv(stage: str, repo: str | Path = ".") -> list[str]:
     """The launcher arguments of a dvc.yaml stage's command (``train@m0`` -> ``--params ...``)."""
+    from products10k.common import ConfigError, Products10kError
+
     try:
         from dvc.repo import Repo  # DVC resolves foreach/matrix stages and ${} in their commands
     except ImportError as exc:  # the light runtime install has no dvc
@@ -129,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
             if done.returncode:
                 sys.exit(f"error: --join {stage} failed (exit status {done.returncode})")
         return
+    if not ns.join and ns.script and ns.params and _one_process(ns.params):
+        _run([sys.executable, ns.script, *ns.args], {}, ns.dry_run)
+        return
+    from products10k.common import ConfigError, Products10kError
+    from products10k.config import DistConfig, load_yaml, section
+
     stage = ns.join[0] if ns.join else None
     try:
         if stage:
@@ -145,7 +157,25 @@ def main(argv: list[str] | None = None) -> None:
         run, env = command(cfg, ns.script, ns.args, single_node=ns.single_node, joining=ns.joining)
     except Products10kError as exc:
         sys.exit(f"error: {exc}")
-    if ns.dry_run:
+    _run(run, env, ns.dry_run)
+
+
+def _one_process(params: Path) -> bool:
+    """Whether ``dist`` plainly asks for one process on one node, without restarts: the default,
+    decided from the YAML alone. Anything else, or anything odd, takes the validated path (and the
+    stage script validates ``dist`` again either way)."""
+    try:
+        dist = (yaml.safe_load(params.read_text()) or {}).get("dist")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    if not isinstance(dist, dict):
+        return False
+    one = {"nproc_per_node": 1, "nnodes": 1, "max_restarts": 0}
+    return all(type(dist.get(key)) is int and dist[key] == value for key, value in one.items())
+
+
+def _run(run: list[str], env: dict[str, str], dry_run: bool) -> None:
+    if dry_run:
         print(" ".join(f"{k}={v}" for k, v in env.items()), shlex.join(run), sep=" " if env else "")
         return
     sys.stdout.flush()

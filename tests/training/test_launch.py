@@ -64,8 +64,9 @@ def test_several_nodes_use_the_c10d_rendezvous_and_mark_the_output_node(tmp_path
     "dist, key",
     [
         ({"nproc_per_node": 0}, "nproc_per_node"),
+        ({"nproc_per_node": True}, "nproc_per_node"),  # not the one-process shortcut: validated
         ({"nnodes": 2}, "dist.rdzv_endpoint"),
-        ({"rdzv_endpoint": "no-port"}, "rdzv_endpoint"),
+        ({"nnodes": 2, "rdzv_endpoint": "no-port"}, "rdzv_endpoint"),
     ],  # fmt: skip
 )
 def test_bad_dist_settings_name_the_key(tmp_path, dist, key):

@@ -23,9 +23,8 @@ def _epoch_of(path: Path) -> int | None:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL])
 def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
-    data = make_training_data(tmp_path / "data", num_classes=4, train_per_class=16, val_per_class=2)
-    # epochs long enough (16 steps) that the kill lands inside epoch 2
-    train = {"epochs": 3, "batch_size": 4, "resolution": 48, "ema": True, "ema_decay": 0.9}
+    data = make_training_data(tmp_path / "data", num_classes=4, train_per_class=4, val_per_class=2)
+    train = {"epochs": 3, "batch_size": 4, "resolution": 32, "ema": True, "ema_decay": 0.9}
     params = write_params(tmp_path / "params.yaml", train=train)
     run_dir = tmp_path / "run"
     cmd = [
@@ -37,11 +36,16 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
     ]
     last = run_dir / "models" / "train" / "last.pt"
 
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # killed inside epoch 2, after its first update (products10k.common.pause_point), not by a timer
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    env = {**os.environ, "PRODUCTS10K_PAUSE_AT": "train epoch 2", "PRODUCTS10K_PAUSE_DIR": str(pause)}
+    out = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, **out)
     try:
         deadline = time.monotonic() + 180
-        while _epoch_of(last) is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while not (pause / "pids").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
@@ -50,7 +54,7 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
             proc.kill()
     assert proc.returncode == -sig
     killed_at = _epoch_of(last)
-    assert killed_at is not None and killed_at < 3
+    assert killed_at == 1
 
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
