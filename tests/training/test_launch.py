@@ -13,15 +13,19 @@ from dvc.repo import Repo
 from products10k.training.launch import main
 from tests.helpers import write_params
 
-WHO = "import os, sys\nprint(os.environ.get('WORLD_SIZE'), os.environ.get('RANK'), sys.argv[1:])\n"
+# each process writes its own line to its own file: two ranks printing at once interleave their output
+WHO = """import os, sys
+line = f"{os.environ.get('WORLD_SIZE')} {os.environ.get('RANK')} {sys.argv[1:]}"
+open(f"who-{os.getpid()}.txt", "w").write(line)
+"""
 
 
 def _run(tmp_path, **dist) -> list[str]:
     (tmp_path / "who.py").write_text(WHO)
     params = write_params(tmp_path / "params.yaml", dist=dist)
     cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "-x"]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
-    return sorted(out.stdout.splitlines())
+    subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
+    return sorted(path.read_text() for path in tmp_path.glob("who-*.txt"))
 
 
 def _dry(capsys, *args) -> list[str]:
