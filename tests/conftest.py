@@ -17,15 +17,3 @@ def _weights_cache(tmp_path_factory):
     else:
         os.environ["PRODUCTS10K_CACHE"] = before
 
-
-#: session fixtures that build something big once: the tests that share one run on the same
-#: pytest-xdist worker (--dist loadgroup, pyproject.toml), so that no worker builds it twice
-SHARED_FIXTURES = {"reference_pipeline": "tiny-pipeline", "project": "deploy-project"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for fixture, group in SHARED_FIXTURES.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
