@@ -9,7 +9,7 @@ and any ``--set`` overrides, then runs every stage with ``dvc repro --single-ite
 pipeline order. Per stage it reports
 
 - wall time and images/s (the images the stage reads or writes: generated, prepared, trained on
-  over all epochs, or predicted over all TTA views);
+  over all epochs, predicted over all TTA views, or embedded);
 - peak memory of the whole process tree (dvc, torchrun, the stage, DataLoader workers), sampled
   every 0.2 s with psutil: the sum over processes of their PSS (proportional set size: pages a
   forked DataLoader worker shares with its parent counted once, not per process), maximised; and
@@ -112,7 +112,8 @@ def stage_names(params: dict) -> list[str]:
     for phase in ("train", "finetune_balanced", "finetune_accuracy"):
         names += [f"{phase}@{m}" for m in members]
     names += [f"evaluate@{m}-{p}" for m in members for p in phases]
-    return names + ["submit"]
+    names += [f"index@{m}" for m in members]
+    return names + ["submit", "export"]
 
 
 def images_of(work: Path, stage: str, params: dict) -> int:
@@ -138,6 +139,10 @@ def images_of(work: Path, stage: str, params: dict) -> int:
         tta = params["tta"]
         views = len(tta["scales"]) * (5 if tta["crops"] == "five" else 1) * (2 if tta["flip"] else 1)
         return views * (rows("val.csv") + rows("test.csv"))
+    if stage.startswith("index@"):  # embeds the gallery (every train image), then val and test
+        return rows("train.csv") + rows("val.csv") + rows("test.csv")
+    if stage == "export":  # the images run through both PyTorch and onnxruntime
+        return min(params["export"]["check_images"], rows("test.csv"))
     return rows("test.csv")
 
 
