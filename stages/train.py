@@ -6,9 +6,10 @@ Run (one process):
         --label-map data/prepared/label_map.csv --images data/prepared \
         --out models/m0/train --live dvclive/m0/train
 
-DDP: the same arguments after ``torchrun --standalone --nproc_per_node=N`` (dvc.yaml runs it through
-``python -m products10k.training.launch --nproc-per-node ${dist.nproc_per_node}``, which is torchrun
-for N > 1 and this script alone for N = 1). Finetune phases add ``--init models/m0/<previous>/best.pt``.
+DDP: the same arguments after ``torchrun ...``; dvc.yaml runs it through
+``python -m products10k.training.launch --params params.yaml stages/train.py ...``, which builds the
+torchrun command from ``dist`` (one node or several) and runs this script alone for one process.
+Finetune phases add ``--init models/m0/<previous>/best.pt``.
 A re-run after a kill resumes from ``<out>/last.pt`` when the settings are unchanged.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from products10k.common import run_stage
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         init=args.init,
     )
     result = run_stage(log, run_phase, args.params, args.phase, args.member, paths)
-    if int(os.environ.get("RANK", "0")) == 0:  # torchrun sets RANK; one summary line, not one per rank
+    if result["is_main"]:  # one summary line, on the node that runs dvc (not torchrun's RANK 0)
         log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
 
 

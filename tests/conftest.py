@@ -16,4 +16,3 @@ def _weights_cache(tmp_path_factory):
         os.environ.pop("PRODUCTS10K_CACHE", None)
     else:
         os.environ["PRODUCTS10K_CACHE"] = before
-

@@ -115,6 +115,41 @@ def _join_process_group(rank: int, world: int, options: dict) -> int:
     return new_rank
 
 
+def check_same_params(params: dict, info: DistInfo, where: str) -> None:
+    """Fail on every rank, naming the key, when the ranks read different params.
+
+    A joining node reads its own ``params.yaml``; one that differs (a ``dvc exp run -S`` applied on
+    the first node only) would train another model on each node while DDP averages their gradients,
+    or hang at a collective the others never reach.
+    """
+    if not info.enabled:
+        return
+    flat = _flatten(params)
+    every: list = [None] * info.world
+    dist.all_gather_object(every, flat, group=_host_group())
+    for rank, theirs in enumerate(every):
+        keys = sorted(set(flat) | set(theirs), key=str)
+        differ = [k for k in keys if every[0].get(k, "<unset>") != theirs.get(k, "<unset>")]
+        if differ:
+            key = differ[0]
+            raise ConfigError(
+                f"{where}: rank {rank} reads {key}={theirs.get(key, '<unset>')!r}, rank 0 "
+                f"{every[0].get(key, '<unset>')!r} ({len(differ)} key(s) differ): every node needs the "
+                "same params.yaml (copy it from the node that runs dvc)"
+            )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def broadcast_object(obj, info: DistInfo):
     """Rank 0's ``obj`` on every rank (a picklable object through host memory); as is single-process."""
     if not info.enabled:

@@ -49,10 +49,16 @@ TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def command(
-    cfg, script: str, args: list[str], *, single_node: bool = False, joining: bool = False
+    cfg,
+    script: str,
+    args: list[str],
+    *,
+    single_node: bool = False,
+    joining: bool = False,
+    where: str = "params",
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv that runs ``script`` with ``args`` as ``cfg`` (a DistConfig) asks, and the
-    environment it adds."""
+    """The argv that runs ``script`` with ``args`` as ``cfg`` (a DistConfig, read from ``where``)
+    asks, and the environment it adds."""
     from products10k.common import ConfigError
 
     if single_node or cfg.nnodes == 1:
@@ -65,7 +71,7 @@ def command(
         return [*run, script, *args], dict(TORCHRUN_ENV)
     if not cfg.rdzv_endpoint:
         raise ConfigError(
-            f"dist.nnodes is {cfg.nnodes} but dist.rdzv_endpoint is not set: set it to HOST:PORT of "
+            f"{where}: dist.nnodes is {cfg.nnodes} but dist.rdzv_endpoint is not set: set it to HOST:PORT of "
             "the node that runs dvc (e.g. node0.cluster:29400), reachable from every node"
         )
     run_id = cfg.rdzv_id or _run_id(script, args)
@@ -76,8 +82,12 @@ def command(
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={cfg.rdzv_endpoint}",
         f"--rdzv-id={run_id}",
-        # a node that never joins fails the run after the collective timeout instead of hanging it
-        f"--rdzv-conf=join_timeout={cfg.timeout_s}",
+        # The node that runs dvc hosts the rendezvous store, the others only connect to it (never
+        # c10d's guess from host names, which a DNS alias defeats). Both wait up to dist.timeout_s:
+        # join_timeout for the missing nodes, read_timeout for the store (c10d's default, 60 s,
+        # would fail a node that joins 2 minutes before the node that runs dvc gets to the phase).
+        f"--rdzv-conf=join_timeout={cfg.timeout_s},read_timeout={cfg.timeout_s},"
+        f"is_host={'false' if joining else 'true'}",
         f"--max-restarts={cfg.max_restarts}",
     ]
     return [*run, script, *args], {**TORCHRUN_ENV, **({} if joining else {OUTPUT_NODE_ENV: "1"})}
@@ -100,11 +110,14 @@ def stage_argv(stage: str, repo: str | Path = ".") -> list[str]:
         from dvc.repo import Repo  # DVC resolves foreach/matrix stages and ${} in their commands
     except ImportError as exc:  # the light runtime install has no dvc
         raise Products10kError("--join needs dvc: pip install products10k[pipeline]") from exc
-    with Repo(str(repo)) as dvc_repo:
-        try:
+    try:
+        with Repo(str(repo)) as dvc_repo:
             stages = dvc_repo.stage.collect(stage)
-        except Exception as exc:  # DVC's own errors name the stage and the file
-            raise ConfigError(f"--join {stage}: {exc}") from exc
+    except Exception as exc:  # DVC's own errors name the stage, the file or the missing repo
+        raise ConfigError(f"--join {stage}: {exc}") from exc
+    if len(stages) != 1:  # a foreach group's name (train) stands for all its stages (train@m0, ...)
+        names = ", ".join(s.addressing for s in stages)
+        raise ConfigError(f"--join {stage}: that is {len(stages)} stages ({names}): name each in dvc's order")
     argv = shlex.split(stages[0].cmd)
     if argv[:3] != ["python", "-m", MODULE]:
         raise ConfigError(f"--join {stage}: its command is not `python -m {MODULE} ...`: {stages[0].cmd}")
@@ -154,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"--join {stage}: this stage runs on one node ({ns.params}: dist.nnodes is "
                 f"{cfg.nnodes}{'; inference never spans nodes' if ns.single_node else ''}): nothing to join"
             )
-        run, env = command(cfg, ns.script, ns.args, single_node=ns.single_node, joining=ns.joining)
+        run, env = command(
+            cfg, ns.script, ns.args, single_node=ns.single_node, joining=ns.joining, where=str(ns.params)
+        )
     except Products10kError as exc:
         sys.exit(f"error: {exc}")
     _run(run, env, ns.dry_run)

@@ -61,6 +61,7 @@ from products10k.training.distributed import (
     DistInfo,
     all_reduce_sum,
     broadcast_object,
+    check_same_params,
     cleanup,
     init_distributed,
 )
@@ -166,6 +167,7 @@ def run_phase(
     dist_cfg = section(params, "dist", DistConfig, where)
     info = init_distributed(dist_cfg)
     try:  # the process group is closed on every path, errors included
+        check_same_params(params, info, where)
         state = build_state(params, where, phase, member, paths, info, dist_cfg)
         start = resume(state)
         live = _Live(paths.live, info.is_main)
@@ -194,7 +196,7 @@ def run_phase(
         if callbacks.on_end is not None:
             callbacks.on_end(state)
         live.end()
-        return {"best_val_top1": state.best_top1, "history": state.history}
+        return {"best_val_top1": state.best_top1, "history": state.history, "is_main": info.is_main}
     finally:
         cleanup(info)
 

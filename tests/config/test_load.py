@@ -131,6 +131,10 @@ def test_member_overrides_follow_base():
         member_params(params, "c")
     with pytest.raises(ConfigError, match="no section 'model'"):
         apply_overrides(params, {"model.arch": "x"})
+    # the launcher reads the top-level dist for every member's stages: a member's own would be ignored
+    params["ensemble"]["members"]["d"] = {"dist.nproc_per_node": 2}
+    with pytest.raises(ConfigError, match="ensemble.members.d overrides dist.nproc_per_node"):
+        member_params(params, "d")
 
 
 def test_finetune_sections_override_train_and_reject_unknown_keys(tmp_path):

@@ -14,9 +14,16 @@ RESULTS = ("metrics", "submissions", "models/export", "models/m0/index", "predic
 
 @dataclass
 class Reference:
-    project: Path  # the project after `dvc repro` (tests may go on from there)
+    project: Path  # the project after `dvc repro`: read it, never change it (copy() to go on from it)
     results: Path  # a copy of RESULTS as the uninterrupted run left them
     stages: list[str]  # the stages in the order the run ran them
+
+    def copy(self, dest: Path) -> Path:
+        """The finished project (workspace, git, DVC cache) copied to ``dest``, for a test that goes
+        on from it: pytest-xdist hands each worker whole files in an order of its own, so a test that
+        committed or changed params in the shared project would change what the next one finds."""
+        shutil.copytree(self.project, dest, symlinks=True)
+        return dest
 
 
 @pytest.fixture(scope="session")

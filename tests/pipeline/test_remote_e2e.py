@@ -18,7 +18,7 @@ def _size_mb(folder) -> float:
 
 @pytest.mark.e2e
 def test_push_clone_pull_reproduces_nothing_and_experiments_travel(reference_pipeline, tmp_path):
-    origin = reference_pipeline.project
+    origin = reference_pipeline.copy(tmp_path / "origin")  # this test commits there
     remote = tmp_path / "remote"
     dvc(origin, "remote", "add", "-d", "team", str(remote))
     run(origin, "git", "add", "-A")

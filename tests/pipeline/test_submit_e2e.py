@@ -21,7 +21,8 @@ from tests.helpers import dvc, make_project, run
 
 @pytest.mark.e2e
 def test_empty_workspace_to_validated_submission(reference_pipeline, tmp_path):
-    project = reference_pipeline.project  # make_project(tiny_params()) + `dvc repro` (conftest.py)
+    # make_project(tiny_params()) + `dvc repro` (conftest.py), copied: this test changes its params
+    project = reference_pipeline.copy(tmp_path / "project")
 
     sub_path = project / "submissions" / "submission.csv"
     sub = pd.read_csv(sub_path, dtype={"name": str})

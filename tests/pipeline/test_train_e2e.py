@@ -15,10 +15,10 @@ from tests.helpers import dvc, run
 
 
 @pytest.mark.e2e
-def test_three_phases_then_resolution_experiment(reference_pipeline):
-    # the tiny pipeline's run (tests/pipeline/conftest.py), shared with the submit and kill tests:
-    # this test goes last in it (it commits and runs an experiment there)
-    project = reference_pipeline.project
+def test_three_phases_then_resolution_experiment(reference_pipeline, tmp_path):
+    # a copy of the tiny pipeline's run (tests/pipeline/conftest.py): this test commits and runs
+    # an experiment there
+    project = reference_pipeline.copy(tmp_path / "project")
     for phase in PHASES:
         assert f"{phase}@m0" in reference_pipeline.stages
         best = torch.load(project / "models" / "m0" / phase / "best.pt", weights_only=True)

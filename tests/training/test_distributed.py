@@ -153,3 +153,22 @@ def test_a_worker_killed_mid_epoch_is_restarted_and_the_phase_ends_as_if_uninter
     assert resumed["train_state"]["global_step"] == uninterrupted["train_state"]["global_step"]
     for key, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_nodes_that_read_different_params_both_fail_naming_the_key(finetune):
+    """A joining node whose params.yaml differs (a `dvc exp run -S` applied on the first node only)
+    would train another model under the same DDP gradients: every rank stops, naming the key."""
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}
+    main = _node(finetune, "differ-dvc", dist, with_init=True)
+    other = _node(finetune, "differ-other", dist, with_init=False)
+    write_params(
+        other / "params.yaml", train=DETERMINISTIC, **{PHASE: {**FINETUNE, "lr": 0.01}}, dist={**GLOO, **dist}
+    )
+    popen = dict(env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    joiner = subprocess.Popen([*LAUNCH, "--joining", *NODE_ARGS], cwd=other, text=True, **popen)
+    agent = subprocess.Popen([*LAUNCH, *NODE_ARGS], cwd=main, text=True, **popen)
+    logs = [agent.communicate(timeout=300)[0], joiner.communicate(timeout=300)[0]]
+    assert agent.returncode != 0 and joiner.returncode != 0
+    for log in logs:
+        assert f"{PHASE}.lr=0.01" in log and "same params.yaml" in log, log[-3000:]
+    assert not (main / "models" / PHASE).exists()  # nothing trained, nothing written

@@ -3,6 +3,7 @@
 
 The commands are checked with ``--dry-run`` in this process; two of them are run for real."""
 
+import socket
 import subprocess
 import sys
 
@@ -26,6 +27,12 @@ def _run(tmp_path, **dist) -> list[str]:
     cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "-x"]
     subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
     return sorted(path.read_text() for path in tmp_path.glob("who-*.txt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _dry(capsys, *args) -> list[str]:
@@ -54,6 +61,8 @@ def test_several_nodes_use_the_c10d_rendezvous_and_mark_the_output_node(tmp_path
     params = str(write_params(tmp_path / "params.yaml", dist=dist))
     out = _dry(capsys, "--params", params, "who.py", "--x")
     assert "PRODUCTS10K_OUTPUT_NODE=1" in out  # the node that runs dvc: its ranks come first
+    # it hosts the rendezvous store; every wait (for nodes, for the store) is dist.timeout_s
+    assert "--rdzv-conf=join_timeout=1800,read_timeout=1800,is_host=true" in out
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out  # restarts get a fresh store (torch#135712)
     assert {"--nnodes=3", "--nproc_per_node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29400",
             "--max-restarts=1"} <= set(out)  # fmt: skip
@@ -84,7 +93,7 @@ def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, cap
     dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}
     write_params(tmp_path / "params.yaml", dist=dist)
     stages = {
-        "train": {"foreach": ["m0"], "do": {"cmd": "python -m products10k.training.launch "
+        "train": {"foreach": ["m0", "m1"], "do": {"cmd": "python -m products10k.training.launch "
                                                    "--params params.yaml who.py --member ${item}"}},
         "evaluate": {"cmd": "python -m products10k.training.launch --params params.yaml --single-node w.py"},
     }  # fmt: skip
@@ -93,10 +102,13 @@ def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     ours = _dry(capsys, "--params", "params.yaml", "who.py", "--member", "m0")
     joined = _dry(capsys, "--join", "train@m0")
-    # the same torchrun command (same rendezvous id), without the output node's mark
-    assert [w for w in ours if w != "PRODUCTS10K_OUTPUT_NODE=1"] == joined and len(ours) == len(joined) + 1
+    # the same torchrun command (same rendezvous id), without the output node's mark, and a client
+    # of the rendezvous store that the node running dvc hosts
+    hosted = [w.replace("is_host=true", "is_host=false") for w in ours if w != "PRODUCTS10K_OUTPUT_NODE=1"]
+    assert hosted == joined and len(ours) == len(joined) + 1 and "is_host=false" in " ".join(joined)
     assert "--rdzv-id=products10k-" in " ".join(joined)
-    for stage, message in [("evaluate", "nothing to join"), ("nope", "nope")]:
+    errors = [("evaluate", "nothing to join"), ("nope", "nope"), ("train", "train@m0, train@m1")]
+    for stage, message in errors:
         with pytest.raises(SystemExit) as exc:
             main(["--join", stage])
         assert message in str(exc.value)
@@ -119,3 +131,22 @@ def test_join_takes_the_phases_in_turn_and_stops_at_the_first_failure(tmp_path, 
     assert "--join e failed" in str(exc.value)
     out = capfd.readouterr()
     assert [line.split()[-1] for line in out.out.splitlines()] == ["a.py"] and "nothing to join" in out.err
+
+
+def test_a_node_joining_a_run_that_never_starts_fails_after_dist_timeout_s(tmp_path):
+    """Nobody hosts the rendezvous: the joiner waits dist.timeout_s for the store, then fails (c10d's
+    own read timeout, 60 s, tried twice, would cut a patient joiner off after 2 minutes)."""
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "timeout_s": 3}
+    params = write_params(tmp_path / "params.yaml", dist=dist)
+    (tmp_path / "who.py").write_text(WHO)
+    cmd = [sys.executable, "-m", "products10k.training.launch", "--joining", "--params", str(params)]
+    done = subprocess.run([*cmd, "who.py"], cwd=tmp_path, capture_output=True, text=True, timeout=55)
+    assert done.returncode != 0 and "The connection to the C10d store has failed" in done.stderr
+    assert not list(tmp_path.glob("who-*.txt"))  # no worker started
+
+
+def test_join_outside_a_dvc_project_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["--join", "train@m0"])
+    assert "--join train@m0" in str(exc.value) and "DVC" in str(exc.value)
