@@ -124,35 +124,67 @@ def test_the_node_that_runs_dvc_holds_rank_0_and_every_output(two_nodes):
         assert "torchrun's rank 1 is rank 0" in two_nodes["log"]["main"]
 
 
-def test_a_worker_killed_mid_epoch_is_restarted_and_the_phase_ends_as_if_uninterrupted(finetune, two_nodes):
-    """torchrun --max-restarts (dist.max_restarts): one of two gloo workers is SIGKILLed during
-    epoch 2; the agent restarts both, they resume from epoch 1's last.pt and finish the phase."""
-    node = _node(finetune, "node-elastic", {"nproc_per_node": 2, "max_restarts": 1}, with_init=True)
-    pause = node / "pause"
+def _pause_env(pause: Path) -> dict:
+    """Every worker stops at epoch 2's pause point until ``pause/released`` exists (common.pause_point)."""
     pause.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRODUCTS10K_PAUSE_AT": "train epoch 2",
-           "PRODUCTS10K_PAUSE_DIR": str(pause)}  # fmt: skip
-    agent = subprocess.Popen(
-        [*LAUNCH, *NODE_ARGS], cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    pids = pause / "pids"
-    deadline = time.monotonic() + 240
-    while not (pids.exists() and len(pids.read_text().split()) == 2):  # both ranks inside epoch 2
-        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
-        time.sleep(0.2)
-    os.kill(int(pids.read_text().split()[1]), signal.SIGKILL)
-    (pause / "released").touch()  # the restarted workers go through
-    log = agent.communicate(timeout=300)[0]
-    (pause / "log.txt").write_text(log)
-    assert agent.returncode == 0, log[-3000:]
-    assert f"resuming {PHASE}@m0" in log and "after epoch 1" in log
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PRODUCTS10K_PAUSE_AT": "train epoch 2",
+            "PRODUCTS10K_PAUSE_DIR": str(pause)}  # fmt: skip
 
+
+def _kill_a_worker_in_epoch_2(pause: Path, agents: list, cwd: Path) -> None:
+    """When both workers are inside epoch 2, SIGKILL the one running in ``cwd``; then let the rest
+    (and the workers torchrun restarts) go through."""
+    pids, deadline = pause / "pids", time.monotonic() + 240
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        for agent in agents:
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
+        time.sleep(0.2)
+    victim = [pid for pid in pids.read_text().split() if Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve()]
+    os.kill(int(victim[-1]), signal.SIGKILL)
+    (pause / "released").touch()
+
+
+def _assert_resumed_as_uninterrupted(node: Path, log: str, two_nodes) -> None:
+    assert f"resuming {PHASE}@m0" in log and "after epoch 1" in log, log[-3000:]
     resumed = _weights(node / "models" / PHASE / "last.pt")
     uninterrupted = _weights(two_nodes["main"] / "models" / PHASE / "last.pt")
     assert resumed["epoch"] == uninterrupted["epoch"] == 2
     assert resumed["train_state"]["global_step"] == uninterrupted["train_state"]["global_step"]
     for key, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_a_worker_killed_mid_epoch_is_restarted_and_the_phase_ends_as_if_uninterrupted(finetune, two_nodes):
+    """torchrun --max-restarts (dist.max_restarts): one of two gloo workers is SIGKILLed during
+    epoch 2; the agent restarts both, they resume from epoch 1's last.pt and finish the phase."""
+    node = _node(finetune, "node-elastic", {"nproc_per_node": 2, "max_restarts": 1}, with_init=True)
+    env = _pause_env(node / "pause")
+    agent = subprocess.Popen(
+        [*LAUNCH, *NODE_ARGS], cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    _kill_a_worker_in_epoch_2(node / "pause", [agent], node)
+    log = agent.communicate(timeout=300)[0]
+    assert agent.returncode == 0, log[-3000:]
+    _assert_resumed_as_uninterrupted(node, log, two_nodes)
+
+
+def test_a_node_losing_its_worker_rejoins_and_the_phase_ends_as_if_uninterrupted(finetune, two_nodes):
+    """The same across two c10d nodes: the joining node's worker is SIGKILLed in epoch 2; its agent
+    opens a new rendezvous round, the DVC node's agent joins it, the ranks are renumbered again and
+    the joiner, which never holds a checkpoint, resumes from the last.pt rank 0 broadcasts."""
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "max_restarts": 1}
+    main = _node(finetune, "elastic-dvc", dist, with_init=True)
+    other = _node(finetune, "elastic-other", dist, with_init=False)
+    env = _pause_env(finetune["root"] / "elastic-pause")
+    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    joiner = subprocess.Popen([*LAUNCH, "--joining", *NODE_ARGS], cwd=other, **popen)
+    agent = subprocess.Popen([*LAUNCH, *NODE_ARGS], cwd=main, **popen)
+    _kill_a_worker_in_epoch_2(finetune["root"] / "elastic-pause", [agent, joiner], other)
+    log = agent.communicate(timeout=300)[0]
+    other_log = joiner.communicate(timeout=300)[0]
+    assert agent.returncode == 0 and joiner.returncode == 0, log[-3000:] + other_log[-3000:]
+    _assert_resumed_as_uninterrupted(main, log, two_nodes)
+    assert not (other / "models").exists()  # the joiner still wrote nothing
 
 
 def test_nodes_that_read_different_params_both_fail_naming_the_key(finetune):
