@@ -97,18 +97,44 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def _remove_dead_temporaries(path: Path) -> None:
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        try:
+            written = tmp.stat().st_mtime
+        except FileNotFoundError:  # another writer's cleanup got there first
+            continue
+        if pid.isdigit() and not _writer_alive(int(pid), written):
             tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _writer_alive(pid: int, written: float) -> bool:
+    """Whether process ``pid``, which last wrote its temporary at ``written``, may still be writing.
+
+    Not when it is gone, nor when it is a zombie (SIGKILLed with its parent, not yet reaped by init:
+    ``kill(pid, 0)`` still succeeds on one; the kill test met it), nor when the pid now belongs to a
+    process started after the write (pids wrap at 32,768 on many Linux systems).
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process: alive
+    except PermissionError:  # another user's process: decided below, where /proc can tell
+        pass
+    started = _linux_process_start(pid)
+    if started is None:  # no /proc (macOS): kill's answer stands
         return True
-    return True
+    state, start_time = started
+    return state not in ("Z", "X") and start_time <= written + 1.0  # /proc's boot time is in whole seconds
+
+
+def _linux_process_start(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time in seconds since the epoch) of ``pid`` from /proc, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
+    # after the ")" that closes the command name (which may hold spaces): state is field 3, start 22
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], int(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def current_umask() -> int:

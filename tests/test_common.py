@@ -48,6 +48,34 @@ def test_a_temporary_left_by_a_killed_writer_is_removed_by_the_next_write_not_a_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombies are told apart through /proc")
+def test_a_killed_writer_not_yet_reaped_counts_as_dead(tmp_path):
+    """A SIGKILLed writer that nobody has reaped yet is a zombie, which kill(pid, 0) still finds;
+    and a pid reused by a process started after the write is not the writer."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "submission.csv"
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(zombie.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(zombie.pid, 0)  # what the old check asked: "alive"
+        left = tmp_path / f".submission.csv.{zombie.pid}.abc123.csv"
+        left.write_text("name,class\n")
+        reused = tmp_path / f".submission.csv.{os.getpid()}.def456.csv"  # this process started before...
+        reused.write_text("name,class\n")
+        os.utime(reused, (time.time() - 10**7, time.time() - 10**7))  # ...a write long before it started
+        write_csv(target, pd.DataFrame({"name": ["1.jpg"], "class": [5]}))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    finally:
+        zombie.wait()
+
+
 def test_atomic_outputs_get_the_mode_of_a_new_file_not_a_private_one(tmp_path):
     old = os.umask(0o027)
     try:
