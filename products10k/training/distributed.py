@@ -128,7 +128,9 @@ def check_same_params(params: dict, info: DistInfo, where: str) -> None:
     every: list = [None] * info.world
     dist.all_gather_object(every, flat, group=_host_group())
     for rank, theirs in enumerate(every):
-        keys = sorted(set(flat) | set(theirs), key=str)
+        # from the gathered dicts only, never this rank's own: every rank must reach the same verdict,
+        # or the ones that pass wait at the next collective for the ones that raised
+        keys = sorted(set(every[0]) | set(theirs), key=str)
         differ = [k for k in keys if every[0].get(k, "<unset>") != theirs.get(k, "<unset>")]
         if differ:
             key = differ[0]

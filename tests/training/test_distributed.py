@@ -204,3 +204,22 @@ def test_nodes_that_read_different_params_both_fail_naming_the_key(finetune):
     for log in logs:
         assert f"{PHASE}.lr=0.01" in log and "same params.yaml" in log, log[-3000:]
     assert not (main / "models" / PHASE).exists()  # nothing trained, nothing written
+
+
+def test_every_rank_reaches_the_same_verdict_on_params_even_a_key_only_rank_0_has(monkeypatch):
+    """check_same_params decides from the gathered dicts alone: a rank that lacks a key rank 0 has
+    raises too, instead of going on to a collective the others never reach."""
+    from products10k.common import ConfigError
+    from products10k.training import distributed
+
+    every = [{"train": {"lr": 0.1, "ema": True}}, {"train": {"lr": 0.1}}]
+
+    def gather(out, obj, group=None):  # what all_gather_object hands each rank: everybody's params
+        out[:] = [distributed._flatten(p) for p in every]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    monkeypatch.setattr(distributed, "_host_group", lambda: None)
+    for rank, params in enumerate(every):
+        info = distributed.DistInfo(rank=rank, world=2)
+        with pytest.raises(ConfigError, match=r"rank 1 reads train\.ema='<unset>', rank 0 True"):
+            distributed.check_same_params(params, info, "params.yaml")
