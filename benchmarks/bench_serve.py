@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
-from tests.deploy.test_serve import chromium_driver, free_port, multipart  # noqa: E402
+from tests.deploy.test_serve import chromium_driver, multipart  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 NEW_SKU = 990_000_001
 

@@ -18,6 +18,7 @@ import importlib.util
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -514,3 +515,10 @@ def index_argv(params, ckpt, prepared, test_csv, classifier, out) -> list[str]:
         "--fused", str(out / "predictions" / "fused" / "m0.npz"),
         "--metrics", str(out / "metrics" / "retrieval.json"),
     ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (for a server or a rendezvous the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,9 @@ import pytest
 
 from products10k.deploy.serve import Batcher
 from tests.deploy.test_deploy import prepared_image
+from tests.helpers import free_port
 
 TOKEN = "correct-horse-battery-staple"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from products10k.training.loop import PhasePaths, run_phase
-from tests.helpers import ROOT, make_training_data, write_params
+from tests.helpers import ROOT, free_port, make_training_data, write_params
 
 # A finetune from an init checkpoint. Deterministic inputs (square images, no flip, resize = crop)
 # and eval-mode BatchNorm take the per-rank batch statistics and augmentation streams out: 2 ranks
@@ -72,18 +71,12 @@ def _node(finetune, name: str, dist: dict, with_init: bool) -> Path:
     return node
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_nodes(finetune):
     """Two torchrun agents, one process each, meeting at a c10d rendezvous on 127.0.0.1 as two
     nodes with their own folders. The joining node starts first, so c10d (which orders the nodes
     by host name, then agent pid) would make it rank 0; the node that runs dvc must get rank 0."""
-    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}
     main = _node(finetune, "node-dvc", dist, with_init=True)
     other = _node(finetune, "node-other", dist, with_init=False)  # never holds the init checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -172,7 +165,7 @@ def test_a_node_losing_its_worker_rejoins_and_the_phase_ends_as_if_uninterrupted
     """The same across two c10d nodes: the joining node's worker is SIGKILLed in epoch 2; its agent
     opens a new rendezvous round, the DVC node's agent joins it, the ranks are renumbered again and
     the joiner, which never holds a checkpoint, resumes from the last.pt rank 0 broadcasts."""
-    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "max_restarts": 1}
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "max_restarts": 1}
     main = _node(finetune, "elastic-dvc", dist, with_init=True)
     other = _node(finetune, "elastic-other", dist, with_init=False)
     env = _pause_env(finetune["root"] / "elastic-pause")
@@ -190,7 +183,7 @@ def test_a_node_losing_its_worker_rejoins_and_the_phase_ends_as_if_uninterrupted
 def test_nodes_that_read_different_params_both_fail_naming_the_key(finetune):
     """A joining node whose params.yaml differs (a `dvc exp run -S` applied on the first node only)
     would train another model under the same DDP gradients: every rank stops, naming the key."""
-    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}"}
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"}
     main = _node(finetune, "differ-dvc", dist, with_init=True)
     other = _node(finetune, "differ-other", dist, with_init=False)
     write_params(

@@ -3,7 +3,6 @@
 
 The commands are checked with ``--dry-run`` in this process; two of them are run for real."""
 
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import yaml
 from dvc.repo import Repo
 
 from products10k.training.launch import main
-from tests.helpers import write_params
+from tests.helpers import free_port, write_params
 
 # each process writes its own line to its own file: two ranks printing at once interleave their output
 WHO = """import os, sys
@@ -27,12 +26,6 @@ def _run(tmp_path, **dist) -> list[str]:
     cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "-x"]
     subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
     return sorted(path.read_text() for path in tmp_path.glob("who-*.txt"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dry(capsys, *args) -> list[str]:
@@ -136,7 +129,7 @@ def test_join_takes_the_phases_in_turn_and_stops_at_the_first_failure(tmp_path, 
 def test_a_node_joining_a_run_that_never_starts_fails_after_dist_timeout_s(tmp_path):
     """Nobody hosts the rendezvous: the joiner waits dist.timeout_s for the store, then fails (c10d's
     own read timeout, 60 s, tried twice, would cut a patient joiner off after 2 minutes)."""
-    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "timeout_s": 3}
+    dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "timeout_s": 3}
     params = write_params(tmp_path / "params.yaml", dist=dist)
     (tmp_path / "who.py").write_text(WHO)
     cmd = [sys.executable, "-m", "products10k.training.launch", "--joining", "--params", str(params)]
