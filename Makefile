@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # Stage commands in dvc.yaml call `python`/`torchrun`: run them with the venv first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test lint bench table1 lock clean-venv chromium
+.PHONY: install repro test lint bench table1 lock clean-venv chromium wheelhouse gpu-check
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,18 @@ chromium:
 # the paper's Table 1 over table1.seeds seeds of DVC experiments -> reports/table1.{md,json,png}
 table1: install
 	$(BIN)/python -m products10k.report.table1 run
+
+# wheels the pipeline needs beyond a GPU box's image (benchmarks/gpu_box_packages.txt), for its Python,
+# into wheelhouse/ (git-ignored); timm is pinned to the lock's so that timm's train.py runs the same models
+WHEELHOUSE_ARGS ?= --python-version 3.12 --pin timm
+wheelhouse: install
+	$(BIN)/python tools/wheelhouse.py $(WHEELHOUSE_ARGS)
+
+# on the GPU box (no registry, no venv: its own python3): install wheelhouse/, run benchmarks/gpu_check.py
+# TIMM_TRAIN=path/to/timm/train.py adds the comparison with timm's own training script
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --wheelhouse wheelhouse $(if $(TIMM_TRAIN),--timm-train $(TIMM_TRAIN)) $(GPU_CHECK_ARGS)
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

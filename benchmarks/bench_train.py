@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import statistics
 import subprocess
@@ -117,6 +118,18 @@ def phase_memory(data: Path, epochs: int) -> tuple[float, float, float]:
     return elapsed, int(values["MAXRSS_SELF"]) / 1024, int(values["MAXRSS_CHILD"]) / 1024  # kB -> MiB
 
 
+def write_rows(path: Path, rows: list[tuple], classes: int) -> None:
+    """The rows so far as JSON, replaced atomically: a run stopped half-way keeps what it measured."""
+    keys = ("arch", "resolution", "batch", "amp", "channels_last", "compile", "img_per_s", "gpu_gib")
+    out = [{**dict(zip(keys, row, strict=True)), "classes": classes} for row in rows]
+    for row in out:
+        row["gpu_gib"] = None if row["gpu_gib"] != row["gpu_gib"] else round(row["gpu_gib"], 2)  # NaN: CPU
+        row["img_per_s"] = round(row["img_per_s"], 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"rows": out}, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3)
@@ -129,7 +142,10 @@ def main() -> None:
         "--b3-batch", type=int, default=None, help="efficientnet_b3 batch (default: 16 CPU, 64 CUDA)"
     )
     p.add_argument("--classes", type=int, default=None, help="head size (default: 100 CPU, 9691 CUDA)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA: slow first steps)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time torch.compile with bf16 and channels_last on"
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here, after each one")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -150,12 +166,15 @@ def main() -> None:
     for arch, res, batch in cases:
         for amp in (False, True):
             for cl in (False, True):
-                for comp in (False, True) if args.compile else (False,):
+                # compiling takes a minute or more a model: only the configuration a GPU run uses
+                for comp in (False, True) if args.compile and amp and cl else (False,):
                     if cuda:
                         torch.cuda.reset_peak_memory_stats(device)
                     ips = step_throughput(arch, res, batch, amp, cl, args.steps, device, classes, comp)
                     mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
                     rows.append((arch, res, batch, amp, cl, comp, ips, mem))
+                    if args.json:
+                        write_rows(args.json, rows, classes)
                     log.info(
                         "%s %d b%d amp=%s cl=%s compile=%s: %.1f img/s", arch, res, batch, amp, cl, comp, ips
                     )

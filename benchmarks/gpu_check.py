@@ -1,0 +1,750 @@
+"""The GPU box check: install without a registry, run the pipeline on CUDA, time training against timm's.
+
+    make wheelhouse                         # on a machine with the registry: wheels -> wheelhouse/
+    make gpu-check                          # on the GPU box (the working tree and wheelhouse/ copied in)
+    python3 benchmarks/gpu_check.py --wheelhouse wheelhouse --timm-train PATH/TO/timm/train.py
+    python3 benchmarks/gpu_check.py --device cpu --tiny     # every step, tiny, on a CPU (the test)
+
+Steps, each bounded in time (``--budget-s`` for the whole run, a share of it each), each writing its
+figures as it ends, so a killed run still leaves what it measured in ``--out`` (gpu.json, gpu.md):
+
+0. ``install``: ``pip install --no-index --no-deps --target`` of the wheelhouse (tools/wheelhouse.py),
+   then the check runs again with that folder first on the path (``pip check`` is recorded).
+1. ``repro``: ``dvc repro`` of the embedded default in a scratch copy of the project (git + DVC
+   initialised there; the working tree is never touched): every stage's seconds, Table 1's
+   metrics, each training phase's img/s and data wait (DVCLive's per-epoch figures).
+   ``repro448``: the same project at ``train.resolution=448`` with DataLoader workers for the
+   machine's cores (``dvc repro`` re-runs what that changes).
+2. ``bench``: benchmarks/bench_train.py: optimizer steps of the default model and of efficientnet_b3
+   at 448, batch 64, 9,691 classes, bf16 autocast and channels-last off/on, torch.compile, peak GPU memory.
+3. ``peer``: a synthetic set of ``--peer-images`` training images, prepared by the pipeline, written
+   as an ImageFolder too; then the same model, resolution, batch, workers, bf16 and channels-last
+   through the project's train stage and through timm's own ``train.py`` (``--timm-train``; the timm
+   wheel does not ship it: take it from timm's repository, at the installed timm's version).
+   Each side's img/s is the median over its epochs after the first (cuDNN's autotuning and the
+   first workers' start are in the first), and each side's data wait is its own measure.
+
+``--tiny`` shrinks every step (32 px, a ResNet-10, one epoch a phase, a few images) so that a CPU
+runs the whole check in a few minutes; the figures are then only a proof that the steps work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: what a scratch project needs of the working tree (data and outputs are made there)
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "products10k", "presets", ".dvcignore", ".gitignore"]
+#: seconds each step may take at most, before the run's remaining budget cuts it shorter
+STEP_CAPS = {"repro": 240, "repro448": 180, "peer": 200, "bench": 150}
+PHASES = ("train", "finetune_balanced", "finetune_accuracy")
+#: --tiny: a few synthetic SKUs at 32 px, one short epoch a phase (the tests' tiny pipeline)
+TINY = {
+    "data.synthetic.num_groups": 2,
+    "data.synthetic.skus_per_group": 3,
+    "data.synthetic.train_max_per_sku": 6,
+    "data.synthetic.train_min_per_sku": 2,
+    "data.synthetic.test_per_sku": 2,
+    "prepare.size": 48,
+    "prepare.val_min_images": 2,
+    "balance.per_class": 2,
+    "model.arch": "resnet10t",
+    "model.pretrained": False,
+    "train.epochs": 1,
+    "train.resolution": 32,
+    "train.batch_size": 8,
+    "finetune_balanced.epochs": 1,
+    "finetune_accuracy.epochs": 1,
+    "evaluate.batch_size": 16,
+    "evaluate.gallery_size": 3,
+    "evaluate.gallery_tile": 48,
+}
+
+
+# --- the run's record ------------------------------------------------------------------------
+
+
+class Record:
+    """gpu.json and gpu.md under ``out``, rewritten (atomically) after every step."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.data: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "steps": {}}
+        out.mkdir(parents=True, exist_ok=True)
+        previous = out / "gpu.json"
+        if os.environ.get("P10K_GPU_CHECK_RECORD") and previous.exists():  # the re-executed run goes on
+            self.data = json.loads(previous.read_text())
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.flush()
+
+    def step(self, name: str, value: dict) -> None:
+        self.data["steps"][name] = value
+        self.flush()
+
+    def flush(self) -> None:
+        for name, text in (
+            ("gpu.json", json.dumps(self.data, indent=1) + "\n"),
+            ("gpu.md", markdown(self.data)),
+        ):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.out / name)
+
+
+# --- running things --------------------------------------------------------------------------
+
+
+def run_timed(cmd: list[str], cwd: Path, env: dict, timeout: float, log_path: Path) -> dict:
+    """Run ``cmd`` with every output line time-stamped into ``log_path``; kill its whole process
+    group at ``timeout``. Returns the exit code (None: killed), seconds and the stamped lines."""
+    lines: list[tuple[float, str]] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+    def pump() -> None:
+        with open(log_path, "w") as log:
+            for line in proc.stdout:
+                stamp = time.perf_counter() - t0
+                lines.append((stamp, line.rstrip("\n")))
+                log.write(f"{stamp:8.1f} {line}")
+                log.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # stage processes, torchrun, DataLoader workers
+        proc.wait()
+        code = None
+    reader.join(timeout=10)
+    return {"code": code, "seconds": round(time.perf_counter() - t0, 1), "lines": lines}
+
+
+def outcome(result: dict, timeout: float) -> dict:
+    if result["code"] == 0:
+        return {"status": "ok", "seconds": result["seconds"]}
+    status = f"timed out after {timeout:.0f} s" if result["code"] is None else f"exit {result['code']}"
+    return {
+        "status": status,
+        "seconds": result["seconds"],
+        "tail": [line for _, line in result["lines"][-25:]],
+    }
+
+
+def tool_env(bin_dir: Path) -> dict:
+    """Stage commands call ``python``: a folder holding ``python`` -> this interpreter goes first
+    on PATH (a GPU image may have ``python3`` alone), with the target folder's scripts."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / "python"  # a script, not a link: a link to a venv's python leaves the venv
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    env = dict(os.environ)
+    extra = [str(bin_dir)]
+    if os.environ.get("P10K_GPU_CHECK_TARGET"):
+        extra.append(str(Path(os.environ["P10K_GPU_CHECK_TARGET"]) / "bin"))
+    env["PATH"] = os.pathsep.join([*extra, str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        env.setdefault(key, "gpu-check")
+    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        env.setdefault(key, "gpu-check@localhost")
+    return env
+
+
+def set_dotted(tree: dict, overrides: dict) -> dict:
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def make_project(dest: Path, overrides: dict, env: dict) -> Path:
+    """A scratch copy of the project with ``overrides`` in params.yaml, git and DVC initialised."""
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    write_params(dest, overrides)
+    git = shutil.which("git") is not None  # a bare GPU image may lack it: DVC then runs without git
+    cmds = [["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]] if git else []
+    cmds = cmds or [[sys.executable, "-m", "dvc", "init", "-q", "--no-scm"]]
+    for cmd in cmds:
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    if git:  # DVCLive (and dvc exp) want a commit to stand on
+        for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "gpu-check"]):
+            subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    return dest
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    set_dotted(params, overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+# --- step 0: install ---------------------------------------------------------------------------
+
+
+def install(wheelhouse: Path, target: Path) -> dict:
+    """The wheelhouse into ``target`` with no registry; skipped when ``target`` holds this manifest."""
+    manifest = (wheelhouse / "manifest.json").read_text()
+    stamp = target / ".products10k-manifest.json"
+    t0 = time.perf_counter()
+    if not (stamp.exists() and stamp.read_text() == manifest):
+        shutil.rmtree(target, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile"]
+        cmd += [
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *map(str, sorted(wheelhouse.glob("*.whl"))),
+        ]
+        subprocess.run(cmd, check=True)
+        stamp.write_text(manifest)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], env=env, capture_output=True, text=True)
+    wheels = json.loads(manifest)
+    return {
+        "status": "ok",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "wheels": len(wheels["wheels"]),
+        "mib": round(sum(w["bytes"] for w in wheels["wheels"]) / 2**20, 1),
+        "left_out": [w["name"] for w in wheels["left_out"]],
+        "pip_check": check.stdout.strip().splitlines()[:30],
+    }
+
+
+# --- the machine -------------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict:
+    import cv2
+    import timm
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "opencv": cv2.__version__,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+        "cpu": _cpu_model(),
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            q = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            )
+            info["driver"] = q.stdout.strip()
+    return info
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# --- step 1: dvc repro -------------------------------------------------------------------------
+
+
+def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict:
+    """Seconds of each stage from ``dvc repro``'s time-stamped "Running stage 'x':" lines."""
+    starts = [(t, line.split("'")[1]) for t, line in lines if line.startswith("Running stage '")]
+    out = {}
+    for (t, name), nxt in zip(starts, [*starts[1:], (end, None)], strict=True):
+        out[name] = round(nxt[0] - t, 1)
+    return out
+
+
+def dvclive_epochs(folder: Path) -> dict:
+    """Per-epoch img/s and data wait of a training phase from its DVCLive plots."""
+    out = {}
+    for key in ("throughput", "data_wait"):
+        tsv = folder / "plots" / "metrics" / f"{key}.tsv"
+        if tsv.exists():
+            rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
+            out[key] = [round(float(r[-1]), 4) for r in rows]
+    return out
+
+
+def nested(tree: dict, *keys):
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def pipeline_figures(project: Path) -> dict:
+    read = lambda p: json.loads(p.read_text()) if p.exists() else {}  # noqa: E731
+    figures = {}
+    for phase in PHASES:
+        m = read(project / "metrics" / "m0" / f"{phase}.json")
+        figures[phase] = {
+            "val_top1": nested(m, "val", "top1"),
+            "test_top1": nested(m, "test", "top1"),
+            **dvclive_epochs(project / "dvclive" / "m0" / phase),
+        }
+    figures["knn_test_top1"] = nested(
+        read(project / "metrics" / "m0" / "retrieval.json"), "test", "knn", "top1"
+    )
+    figures["submission_test_top1"] = nested(read(project / "metrics" / "submission.json"), "test", "top1")
+    return figures
+
+
+def repro(project: Path, env: dict, timeout: float, log: Path) -> dict:
+    result = run_timed([sys.executable, "-m", "dvc", "repro"], project, env, timeout, log)
+    report = outcome(result, timeout)
+    report["stages"] = stage_seconds(result["lines"], result["seconds"])
+    report["metrics"] = pipeline_figures(project)
+    return report
+
+
+# --- step 2: bench_train -------------------------------------------------------------------------
+
+
+def bench(device: str, tiny: bool, compile_: bool, env: dict, timeout: float, work: Path) -> dict:
+    out = work / "bench_train.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_train.py"),
+        "--device",
+        device,
+        "--json",
+        str(out),
+    ]
+    cmd += ["--steps", "2", "--skip-b3", "--classes", "10"] if tiny else ["--steps", "10"]
+    if compile_:
+        cmd.append("--compile")
+    result = run_timed(cmd, ROOT, env, timeout, work / "bench_train.log")
+    report = outcome(result, timeout)
+    report["rows"] = json.loads(out.read_text())["rows"] if out.exists() else []
+    return report
+
+
+# --- step 3: the project's training beside timm's train.py ---------------------------------------
+
+
+def write_imagefolder(prepared: Path, dest: Path) -> dict:
+    """train/ and val/ of the prepared set as ``<split>/<label>/<name>``: the very JPEG bytes the
+    project's loader decodes (the shards hold them as written), so both sides read the same files."""
+    import pandas as pd
+
+    from products10k.prepared.shards import ImageStore
+
+    store = ImageStore(prepared)
+    counts = {}
+    for split in ("train", "val"):
+        df = pd.read_csv(prepared / f"{split}.csv")
+        for row in df.itertuples():
+            folder = dest / split / f"{row.label:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / Path(row.name).name).write_bytes(
+                bytes(store.read_bytes(row.shard, row.offset, row.length))
+            )
+        counts[split] = len(df)
+    return counts
+
+
+def timm_epochs(lines: list[str], batch: int) -> list[dict]:
+    """img/s and data-wait share of each epoch from timm's last "Train: E [..]" line of it:
+    the epoch's mean update time and mean data time (its AverageMeters restart every epoch)."""
+    pattern = re.compile(
+        r"Train: (\d+) \[.*?Time: [\d.]+s,\s+[\d.]+/s\s+\(([\d.]+)s,.*?Data: [\d.]+ \(([\d.]+)\)"
+    )
+    last: dict[int, tuple[float, float]] = {}
+    for line in lines:
+        m = pattern.search(line)
+        if m:
+            last[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    return [{"throughput": batch / t, "data_wait": d / t} for _, (t, d) in sorted(last.items()) if t > 0]
+
+
+def steady(epochs: list[float]) -> float | None:
+    """The median over the epochs after the first (which pays for autotuning and worker start)."""
+    rest = epochs[1:] or epochs
+    return round(statistics.median(rest), 1) if rest else None
+
+
+def peer(args, env: dict, timeout: float, work: Path) -> dict:
+    deadline = time.perf_counter() + timeout
+    s = peer_settings(args)
+    per_sku = s["images"] // s["classes"]
+    overrides = {**(TINY if args.tiny else {}), "data.synthetic.train_images": s["images"]}
+    overrides["data.synthetic.train_min_per_sku"] = max(2, per_sku // 2)
+    overrides["data.synthetic.train_max_per_sku"] = 2 * per_sku
+    overrides["data.synthetic.test_images"] = s["classes"]
+    overrides["prepare.val_min_images"] = 2
+    project = make_project(work / "peer", overrides, env)
+    prep = run_timed(
+        [sys.executable, "-m", "dvc", "repro", "prepare"],
+        project,
+        env,
+        deadline - time.perf_counter(),
+        work / "peer_prepare.log",
+    )
+    report: dict = {"settings": s, "prepare": outcome(prep, timeout)}
+    if prep["code"] != 0:
+        report["status"] = "prepare failed"
+        return report
+    prepared = project / "data" / "prepared"
+    report["images"] = write_imagefolder(prepared, work / "imagefolder")
+
+    # the project's train stage, with the augmentation timm's train.py applies by default
+    write_params(project, {**overrides, **peer_overrides(s)})
+    ours_cmd = [
+        sys.executable,
+        "stages/train.py",
+        "--phase",
+        "train",
+        "--member",
+        "m0",
+        "--params",
+        "params.yaml",
+    ]
+    ours_cmd += ["--train-csv", str(prepared / "train.csv"), "--val-csv", str(prepared / "val.csv")]
+    ours_cmd += ["--label-map", str(prepared / "label_map.csv"), "--images", str(prepared)]
+    ours_cmd += ["--out", str(work / "ours_ckpt"), "--live", str(work / "ours_live")]
+    ours = run_timed(
+        ours_cmd,
+        project,
+        env,
+        (deadline - time.perf_counter()) / (2 if args.timm_train else 1),
+        work / "peer_ours.log",
+    )
+    epochs = dvclive_epochs(work / "ours_live")
+    report["ours"] = {
+        **outcome(ours, timeout),
+        "epochs": epochs,
+        "img_per_s": steady(epochs.get("throughput", [])),
+        "data_wait": steady(epochs.get("data_wait", [])),
+    }
+    if not args.timm_train:
+        report["timm"] = {"status": "not run: no --timm-train (timm's train.py from its repository)"}
+        report["status"] = report["ours"]["status"]
+        return report
+    timm_cmd = [sys.executable, str(args.timm_train.resolve()), str(work / "imagefolder")]
+    timm_cmd += [
+        "--train-split",
+        "train",
+        "--val-split",
+        "val",
+        "--model",
+        s["arch"],
+        "--num-classes",
+        str(s["classes"]),
+    ]
+    timm_cmd += ["--img-size", str(s["resolution"]), "-b", str(s["batch"]), "--epochs", str(s["epochs"])]
+    timm_cmd += [
+        "--opt",
+        "adam",
+        "--lr",
+        "3e-4",
+        "--weight-decay",
+        "1e-4",
+        "--sched",
+        "cosine",
+        "--warmup-epochs",
+        "0",
+    ]
+    timm_cmd += [
+        "-j",
+        str(s["workers"]),
+        "--pin-mem",
+        "--log-interval",
+        "10",
+        "--output",
+        str(work / "timm_out"),
+    ]
+    timm_cmd += ["--device", args.device, "--seed", "0", "--checkpoint-hist", "1"]
+    if s["amp"]:
+        timm_cmd += ["--amp", "--amp-dtype", "bfloat16"]
+    if s["channels_last"]:
+        timm_cmd.append("--channels-last")
+    timm = run_timed(timm_cmd, work, env, deadline - time.perf_counter(), work / "peer_timm.log")
+    t_epochs = timm_epochs([line for _, line in timm["lines"]], s["batch"])
+    report["timm"] = {
+        **outcome(timm, timeout),
+        "command": " ".join(timm_cmd[1:]),
+        "epochs": {k: [round(e[k], 4) for e in t_epochs] for k in ("throughput", "data_wait")},
+        "img_per_s": steady([e["throughput"] for e in t_epochs]),
+        "data_wait": steady([e["data_wait"] for e in t_epochs]),
+    }
+    if report["ours"]["img_per_s"] and report["timm"]["img_per_s"]:
+        report["ratio"] = round(report["ours"]["img_per_s"] / report["timm"]["img_per_s"], 2)
+    report["status"] = "ok" if report["ours"]["status"] == report["timm"]["status"] == "ok" else "failed"
+    return report
+
+
+def peer_settings(args) -> dict:
+    workers = max(1, min(15, len(os.sched_getaffinity(0)) - 1))
+    if args.tiny:
+        return {
+            "arch": "resnet10t",
+            "resolution": 32,
+            "batch": 8,
+            "epochs": 2,
+            "workers": min(2, workers),
+            "images": 48,
+            "classes": 6,
+            "amp": args.device == "cuda",
+            "channels_last": True,
+        }
+    return {
+        "arch": "efficientnet_b3",
+        "resolution": 448,
+        "batch": 64,
+        "epochs": args.peer_epochs,
+        "workers": workers,
+        "images": args.peer_images,
+        "classes": 48,
+        "amp": args.device == "cuda",
+        "channels_last": True,
+    }
+
+
+def peer_overrides(s: dict) -> dict:
+    """The project's train phase set as timm's train.py runs by default: RandomResizedCrop(0.08-1),
+    flip, colour jitter 0.4, no erasing, label smoothing 0.1, Adam, cosine, no warm-up."""
+    return {
+        "model.arch": s["arch"], "model.pretrained": False, "model.drop_rate": 0.0,
+        "train.resolution": s["resolution"], "train.resize": None, "train.batch_size": s["batch"],
+        "train.epochs": s["epochs"], "train.num_workers": s["workers"], "train.crop": "random_resized",
+        "train.rrc_scale": [0.08, 1.0], "train.color_jitter": 0.4, "train.random_erasing": 0.0,
+        "train.label_smoothing": 0.1, "train.warmup_epochs": 0, "train.schedule": "cosine",
+        "train.amp": "bf16" if s["amp"] else "off", "train.channels_last": s["channels_last"],
+    }  # fmt: skip
+
+
+# --- the Markdown table ----------------------------------------------------------------------
+
+
+def markdown(data: dict) -> str:
+    m = data.get("machine", {})
+    lines = ["# GPU check", ""]
+    if m:
+        gpu = m.get("gpu", "no GPU (CPU run)")
+        lines.append(
+            f"{gpu}, driver {m.get('driver', '-')}, CUDA {m.get('cuda', '-')}, cuDNN {m.get('cudnn', '-')}; "
+            f"{m.get('cpu_cores')} cores ({m.get('cpu')}); Python {m.get('python')}, torch {m.get('torch')}, "
+            f"timm {m.get('timm')}, OpenCV {m.get('opencv')}; {data.get('started')}"
+        )
+        lines.append("")
+    steps = data.get("steps", {})
+    lines += ["| step | status | seconds |", "|---|---|---|"]
+    for name, step in steps.items():
+        lines.append(f"| {name} | {step.get('status', '-')} | {step.get('seconds', '-')} |")
+    for name in ("repro", "repro448"):
+        step = steps.get(name)
+        if not step or not step.get("stages"):
+            continue
+        lines += [
+            "",
+            f"**{name}**: stage seconds: " + ", ".join(f"{k} {v}" for k, v in step["stages"].items()),
+        ]
+        lines += [
+            "",
+            "| phase | val top-1 | test top-1 | img/s (median epoch) | data wait (median) |",
+            "|---|---|---|---|---|",
+        ]
+        for phase in PHASES:
+            f = step["metrics"].get(phase, {})
+            ips, wait = f.get("throughput") or [], f.get("data_wait") or []
+            lines.append(
+                f"| {phase} | {_fmt(f.get('val_top1'))} | {_fmt(f.get('test_top1'))} | "
+                f"{_fmt(statistics.median(ips) if ips else None, 1)} | "
+                f"{_pct(statistics.median(wait) if wait else None)} |"
+            )
+        lines.append(
+            f"\nkNN test top-1 {_fmt(step['metrics'].get('knn_test_top1'))}, "
+            f"submission test top-1 {_fmt(step['metrics'].get('submission_test_top1'))}"
+        )
+    p = steps.get("peer")
+    if p and p.get("settings"):
+        s = p["settings"]
+        lines += [
+            "",
+            f"**peer** ({s['arch']} at {s['resolution']}, batch {s['batch']}, {s['workers']} workers, "
+            f"bf16 {'on' if s['amp'] else 'off'}, channels-last on, {p.get('images', {}).get('train', '?')} "
+            f"train images, {s['epochs']} epochs; median of the epochs after the first):",
+            "",
+            "| trainer | img/s | data wait |",
+            "|---|---|---|",
+        ]
+        for side in ("ours", "timm"):
+            r = p.get(side, {})
+            lines.append(f"| {side} | {_fmt(r.get('img_per_s'), 1)} | {_pct(r.get('data_wait'))} |")
+        if p.get("ratio"):
+            lines.append(f"\nours / timm: {p['ratio']:.2f}x")
+    b = steps.get("bench")
+    if b and b.get("rows"):
+        lines += [
+            "",
+            "**bench_train** (optimizer steps on random batches):",
+            "",
+            "| model | res | batch | classes | bf16 | channels-last | compile | img/s | GPU GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in b["rows"]:
+            lines.append(
+                f"| {r['arch']} | {r['resolution']} | {r['batch']} | {r['classes']} | {_on(r['amp'])} | "
+                f"{_on(r['channels_last'])} | {_on(r['compile'])} | "
+                f"{r['img_per_s']:.1f} | {_fmt(r['gpu_gib'], 1)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x, digits: int = 3) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--wheelhouse", type=Path, default=None, help="install these wheels first (no registry)")
+    p.add_argument("--target", type=Path, default=Path(tempfile.gettempdir()) / "products10k-site")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny settings: a CPU runs every step in minutes")
+    p.add_argument("--steps", default="repro,peer,repro448,bench", help="which steps, in this order")
+    p.add_argument("--timm-train", type=Path, default=None, help="timm's train.py (from timm's repository)")
+    p.add_argument("--peer-images", type=int, default=6400, help="training images of the peer comparison")
+    p.add_argument("--peer-epochs", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="bench: also time torch.compile")
+    p.add_argument("--budget-s", type=float, default=540.0, help="the whole run's seconds")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = float(os.environ.get("P10K_GPU_CHECK_START", time.time()))
+    args = parse_args(argv)
+    record = Record(args.out)
+    if args.wheelhouse and not os.environ.get("P10K_GPU_CHECK_TARGET"):
+        try:
+            record.step("install", install(args.wheelhouse, args.target))
+        except (OSError, subprocess.CalledProcessError) as e:
+            record.step("install", {"status": f"failed: {e}"})
+            return 1
+        # again, with the wheels first on the path (they hold what this process could not import)
+        env = dict(os.environ, P10K_GPU_CHECK_TARGET=str(args.target), P10K_GPU_CHECK_START=str(t_start))
+        env["P10K_GPU_CHECK_RECORD"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [str(args.target), str(ROOT), env.get("PYTHONPATH")] if p
+        )
+        return subprocess.run(
+            [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env
+        ).returncode
+
+    sys.path.insert(0, str(ROOT))
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu for the CPU run)")
+    unknown = [n for n in args.steps.split(",") if n not in STEP_CAPS]
+    if unknown:
+        raise SystemExit(f"--steps: unknown {unknown}; the steps are {', '.join(STEP_CAPS)}")
+    record.set("machine", machine(args.device))
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-")) if args.work is None else args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = tool_env(work / "bin")
+    base = dict(TINY) if args.tiny else {}
+    failed = False
+    for name in args.steps.split(","):
+        remaining = args.budget_s - (time.time() - t_start)
+        if remaining < 20:
+            record.step(name, {"status": f"skipped: {remaining:.0f} s of the budget left"})
+            continue
+        timeout = min(STEP_CAPS[name], remaining - 10)
+        print(f"gpu-check: {name} (at most {timeout:.0f} s)", flush=True)
+        t_step = time.perf_counter()
+        try:
+            report = run_step(name, args, base, env, timeout, work)
+        except Exception:  # noqa: BLE001 - a broken step is reported, and the next one still runs
+            report = {"status": "error", "tail": traceback.format_exc().splitlines()[-25:]}
+        report.setdefault("seconds", round(time.perf_counter() - t_step, 1))
+        failed |= report.get("status") != "ok"
+        record.step(name, report)
+        print(f"gpu-check: {name}: {report.get('status')}", flush=True)
+    print(markdown(record.data))
+    return 1 if failed else 0
+
+
+def run_step(name: str, args, base: dict, env: dict, timeout: float, work: Path) -> dict:
+    """One step's figures (``status`` "ok" or what went wrong)."""
+    if name == "repro":
+        project = make_project(work / "repro", base, env)
+        return repro(project, env, timeout, work / "repro.log")
+    if name == "repro448":  # on the repro step's project: dvc re-runs what the change touches
+        project = work / "repro"
+        if not project.exists():
+            project = make_project(project, base, env)
+        workers = max(1, min(15, len(os.sched_getaffinity(0)) - 1))
+        big = {
+            "train.resolution": 64 if args.tiny else 448,
+            "train.num_workers": min(2, workers) if args.tiny else workers,
+        }
+        write_params(project, {**base, **big})
+        return {"settings": big, **repro(project, env, timeout, work / "repro448.log")}
+    if name == "peer":
+        return peer(args, env, timeout, work)
+    if name == "bench":
+        return bench(args.device, args.tiny, args.compile, env, timeout, work)
+    raise ValueError(f"--steps: unknown step {name!r} (repro, repro448, peer, bench)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
