@@ -405,7 +405,7 @@ def timm_epochs(lines: list[str], batch: int) -> list[dict]:
 def steady(epochs: list[float]) -> float | None:
     """The median over the epochs after the first (which pays for autotuning and worker start)."""
     rest = epochs[1:] or epochs
-    return round(statistics.median(rest), 1) if rest else None
+    return round(statistics.median(rest), 4) if rest else None
 
 
 def peer(args, env: dict, timeout: float, work: Path) -> dict:
