@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -271,6 +272,16 @@ def run_stage(log: logging.Logger, work: Callable[..., T], *args, **kwargs) -> T
 IN_FLIGHT_PER_WORKER = 4
 
 
+#: SKU ids: ASCII digits, at most 18 (every such number fits an int64, the label arrays' type)
+_SKU_ID = re.compile(r"[0-9]{1,18}")
+
+
+def parse_sku_id(text: str) -> int | None:
+    """The SKU id ``text`` names, or None. ``str.isdigit`` is not the test: it takes superscripts
+    (``²``), other scripts' digits (``١٢``) and 5000-digit numbers that int64 arrays refuse."""
+    return int(text) if _SKU_ID.fullmatch(text) else None
+
+
 def resolve_n_jobs(n_jobs: int, n_tasks: int | None = None) -> int:
     """The number of workers for ``n_jobs``, with joblib's meaning, capped at ``n_tasks``.
 
@@ -279,9 +290,10 @@ def resolve_n_jobs(n_jobs: int, n_tasks: int | None = None) -> int:
     """
     if n_jobs == 0:
         raise ValueError("n_jobs must be >= 1, or negative for 'all cores but n_jobs+1' (-1 = all)")
-    import joblib  # here, not at the top: the deploy runtime imports this module and never needs it
-
-    n = joblib.effective_n_jobs(n_jobs)
+    # the cores this process may run on (a container's or taskset's share); not joblib, which the
+    # deploy runtime's install does not have
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = n_jobs if n_jobs > 0 else cores + 1 + n_jobs
     if n_tasks is not None:
         n = min(n, n_tasks)
     return max(1, n)

@@ -220,6 +220,16 @@ def config(path: str, **overrides):
     return from_dict(cls, node, prefix=path)
 
 
+def limits(**overrides):
+    """params.yaml's image limits (prepare.max_pixels, max_aspect_ratio, max_file_mb) as the prepare
+    stage and an export of the default decode with, with ``overrides`` of ImageLimits' fields."""
+    from dataclasses import replace
+
+    from products10k.prepared.images import ImageLimits
+
+    return replace(ImageLimits.from_prepare(config("prepare")), **overrides)
+
+
 def write_project_params(path: Path, updates: dict) -> Path:
     """The project's params.yaml with the sections of ``updates`` merged key by key, at ``path``."""
     params = deep_update(params_tree(), copy.deepcopy(updates))

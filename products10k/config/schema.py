@@ -150,6 +150,10 @@ class PrepareConfig(Section):
     # decoded pixels per image (prepared/images.py): a JPEG over it is decoded reduced, others excluded
     # at most Pillow's own refusal, twice its MAX_IMAGE_PIXELS (images.MAX_PIXELS_CEILING; a test checks)
     max_pixels: int = Field(ge=1_000_000, le=178_956_970)
+    max_aspect_ratio: float = Field(ge=2.0, le=1000.0)  # longer / shorter side; a thinner image is too-large
+    max_file_mb: float = Field(
+        gt=0.0, le=4096.0
+    )  # bytes of one image file or zip member, checked before reading
     n_jobs: NJobs
     shard_mb: float = Field(gt=0.0)
 

@@ -14,14 +14,18 @@ too large: the same bounded decode as prepare and predict) is skipped with a war
 its reason, and listed in the index's meta.json; a SKU left with no readable image stops the
 enrolment, as does any skipped image with ``--strict``: an index silently missing a SKU is worse
 than no index. The output is written beside and swapped in whole: a killed enrolment leaves the
-input index untouched and ``--out`` either absent, as it was, or complete.
+input index untouched and ``--out`` either absent, as it was, or complete. Since ``--out`` is replaced
+whole, it must be a new folder or an index this tool wrote, and may neither contain nor sit inside
+the input index, the images or the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +33,14 @@ from tqdm.auto import tqdm
 
 from products10k import common
 from products10k.common import DataError, Products10kError
-from products10k.deploy.predict import IMAGE_SUFFIXES
 from products10k.deploy.runtime import ExportedModel, check_same_model
-from products10k.prepared.images import DEFAULT_MAX_PIXELS, ImageDefect
-from products10k.retrieval.knn import THUMBS_DIR, enrol, load_gallery, save_gallery, thumbnail_jpeg
+from products10k.prepared.archive import IMAGE_SUFFIXES
+from products10k.prepared.images import ImageDefect, ImageLimits
+from products10k.retrieval.knn import META_FILE, THUMBS_DIR, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.enrol")
+#: the mark an index this tool wrote carries in meta.json's "enrolled" records (what --out may replace)
+ENROL_TOOL = "products10k-enrol"
 
 
 def read_enrolment(images: Path) -> list[tuple[Path, int]]:
@@ -42,10 +48,10 @@ def read_enrolment(images: Path) -> list[tuple[Path, int]]:
     if images.is_dir():
         rows = []
         for folder in sorted(p for p in images.iterdir() if p.is_dir()):
-            if not folder.name.isdigit():
-                raise DataError(f"{folder}: SKU folders must be named by their integer SKU id")
+            if common.parse_sku_id(folder.name) is None:
+                raise DataError(f"{folder}: SKU folders must be named by their integer SKU id (ASCII digits)")
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            rows += [(p, int(folder.name)) for p in files]
+            rows += [(p, common.parse_sku_id(folder.name)) for p in files]
         if not rows:
             raise DataError(f"{images}: no images in SKU sub-folders (expected <images>/<sku id>/<file>.jpg)")
         return rows
@@ -72,8 +78,33 @@ def read_enrolment(images: Path) -> list[tuple[Path, int]]:
     return rows
 
 
+def check_out(out: Path, index_dir: Path, images: Path, model_dir: Path) -> None:
+    """``--out`` is written whole (staged, then swapped in), so it must not hold anything else: refused
+    when it exists and is not an index products10k-enrol wrote, or when it contains or sits inside
+    the input index, the images or the model (replacing it would delete them)."""
+    target = out.resolve()
+    for name, path in (("--index", index_dir), ("the images", images), ("--model", model_dir)):
+        other = path.resolve()
+        if target == other or target in other.parents or other in target.parents:
+            raise Products10kError(
+                f"--out {out} is, contains or sits inside {name} ({path}): write the enrolled index to a "
+                "new folder beside them"
+            )
+    if out.exists():
+        meta = out / META_FILE
+        try:
+            wrote = any(e.get("tool") == ENROL_TOOL for e in json.loads(meta.read_text()).get("enrolled", []))
+        except (OSError, ValueError, AttributeError):
+            wrote = False
+        if not wrote:
+            raise Products10kError(
+                f"--out {out} exists and is not an index products10k-enrol wrote: it would be replaced "
+                "whole; choose a new folder"
+            )
+
+
 def embed_files(
-    model: ExportedModel, paths: list[Path], batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    model: ExportedModel, paths: list[Path], batch_size: int, limits: ImageLimits
 ) -> tuple[np.ndarray, dict[int, str]]:
     """(N', D) embeddings of the readable image files, and {position in ``paths``: why not} for the rest."""
     out, skipped = [], {}
@@ -81,7 +112,10 @@ def embed_files(
         batch = []
         for i, path in enumerate(paths[start : start + batch_size], start):
             try:
-                batch.append(model.load(Path(path).read_bytes(), max_pixels))
+                size = Path(path).stat().st_size
+                if size > limits.max_file_bytes:
+                    raise ImageDefect("too-large", f"{size} bytes, over the limit of {limits.max_file_bytes}")
+                batch.append(model.load(Path(path).read_bytes(), limits))
             except ImageDefect as exc:
                 skipped[i] = f"{exc.reason}: {exc.detail}"
             except FileNotFoundError:
@@ -101,17 +135,17 @@ def enrol_skus(
     out: Path,
     batch_size: int = 32,
     strict: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
 ) -> dict:
     """Enrol the SKUs of ``images`` into a copy of ``index_dir`` written to ``out``; return a summary."""
-    if out.resolve() == index_dir.resolve():
-        raise Products10kError(f"--out {out} is the input index: write the enrolled index to a new folder")
+    check_out(out, index_dir, images, model_dir)
     table = read_enrolment(images)
     paths, skus = [p for p, _ in table], np.array([s for _, s in table], dtype=np.int64)
     model = ExportedModel(model_dir)
+    limits = model.limits if max_pixels is None else replace(model.limits, max_pixels=max_pixels)
     gallery = load_gallery(index_dir)
     check_same_model(model, gallery, index_dir)
-    vectors, skipped = embed_files(model, paths, batch_size, max_pixels)
+    vectors, skipped = embed_files(model, paths, batch_size, limits)
     for i, why in skipped.items():
         log.warning("skipped %s (SKU %d): %s", paths[i], skus[i], why)
     if skipped and strict:
@@ -126,12 +160,12 @@ def enrol_skus(
     kept = [(paths[i], int(skus[i])) for i in np.flatnonzero(ok)]
     added = enrol(gallery, vectors, skus[ok], [str(p) for p, _ in kept])
     added["skipped"] = [{"path": str(paths[i]), "error": why} for i, why in skipped.items()]
-    gallery.meta.setdefault("enrolled", []).append({"source": str(images), **added})
+    gallery.meta.setdefault("enrolled", []).append({"source": str(images), "tool": ENROL_TOOL, **added})
     # a thumbnail for each SKU the index has none for: its first readable image
     thumbs: dict[int, bytes] = {}
     for path, sku in kept:
         if sku not in thumbs and not (index_dir / THUMBS_DIR / f"{sku}.jpg").is_file():
-            thumbs[sku] = thumbnail_jpeg(path.read_bytes())
+            thumbs[sku] = thumbnail_jpeg(path.read_bytes(), limits)
     save_gallery(gallery, out, thumbs=thumbs, thumbs_from=index_dir)
     log.info(
         "enrolled %d images of %d SKUs (%d new), %d skipped -> %s",
@@ -154,7 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="new index folder")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--strict", action="store_true", help="stop when any image cannot be read")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decoded pixels per image")
+    p.add_argument(
+        "--max-pixels", type=int, default=None, help="decoded pixels per image (default: the export's)"
+    )
     return p.parse_args(argv)
 
 

@@ -76,7 +76,14 @@ def preprocess_spec(
         "outputs": ["logits", "embedding"],
         "color": "RGB",
         "layout": "NCHW",
-        "prepare": {"resize_shorter_side": int(prepare.size), "jpeg_quality": int(prepare.jpeg_quality)},
+        "prepare": {
+            "resize_shorter_side": int(prepare.size),
+            "jpeg_quality": int(prepare.jpeg_quality),
+            # what one image may cost at run time: the training data's own limits (one home: params.yaml)
+            "max_pixels": int(prepare.max_pixels),
+            "max_aspect_ratio": float(prepare.max_aspect_ratio),
+            "max_file_mb": float(prepare.max_file_mb),
+        },
         "resize_shorter_side": int(resize),
         "interpolation": "area",
         "center_crop": int(meta["resolution"]),

@@ -9,10 +9,13 @@ extension: one row per image in input order with ``source``, ``status`` (ok | er
 (why an image could not be read: missing, empty, truncated, undecodable ...), and the top-k
 original SKU ids with their probabilities (``sku_1``, ``score_1``, ...). An unreadable image is
 reported in its row and does not stop the run; the exit status is 0 as long as the model ran. What
-cannot be read, and why: a file that is missing, empty, truncated, undecodable or too large for the
-pixel budget (``--max-pixels``: a JPEG over it is decoded reduced, any other image refused), a zip
-member that is encrypted or uses a compression method Python cannot read (``unreadable``), a zip
-inside a zip (``unsupported``). Zip members are read in place, so an entry named ``../x.jpg`` or a
+cannot be read, and why: a file that is missing, empty, truncated, undecodable (not a format the
+project reads), unreadable (its size cannot be read from its header) or too large (the export's
+record of params.yaml's ``prepare`` limits: decoded pixels, where a JPEG over the budget is decoded
+reduced and any other image refused, ``--max-pixels`` to change it; the aspect ratio; the file's
+bytes, a zip member's judged by its declared size before it is inflated), a zip member that is
+encrypted or uses a compression method Python cannot read (``unreadable``), a zip inside a zip
+(``unsupported``). Zip members are read in place, so an entry named ``../x.jpg`` or a
 symlink entry cannot reach outside the archive. A name that is not valid UTF-8 is written with
 backslash escapes.
 
@@ -35,7 +38,7 @@ import logging
 import sys
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +47,10 @@ from tqdm.auto import tqdm
 from products10k import common
 from products10k.common import Products10kError
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
-from products10k.prepared.images import DEFAULT_MAX_PIXELS, ZIP_READ_ERRORS, ImageDefect, open_zip
+from products10k.prepared.archive import IMAGE_SUFFIXES, ZIP_READ_ERRORS, image_members, open_zip, read_member
+from products10k.prepared.images import ImageDefect, ImageLimits
 
 log = logging.getLogger("products10k.predict")
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 @dataclass
@@ -57,13 +59,18 @@ class Source:
 
     label: str
     path: Path
-    member: str | None = None  # a zip member
+    member: zipfile.ZipInfo | None = None  # a zip member
     error: str = ""  # known unusable before reading (a nested zip)
 
-    def read(self) -> bytes:
-        if self.member is None:
-            return self.path.read_bytes()
-        return open_zip(self.path).read(self.member)
+    def read(self, max_bytes: int) -> bytes:
+        """The file's or member's bytes; ImageDefect too-large over ``max_bytes`` (a member by its
+        declared size, before anything is inflated)."""
+        if self.member is not None:
+            return read_member(open_zip(self.path), self.member, max_bytes)
+        size = self.path.stat().st_size
+        if size > max_bytes:
+            raise ImageDefect("too-large", f"{size} bytes, over the limit of {max_bytes}")
+        return self.path.read_bytes()
 
 
 def printable(name: str) -> str:
@@ -90,40 +97,24 @@ def gather(inputs: list[str]) -> list[Source]:
     return sources
 
 
-NESTED_ZIP = "unsupported: a zip inside a zip (extract it and pass the inner archive)"
-
-
-def zip_members(archive: zipfile.ZipFile) -> list[tuple[str, str]]:
-    """(member, error) of a zip's image members and nested zips, sorted by name; error is "" for an
-    image, NESTED_ZIP for a zip (a row with the reason, not silently skipped). predict and serve share it."""
-    out = []
-    for info in sorted((i for i in archive.infolist() if not i.is_dir()), key=lambda i: i.filename):
-        suffix = Path(info.filename).suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
-            out.append((info.filename, ""))
-        elif suffix == ".zip":
-            out.append((info.filename, NESTED_ZIP))
-    return out
-
-
 def _zip_sources(path: Path) -> list[Source]:
     """A zip's image members (and nested zips, as errors), sorted."""
     label = printable(str(path))
     try:
-        members = zip_members(zipfile.ZipFile(path))
+        members = image_members(zipfile.ZipFile(path))
     except ZIP_READ_ERRORS as exc:
         return [Source(label, path, error=f"unreadable: {type(exc).__name__}: {exc}")]
-    return [Source(f"{label}:{printable(m)}", path, m, error) for m, error in members]
+    return [Source(f"{label}:{printable(m.filename)}", path, m, error) for m, error in members]
 
 
-def load_image(
-    source: Source, model: ExportedModel, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[np.ndarray | None, str]:
+def load_image(source: Source, model: ExportedModel, limits: ImageLimits) -> tuple[np.ndarray | None, str]:
     """(model input, "") or (None, the reason the image cannot be used)."""
     if source.error:
         return None, source.error
     try:
-        data = source.read()
+        data = source.read(limits.max_file_bytes)
+    except ImageDefect as exc:
+        return None, f"{exc.reason}: {exc.detail}"
     except FileNotFoundError:
         return None, "missing: no such file"
     except IsADirectoryError:
@@ -131,7 +122,7 @@ def load_image(
     except (*ZIP_READ_ERRORS, KeyError) as exc:
         return None, f"unreadable: {type(exc).__name__}: {exc}"
     try:
-        return model.load(data, max_pixels), ""
+        return model.load(data, limits), ""
     except ImageDefect as exc:
         return None, f"{exc.reason}: {exc.detail}"
 
@@ -142,12 +133,14 @@ def predict_sources(
     scorer: Scorer,
     batch_size: int,
     n_jobs: int = -1,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limits: ImageLimits | None = None,
 ) -> list[dict]:
-    """One output row per source, in order; images decoded on threads, the model run per batch."""
+    """One output row per source, in order; images decoded on threads, the model run per batch.
+    ``limits``: what one image may cost (default: the export's record of params.yaml's)."""
     rows: list[dict] = []
+    limits = limits or model.limits
     workers = common.resolve_n_jobs(n_jobs, len(sources))
-    loaded = common.ordered_map(load_image, ((s, model, max_pixels) for s in sources), workers, "decode")
+    loaded = common.ordered_map(load_image, ((s, model, limits) for s in sources), workers, "decode")
     progress = tqdm(total=len(sources), desc="predict", unit="img", mininterval=1.0)
     for chunk in _chunks(zip(sources, loaded, strict=True), batch_size):
         ok = [(i, x) for i, (_, (x, _err)) in enumerate(chunk) if x is not None]
@@ -205,15 +198,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"decoded pixels per image (default {DEFAULT_MAX_PIXELS}): a larger JPEG is decoded reduced, "
-        "another image reported as too-large",
+        default=None,
+        help="decoded pixels per image (default: the export's, from params.yaml prepare.max_pixels): "
+        "a larger JPEG is decoded reduced, another image reported as too-large",
     )
     p.add_argument("--out", required=True, type=Path, help="output .csv or .json")
     args = p.parse_args(argv)
     if args.out.suffix.lower() not in (".csv", ".json"):
         p.error(f"--out {args.out}: the extension must be .csv or .json")
-    if args.top_k < 1 or args.batch_size < 1 or args.max_pixels < 1:
+    if args.top_k < 1 or args.batch_size < 1 or (args.max_pixels is not None and args.max_pixels < 1):
         p.error("--top-k, --batch-size and --max-pixels must be >= 1")
     return args
 
@@ -230,7 +223,8 @@ def _run(args: argparse.Namespace) -> None:
     sources = gather(args.inputs)
     if not sources:
         raise Products10kError(f"no images found in {', '.join(args.inputs)}")
-    rows = predict_sources(sources, model, scorer, args.batch_size, max_pixels=args.max_pixels)
+    limits = model.limits if args.max_pixels is None else replace(model.limits, max_pixels=args.max_pixels)
+    rows = predict_sources(sources, model, scorer, args.batch_size, limits=limits)
     write_rows(rows, args.out)
     bad = [r for r in rows if r["status"] == "error"]
     log.info("%d images, %s mode -> %s; %d could not be read", len(rows), mode, args.out, len(bad))

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from products10k.common import Products10kError
-from products10k.prepared.images import DEFAULT_MAX_PIXELS, decode_rgb, prepare_image
+from products10k.prepared.images import ImageDefect, ImageLimits, decode_rgb, prepare_image
 from products10k.retrieval.knn import Gallery, load_gallery, search, vote
 from products10k.scores import SplitScores, combine_topk
 
@@ -43,14 +43,26 @@ class ExportedModel:
                     f"{folder}: not an export folder ({path.name} is missing; run the export stage)"
                 )
         self.folder = folder
-        self.spec = json.loads(spec.read_text())
+        try:
+            self.spec = json.loads(spec.read_text(encoding="utf-8"))
+            self.limits = ImageLimits.from_prepare(self.spec["prepare"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSON, UTF-8, a key missing, a wrong type
+            raise Products10kError(
+                f"{spec}: not a preprocess record this runtime reads ({type(exc).__name__}: {exc}); "
+                "re-run the export stage"
+            ) from None
         self.skus = np.asarray(self.spec["skus"], dtype=np.int64)
         self.mean = np.asarray(self.spec["mean"], dtype=np.float32)
         self.std = np.asarray(self.spec["std"], dtype=np.float32)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types are not public API
+            raise Products10kError(
+                f"{model}: onnxruntime cannot load it ({exc}); re-run the export stage"
+            ) from None
 
     @property
     def min_side(self) -> int:
@@ -61,19 +73,26 @@ class ExportedModel:
         """An upright RGB image (already prepared, see :meth:`load`) -> the model's CHW input."""
         return centre_crop_input(rgb, self.min_side, int(self.spec["center_crop"]), self.mean, self.std)
 
-    def load(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    def load(self, data: bytes, limits: ImageLimits | None = None) -> np.ndarray:
         """Image file bytes -> the model's CHW input, as the evaluate stage saw its images.
 
-        Raises ImageDefect (empty, truncated, undecodable, too-large) for a file that cannot be used.
-        An export older than the ``prepare`` record decodes straight to the model's resize.
+        ``limits``: what one image may cost; the export's record of params.yaml's (the training data's)
+        by default. Raises ImageDefect (empty, truncated, undecodable, unreadable, too-large) for a file
+        that cannot be used.
         """
-        prepare = self.spec.get("prepare")
-        if prepare is None:
-            return self.preprocess(decode_rgb(data, min_side=self.min_side, max_pixels=max_pixels))
-        jpeg, _, _ = prepare_image(
-            data, int(prepare["resize_shorter_side"]), int(prepare["jpeg_quality"]), max_pixels
+        limits = limits or self.limits
+        prepare = self.spec["prepare"]
+        jpeg, w, h = prepare_image(
+            data, int(prepare["resize_shorter_side"]), int(prepare["jpeg_quality"]), limits=limits
         )
-        return self.preprocess(decode_rgb(jpeg, min_side=self.min_side))
+        # the model's resize takes the shorter side to min_side: bounded by the aspect-ratio limit
+        # already; checked again on the numbers, as the resize is where a thin image would explode
+        scale = self.min_side / min(w, h)
+        if round(w * scale) * round(h * scale) > limits.max_pixels:
+            raise ImageDefect(
+                "too-large", f"{w}x{h} resized for the model would be over {limits.max_pixels} pixels"
+            )
+        return self.preprocess(decode_rgb(jpeg, min_side=self.min_side, limits=limits))
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, embedding = self.session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})

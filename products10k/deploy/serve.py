@@ -10,13 +10,20 @@ Endpoints:
 - ``POST /v1/recognize?mode=classifier|knn|fused&top_k=5``: multipart field ``images`` (a zip counts
   as its image members). One result per image in input order: ``source``, ``status`` (ok | error),
   ``error`` (the reason, as products10k-predict reports it), ``skus`` (original SKU ids), ``scores``.
-  A bad image is an error in its own result, never a failed request; a body over ``--max-request-mb``
-  or more than ``--max-images`` images is a 413 with a message.
+  A bad image is an error in its own result, never a failed request; a body over ``--max-request-mb``,
+  more than ``--max-images`` images (a zip's members counted from its directory before anything is
+  inflated) or zip members declaring more than ``--max-inflated-mb`` is a 413 with a message. Each
+  image is bounded as the training data were (the export's record of params.yaml's ``prepare``
+  limits: bytes, decoded pixels, aspect ratio), judged on headers before it is inflated or decoded.
 - ``POST /v1/skus/{sku_id}/images`` (``Authorization: Bearer <token>``; off without ``--token-file``):
   enrols the images for that SKU. The new index version is built beside the old one (a folder
-  under ``--versions``, default ``<index>.versions/``; the input index is never modified) and swapped
-  in with one assignment: a request reads the version once when it starts, so requests in flight
-  are answered by one version or the other, never a mix. Enrolments run one at a time.
+  ``vNNNN`` under ``--versions``, default ``<index>.versions/``; the input index is never modified)
+  and swapped in with one assignment: a request reads the version once when it starts, so requests
+  in flight are answered by one version or the other, never a mix. Enrolments run one at a time.
+  Enrolments are data: the service starts from the newest version under ``--versions`` (it says
+  which), a version folder once written is never replaced, one service at a time holds a versions
+  folder (a lock: a second one stops at start, naming the holder), and versions beyond the newest
+  ``--keep-versions`` are removed once no request reads them.
 - ``GET /``: a page to drop or pick photos and see each one's top-5 SKUs, with a thumbnail per SKU
   (``GET /v1/skus/{sku_id}/thumbnail``: from the index's ``thumbs/`` folder) and errors in words.
 
@@ -31,13 +38,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import io
 import logging
 import os
+import re
+import shutil
 import zipfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +60,16 @@ from starlette.routing import Route
 
 from products10k import common
 from products10k.common import Products10kError
-from products10k.deploy.predict import printable, zip_members
+from products10k.deploy.predict import printable
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer, check_same_model
-from products10k.prepared.images import DEFAULT_MAX_PIXELS, ZIP_READ_ERRORS, ImageDefect
+from products10k.prepared.archive import (
+    ZIP_READ_ERRORS,
+    ArchiveTooLarge,
+    check_members,
+    image_members,
+    read_member,
+)
+from products10k.prepared.images import ImageDefect, ImageLimits
 from products10k.retrieval.knn import THUMBS_DIR, Gallery, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.serve")
@@ -64,7 +82,13 @@ class Limits:
     max_request_bytes: int = 32 << 20
     max_images: int = 64
     max_top_k: int = 100
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inflated_bytes: int = 128 << 20  # zip members of one request, by their declared sizes
+    max_pixels: int | None = None  # None: the export's (params.yaml prepare.max_pixels)
+
+
+#: an index version's folder under --versions
+VERSION_DIR = re.compile(r"v(\d{4,})")
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -168,16 +192,21 @@ class Service:
         batch_size: int = 32,
         batch_wait_ms: float = 5.0,
         threads: int | None = None,
+        keep_versions: int = 3,
     ):
         self.model = ExportedModel(model_dir, threads=threads)
         self.limits = limits
+        self.image_limits: ImageLimits = self.model.limits
+        if limits.max_pixels is not None:
+            self.image_limits = replace(self.image_limits, max_pixels=limits.max_pixels)
         self.token = token
         self.version: IndexVersion | None = None
+        self.keep_versions = keep_versions
+        self.readers: Counter[int] = Counter()  # requests reading each version now
         if index_dir is not None:
-            gallery = load_gallery(index_dir)
-            check_same_model(self.model, gallery, index_dir)
-            self.version = IndexVersion(0, index_dir, gallery)
             self.versions_dir = versions_dir or index_dir.with_name(index_dir.name + ".versions")
+            self._lock = hold_versions_lock(self.versions_dir)
+            self.version = newest_version(self.model, index_dir, self.versions_dir)
         self.enrol_lock = asyncio.Lock()
         self.batcher = Batcher(self.model, batch_size, batch_wait_ms / 1000)
         self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
@@ -202,6 +231,7 @@ class Service:
         replay = _replay(bytes(body))
         form = await Request(request.scope, replay).form(max_files=10_000, max_fields=100)
         items: list[tuple[str, bytes | None, str]] = []
+        inflated = 0  # bytes the request's zip members declare, all zips together
         try:
             for upload in form.getlist("images"):
                 if not isinstance(upload, UploadFile):
@@ -209,7 +239,12 @@ class Service:
                 data = await upload.read()
                 name = printable(upload.filename or "image")
                 if name.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
-                    items.extend(_zip_items(name, data))
+                    room = self.limits.max_images - len(items)
+                    zipped, declared = _zip_items(
+                        name, data, room, self.limits.max_inflated_bytes - inflated, self.image_limits
+                    )
+                    items.extend(zipped)
+                    inflated += declared
                 else:
                     items.append((name, data, ""))
                 if len(items) > self.limits.max_images:
@@ -228,7 +263,7 @@ class Service:
 
         def load(data: bytes):
             try:
-                return self.model.load(data, self.limits.max_pixels), ""
+                return self.model.load(data, self.image_limits), ""
             except ImageDefect as exc:
                 return None, f"{exc.reason}: {exc.detail}"
 
@@ -242,7 +277,13 @@ class Service:
         ok = [i for i, (x, _) in enumerate(loaded) if x is not None]
         if not ok:
             return errors, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), ok
-        logits, embedding = await self.batcher.submit(np.stack([loaded[i][0] for i in ok]))
+        inputs = np.stack([loaded[i][0] for i in ok])
+        step = self.batcher.max_batch  # a request larger than a batch is run as several
+        parts = await asyncio.gather(
+            *(self.batcher.submit(inputs[i : i + step]) for i in range(0, len(inputs), step))
+        )
+        logits = np.concatenate([p[0] for p in parts])
+        embedding = np.concatenate([p[1] for p in parts])
         return errors, logits, embedding, ok
 
     # -- endpoints
@@ -263,7 +304,6 @@ class Service:
                 if version is None
                 else {
                     "version": version.number,
-                    "path": str(version.folder),
                     "skus": int(len(version.gallery.skus)),
                     "images": int(version.gallery.index.ntotal),
                 },
@@ -274,6 +314,25 @@ class Service:
 
     async def recognize(self, request: Request) -> Response:
         version = self.version  # read once: this request is answered by this version throughout
+        with self.reading(version):
+            return await self._recognize(request, version)
+
+    @contextlib.contextmanager
+    def reading(self, version: IndexVersion | None):
+        """Mark ``version`` as read by a request until it ends: pruning leaves it alone till then."""
+        if version is None:
+            yield
+            return
+        self.readers[version.number] += 1
+        try:
+            yield
+        finally:
+            self.readers[version.number] -= 1
+            if not self.readers[version.number]:
+                del self.readers[version.number]
+                self.prune()
+
+    async def _recognize(self, request: Request, version: IndexVersion | None) -> Response:
         mode = request.query_params.get("mode") or ("fused" if version is not None else "classifier")
         try:
             top_k = int(request.query_params.get("top_k", "5"))
@@ -307,15 +366,16 @@ class Service:
     async def enrol_sku(self, request: Request) -> Response:
         if self.token is None:
             return _error(403, "enrolment is off: start the service with --token-file")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110); the token is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             return _error(401, "a valid 'Authorization: Bearer <token>' header is required")
         if self.version is None:
             return _error(400, "enrolment needs an index: start the service with --index")
         raw = request.path_params["sku_id"]
-        if not raw.isdigit():
-            return _error(400, f"SKU id '{raw}' is not a non-negative integer")
-        sku = int(raw)
+        sku = common.parse_sku_id(raw)
+        if sku is None:
+            return _error(400, f"SKU id '{raw[:40]}' is not an integer of at most 18 ASCII digits")
         try:
             items = await self.read_images(request)
         except RequestError as exc:
@@ -331,10 +391,20 @@ class Service:
             folder = self.versions_dir / f"v{current.number + 1:04d}"
             thumb = items[ok[0]][1]
             loop = asyncio.get_running_loop()
-            gallery = await loop.run_in_executor(
-                None, _build_version, current, folder, embedding, sku, [items[i][0] for i in ok], thumb
-            )
+            with self.reading(current):  # read from while the new version is built
+                gallery = await loop.run_in_executor(
+                    None,
+                    _build_version,
+                    current,
+                    folder,
+                    embedding,
+                    sku,
+                    [items[i][0] for i in ok],
+                    thumb,
+                    self.image_limits,
+                )
             self.version = IndexVersion(current.number + 1, folder, gallery)  # the swap: one assignment
+            self.prune()
         log.info("enrolled %d image(s) of SKU %d -> index version %d", len(ok), sku, self.version.number)
         return JSONResponse(
             {"sku": sku, "added": len(ok), "skipped": skipped, "index_version": self.version.number},
@@ -343,47 +413,75 @@ class Service:
 
     async def thumbnail(self, request: Request) -> Response:
         version = self.version
-        raw = request.path_params["sku_id"]
-        if version is None or not raw.isdigit():
+        sku = common.parse_sku_id(request.path_params["sku_id"])
+        if version is None or sku is None:
             return _error(404, "no such thumbnail")
-        path = version.folder / THUMBS_DIR / f"{int(raw)}.jpg"
-        if not path.is_file():
-            return _error(404, f"no thumbnail for SKU {raw}")
-        return Response(path.read_bytes(), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        with self.reading(version):
+            path = version.folder / THUMBS_DIR / f"{sku}.jpg"
+            if not path.is_file():
+                return _error(404, f"no thumbnail for SKU {sku}")
+            data = path.read_bytes()
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    def prune(self) -> None:
+        """Remove the versions older than the newest ``keep_versions`` that no request reads; never
+        the input index (version 0). Runs on the event loop: no request can start reading a version
+        while it is being judged."""
+        if self.version is None or self.keep_versions < 1:
+            return
+        newest = self.version.number
+        for number, folder in list_versions(self.versions_dir):
+            if number <= newest - self.keep_versions and number not in self.readers:
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("removed index version %d (older than the newest %d)", number, self.keep_versions)
 
     async def page(self, request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-def _build_version(current: IndexVersion, folder: Path, vectors, sku: int, names, photo: bytes) -> Gallery:
-    """A copy of ``current`` with the images added, written to ``folder`` (staged, swapped in whole)."""
+def _build_version(
+    current: IndexVersion, folder: Path, vectors, sku: int, names, photo: bytes, limits: ImageLimits
+) -> Gallery:
+    """A copy of ``current`` with the images added, written to ``folder`` (staged, then renamed into
+    place whole: a killed enrolment leaves no version folder, only a staging one the next removes)."""
+    if folder.exists():  # a version once written is never replaced
+        raise RuntimeError(f"{folder} exists: the versions lock should have made this impossible")
     gallery = load_gallery(current.folder)  # a private copy: the current version stays as it is
     added = enrol(gallery, vectors, np.full(len(vectors), sku, np.int64), [f"enrolled:{n}" for n in names])
     gallery.meta.setdefault("enrolled", []).append({"source": "products10k-serve", **added})
     known = (current.folder / THUMBS_DIR / f"{sku}.jpg").is_file()
-    thumbs = {} if known else {sku: thumbnail_jpeg(photo)}
+    thumbs = {} if known else {sku: thumbnail_jpeg(photo, limits)}
     save_gallery(gallery, folder, thumbs=thumbs, thumbs_from=current.folder)
     return gallery
 
 
-def _zip_items(name: str, data: bytes) -> list[tuple[str, bytes | None, str]]:
-    """A zip upload's image members as items (nested zips and unreadable members as errors)."""
+def _zip_items(
+    name: str, data: bytes, room: int, inflated_room: int, limits: ImageLimits
+) -> tuple[list[tuple[str, bytes | None, str]], int]:
+    """A zip upload's image members as items (nested zips and unreadable members as errors), and the
+    bytes its members declare. The member count (``room``: what the request may still hold) and the
+    declared total (``inflated_room``) are checked from the central directory before anything is
+    inflated (RequestError 413); each member is read only up to its declared size, itself within
+    the per-file limit."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        members = zip_members(archive)
+        members = image_members(archive)
+        check_members([info for info, _ in members], room, inflated_room)
+    except ArchiveTooLarge as exc:
+        raise RequestError(413, f"{name}: {exc}") from None
     except ZIP_READ_ERRORS as exc:
-        return [(name, None, f"unreadable: {type(exc).__name__}: {exc}")]
+        return [(name, None, f"unreadable: {type(exc).__name__}: {exc}")], 0
     items = []
-    for member, error in members:
-        label = f"{name}:{printable(member)}"
+    for info, error in members:
+        label = f"{name}:{printable(info.filename)}"
         if error:
             items.append((label, None, error))
             continue
         try:
-            items.append((label, archive.read(member), ""))
-        except ZIP_READ_ERRORS as exc:
-            items.append((label, None, f"unreadable: {type(exc).__name__}: {exc}"))
-    return items
+            items.append((label, read_member(archive, info, limits.max_file_bytes), ""))
+        except ImageDefect as exc:
+            items.append((label, None, f"{exc.reason}: {exc.detail}"))
+    return items, sum(info.file_size for info, _ in members)
 
 
 async def _drain(request: Request, budget: int) -> None:
@@ -414,6 +512,55 @@ async def _done(value):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def list_versions(versions_dir: Path) -> list[tuple[int, Path]]:
+    """The complete version folders under ``versions_dir``, oldest first (staging folders are not)."""
+    if not versions_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in versions_dir.iterdir() if (m := VERSION_DIR.fullmatch(p.name))]
+    return sorted(found)
+
+
+def newest_version(model: ExportedModel, index_dir: Path, versions_dir: Path) -> IndexVersion:
+    """The newest version under ``versions_dir``, else the input index as version 0; said in the log.
+
+    Staging folders a killed enrolment left are removed (they were never acknowledged)."""
+    for leftover in versions_dir.glob("*.tmp") if versions_dir.is_dir() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    versions = list_versions(versions_dir)
+    number, folder = versions[-1] if versions else (0, index_dir)
+    gallery = load_gallery(folder)
+    check_same_model(model, gallery, folder)
+    if number:
+        log.info("starting from index version %d (%s): the newest under %s", number, folder, versions_dir)
+    else:
+        log.info(
+            "starting from the input index %s (no enrolled versions under %s yet)", index_dir, versions_dir
+        )
+    return IndexVersion(number, folder, gallery)
+
+
+def hold_versions_lock(versions_dir: Path):
+    """An exclusive lock on ``versions_dir`` for this process's lifetime (the open file is returned
+    and must be kept): a second service on the same folder would overwrite this one's versions."""
+    versions_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(versions_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise Products10kError(
+            f"{versions_dir} is held by {holder}: one service at a time writes a versions folder "
+            "(stop it, or give this one its own --versions)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def create_app(service: Service) -> Starlette:
@@ -450,20 +597,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-request-mb", type=float, default=32.0)
     p.add_argument("--max-images", type=int, default=64, help="images per request, zip members included")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decoded pixels per image")
+    p.add_argument(
+        "--max-inflated-mb", type=float, default=128.0, help="bytes zip members of one request may declare"
+    )
+    p.add_argument(
+        "--max-pixels", type=int, default=None, help="decoded pixels per image (default: the export's)"
+    )
+    p.add_argument(
+        "--keep-versions", type=int, default=3, help="enrolled index versions kept (older ones removed)"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="largest batch the model runs")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an image waits for a batch")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
     args = p.parse_args(argv)
     if args.max_images < 1 or args.batch_size < 1 or args.max_request_mb <= 0 or args.batch_wait_ms < 0:
         p.error("--max-images and --batch-size must be >= 1, --max-request-mb > 0, --batch-wait-ms >= 0")
+    if (
+        args.keep_versions < 1
+        or args.max_inflated_mb <= 0
+        or (args.max_pixels is not None and args.max_pixels < 1)
+    ):
+        p.error("--keep-versions and --max-pixels must be >= 1, --max-inflated-mb > 0")
     return args
 
 
 def read_token(path: Path) -> str:
-    token = path.read_text(encoding="utf-8").strip()
-    if len(token) < 16:
-        raise Products10kError(f"{path}: the token must have at least 16 characters")
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise Products10kError(
+            f"{path}: the token file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise Products10kError(f"{path}: the token must be at least 16 printable characters, no spaces")
     return token
 
 
@@ -478,10 +644,16 @@ def main(argv: list[str] | None = None) -> None:
             args.index,
             token=read_token(args.token_file) if args.token_file else None,
             versions_dir=args.versions,
-            limits=Limits(int(args.max_request_mb * 2**20), args.max_images, max_pixels=args.max_pixels),
+            limits=Limits(
+                int(args.max_request_mb * 2**20),
+                args.max_images,
+                max_inflated_bytes=int(args.max_inflated_mb * 2**20),
+                max_pixels=args.max_pixels,
+            ),
             batch_size=args.batch_size,
             batch_wait_ms=args.batch_wait_ms,
             threads=args.threads,
+            keep_versions=args.keep_versions,
         )
     except (Products10kError, OSError) as exc:
         log.error("%s", exc)

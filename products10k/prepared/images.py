@@ -3,8 +3,8 @@
 Contract of :func:`prepare_image`: bytes of any image file in, an upright 3-channel RGB image
 resized so that its shorter side is ``size`` (never upscaled), re-encoded as a baseline JPEG
 without EXIF, out. A file that cannot be read raises :class:`ImageDefect` carrying a short
-machine-readable ``reason`` (``empty``, ``truncated``, ``undecodable``, ``too-large``) for the prepare
-report and predict's rows.
+machine-readable ``reason`` (``empty``, ``truncated``, ``undecodable``, ``unreadable``,
+``too-large``) for the prepare report and predict's rows.
 
 Decisions, and why:
 
@@ -18,14 +18,19 @@ Decisions, and why:
 - **Reduced JPEG decode.** libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain at a
   fraction of the cost. We use it only when the reduced image still has its shorter side
   >= ``size``, so the final resize is always a downscale from at least the target resolution.
-- **A pixel budget.** Every decode is bounded by ``max_pixels`` *decoded* pixels (``prepare.max_pixels``,
-  ``products10k-predict --max-pixels``), checked on the header before any pixel is decoded, so one
-  file cannot take the memory of the run: a 5 KB JPEG claiming 60000 x 60000 pixels, a PNG
-  decompression bomb. A JPEG over the budget is decoded at the largest reduction that fits (libjpeg's
-  1/2, 1/4, 1/8), even below ``min_side``: a 20000 x 20000 photo costs 2500 x 2500 pixels, not
-  1.2 GB. Other formats have no reduced decode and are refused (``too-large``). The header is read by
-  Pillow, whose own refusal (twice ``Image.MAX_IMAGE_PIXELS``, 179 MP) is also reported as
-  ``too-large``; a file whose header Pillow cannot read falls to OpenCV's own limit (2^30 pixels).
+- **A pixel budget, from a header the project reads itself.** Every decode is bounded by
+  :class:`ImageLimits` (``prepare.max_pixels``, ``prepare.max_aspect_ratio``; recorded in the export's
+  ``preprocess.json`` for the runtime: params.yaml is their one home), checked on the file's own header
+  (prepared/headers.py) before any pixel is decoded, so one file cannot take the memory of the run: a
+  5 KB JPEG claiming 60000 x 60000 pixels, a PNG decompression bomb, a JPEG whose header Pillow cannot
+  parse. A JPEG over the budget is decoded at the largest reduction that fits (libjpeg's 1/2, 1/4,
+  1/8), even below ``min_side``: a 20000 x 20000 photo costs 2500 x 2500 pixels, not 1.2 GB. Other
+  formats have no reduced decode and are refused (``too-large``), and so is an aspect ratio over the
+  limit (a 1 x 20000 strip would be resized into gigabytes: its shorter side goes to the model's
+  resize). A file whose size the project cannot read is refused (``unreadable``), one in a format it
+  does not read (Radiance HDR, PPM, EXR ...) is ``undecodable``: never decoded whole on a guess.
+  OpenCV's own limit, ``OPENCV_IO_MAX_IMAGE_PIXELS``, is set to the ceiling of any budget
+  (products10k/__init__.py) as a second fence.
 - **Nothing a file holds raises anything but ImageDefect.** OpenCV raises ``cv2.error`` on some
   headers and Pillow raises a zoo of exceptions (SyntaxError, struct.error, ValueError ...) on broken
   files; both are caught and become ``undecodable`` with the decoder's words, because one hostile
@@ -41,15 +46,15 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import threading
-import warnings
-import zipfile
-import zlib
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+from products10k.prepared.archive import open_zip, read_member
+from products10k.prepared.defects import ImageDefect
+from products10k.prepared.headers import FORMATS, HeaderError, read_size
 
 # The reduced-decode flags OpenCV offers, largest reduction first.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
@@ -57,19 +62,29 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND"
-#: decoded pixels per image unless the caller says otherwise: a 50 MP photo, 150 MB as 8-bit RGB
-DEFAULT_MAX_PIXELS = 50_000_000
 #: Pillow refuses headers above twice its MAX_IMAGE_PIXELS, so a budget above that cannot be honoured
 MAX_PIXELS_CEILING = 2 * Image.MAX_IMAGE_PIXELS
 
 
-class ImageDefect(Exception):
-    """An image file that cannot be used; ``reason`` is one of empty/truncated/undecodable/too-large."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image may cost, from params.yaml's ``prepare`` section (or an export's record of it).
 
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+    ``max_pixels``: decoded pixels; ``max_aspect_ratio``: longer over shorter side (the resize to a
+    shorter side multiplies a thin strip's pixels by the target squared); ``max_file_bytes``: the
+    bytes of one file or zip member, checked on the declared size before it is read."""
+
+    max_pixels: int
+    max_aspect_ratio: float
+    max_file_bytes: int
+
+    @classmethod
+    def from_prepare(cls, section) -> ImageLimits:
+        """From a ``PrepareConfig`` or the ``prepare`` record of ``preprocess.json`` (a dict)."""
+        get = section.get if isinstance(section, dict) else lambda key: getattr(section, key)
+        return cls(
+            int(get("max_pixels")), float(get("max_aspect_ratio")), int(float(get("max_file_mb")) * 2**20)
+        )
 
 
 def _looks_truncated(data: bytes) -> bool:
@@ -86,20 +101,23 @@ def _looks_truncated(data: bytes) -> bool:
     return False
 
 
-def _header(data: bytes) -> tuple[str | None, int, int] | None:
-    """(format, width, height) from the file header without decoding pixels; None if unreadable.
-
-    A header beyond Pillow's decompression-bomb limit raises ImageDefect("too-large").
-    """
+def _checked_size(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
+    """(format, width, height) from the project's own header reader, within the aspect-ratio limit;
+    ImageDefect otherwise (undecodable: a format not read; unreadable: its size cannot be read)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own budget
-            with Image.open(io.BytesIO(data)) as im:
-                return im.format, im.width, im.height
-    except Image.DecompressionBombError as exc:
-        raise ImageDefect("too-large", str(exc)) from exc
-    except Exception:  # noqa: BLE001 - any broken header: OpenCV gets its chance, see module docstring
-        return None
+        header = read_size(data)
+    except HeaderError as exc:
+        raise ImageDefect("unreadable", str(exc)) from exc
+    if header is None:
+        raise ImageDefect("undecodable", f"not an image format this project reads ({', '.join(FORMATS)})")
+    fmt, width, height = header
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ImageDefect(
+            "too-large",
+            f"{fmt} of {width}x{height} pixels: "
+            f"an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1",
+        )
+    return header
 
 
 def _decode_pil(data: bytes) -> np.ndarray:
@@ -148,46 +166,48 @@ def reduced_decode_flag(width: int, height: int, min_side: int | None, max_pixel
 
 
 def _decode_bgr(
-    data: bytes, min_side: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data: bytes, min_side: int | None, limits: ImageLimits
 ) -> tuple[np.ndarray, tuple[int, int] | None]:
     """Decode to upright BGR (OpenCV's order); also return the full-resolution (width, height) read
     from a JPEG header."""
     if len(data) == 0:
         raise ImageDefect("empty", "file has 0 bytes")
-    flag = cv2.IMREAD_COLOR
-    full_wh = None
-    header = _header(data)
-    if header is not None:
-        fmt, width, height = header
-        if data.startswith(_JPEG_SOI):  # JPEG, and MPO (a camera's JPEG with extra frames)
-            full_wh = (width, height)
-            flag = reduced_decode_flag(width, height, min_side, max_pixels)
-        elif max_pixels is not None and width * height > max_pixels:
-            raise ImageDefect(
-                "too-large", f"{fmt} of {width}x{height} pixels, over the budget of {max_pixels} pixels"
-            )
+    if len(data) > limits.max_file_bytes:
+        raise ImageDefect("too-large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
+    fmt, width, height = _checked_size(data, limits)
+    flag, full_wh = cv2.IMREAD_COLOR, None
+    if fmt == "JPEG":  # and MPO (a camera's JPEG with extra frames): libjpeg can decode it reduced
+        full_wh = (width, height)
+        flag = reduced_decode_flag(width, height, min_side, limits.max_pixels)
+    elif width * height > limits.max_pixels:
+        raise ImageDefect(
+            "too-large", f"{fmt} of {width}x{height} pixels, over the budget of {limits.max_pixels} pixels"
+        )
     try:
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:  # e.g. a header beyond OpenCV's own pixel limit
         raise ImageDefect("undecodable", f"OpenCV: {str(exc).strip().splitlines()[-1]}") from exc
-    if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3 and bgr.size > 0:
-        return bgr, full_wh
-    if _looks_truncated(data):
-        raise ImageDefect("truncated", f"{len(data)} bytes, image data ends before the end marker")
-    return cv2.cvtColor(_decode_pil(data), cv2.COLOR_RGB2BGR), full_wh
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
+        if _looks_truncated(data):
+            raise ImageDefect("truncated", f"{len(data)} bytes, image data ends before the end marker")
+        bgr = cv2.cvtColor(_decode_pil(data), cv2.COLOR_RGB2BGR)
+    # the decoder must have honoured the header it was judged by (a second frame, a lying field)
+    if bgr.shape[0] * bgr.shape[1] > width * height:
+        raise ImageDefect(
+            "too-large", f"{fmt} decoded to {bgr.shape[1]}x{bgr.shape[0]}, not its {width}x{height}"
+        )
+    return bgr, full_wh
 
 
-def decode_rgb(
-    data: bytes, min_side: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """Decode image bytes into an upright HxWx3 RGB uint8 array of at most ``max_pixels`` pixels.
+def decode_rgb(data: bytes, min_side: int | None = None, *, limits: ImageLimits) -> np.ndarray:
+    """Decode image bytes into an upright HxWx3 RGB uint8 array within ``limits``.
 
     With ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, but only at a scale whose
     shorter side is still >= ``min_side`` (so callers that downscale to ``min_side`` lose
     nothing), unless the budget needs more. Raises :class:`ImageDefect` for empty, truncated,
-    undecodable or too-large bytes.
+    undecodable, unreadable or too-large bytes.
     """
-    return cv2.cvtColor(_decode_bgr(data, min_side, max_pixels)[0], cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(_decode_bgr(data, min_side, limits)[0], cv2.COLOR_BGR2RGB)
 
 
 def target_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -238,68 +258,36 @@ def encode_jpeg(image: np.ndarray, quality: int, *, bgr: bool = False) -> bytes:
     return buf.tobytes()
 
 
-def prepare_image(
-    data: bytes, size: int, quality: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
-) -> tuple[bytes, int, int]:
-    """Decode (at most ``max_pixels``), orient, downscale (shorter side ``size``) and JPEG-encode one image.
+def prepare_image(data: bytes, size: int, quality: int, *, limits: ImageLimits) -> tuple[bytes, int, int]:
+    """Decode (within ``limits``), orient, downscale (shorter side ``size``) and JPEG-encode one image.
 
     Returns (jpeg_bytes, width, height) of the prepared image; raises :class:`ImageDefect`.
     """
     # Decode, resize and encode all stay in OpenCV's BGR order: resizing works per channel, so this
     # gives the same bytes as going through RGB, without two colour conversions (~0.3 ms/image).
-    bgr, full_wh = _decode_bgr(data, min_side=size, max_pixels=max_pixels)
+    bgr, full_wh = _decode_bgr(data, size, limits)
     out = resize_shorter(bgr, size, full_wh=full_wh)
     h, w = out.shape[:2]
     return encode_jpeg(out, quality, bgr=True), w, h
 
 
-#: what reading one zip member can raise: a bad CRC or a cut-off archive (BadZipFile, zlib.error,
-#: EOFError, OSError), an encrypted member (RuntimeError: password required), a compression method
-#: zipfile lacks (NotImplementedError: implode, AES ...)
-ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError)
-
-# One open ZipFile per archive and thread: a ZipFile must not be read from several threads at once
-# (its shared file position and reference count are not thread-safe), so every worker thread of the
-# prepare stage opens its own handle, reused across the chunks it is given. A worker thread's handles
-# are closed with the thread-local storage when the pool shuts down.
-_LOCAL = threading.local()
-
-
-def open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
-    """This thread's open handle of the zip at ``path`` (its central directory is parsed once)."""
-    path = os.fspath(path)
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)  # a rewritten file at the same path is a new archive
-    zips = getattr(_LOCAL, "zips", None)
-    if zips is None:
-        zips = _LOCAL.zips = {}
-    zf = zips.get(key)
-    if zf is None:
-        zf = zipfile.ZipFile(path)
-        zips[key] = zf
-    return zf
-
-
 def prepare_zip_members(
-    zip_path: str, members: list[str], size: int, quality: int, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    zip_path: str, members: list[str], size: int, quality: int, limits: ImageLimits
 ) -> list[tuple[bytes | None, int, int, str, str]]:
     """:func:`prepare_image` for ``members`` of one archive: (jpeg, width, height, reason, detail) each.
 
     The prepare stage's task, run on its worker threads (OpenCV's decode, resize and encode release
     the GIL, so threads scale across cores without process start-up or pickling). A defect of one image
     is returned (reason non-empty, jpeg None) rather than raised, so one bad file does not cost the
-    rest of the chunk; a member must exist (the caller checks the archive's index).
+    rest of the chunk; a member must exist (the caller checks the archive's index). A member is read
+    only up to its declared size, and only if that is within ``limits.max_file_bytes``.
     """
     zf = open_zip(zip_path)
     out = []
     for member in members:
         try:
-            data = zf.read(member)
-        except ZIP_READ_ERRORS as exc:
-            out.append((None, 0, 0, "unreadable", f"zip entry {member!r}: {type(exc).__name__}: {exc}"))
-            continue
-        try:
-            jpeg, w, h = prepare_image(data, size, quality, max_pixels)
+            data = read_member(zf, zf.getinfo(member), limits.max_file_bytes)
+            jpeg, w, h = prepare_image(data, size, quality, limits=limits)
         except ImageDefect as exc:
             out.append((None, 0, 0, exc.reason, exc.detail))
             continue

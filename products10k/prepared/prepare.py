@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from products10k.common import DataError, ordered_map, pause_point, resolve_n_jobs, write_csv, write_json
 from products10k.config import PrepareConfig
 from products10k.prepared.contract import PREPARED_COLUMNS, TEST_COLUMNS
-from products10k.prepared.images import prepare_zip_members
+from products10k.prepared.images import ImageLimits, prepare_zip_members
 from products10k.prepared.shards import ShardWriter, remove_stale_staging
 from products10k.prepared.tables import (
     check_unseen_test_skus,
@@ -148,7 +148,7 @@ def _chunks(jobs: list[_Job]):
 
 
 def process_images(
-    jobs: list[_Job], writer: ShardWriter, size: int, quality: int, n_jobs: int, max_pixels: int
+    jobs: list[_Job], writer: ShardWriter, size: int, quality: int, n_jobs: int, limits: ImageLimits
 ) -> dict[str, pd.DataFrame]:
     """Prepare the rows of every job; returns per table a frame aligned with its rows.
 
@@ -172,7 +172,7 @@ def process_images(
     # the thread scheduling, so the output bytes are deterministic and independent of n_jobs.
     outputs = ordered_map(
         prepare_zip_members,
-        [(str(job.archive), members, size, quality, max_pixels) for job, _, members in tasks],
+        [(str(job.archive), members, size, quality, limits) for job, _, members in tasks],
         n_workers,
         thread_name_prefix="prepare",
     )
@@ -318,7 +318,8 @@ def _pack_images(
         jobs.append(_Job(key, archive, prefix, df.loc[present, ["name", "line"]]))
 
     with ShardWriter(out, shard_mb=cfg.shard_mb) as writer:
-        located = process_images(jobs, writer, cfg.size, cfg.jpeg_quality, cfg.n_jobs, cfg.max_pixels)
+        limits = ImageLimits.from_prepare(cfg)
+        located = process_images(jobs, writer, cfg.size, cfg.jpeg_quality, cfg.n_jobs, limits)
         merged, excluded = {}, {}
         for key, (df, csv, archive, prefix, _, _) in tables.items():
             loc = located[key].reindex(df.index)

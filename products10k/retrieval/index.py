@@ -34,6 +34,7 @@ from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.evaluation.evaluate import load_member_checkpoint
 from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.prepared.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.prepared.shards import ImageStore
 from products10k.retrieval.embed import embed_rows
 from products10k.retrieval.knn import (
@@ -177,8 +178,11 @@ def _thumbnails(train, images_root, skus: np.ndarray) -> dict[int, bytes]:
     """One small JPEG per SKU, from its first training image: what products10k-serve's page shows."""
     store = ImageStore(images_root)
     first = train.drop_duplicates("label")
+    # the prepared images are the project's own JPEGs (already within params.yaml's limits): these
+    # limits only have to admit them
+    own = ImageLimits(max_pixels=MAX_PIXELS_CEILING, max_aspect_ratio=1000.0, max_file_bytes=1 << 30)
     return {
-        int(skus[row.label]): thumbnail_jpeg(bytes(store.read_bytes(row.shard, row.offset, row.length)))
+        int(skus[row.label]): thumbnail_jpeg(bytes(store.read_bytes(row.shard, row.offset, row.length)), own)
         for row in first.itertuples()
     }
 

@@ -99,11 +99,12 @@ def save_gallery(
     common.swap_in(staging, folder)
 
 
-def thumbnail_jpeg(data: bytes, side: int = 96) -> bytes:
-    """A SKU's thumbnail from any image file's bytes: shorter side ``side``, JPEG quality 85."""
+def thumbnail_jpeg(data: bytes, limits, side: int = 96) -> bytes:
+    """A SKU's thumbnail from any image file's bytes (decoded within ``limits``, an ImageLimits):
+    shorter side ``side``, JPEG quality 85."""
     from products10k.prepared.images import prepare_image
 
-    return prepare_image(data, side, 85)[0]
+    return prepare_image(data, side, 85, limits=limits)[0]
 
 
 def _write_thumbs(out: Path, thumbs: dict[int, bytes], carried: Path | None) -> None:
@@ -127,14 +128,24 @@ def load_gallery(folder: str | Path) -> Gallery:
     for name in (INDEX_FILE, GALLERY_FILE, META_FILE):
         if not (folder / name).is_file():
             raise Products10kError(f"{folder}: not an index folder ({name} is missing; run the index stage)")
-    index = faiss.read_index(str(folder / INDEX_FILE))
-    with np.load(folder / GALLERY_FILE, allow_pickle=False) as data:
-        labels, names, skus = data["labels"], data["names"], data["skus"]
+    try:
+        index = faiss.read_index(str(folder / INDEX_FILE))
+    except RuntimeError as exc:  # faiss reports a corrupt or cut-off file this way
+        raise DataError(
+            f"{folder / INDEX_FILE}: Faiss cannot read it ({str(exc).strip().splitlines()[0]})"
+        ) from None
+    try:
+        with np.load(folder / GALLERY_FILE, allow_pickle=False) as data:
+            labels, names, skus = data["labels"], data["names"], data["skus"]
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, EOFError) as exc:  # zip/npz, JSON and UTF-8 errors
+        raise DataError(
+            f"{folder}: {GALLERY_FILE} or {META_FILE} cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
     if index.ntotal != len(labels):
         raise DataError(
             f"{folder}: the index holds {index.ntotal} vectors but {GALLERY_FILE} {len(labels)} labels"
         )
-    meta = json.loads((folder / META_FILE).read_text())
     return Gallery(index, labels, names, skus, meta)
 
 

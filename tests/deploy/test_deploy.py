@@ -22,6 +22,7 @@ from products10k.prepared.images import prepare_image
 from products10k.prepared.shards import ImageStore, ShardWriter
 from products10k.training.checkpoint import load_model
 from products10k.training.transforms import eval_transform
+from tests.helpers import limits
 
 
 def prepared_image(prepared, csv: str, row: int) -> bytes:
@@ -94,7 +95,7 @@ def test_predict_folders_zips_and_bad_images(project, tmp_path):
     model, meta = load_model(ckpt)
     tf = eval_transform(37, 32, meta.get("normalize"))
     spec = json.loads((root / "models" / "export" / "preprocess.json").read_text())["prepare"]
-    prepared_jpeg = prepare_image(good, spec["resize_shorter_side"], spec["jpeg_quality"])[0]
+    prepared_jpeg = prepare_image(good, spec["resize_shorter_side"], spec["jpeg_quality"], limits=limits())[0]
     rgb = cv2.cvtColor(
         cv2.imdecode(np.frombuffer(prepared_jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
     )
@@ -171,7 +172,7 @@ def test_deploy_feeds_the_model_what_evaluation_fed_it(project, tmp_path):
     photo = cv2.imencode(".jpg", cv2.resize(base_image(), (1200, 900)), [cv2.IMWRITE_JPEG_QUALITY, 97])[
         1
     ].tobytes()
-    jpeg, w, h = prepare_image(photo, prep["resize_shorter_side"], prep["jpeg_quality"])
+    jpeg, w, h = prepare_image(photo, prep["resize_shorter_side"], prep["jpeg_quality"], limits=limits())
     with ShardWriter(tmp_path, shard_mb=1) as writer:
         shard, offset, length = writer.add(jpeg)
     rows = pd.DataFrame(

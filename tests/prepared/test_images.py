@@ -16,6 +16,7 @@ from products10k.prepared.images import (
     resize_shorter,
     target_size,
 )
+from tests.helpers import limits
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -40,7 +41,7 @@ def near(pixel, color, tol=40) -> bool:
 
 
 def test_plain_jpeg_is_rgb():
-    rgb = decode_rgb(jpeg_bytes(halves()))
+    rgb = decode_rgb(jpeg_bytes(halves()), limits=limits())
     assert rgb.shape == (40, 80, 3) and rgb.dtype == np.uint8
     assert near(rgb[20, 5], RED) and near(rgb[20, 75], BLUE)
 
@@ -49,7 +50,7 @@ def test_greyscale_jpeg_becomes_three_channels():
     data = jpeg_bytes(Image.fromarray(halves()).convert("L"))
     with Image.open(io.BytesIO(data)) as im:
         assert im.mode == "L"  # really a 1-channel file
-    rgb = decode_rgb(data)
+    rgb = decode_rgb(data, limits=limits())
     assert rgb.shape == (40, 80, 3)
     assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
 
@@ -58,7 +59,7 @@ def test_cmyk_jpeg_colours_survive():
     data = jpeg_bytes(Image.fromarray(halves()).convert("CMYK"))
     with Image.open(io.BytesIO(data)) as im:
         assert im.mode == "CMYK"
-    rgb = decode_rgb(data)
+    rgb = decode_rgb(data, limits=limits())
     assert rgb.shape == (40, 80, 3)
     assert near(rgb[20, 5], RED) and near(rgb[20, 75], BLUE)
 
@@ -66,7 +67,7 @@ def test_cmyk_jpeg_colours_survive():
 def test_png_saved_as_jpg_name_is_read_by_content():
     buf = io.BytesIO()
     Image.fromarray(np.dstack([halves(), np.full((40, 80), 200, np.uint8)])).save(buf, "PNG")  # RGBA
-    rgb = decode_rgb(buf.getvalue())
+    rgb = decode_rgb(buf.getvalue(), limits=limits())
     assert rgb.shape == (40, 80, 3)
     assert tuple(rgb[20, 5]) == RED and tuple(rgb[20, 75]) == BLUE
 
@@ -77,24 +78,27 @@ def test_exif_orientation_6_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6
     data = jpeg_bytes(halves(), exif=exif.tobytes())
-    rgb = decode_rgb(data)
+    rgb = decode_rgb(data, limits=limits())
     assert rgb.shape == (80, 40, 3)
     assert near(rgb[5, 20], RED) and near(rgb[75, 20], BLUE)
     # The reduced decode path honours it as well.
     big = cv2.resize(halves(), (800, 400), interpolation=cv2.INTER_NEAREST)
     data = jpeg_bytes(big, exif=exif.tobytes())
-    out, w, h = prepare_image(data, size=100, quality=90)
+    out, w, h = prepare_image(data, size=100, quality=90, limits=limits())
     assert (w, h) == (100, 200)
     img = cv2.cvtColor(cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert near(img[10, 50], RED) and near(img[190, 50], BLUE)
 
 
-def test_pil_fallback_for_formats_opencv_lacks():
+@pytest.mark.parametrize("fmt", ["ICO", "TGA", "PPM"])
+def test_a_format_whose_size_the_project_does_not_read_is_refused_not_decoded_on_a_guess(fmt):
+    # Pillow (ICO, TGA) or OpenCV (PPM) would decode these, sized by headers nothing here checks
     buf = io.BytesIO()
-    Image.fromarray(halves()).save(buf, "ICO", sizes=[(64, 32)])  # OpenCV has no ICO decoder
-    assert cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR) is None
-    rgb = decode_rgb(buf.getvalue())
-    assert rgb.ndim == 3 and rgb.shape[2] == 3
+    Image.fromarray(halves()).save(buf, fmt)
+    with pytest.raises(ImageDefect) as info:
+        decode_rgb(buf.getvalue(), limits=limits())
+    assert info.value.reason == "undecodable"
+    assert "not an image format this project reads" in info.value.detail
 
 
 @pytest.mark.parametrize(
@@ -112,7 +116,7 @@ def test_defects_are_classified(make, reason):
     rng = np.random.default_rng(1)
     good = jpeg_bytes(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
     with pytest.raises(ImageDefect) as info:
-        prepare_image(make(good), size=64, quality=90)
+        prepare_image(make(good), size=64, quality=90, limits=limits())
     assert info.value.reason == reason
 
 
@@ -120,7 +124,7 @@ def test_truncated_png_is_truncated():
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
     with pytest.raises(ImageDefect) as info:
-        decode_rgb(buf.getvalue()[:-100])
+        decode_rgb(buf.getvalue()[:-100], limits=limits())
     assert info.value.reason == "truncated"
 
 
@@ -138,17 +142,18 @@ def test_prepare_image_sizes_and_reduced_decode_match_full_decode(w, h):
     small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     data = jpeg_bytes(img)
-    out, ow, oh = prepare_image(data, size=256, quality=95)
+    out, ow, oh = prepare_image(data, size=256, quality=95, limits=limits())
     assert (ow, oh) == target_size(w, h, 256)
     assert min(ow, oh) == min(256, w, h)
     dec = cv2.cvtColor(cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert dec.shape == (oh, ow, 3)
-    reference = resize_shorter(decode_rgb(data), 256)  # full-resolution decode, then INTER_AREA
+    # full-resolution decode, then INTER_AREA
+    reference = resize_shorter(decode_rgb(data, limits=limits()), 256)
     assert reference.shape == dec.shape
     assert np.abs(dec.astype(int) - reference.astype(int)).mean() < 3.0
 
 
-@pytest.mark.parametrize(("w", "h", "fmt"), [(800, 800, "JPEG"), (2000, 1500, "JPEG"), (640, 480, "TGA")])
+@pytest.mark.parametrize(("w", "h", "fmt"), [(800, 800, "JPEG"), (2000, 1500, "JPEG"), (640, 480, "PNG")])
 def test_prepare_image_bytes_equal_the_public_rgb_path(w, h, fmt):
     # prepare_image stays in OpenCV's BGR order (no colour conversions); resizing per channel makes
     # that byte-identical to decode_rgb -> resize_shorter -> encode_jpeg, which is what it documents.
@@ -156,11 +161,11 @@ def test_prepare_image_bytes_equal_the_public_rgb_path(w, h, fmt):
     img = cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
     img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)  # fine detail
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, fmt)  # TGA: OpenCV cannot read it, so the Pillow fallback
+    Image.fromarray(img).save(buf, fmt)
     data = buf.getvalue()
-    out, ow, oh = prepare_image(data, size=256, quality=90)
+    out, ow, oh = prepare_image(data, size=256, quality=90, limits=limits())
     full_wh = (w, h) if fmt == "JPEG" else None
-    rgb = resize_shorter(decode_rgb(data, min_side=256), 256, full_wh=full_wh)
+    rgb = resize_shorter(decode_rgb(data, min_side=256, limits=limits()), 256, full_wh=full_wh)
     assert (ow, oh) == (rgb.shape[1], rgb.shape[0])
     assert out == encode_jpeg(rgb, 90)
 
@@ -195,7 +200,7 @@ def test_every_hostile_file_is_read_or_named_never_raised(hostile_corpus):
     outcomes = {}
     for name, case in hostile_corpus.items():
         try:
-            rgb = decode_rgb(case.data, max_pixels=BUDGET)
+            rgb = decode_rgb(case.data, limits=limits(max_pixels=BUDGET))
         except ImageDefect as exc:  # anything else fails the test: a traceback in a real run
             outcomes[name] = exc.reason
             continue
@@ -214,21 +219,21 @@ def test_a_jpeg_over_the_budget_is_decoded_reduced_and_others_refused():
 
     big = cv2.resize(base_image(), (4000, 3000))
     data = cv2.imencode(".jpg", big)[1].tobytes()
-    assert decode_rgb(data).shape == (3000, 4000, 3)  # 12 MP: within the default budget
-    assert decode_rgb(data, max_pixels=3_000_000).shape == (1500, 2000, 3)  # 1/2 fits exactly
-    assert decode_rgb(data, max_pixels=2_999_999).shape == (750, 1000, 3)  # 1/4
+    assert decode_rgb(data, limits=limits()).shape == (3000, 4000, 3)  # 12 MP: within the default budget
+    assert decode_rgb(data, limits=limits(max_pixels=3_000_000)).shape == (1500, 2000, 3)  # 1/2 fits exactly
+    assert decode_rgb(data, limits=limits(max_pixels=2_999_999)).shape == (750, 1000, 3)  # 1/4
     # prepare keeps its output size from the header, so a reduced decode changes no dimension
-    assert prepare_image(data, 256, 90, max_pixels=2_000_000)[1:] == (341, 256)
+    assert prepare_image(data, 256, 90, limits=limits(max_pixels=2_000_000))[1:] == (341, 256)
     with pytest.raises(ImageDefect, match="over the budget of 100000 even decoded at 1/8") as info:
-        decode_rgb(data, max_pixels=100_000)
+        decode_rgb(data, limits=limits(max_pixels=100_000))
     assert info.value.reason == "too-large"
     png = cv2.imencode(".png", big)[1].tobytes()
     with pytest.raises(ImageDefect, match="PNG of 4000x3000 pixels") as info:
-        decode_rgb(png, max_pixels=3_000_000)
+        decode_rgb(png, limits=limits(max_pixels=3_000_000))
     assert info.value.reason == "too-large"
     for hostile in (jpeg_claiming(60000, 60000), png_bomb()):  # tiny files, giant headers
         with pytest.raises(ImageDefect) as info:
-            decode_rgb(hostile)
+            decode_rgb(hostile, limits=limits())
         assert info.value.reason == "too-large"
 
 

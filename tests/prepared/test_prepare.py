@@ -25,6 +25,7 @@ from tests.helpers import (
     TINY_PREPARE,
     config,
     jpeg_bytes,
+    limits,
     make_raw_data,
     sku_colour,
     write_project_params,
@@ -308,7 +309,7 @@ def test_decode_errors_are_image_defects_not_crashes():
     # The worker contract: every failure mode of one file is an ImageDefect with a reason.
     for data in (b"", b"\xff\xd8\xff", b"GIF89a", b"\x89PNG\r\n\x1a\n"):
         with pytest.raises(ImageDefect):
-            decode_rgb(data)
+            decode_rgb(data, limits=limits())
 
 
 def test_a_test_sku_without_train_images_is_kept_as_label_minus_one_and_counted(tmp_path):

@@ -1,0 +1,149 @@
+"""Image dimensions read from the file's own header, by the project, before any decoder sees the file.
+
+The pixel budget of every decode (prepared/images.py) rests on this: a decoder's header reader is
+not a fence (Pillow gave up on a JPEG with a 5-byte APP14 segment and OpenCV then decoded all of its
+100 MP; OpenCV decodes formats Pillow does not know, such as Radiance HDR). So the formats the
+project accepts are exactly those whose size this module reads, each from the fields the format's
+own decoder sizes its output by:
+
+- JPEG: the first SOF marker's height and width (libjpeg decodes the first frame, sized by it),
+  found by walking the marker segments from SOI by their lengths;
+- PNG: IHDR, which the specification requires first;
+- WebP: the VP8X canvas, else the VP8 key frame's or the VP8L header's dimensions;
+- BMP: the DIB header's width and |height|;
+- GIF: the logical screen (Pillow and OpenCV size every frame by it);
+- TIFF: the first IFD's ImageWidth and ImageLength (the page OpenCV and Pillow decode).
+
+:func:`read_size` returns ``(format, width, height)``; a file in another format is ``None``
+(undecodable: not a format the project reads) and a file in one of these whose size fields are
+missing or cut off raises :class:`HeaderError` (unreadable: never decoded whole on a guess).
+"""
+
+from __future__ import annotations
+
+import struct
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+#: markers without a length field (RSTn, SOI, EOI, TEM)
+_STANDALONE = {0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8, 0xD9, 0x01}
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class HeaderError(ValueError):
+    """A file of an accepted format whose size cannot be read from its header."""
+
+
+def read_size(data: bytes) -> tuple[str, int, int] | None:
+    """``(format, width, height)`` from the header; None for a format the project does not read."""
+    if data.startswith(b"\xff\xd8"):
+        return ("JPEG", *_jpeg(data))
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ("PNG", *_png(data))
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ("WEBP", *_webp(data))
+    if data.startswith(b"BM"):
+        return ("BMP", *_bmp(data))
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return ("GIF", *_unpack(data, 6, "<HH", "GIF logical screen"))
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return ("TIFF", *_tiff(data))
+    return None
+
+
+def _unpack(data: bytes, offset: int, fmt: str, what: str) -> tuple:
+    size = struct.calcsize(fmt)
+    if offset < 0 or len(data) < offset + size:
+        raise HeaderError(f"{what}: the file ends at byte {len(data)}, before its size fields")
+    return struct.unpack_from(fmt, data, offset)
+
+
+def _positive(width: int, height: int, what: str) -> tuple[int, int]:
+    if width <= 0 or height <= 0:
+        raise HeaderError(f"{what} declares {width}x{height} pixels")
+    return width, height
+
+
+def _jpeg(data: bytes) -> tuple[int, int]:
+    pos = 2
+    while True:
+        if pos >= len(data):
+            raise HeaderError("JPEG: no SOF marker before the end of the file")
+        if data[pos] != 0xFF:
+            raise HeaderError(f"JPEG: byte {pos} is not a marker (the segments before it are broken)")
+        while pos < len(data) and data[pos] == 0xFF:  # a marker may follow any number of fill bytes
+            pos += 1
+        if pos >= len(data):
+            raise HeaderError("JPEG: no SOF marker before the end of the file")
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE:
+            if marker == 0xD9:
+                raise HeaderError("JPEG: the file ends (EOI) before any SOF marker")
+            continue
+        (length,) = _unpack(data, pos, ">H", "JPEG segment")
+        if length < 2:
+            raise HeaderError(f"JPEG: a segment at byte {pos} declares a length of {length}")
+        if marker in _SOF:
+            height, width = _unpack(data, pos + 3, ">HH", "JPEG SOF")
+            return _positive(width, height, "JPEG SOF")
+        if marker == 0xDA:  # SOS: entropy-coded data follows; a frame must have been declared before
+            raise HeaderError("JPEG: scan data (SOS) before any SOF marker")
+        pos += length
+
+
+def _png(data: bytes) -> tuple[int, int]:
+    length, kind = _unpack(data, 8, ">I4s", "PNG")
+    if kind != b"IHDR" or length < 8:
+        raise HeaderError(f"PNG: the first chunk is {kind!r}, not IHDR")
+    width, height = _unpack(data, 16, ">II", "PNG IHDR")
+    return _positive(width, height, "PNG IHDR")
+
+
+def _webp(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        w = int.from_bytes(data[24:27], "little") + 1
+        h = int.from_bytes(data[27:30], "little") + 1
+        if len(data) < 30:
+            raise HeaderError("WebP VP8X: the file ends before its canvas size")
+        return _positive(w, h, "WebP VP8X")
+    if chunk == b"VP8 ":
+        start = _unpack(data, 23, "3s", "WebP VP8")[0]
+        if start != b"\x9d\x01\x2a":
+            raise HeaderError("WebP VP8: no key frame start code")
+        w, h = _unpack(data, 26, "<HH", "WebP VP8")
+        return _positive(w & 0x3FFF, h & 0x3FFF, "WebP VP8")
+    if chunk == b"VP8L":
+        signature, bits = _unpack(data, 20, "<BI", "WebP VP8L")
+        if signature != 0x2F:
+            raise HeaderError("WebP VP8L: no signature byte")
+        return _positive((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, "WebP VP8L")
+    raise HeaderError(f"WebP: unknown first chunk {chunk!r}")
+
+
+def _bmp(data: bytes) -> tuple[int, int]:
+    (header_size,) = _unpack(data, 14, "<I", "BMP DIB header")
+    if header_size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        w, h = _unpack(data, 18, "<HH", "BMP core header")
+    else:
+        w, h = _unpack(data, 18, "<ii", "BMP info header")
+    return _positive(w, abs(h), "BMP")
+
+
+def _tiff(data: bytes) -> tuple[int, int]:
+    endian = "<" if data[:2] == b"II" else ">"
+    (ifd,) = _unpack(data, 4, endian + "I", "TIFF")
+    (count,) = _unpack(data, ifd, endian + "H", "TIFF IFD")
+    size: dict[int, int] = {}
+    for i in range(count):
+        tag, kind, _, value = _unpack(data, ifd + 2 + 12 * i, endian + "HHI4s", "TIFF IFD entry")
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT or LONG, stored in the value field
+            if kind == 3:
+                size[tag] = struct.unpack(endian + "H", value[:2])[0]
+            elif kind == 4:
+                size[tag] = struct.unpack(endian + "I", value)[0]
+            else:
+                raise HeaderError(f"TIFF: tag {tag} has type {kind}, not SHORT or LONG")
+    if 256 not in size or 257 not in size:
+        raise HeaderError("TIFF: the first IFD has no ImageWidth/ImageLength")
+    return _positive(size[256], size[257], "TIFF")
