@@ -38,13 +38,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import hmac
 import io
 import logging
 import os
-import re
-import shutil
 import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +57,16 @@ from starlette.routing import Route
 
 from products10k import common
 from products10k.common import Products10kError
+from products10k.deploy.batching import Batcher
 from products10k.deploy.predict import printable
-from products10k.deploy.runtime import MODES, ExportedModel, Scorer, check_same_model
+from products10k.deploy.runtime import MODES, ExportedModel, Scorer
+from products10k.deploy.versions import (
+    IndexVersion,
+    build_version,
+    hold_versions_lock,
+    newest_version,
+    prune_versions,
+)
 from products10k.prepared.archive import (
     ZIP_READ_ERRORS,
     ArchiveTooLarge,
@@ -70,7 +75,7 @@ from products10k.prepared.archive import (
     read_member,
 )
 from products10k.prepared.images import ImageDefect, ImageLimits
-from products10k.retrieval.knn import THUMBS_DIR, Gallery, enrol, load_gallery, save_gallery, thumbnail_jpeg
+from products10k.retrieval.knn import THUMBS_DIR
 
 log = logging.getLogger("products10k.serve")
 
@@ -86,93 +91,12 @@ class Limits:
     max_pixels: int | None = None  # None: the export's (params.yaml prepare.max_pixels)
 
 
-#: an index version's folder under --versions
-VERSION_DIR = re.compile(r"v(\d{4,})")
-LOCK_FILE = ".lock"
-
-
-@dataclass(frozen=True)
-class IndexVersion:
-    """One immutable version of the index: what a request reads once and keeps to its end."""
-
-    number: int
-    folder: Path
-    gallery: Gallery
-
-
 class RequestError(Exception):
     """A request that cannot be served as sent: answered with ``status`` and the message."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-# --- dynamic batching ---------------------------------------------------------------------------
-
-
-class Batcher:
-    """Runs the model on batches gathered from concurrent requests.
-
-    ``submit(inputs)`` queues a request's images; a single worker takes what is queued, waits up to
-    ``wait_s`` for more while the batch is under ``max_batch``, runs one onnxruntime call on a
-    dedicated thread (onnxruntime uses its own intra-op threads) and hands each request its rows.
-    """
-
-    def __init__(self, model: ExportedModel, max_batch: int, wait_s: float):
-        self.model, self.max_batch, self.wait_s = model, max_batch, wait_s
-        self.queue: asyncio.Queue | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self.task: asyncio.Task | None = None
-        self.batches = 0  # counters for /healthz: how well requests were merged
-        self.images = 0
-
-    async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._work())
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def submit(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((inputs, future))
-        return await future
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            pending = [await self.queue.get()]
-            size = len(pending[0][0])
-            deadline = loop.time() + self.wait_s
-            while size < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
-                    break
-                pending.append(item)
-                size += len(item[0])
-            batch = np.concatenate([inputs for inputs, _ in pending])
-            try:
-                logits, embedding = await loop.run_in_executor(self.executor, self.model.run, batch)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the loop lives
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.images += len(batch)
-            start = 0
-            for inputs, future in pending:
-                stop = start + len(inputs)
-                if not future.done():  # a client gone away cancels its future
-                    future.set_result((logits[start:stop], embedding[start:stop]))
-                start = stop
 
 
 # --- the service --------------------------------------------------------------------------------
@@ -394,7 +318,7 @@ class Service:
             with self.reading(current):  # read from while the new version is built
                 gallery = await loop.run_in_executor(
                     None,
-                    _build_version,
+                    build_version,
                     current,
                     folder,
                     embedding,
@@ -429,30 +353,10 @@ class Service:
         while it is being judged."""
         if self.version is None or self.keep_versions < 1:
             return
-        newest = self.version.number
-        for number, folder in list_versions(self.versions_dir):
-            if number <= newest - self.keep_versions and number not in self.readers:
-                shutil.rmtree(folder, ignore_errors=True)
-                log.info("removed index version %d (older than the newest %d)", number, self.keep_versions)
+        prune_versions(self.versions_dir, self.version.number, self.keep_versions, set(self.readers))
 
     async def page(self, request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-
-def _build_version(
-    current: IndexVersion, folder: Path, vectors, sku: int, names, photo: bytes, limits: ImageLimits
-) -> Gallery:
-    """A copy of ``current`` with the images added, written to ``folder`` (staged, then renamed into
-    place whole: a killed enrolment leaves no version folder, only a staging one the next removes)."""
-    if folder.exists():  # a version once written is never replaced
-        raise RuntimeError(f"{folder} exists: the versions lock should have made this impossible")
-    gallery = load_gallery(current.folder)  # a private copy: the current version stays as it is
-    added = enrol(gallery, vectors, np.full(len(vectors), sku, np.int64), [f"enrolled:{n}" for n in names])
-    gallery.meta.setdefault("enrolled", []).append({"source": "products10k-serve", **added})
-    known = (current.folder / THUMBS_DIR / f"{sku}.jpg").is_file()
-    thumbs = {} if known else {sku: thumbnail_jpeg(photo, limits)}
-    save_gallery(gallery, folder, thumbs=thumbs, thumbs_from=current.folder)
-    return gallery
 
 
 def _zip_items(
@@ -512,55 +416,6 @@ async def _done(value):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def list_versions(versions_dir: Path) -> list[tuple[int, Path]]:
-    """The complete version folders under ``versions_dir``, oldest first (staging folders are not)."""
-    if not versions_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in versions_dir.iterdir() if (m := VERSION_DIR.fullmatch(p.name))]
-    return sorted(found)
-
-
-def newest_version(model: ExportedModel, index_dir: Path, versions_dir: Path) -> IndexVersion:
-    """The newest version under ``versions_dir``, else the input index as version 0; said in the log.
-
-    Staging folders a killed enrolment left are removed (they were never acknowledged)."""
-    for leftover in versions_dir.glob("*.tmp") if versions_dir.is_dir() else []:
-        shutil.rmtree(leftover, ignore_errors=True)
-    versions = list_versions(versions_dir)
-    number, folder = versions[-1] if versions else (0, index_dir)
-    gallery = load_gallery(folder)
-    check_same_model(model, gallery, folder)
-    if number:
-        log.info("starting from index version %d (%s): the newest under %s", number, folder, versions_dir)
-    else:
-        log.info(
-            "starting from the input index %s (no enrolled versions under %s yet)", index_dir, versions_dir
-        )
-    return IndexVersion(number, folder, gallery)
-
-
-def hold_versions_lock(versions_dir: Path):
-    """An exclusive lock on ``versions_dir`` for this process's lifetime (the open file is returned
-    and must be kept): a second service on the same folder would overwrite this one's versions."""
-    versions_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(versions_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the process's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise Products10kError(
-            f"{versions_dir} is held by {holder}: one service at a time writes a versions folder "
-            "(stop it, or give this one its own --versions)"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def create_app(service: Service) -> Starlette:
