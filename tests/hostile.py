@@ -4,7 +4,8 @@ Every reader of user input (prepare, products10k-predict, products10k-enrol) is 
 is either read or reported with its reason, never a traceback, and the rest of the run completes.
 
 ``corpus(base)`` returns ``{name: Case}``: the bytes of one file and what a reader must make of it,
-``OK`` (decoded, upright RGB), a reason (``empty``, ``truncated``, ``undecodable``, ``too-large``) or
+``OK`` (decoded, upright RGB), a reason (``empty``, ``truncated``, ``undecodable``, ``unreadable``,
+``too-large``) or
 ``ANY`` for damage whose outcome is the decoder's call (a flipped byte may still decode); readers are run
 with ``BUDGET`` pixels, so the "genuinely huge" files here stay cheap to build. ``hostile_zip`` writes an
 archive whose members a zip reader cannot read (encrypted, an unsupported compression method) beside a
@@ -84,6 +85,38 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def thin_png(width: int = 1, height: int = 20000) -> bytes:
+    """A valid greyscale PNG strip: ~140 bytes that a resize to a shorter side would blow up."""
+    raw = b"".join(b"\x00" + b"\x80" * width for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 9))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def with_app14(jpeg: bytes) -> bytes:
+    """``jpeg`` with a 5-byte APP14 segment after SOI: Pillow's header reader gives up on it (it
+    expects Adobe's 12-byte payload), libjpeg does not."""
+    return jpeg[:2] + b"\xff\xee\x00\x05Ado" + jpeg[2:]
+
+
+def radiance(width: int = 1000, height: int = 1000) -> bytes:
+    """A run-length encoded Radiance HDR picture: a few KB that OpenCV decodes to width x height x 12
+    bytes."""
+    head = f"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y {height} +X {width}\n".encode()
+    runs = b""
+    left = width
+    while left:
+        n = min(127, left)
+        runs += bytes([128 + n, 100])
+        left -= n
+    line = bytes([2, 2, width >> 8, width & 0xFF]) + runs * 4
+    return head + line * height
+
+
 def corpus(huge_side: int = 2400) -> dict[str, Case]:
     """The hostile and odd files; ``huge_side``: the genuinely huge JPEG/PNG (over BUDGET at full size)."""
     base = base_image()
@@ -109,6 +142,14 @@ def corpus(huge_side: int = 2400) -> dict[str, Case]:
         # over BUDGET at full size: a JPEG is decoded reduced, a PNG has no reduced decode
         "huge.jpg": Case(_encode(".jpg", huge), OK),
         "huge.png": Case(_encode(".png", huge), "too-large"),
+        # the project reads the size itself: where Pillow's header reader gives up, where a resize
+        # would explode, and formats whose size it does not read
+        "app14-claims-10000x10000.jpg": Case(with_app14(jpeg_claiming(10000, 10000)), "too-large"),
+        "app14.jpg": Case(with_app14(jpeg), OK, base),
+        "thin-1x20000.png": Case(thin_png(), "too-large"),
+        "radiance.hdr": Case(radiance(), "undecodable"),
+        "portable.ppm": Case(_save(base, "PPM"), "undecodable"),
+        "icon.ico": Case(_save(base, "ICO"), "undecodable"),
     }  # fmt: skip
     for k in ORIENTATIONS:
         exif = Image.Exif()

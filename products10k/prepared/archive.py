@@ -11,6 +11,7 @@ inflate further, and zipfile's CRC check at the member's end catches the lie).
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import zipfile
 import zlib
@@ -18,10 +19,23 @@ from pathlib import Path
 
 from products10k.prepared.defects import ImageDefect
 
-#: what reading one zip member can raise: a bad CRC or a cut-off archive (BadZipFile, zlib.error,
-#: EOFError, OSError), an encrypted member (RuntimeError: password required), a compression method
-#: zipfile lacks (NotImplementedError: implode, AES ...)
-ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError)
+#: what opening a zip or reading one member can raise: a bad CRC or a cut-off archive (BadZipFile,
+#: zlib.error, EOFError, OSError), an encrypted member (RuntimeError: password required), a compression
+#: method zipfile lacks (NotImplementedError: implode, AES ...), and what the mutation fuzzer
+#: (tests/prepared/test_fuzz.py) found zipfile raising on a corrupt directory: a negative seek
+#: (ValueError), a short field (struct.error), an offset past the end (OverflowError, IndexError)
+ZIP_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    ValueError,
+    struct.error,
+    OverflowError,
+    IndexError,
+)
 #: file name suffixes read as images (prepared/headers.py reads each of these formats' size)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 NESTED_ZIP = "unsupported: a zip inside a zip (extract it and pass the inner archive)"
