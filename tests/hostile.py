@@ -147,9 +147,9 @@ def corpus(huge_side: int = 2400) -> dict[str, Case]:
         "app14-claims-10000x10000.jpg": Case(with_app14(jpeg_claiming(10000, 10000)), "too-large"),
         "app14.jpg": Case(with_app14(jpeg), OK, base),
         "thin-1x20000.png": Case(thin_png(), "too-large"),
-        "radiance.hdr": Case(radiance(), "undecodable"),
-        "portable.ppm": Case(_save(base, "PPM"), "undecodable"),
-        "icon.ico": Case(_save(base, "ICO"), "undecodable"),
+        "radiance-as.jpg": Case(radiance(), "undecodable"),
+        "ppm-as.png": Case(_save(base, "PPM"), "undecodable"),
+        "ico-as.jpg": Case(_save(base, "ICO"), "undecodable"),
     }  # fmt: skip
     for k in ORIENTATIONS:
         exif = Image.Exif()

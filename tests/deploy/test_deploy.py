@@ -160,6 +160,43 @@ def test_enrol_bad_input_names_the_problem(project, tmp_path, caplog):
     assert "write the enrolled index to a new folder" in caplog.text
 
 
+def test_enrol_out_never_replaces_what_it_did_not_write(project, tmp_path, caplog):
+    """--out is written whole: the images folder, a parent of the index, an unrelated folder are refused
+    and left as they were; an index enrol wrote before may be replaced (enrolling again)."""
+    root, _, _ = project
+    model, index = root / "models" / "export", root / "models" / "m0" / "index"
+    images = tmp_path / "new"
+    (images / "555").mkdir(parents=True)
+    board = (np.indices((48, 48)).sum(0) // 6 % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.stack([board, board, 255 - board], 2)).save(images / "555" / "a.jpg")
+    (images / "NOTES.txt").write_text("mine")
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("keep")
+    snapshot = {
+        p: p.read_bytes()
+        for p in [*images.rglob("*"), *unrelated.rglob("*"), *index.rglob("*")]
+        if p.is_file()
+    }
+    for out, words in (
+        (images, "the images"),
+        (images / "555", "the images"),
+        (index.parent, "--index"),
+        (index / "sub", "--index"),
+        (model, "--model"),
+        (unrelated, "not an index products10k-enrol wrote"),
+    ):
+        caplog.clear()
+        with pytest.raises(SystemExit):
+            enrol.main([str(images), "--model", str(model), "--index", str(index), "--out", str(out)])
+        assert words in caplog.text, (out, caplog.text)
+    assert {p: p.read_bytes() for p in snapshot} == snapshot  # nothing touched
+    out = tmp_path / "enrolled"
+    for _ in range(2):  # the second time --out is an index enrol wrote: replaced with the new one
+        enrol.main([str(images), "--model", str(model), "--index", str(index), "--out", str(out)])
+    assert json.loads((out / "meta.json").read_text())["enrolled"][-1]["tool"] == "products10k-enrol"
+
+
 def test_deploy_feeds_the_model_what_evaluation_fed_it(project, tmp_path):
     """A raw photo through products10k-predict's loader equals the same photo through prepare (resize
     to prepare.size, JPEG re-encode), the shards and the evaluate stage's dataset: exactly."""
