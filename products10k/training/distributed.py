@@ -64,6 +64,8 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
+        global _TIMEOUT
+        _TIMEOUT = options["timeout"]  # the gloo side group under NCCL waits as long (_host_group)
         rank = _join_process_group(rank, world, options)
         log.info("rank %d/%d joined the %s process group on %s", rank, world, backend, device)
     if cfg.threads is not None:
@@ -222,6 +224,7 @@ def gather_rows(arrays: dict[str, np.ndarray], n: int, batch_size: int, info: Di
 
 
 _HOST_GROUP = None
+_TIMEOUT: datetime.timedelta | None = None  # dist.timeout_s of the process group
 
 
 def _host_group():
@@ -230,7 +233,8 @@ def _host_group():
     if dist.get_backend() == "gloo":
         return None
     if _HOST_GROUP is None:
-        _HOST_GROUP = dist.new_group(backend="gloo")
+        # dist.timeout_s, as the default group: without it gloo waits its own 30 minutes for a dead peer
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=_TIMEOUT)
     return _HOST_GROUP
 
 

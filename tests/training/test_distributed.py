@@ -216,3 +216,27 @@ def test_every_rank_reaches_the_same_verdict_on_params_even_a_key_only_rank_0_ha
         info = distributed.DistInfo(rank=rank, world=2)
         with pytest.raises(ConfigError, match=r"rank 1 reads train\.ema='<unset>', rank 0 True"):
             distributed.check_same_params(params, info, "params.yaml")
+
+
+def test_the_gloo_side_group_under_nccl_waits_dist_timeout_s(monkeypatch):
+    """evaluate and index gather host arrays over a gloo group beside NCCL: it must give up on a dead
+    peer after dist.timeout_s like the default group, not after gloo's own 30 minutes."""
+    import datetime
+
+    from products10k.training import distributed
+    from tests.helpers import config
+
+    threads = torch.get_num_threads()
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed, "_join_process_group", lambda rank, world, options: rank)
+    made = {}
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: made.update(kw) or "gloo-group")
+    try:
+        distributed.init_distributed(config("dist", timeout_s=12, backend="gloo"))
+        assert distributed._host_group() == "gloo-group"
+        assert made == {"backend": "gloo", "timeout": datetime.timedelta(seconds=12)}
+    finally:
+        distributed._HOST_GROUP = None
+        torch.set_num_threads(threads)
