@@ -13,6 +13,12 @@
    photo, taken before and after), none may fail.
 4. The offline figure beside it: the same photos through the runtime in batches of 32 in-process
    (decode, prepare, crop, onnxruntime), images/s.
+5. With ``--soak-s S``, a soak: ``--clients`` clients for S seconds while a new SKU is enrolled
+   every ``--enrol-every-s`` and the service is killed with SIGKILL half-way and started again on
+   the same ``--versions``: requests/s, p99, failures (those in the restart window counted apart),
+   the restart's seconds, acknowledged enrolments, SKUs lost (acknowledged but absent from the
+   newest version after the run: must be 0), version folders left (``--keep-versions 3``) and the
+   peak RSS of each server process.
 
 Results: benchmarks/results/serve.json. Needs `make repro`'s export and index.
 """
@@ -80,8 +86,9 @@ def load(port: int, photos: list[tuple[str, bytes]], clients: int, seconds: floa
                 status, reply = 0, None
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                time.sleep(0.05)  # the service is down (the soak's restart): retry, not spin
             with lock:
-                records.append((time.perf_counter() - t0, status, name, reply))
+                records.append((time.perf_counter() - t0, status, name, reply, time.perf_counter()))
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -95,7 +102,7 @@ def load(port: int, photos: list[tuple[str, bytes]], clients: int, seconds: floa
         t.join()
     elapsed = time.perf_counter() - started
     latencies = np.array([r[0] for r in records]) * 1000
-    ok = [r for r in records if r[1] == 200 and r[3]["results"][0]["status"] == "ok"]
+    ok = [r for r in records if _answered(r[1], r[3])]
     return {
         "requests": len(records),
         "failed": len(records) - len(ok),
@@ -148,6 +155,8 @@ def main() -> None:
     p.add_argument(
         "--server-python", default=sys.executable, help="the interpreter of an install to serve from"
     )
+    p.add_argument("--soak-s", type=float, default=0.0, help="also soak for this long (0: no soak)")
+    p.add_argument("--enrol-every-s", type=float, default=2.0, help="soak: a new SKU this often")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     args = p.parse_args()
     photos = test_photos()
@@ -199,7 +208,7 @@ def main() -> None:
             swap = load(port, photos, args.clients, args.seconds, during=enrol)
             after = answers(port, photos)
             mixed = 0
-            for _, status, name, reply in swap["records"]:
+            for _, status, name, reply, _ in swap["records"]:
                 if status != 200:
                     continue
                 version, r = reply["index_version"], reply["results"][0]
@@ -214,8 +223,106 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+        if args.soak_s > 0:
+            result["soak"] = {"seconds": args.soak_s, "enrol_every_s": args.enrol_every_s}
+            result["soak"].update(soak(args, photos, tmp))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _answered(status: int, reply: dict | None) -> bool:
+    return status == 200 and reply["results"][0]["status"] == "ok"
+
+
+def start_server(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
+    """The service started and answering /healthz, and the seconds that took."""
+    t0 = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while server.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return server, round(time.perf_counter() - t0, 2)
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"the service did not start: {' '.join(cmd)}")
+
+
+def soak(args, photos, tmp: Path) -> dict:
+    """Clients, enrolments every few seconds and a kill -9 with a restart half-way (docstring, 5)."""
+    from products10k.deploy.versions import list_versions
+    from products10k.retrieval.knn import load_gallery
+
+    token = uuid.uuid4().hex
+    (tmp / "token").write_text(token)
+    port = free_port()
+    versions = tmp / "soak-versions"
+    cmd = [args.server_python, "-m", "products10k.deploy.serve", "--model", str(args.model), "--index",
+           str(args.index), "--port", str(port), "--token-file", str(tmp / "token"), "--versions",
+           str(versions), "--keep-versions", "3"]  # fmt: skip
+    server, _ = start_server(cmd, port)
+    acked: list[int] = []
+    stop = threading.Event()
+    peaks = []
+
+    def enroller() -> None:
+        k = 0
+        while not stop.wait(args.enrol_every_s):
+            sku = NEW_SKU + 1000 + k
+            name, data = photos[k % len(photos)]
+            k += 1
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                status, _ = post(conn, f"/v1/skus/{sku}/images", [(name, data)], token)
+                conn.close()
+            except (OSError, http.client.HTTPException, ValueError):
+                continue  # the service was down: not acknowledged, so not owed
+            if status == 201:
+                acked.append(sku)
+
+    restart: dict = {}
+
+    def kill_and_restart() -> None:
+        nonlocal server
+        peaks.append(rss_mb(server.pid, "VmHWM"))
+        restart["at_s"] = round(args.soak_s / 2, 1)
+        t0 = time.perf_counter()
+        server.kill()
+        server.wait()
+        server, _ = start_server(cmd, port)
+        restart["down_s"] = round(time.perf_counter() - t0, 2)
+        restart["window"] = (t0, time.perf_counter())
+
+    thread = threading.Thread(target=enroller)
+    thread.start()
+    try:
+        result = load(port, photos, args.clients, args.soak_s, during=kill_and_restart)
+    finally:
+        stop.set()
+        thread.join()
+        peaks.append(rss_mb(server.pid, "VmHWM"))
+        server.terminate()
+        server.wait(timeout=30)
+    number, newest = list_versions(versions)[-1] if list_versions(versions) else (0, args.index)
+    present = {int(s) for s in load_gallery(newest).skus}
+    down_from, down_to = restart.get("window", (0.0, 0.0))
+    failed_outside = sum(
+        1
+        for _, status, _, reply, end in result["records"]
+        if not (status == 200 and reply["results"][0]["status"] == "ok")
+        and not down_from <= end <= down_to + 1.0
+    )
+    return {
+        **{k: v for k, v in result.items() if k != "records"},
+        "failed_outside_restart": failed_outside,  # must be 0: a request fails only while the service is down
+        "restart": {k: v for k, v in restart.items() if k != "window"},
+        "enrolments_acknowledged": len(acked),
+        "skus_lost": len([s for s in acked if s not in present]),
+        "newest_version": number,
+        "version_folders_left": len(list_versions(versions)),
+        "peak_rss_mb_per_process": [round(p, 1) for p in peaks],
+    }
 
 
 def _get(port: int, path: str) -> bytes:

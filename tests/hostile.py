@@ -85,6 +85,31 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def tiff_claiming(width: int, height: int) -> bytes:
+    """A small valid TIFF whose first IFD's ImageWidth/ImageLength are rewritten to claim more."""
+    data = bytearray(_save(base_image(64, 48), "TIFF"))
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    for i in range(count):
+        at = ifd + 2 + 12 * i
+        tag, kind = struct.unpack_from("<HH", data, at)
+        if tag in (256, 257):
+            value = width if tag == 256 else height
+            data[at + 8 : at + 12] = (
+                struct.pack("<H", value) + b"\0\0" if kind == 3 else struct.pack("<I", value)
+            )
+    return bytes(data)
+
+
+def webp_claiming(width: int, height: int) -> bytes:
+    """A small lossless WebP whose VP8L header claims ``width`` x ``height`` (at most 16384 each)."""
+    data = bytearray(_save(base_image(64, 48), "WEBP", lossless=True))
+    (bits,) = struct.unpack_from("<I", data, 21)
+    bits = (bits & ~0xFFFFFFF) | (width - 1) | ((height - 1) << 14)
+    struct.pack_into("<I", data, 21, bits)
+    return bytes(data)
+
+
 def thin_png(width: int = 1, height: int = 20000) -> bytes:
     """A valid greyscale PNG strip: ~140 bytes that a resize to a shorter side would blow up."""
     raw = b"".join(b"\x00" + b"\x80" * width for _ in range(height))
@@ -148,6 +173,8 @@ def corpus(huge_side: int = 2400) -> dict[str, Case]:
         "app14.jpg": Case(with_app14(jpeg), OK, base),
         "thin-1x20000.png": Case(thin_png(), "too-large"),
         "radiance-as.jpg": Case(radiance(), "undecodable"),
+        "tiff-claims-60000x60000.tif": Case(tiff_claiming(60000, 60000), "too-large"),
+        "webp-claims-16384x16384.webp": Case(webp_claiming(16384, 16384), "too-large"),
         "ppm-as.png": Case(_save(base, "PPM"), "undecodable"),
         "ico-as.jpg": Case(_save(base, "ICO"), "undecodable"),
     }  # fmt: skip
