@@ -274,3 +274,95 @@ def hostile_zip(path: Path, good: bytes) -> Path:
         links=("shelf/link.jpg",),
     )
     return path
+
+
+# --- the mutation fuzzer (tests/prepared/test_fuzz.py, benchmarks/bench_fuzz.py) ---------------
+
+
+def fuzz_seeds() -> dict[str, bytes]:
+    """Valid files the mutation fuzzer starts from: a JPEG, a PNG, a WebP and a zip of two images."""
+    img = Image.fromarray(base_image(96, 64))
+    out = {}
+    for fmt, kw in (("JPEG", {"quality": 90}), ("PNG", {}), ("WEBP", {"quality": 80})):
+        buf = io.BytesIO()
+        img.save(buf, fmt, **kw)
+        out[fmt] = buf.getvalue()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a.jpg", out["JPEG"])
+        z.writestr("b.png", out["PNG"])
+    out["ZIP"] = buf.getvalue()
+    return out
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """One to four of: flip a byte, write a 16-bit big or small number (a size field), cut the
+    end, duplicate a slice, delete a slice, insert random bytes."""
+    data = bytearray(data)
+    for _ in range(rng.integers(1, 5)):
+        kind = rng.integers(0, 6)
+        pos = int(rng.integers(0, max(1, len(data))))
+        if kind == 0 and data:
+            data[pos % len(data)] ^= int(rng.integers(1, 256))
+        elif kind == 1 and len(data) > 2:
+            value = int(rng.choice([0, 1, 0xFFFF, 0x7FFF, int(rng.integers(0, 0x10000))]))
+            data[pos % (len(data) - 1) : pos % (len(data) - 1) + 2] = value.to_bytes(2, "big")
+        elif kind == 2:
+            del data[pos:]
+        elif kind == 3:
+            data[pos:pos] = data[pos : pos + int(rng.integers(1, 200))]
+        elif kind == 4:
+            del data[pos : pos + int(rng.integers(1, 50))]
+        else:
+            data[pos:pos] = rng.bytes(int(rng.integers(1, 20)))
+    return bytes(data)
+
+
+FORMATS = ["JPEG", "PNG", "WEBP", "ZIP"]
+
+
+def fuzz(fmt: str, cases: int, seed: int, max_pixels: int) -> dict:
+    """``cases`` mutations of the ``fmt`` seed file through the upload zip reader (ZIP) and the one
+    decoder; only ImageDefect and the zip reader's 413 are caught, anything else propagates.
+    Returns the outcomes by reason, the largest decode in pixels and the slowest case in seconds."""
+    import time
+
+    from products10k.deploy.serve import RequestError, _zip_items
+    from products10k.prepared.images import ImageDefect, decode_rgb
+    from tests.helpers import limits
+
+    budget = limits(max_pixels=max_pixels, max_file_bytes=1 << 20)
+    original = fuzz_seeds()[fmt]
+    rng = np.random.default_rng(seed)
+    outcomes: dict[str, int] = {}
+    largest, slowest = 0, 0.0
+
+    def count(key: str) -> None:
+        outcomes[key] = outcomes.get(key, 0) + 1
+
+    for _ in range(cases):
+        data = mutate(original, rng)
+        t0 = time.perf_counter()
+        members = [data]
+        if fmt == "ZIP":
+            try:
+                items, _ = _zip_items("fuzz.zip", data, room=8, inflated_room=8 << 20, limits=budget)
+            except RequestError as exc:  # over the member count or inflated total: the request's 413
+                assert exc.status == 413, exc
+                items = []
+                count("413")
+            for _, _, error in items:
+                if error:  # a member refused before decoding, with its reason
+                    count(error.split(":")[0])
+            members = [d for _, d, _ in items if d is not None]
+        for member in members:
+            try:
+                rgb = decode_rgb(member, limits=budget)
+            except ImageDefect as exc:
+                count(exc.reason)
+                continue
+            assert rgb.ndim == 3 and rgb.shape[2] == 3, rgb.shape
+            largest = max(largest, rgb.shape[0] * rgb.shape[1])
+            count("ok")
+        slowest = max(slowest, time.perf_counter() - t0)
+    return {"outcomes": outcomes, "largest_decode": largest, "slowest_s": round(slowest, 4)}
