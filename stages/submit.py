@@ -2,15 +2,18 @@
 
 Run::
 
-    python stages/submit.py --params params.yaml --predictions predictions/finetune_accuracy \
+    python stages/submit.py --params params.yaml --predictions predictions \
         --label-map data/prepared/label_map.csv --test-list data/raw/test_kaggletest.csv \
         --report data/prepared/report.json \
         --out submissions/submission.csv --top-k submissions/top5.csv \
         --metrics metrics/submission.json
 
-``--predictions`` is the folder named by ``submit.phase`` (one ``<member>.npz`` per ensemble
-member): a phase's, written by the evaluate stages, or ``predictions/fused``, the members'
-classifier + kNN predictions written by the index stages.
+``--predictions`` holds a folder per phase (one ``<member>.npz`` per ensemble member, written by
+the evaluate stages) and ``fused/`` (the members' classifier + kNN predictions, written by the
+index stages). ``submit.phase`` names one of them, or ``auto``: each is scored on val by the
+estimate of ``evaluate.target_prior``, with every logit-adjustment tau of ``submit.tau_grid``
+(``submit.logit_adjust: auto``), and the best is submitted; every candidate's figures go into the
+metrics (products10k/submission/choose.py).
 Test images the prepare stage excluded (``--report``) have no prediction: they get the most
 frequent training SKU, with a warning, and are counted in ``test.fallback_rows`` (see
 products10k/submission/submit.py).
@@ -42,7 +45,11 @@ log = logging.getLogger("stages.submit")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", required=True, type=Path)
-    p.add_argument("--predictions", required=True, help="predictions/<submit.phase>: <member>.npz each")
+    p.add_argument(
+        "--predictions",
+        required=True,
+        help="the predictions folder: <phase>/<member>.npz and fused/<member>.npz",
+    )
     p.add_argument("--label-map", required=True)
     p.add_argument("--test-list", required=True, help="the official test_kaggletest.csv")
     p.add_argument("--report", required=True, help="prepare's report.json (the excluded test images)")
@@ -62,17 +69,25 @@ def _run(args: argparse.Namespace) -> None:
     cfg = section(params, "submit", SubmitConfig, where=args.params)
     ens = section(params, "ensemble", EnsembleConfig, where=args.params)
     members = member_names(params, args.params)
-    phases = section(params, "evaluate", EvaluateConfig, where=args.params).phases
+    evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
+    phases = evaluate.phases
     competition = section(params, "data", DataConfig, where=args.params).kaggle.competition
-    if cfg.phase != "fused":
+    if cfg.phase not in ("fused", "auto"):
         require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
-    folder = Path(args.predictions)
-    if folder.name != cfg.phase:
-        # the folder in dvc.yaml's cmd and submit.phase must name the same phase
-        raise Products10kError(f"--predictions {folder} is not the folder of submit.phase '{cfg.phase}'")
+    root = Path(args.predictions)
+    names = [*phases, "fused"] if cfg.phase == "auto" else [cfg.phase]
+    candidates = {name: {m: root / name / f"{m}.npz" for m in members} for name in names}
+    missing = [str(p) for paths in candidates.values() for p in paths.values() if not p.is_file()]
+    if missing:
+        raise Products10kError(
+            f"no predictions file {', '.join(missing[:3])}: run the evaluate and index stages"
+        )
+    taus = tuple(cfg.tau_grid) if cfg.logit_adjust == "auto" else (float(cfg.logit_adjust),)
     metrics = make_submission(
         members=members,
-        prediction_paths={m: folder / f"{m}.npz" for m in members},
+        candidates=candidates,
+        target_prior_spec=evaluate.target_prior,
+        taus=taus,
         weights_spec=ens.weights,
         label_map_path=args.label_map,
         test_list_path=args.test_list,

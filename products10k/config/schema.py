@@ -270,9 +270,14 @@ class EvaluateConfig(Section):
     top_confused: int = Field(ge=0)
     gallery_size: int = Field(ge=0)
     gallery_tile: int = Field(ge=1)
+    # the SKU mix test follows, which val's estimate is weighted to (submission/choose.py):
+    # uniform | train | a CSV file of sku,weight
+    target_prior: str = Field(min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.target_prior not in ("uniform", "train") and not self.target_prior.endswith(".csv"):
+            raise ValueError(f"target_prior must be uniform, train or a .csv file, not {self.target_prior!r}")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError("phases must not repeat")
         if self.num_workers != "auto" and self.num_workers < 0:
@@ -331,8 +336,11 @@ class SubmitConfig(Section):
 
     # a phase: the members' TTA'd classifier predictions of that phase (evaluate stages);
     # fused: their classifier fused with kNN over the training-image index (index stages, of
-    # retrieval.phase). One folder of predictions/ either way, so submit depends on that alone.
-    phase: Phase | Literal["fused"]
+    # retrieval.phase); auto: whichever of those has the best val estimate (submission/choose.py)
+    phase: Phase | Literal["fused", "auto"]
+    # post-hoc logit adjustment: tau subtracted x log train prior; auto = fitted on val over tau_grid
+    logit_adjust: Literal["auto"] | Annotated[float, Field(ge=0.0, le=10.0)]
+    tau_grid: _list(tuple[Annotated[float, Field(ge=0.0, le=10.0)], ...]) = Field(min_length=1)
     top_k: int = Field(ge=1)
     kaggle: KaggleSubmitConfig
 

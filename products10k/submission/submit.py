@@ -32,6 +32,15 @@ from products10k.evaluation.metrics import hit_rates, leaderboard_masks
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.raw import kaggle
 from products10k.scores import combine_topk, load_predictions, log_likelihood, topk_indices
+from products10k.submission.choose import (
+    RERANK_K,
+    adjust,
+    best,
+    coverage,
+    row_weights,
+    score_taus,
+    target_prior,
+)
 from products10k.submission.ensemble import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -276,7 +285,8 @@ def kaggle_submit(
 def make_submission(
     *,
     members: list[str],
-    prediction_paths: dict[str, str | os.PathLike],
+    prediction_paths: dict[str, str | os.PathLike] | None = None,
+    candidates: dict[str, dict[str, str | os.PathLike]] | None = None,
     weights_spec: str | dict,
     label_map_path: str | os.PathLike,
     test_list_path: str | os.PathLike,
@@ -284,25 +294,54 @@ def make_submission(
     top_k_out: str | os.PathLike,
     top_k: int,
     report_path: str | os.PathLike | None = None,
+    target_prior_spec: str = "train",
+    taus: tuple[float, ...] = (0.0,),
 ) -> dict:
     """Ensemble the members' predictions, validate and write the submission; return its metrics.
 
-    Nothing is written unless every check passes: members agree on the label map and the
-    rows, the predictions cover the test list exactly (except the test images the prepare
-    report ``report_path`` lists as excluded: they get the fallback, see the module docstring;
-    without a report every test image needs a prediction), and the submission validates.
+    ``candidates``: ``{name: {member: predictions file}}`` to choose from on val (products10k/
+    submission/choose.py), each with every ``tau`` of logit adjustment; or one set of
+    ``prediction_paths``. Nothing is written unless every check passes: members agree on the label
+    map and the rows, the predictions cover the test list exactly (except the test images the
+    prepare report ``report_path`` lists as excluded: they get the fallback, see the module
+    docstring; without a report every test image needs a prediction), and the submission validates.
     """
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     test_list = read_test_list(test_list_path)
-    preds = _load_members(members, prediction_paths, skus, label_map_path)
+    if candidates is None:
+        candidates = {Path(next(iter(prediction_paths.values()))).parent.name: prediction_paths}
+    target = target_prior(target_prior_spec, label_map)
+    log_prior = np.log(label_map["n_train"].to_numpy(dtype=np.float64) / label_map["n_train"].sum())
+    scored, chosen = [], None
+    for name, paths in candidates.items():
+        ens = _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K))
+        val_labels, test_labels = ens["preds"][members[0]].val.labels, ens["preds"][members[0]].test.labels
+        rows = score_taus(name, ens["val"].labels, ens["val"].probs, val_labels,
+                          row_weights(val_labels, target), log_prior, taus)  # fmt: skip
+        known = test_labels >= 0
+        for s in rows:  # for the record only: the choice is made on val
+            top1 = adjust(ens["test"].labels, ens["test"].probs, log_prior, s.tau)[0][:, 0]
+            s.test_top1 = float((top1 == test_labels)[known].mean()) if known.any() else None
+        scored += rows
+        if best(scored) in rows:
+            chosen = ens  # keep only the best candidate's ensembles: memory stays one candidate's
+    pick = best(scored)
+    preds, weights = chosen["preds"], chosen["weights"]
     first = members[0]
     val_labels = preds[first].val.labels
-    weights = resolve_weights(weights_spec, members, [preds[m].val for m in members])
     log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
-    w = [weights[m] for m in members]
-    val_ens = combine_topk([preds[m].val for m in members], w, len(skus), k=top_k)
-    test_ens = combine_topk([preds[m].test for m in members], w, len(skus), k=top_k)
+    log.info(
+        "submitting %s with logit adjustment tau %g: val estimate %.4f (target prior %s) of %d choices",
+        pick.candidate, pick.tau, pick.val_estimate, target_prior_spec, len(scored),
+    )  # fmt: skip
+    val_ens, test_ens = chosen["val"], chosen["test"]
+    val_ens.labels, val_ens.probs = (
+        a[:, :top_k] for a in adjust(val_ens.labels, val_ens.probs, log_prior, pick.tau)
+    )
+    test_ens.labels, test_ens.probs = (
+        a[:, :top_k] for a in adjust(test_ens.labels, test_ens.probs, log_prior, pick.tau)
+    )
 
     try:
         excluded = read_excluded_test_names(report_path, test_list_path) if report_path else set()
@@ -311,7 +350,7 @@ def make_submission(
             test_names,
             (test_ens.labels, test_ens.probs),
             test_list,
-            f"{prediction_paths[first]} vs {test_list_path}",
+            f"{candidates[pick.candidate][first]} vs {test_list_path}",
             excluded=excluded,
             fallback=fallback_scores(label_map, test_ens.labels.shape[1]) if excluded else None,
         )
@@ -349,6 +388,14 @@ def make_submission(
             else float("nan"),
             "log_likelihood": log_likelihood(val_ens.label_logprob, val_labels),
         },
+        "choice": {
+            **pick.as_dict(),
+            "target_prior": target_prior_spec,
+            "val_coverage": round(coverage(val_labels, target), 6),
+            "reason": f"the highest val estimate (top-1 weighted to the {target_prior_spec} SKU mix) of "
+            f"{len(scored)} candidate x tau choices; test top-1 is recorded, never used",
+            "candidates": [s.as_dict() for s in scored],
+        },
         "ensemble": {
             "size": len(members),
             "weights": weights,
@@ -358,6 +405,16 @@ def make_submission(
         },
     }
     return metrics
+
+
+def _ensemble(members, paths, weights_spec, skus, label_map_path, k: int) -> dict:
+    """One candidate's members loaded and ensembled (weights fitted on val): val and test top-``k``."""
+    preds = _load_members(members, paths, skus, label_map_path)
+    weights = resolve_weights(weights_spec, members, [preds[m].val for m in members])
+    w = [weights[m] for m in members]
+    val = combine_topk([preds[m].val for m in members], w, len(skus), k=k)
+    test = combine_topk([preds[m].test for m in members], w, len(skus), k=k)
+    return {"preds": preds, "weights": weights, "val": val, "test": test}
 
 
 def _load_members(members: list[str], prediction_paths: dict, skus: np.ndarray, label_map_path) -> dict:

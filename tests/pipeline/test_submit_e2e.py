@@ -5,7 +5,8 @@ index -> submit, and export, on a few synthetic SKUs at 32 px for one epoch per 
 submission is checked against the official test list, `dvc metrics show` lists the three phases
 (Table 1), kNN/fusion and the ONNX check, `dvc plots show` renders, the installed
 `products10k-predict` names the raw test zip's images with the exported model and the index,
-`submit.phase: fused` re-runs only submit, and a second run is a no-op.
+the default submission is the candidate with the best val estimate, `submit.phase: fused` re-runs
+only submit, and a second run is a no-op.
 """
 
 import json
@@ -63,9 +64,15 @@ def test_empty_workspace_to_validated_submission(reference_pipeline, tmp_path):
     assert len(predicted) == len(test_list) and (predicted["status"] == "ok").all()
     assert predicted["sku_1"].isin(label_map["sku"]).all()
 
+    # the default: the candidate with the best val estimate, every candidate recorded
+    choice = score["choice"]
+    assert {c["candidate"] for c in choice["candidates"]} == {*PHASES, "fused"}
+    assert choice["val_estimate"] == max(c["val_estimate"] for c in choice["candidates"])
+
     # the submission from the fused scores: only submit re-runs, and it scores the fused top-1
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["submit"]["phase"] = "fused"
+    params["submit"]["logit_adjust"] = 0.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = dvc(project, "repro")
     assert rerun.stdout.count("Running stage") == 1 and "Running stage 'submit'" in rerun.stdout
@@ -86,7 +93,8 @@ def test_empty_workspace_to_validated_submission(reference_pipeline, tmp_path):
 
 @pytest.mark.e2e
 def test_two_member_ensemble_graph(tmp_path):
-    """Each member gets its own evaluate stages; submit waits for every member of submit.phase."""
+    """Each member gets its own evaluate stages; submit waits for every member's predictions of every
+    phase and fused (submit.phase auto chooses among them, so it reads the whole folder)."""
     members = {"m0": {}, "m1": {"train.seed": 1, "train.resolution": 48}}
     project = make_project(
         tmp_path / "project",
@@ -96,5 +104,6 @@ def test_two_member_ensemble_graph(tmp_path):
     assert {f"evaluate@{m}-{p}" for m in members for p in PHASES} <= set(names)
     dag = dvc(project, "dag", "--dot", "submit").stdout
     for m in members:
-        assert f'"evaluate@{m}-finetune_balanced" -> "submit"' in dag
-        assert f"evaluate@{m}-finetune_accuracy" not in dag  # not the phase submit ensembles
+        for phase in PHASES:
+            assert f'"evaluate@{m}-{phase}" -> "submit"' in dag
+        assert f'"index@{m}" -> "submit"' in dag

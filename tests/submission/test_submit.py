@@ -416,9 +416,9 @@ def test_kaggle_submit_never_hangs(tmp_path):
 # --- the submit stage script ---
 
 
-def _stage_argv(inputs, params, phase_dir):
+def _stage_argv(inputs, params, root):
     return [
-        "--params", str(params), "--predictions", str(phase_dir),
+        "--params", str(params), "--predictions", str(root),
         "--label-map", str(inputs["label_map_path"]), "--test-list", str(inputs["test_list_path"]),
         "--report", str(inputs["report_path"]),
         "--out", str(inputs["out"]), "--top-k", str(inputs["top_k_out"]),
@@ -431,7 +431,10 @@ def test_submit_stage_uploads_with_kaggle_when_enabled(submit_inputs, tmp_path, 
     submit_inputs["prediction_paths"]["m0"].parent.rename(phase_dir)
     params = tmp_path / "params.yaml"
     kaggle = {"enabled": True, "message": "e2e", "timeout_s": 10}
-    updates = {"ensemble": {"members": {"m0": {}, "m1": {}}}, "submit": {"kaggle": kaggle}}
+    updates = {
+        "ensemble": {"members": {"m0": {}, "m1": {}}},
+        "submit": {"kaggle": kaggle, "phase": "finetune_accuracy", "logit_adjust": 0.0},
+    }
     write_project_params(params, updates)
     log = tmp_path / "args.txt"
     bin_dir = tmp_path / "bin"
@@ -439,7 +442,7 @@ def test_submit_stage_uploads_with_kaggle_when_enabled(submit_inputs, tmp_path, 
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("KAGGLE_USERNAME", "user")
     monkeypatch.setenv("KAGGLE_KEY", "key")
-    stage_module("submit").main(_stage_argv(submit_inputs, params, phase_dir))
+    stage_module("submit").main(_stage_argv(submit_inputs, params, tmp_path))
     assert log.read_text().splitlines() == [
         "competitions", "submit", "-c", "products-10k", "-f", str(submit_inputs["out"]), "-m", "e2e",
     ]  # fmt: skip
@@ -456,6 +459,6 @@ def test_submit_stage_rejects_a_phase_that_is_not_evaluated(submit_inputs, tmp_p
     }
     write_project_params(params, updates)
     with pytest.raises(SystemExit):
-        stage_module("submit").main(_stage_argv(submit_inputs, params, tmp_path / "finetune_accuracy"))
+        stage_module("submit").main(_stage_argv(submit_inputs, params, tmp_path))
     assert "submit.phase 'finetune_accuracy' is not in evaluate.phases (train)" in caplog.text
     assert not submit_inputs["out"].exists()
