@@ -34,10 +34,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fuzz.json")
     args = p.parse_args()
     result = {"machine": describe(), "cases_per_format": args.cases, "max_pixels": args.max_pixels}
+    fuzz("JPEG", 1, seed=0, max_pixels=args.max_pixels)  # imports and seeds: the baseline below
+    result["baseline_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     for i, fmt in enumerate(FORMATS):
         t0 = time.perf_counter()
         report = fuzz(fmt, args.cases, seed=args.seed + i, max_pixels=args.max_pixels)
         report["cases_per_s"] = round(args.cases / (time.perf_counter() - t0), 1)
+        # the process's peak so far: a format that raises it allocated that much for some case
+        report["peak_rss_mb_after"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         assert report["largest_decode"] <= args.max_pixels
         result[fmt] = report
         print(fmt, json.dumps(report), flush=True)

@@ -77,10 +77,10 @@ def png_bomb(side: int = 20000) -> bytes:
     )
 
 
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A small valid JPEG whose frame header (SOF0) is rewritten to claim ``width`` x ``height``."""
-    data = bytearray(_save(base_image(64, 48), "JPEG", quality=80))
-    sof = data.index(b"\xff\xc0")
+def jpeg_claiming(width: int, height: int, progressive: bool = False) -> bytes:
+    """A small valid JPEG whose frame header (SOF0, or SOF2) is rewritten to claim ``width`` x ``height``."""
+    data = bytearray(_save(base_image(64, 48), "JPEG", quality=80, progressive=progressive))
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
     data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
@@ -107,6 +107,14 @@ def webp_claiming(width: int, height: int) -> bytes:
     (bits,) = struct.unpack_from("<I", data, 21)
     bits = (bits & ~0xFFFFFFF) | (width - 1) | ((height - 1) << 14)
     struct.pack_into("<I", data, 21, bits)
+    return bytes(data)
+
+
+def png_chunk_claiming(length: int) -> bytes:
+    """A small valid PNG whose IDAT chunk's length field claims ``length`` bytes."""
+    data = bytearray(_save(base_image(96, 64), "PNG"))
+    at = data.index(b"IDAT") - 4
+    struct.pack_into(">I", data, at, length)
     return bytes(data)
 
 
@@ -173,6 +181,10 @@ def corpus(huge_side: int = 2400) -> dict[str, Case]:
         "app14.jpg": Case(with_app14(jpeg), OK, base),
         "thin-1x20000.png": Case(thin_png(), "too-large"),
         "radiance-as.jpg": Case(radiance(), "undecodable"),
+        # found by the fuzzer: OpenCV allocated a chunk's declared length (4 GB, 5 s for 377 bytes)
+        "png-idat-claims-4gb.png": Case(png_chunk_claiming(4_278_190_281), "truncated"),
+        # a progressive frame is held at full size by libjpeg: no reduced decode for it (1.2 GB before)
+        "progressive-claims-20000x20000.jpg": Case(jpeg_claiming(20000, 20000, True), "too-large"),
         "tiff-claims-60000x60000.tif": Case(tiff_claiming(60000, 60000), "too-large"),
         "webp-claims-16384x16384.webp": Case(webp_claiming(16384, 16384), "too-large"),
         "ppm-as.png": Case(_save(base, "PPM"), "undecodable"),
@@ -280,10 +292,11 @@ def hostile_zip(path: Path, good: bytes) -> Path:
 
 
 def fuzz_seeds() -> dict[str, bytes]:
-    """Valid files the mutation fuzzer starts from: a JPEG, a PNG, a WebP and a zip of two images."""
+    """Valid files the mutation fuzzer starts from: JPEG, PNG, WebP, GIF, BMP, TIFF, a zip of two images."""
     img = Image.fromarray(base_image(96, 64))
     out = {}
-    for fmt, kw in (("JPEG", {"quality": 90}), ("PNG", {}), ("WEBP", {"quality": 80})):
+    for fmt, kw in (("JPEG", {"quality": 90}), ("PNG", {}), ("WEBP", {"quality": 80}), ("GIF", {}),
+                    ("BMP", {}), ("TIFF", {})):  # fmt: skip
         buf = io.BytesIO()
         img.save(buf, fmt, **kw)
         out[fmt] = buf.getvalue()
@@ -318,7 +331,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(data)
 
 
-FORMATS = ["JPEG", "PNG", "WEBP", "ZIP"]
+FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ZIP"]
 
 
 def fuzz(fmt: str, cases: int, seed: int, max_pixels: int) -> dict:

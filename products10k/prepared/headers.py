@@ -33,10 +33,15 @@ class HeaderError(ValueError):
     """A file of an accepted format whose size cannot be read from its header."""
 
 
+#: SOF markers of progressive JPEGs (Huffman and arithmetic): libjpeg decodes them through a
+#: coefficient buffer of the whole frame at full size, whatever scale the output is reduced to
+PROGRESSIVE_SOF = {0xFFC2, 0xFFC6, 0xFFCA, 0xFFCE}
+
+
 def read_size(data: bytes) -> tuple[str, int, int] | None:
     """``(format, width, height)`` from the header; None for a format the project does not read."""
     if data.startswith(b"\xff\xd8"):
-        return ("JPEG", *_jpeg(data))
+        return ("JPEG", *jpeg_frame(data)[1:])
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return ("PNG", *_png(data))
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -63,7 +68,8 @@ def _positive(width: int, height: int, what: str) -> tuple[int, int]:
     return width, height
 
 
-def _jpeg(data: bytes) -> tuple[int, int]:
+def jpeg_frame(data: bytes) -> tuple[int, int, int]:
+    """(SOF marker, width, height) of a JPEG's first frame; HeaderError if it cannot be read."""
     pos = 2
     while True:
         if pos >= len(data):
@@ -85,7 +91,7 @@ def _jpeg(data: bytes) -> tuple[int, int]:
             raise HeaderError(f"JPEG: a segment at byte {pos} declares a length of {length}")
         if marker in _SOF:
             height, width = _unpack(data, pos + 3, ">HH", "JPEG SOF")
-            return _positive(width, height, "JPEG SOF")
+            return (0xFF00 | marker, *_positive(width, height, "JPEG SOF"))
         if marker == 0xDA:  # SOS: entropy-coded data follows; a frame must have been declared before
             raise HeaderError("JPEG: scan data (SOS) before any SOF marker")
         pos += length
@@ -97,6 +103,24 @@ def _png(data: bytes) -> tuple[int, int]:
         raise HeaderError(f"PNG: the first chunk is {kind!r}, not IHDR")
     width, height = _unpack(data, 16, ">II", "PNG IHDR")
     return _positive(width, height, "PNG IHDR")
+
+
+def png_chunk_overrun(data: bytes) -> str | None:
+    """Where a PNG's chunk declares more bytes than the file holds, in words; None if every chunk
+    up to IEND (or the end) fits. OpenCV's PNG reader allocates a chunk's declared length before
+    reading it: the fuzzer found a 377-byte file whose IDAT claims 4 GB taking 4 GB and 5 s."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > len(data):
+            return (
+                f"PNG chunk {kind!r} at byte {pos} declares {length} bytes; the file ends at byte {len(data)}"
+            )
+        if kind == b"IEND":
+            return None
+        pos = end
+    return None
 
 
 def _webp(data: bytes) -> tuple[int, int]:

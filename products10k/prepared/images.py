@@ -54,7 +54,14 @@ from PIL import Image, ImageOps
 
 from products10k.prepared.archive import open_zip, read_member
 from products10k.prepared.defects import ImageDefect
-from products10k.prepared.headers import FORMATS, HeaderError, read_size
+from products10k.prepared.headers import (
+    FORMATS,
+    PROGRESSIVE_SOF,
+    HeaderError,
+    jpeg_frame,
+    png_chunk_overrun,
+    read_size,
+)
 
 # The reduced-decode flags OpenCV offers, largest reduction first.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
@@ -175,7 +182,18 @@ def _decode_bgr(
     if len(data) > limits.max_file_bytes:
         raise ImageDefect("too-large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
     fmt, width, height = _checked_size(data, limits)
+    if fmt == "PNG" and (overrun := png_chunk_overrun(data)):
+        raise ImageDefect("truncated", overrun)
     flag, full_wh = cv2.IMREAD_COLOR, None
+    progressive = fmt == "JPEG" and jpeg_frame(data)[0] in PROGRESSIVE_SOF
+    if progressive and width * height > limits.max_pixels:
+        # libjpeg holds a progressive frame's coefficients at full size whatever the output scale:
+        # a 2 KB file claiming 20000 x 20000 took 1.2 GB decoded at 1/4 (bench_fuzz found the kind)
+        raise ImageDefect(
+            "too-large",
+            f"progressive JPEG of {width}x{height} pixels, over the budget of {limits.max_pixels} "
+            "(a progressive frame is decoded at full size in memory, so no reduced decode helps)",
+        )
     if fmt == "JPEG":  # and MPO (a camera's JPEG with extra frames): libjpeg can decode it reduced
         full_wh = (width, height)
         flag = reduced_decode_flag(width, height, min_side, limits.max_pixels)
