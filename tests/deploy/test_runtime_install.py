@@ -12,13 +12,12 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.test_serve import call
+from tests.deploy.test_serve import call, wait_until_up
 from tests.helpers import ROOT, free_port
 from tools.wheelhouse import requirements_closure
 
@@ -113,15 +112,7 @@ def test_predict_in_every_mode_enrol_and_serve_run_in_the_runtime_install(runtim
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and server.poll() is None:
-            try:
-                if call(base, "/healthz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"the server did not start in the runtime install:\n{server.stdout.read()}")
+        wait_until_up(base, server)
         status, reply = call(
             base, "/v1/recognize?mode=knn", [("q.jpg", (photos / "777" / "0.jpg").read_bytes())]
         )

@@ -54,6 +54,20 @@ def call(base: str, path: str, files=None, token: str | None = None, method: str
     return status, json.loads(body) if kind.startswith("application/json") else body
 
 
+def wait_until_up(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Until the server at ``base`` answers /healthz; the test fails with its output if it exits or
+    does not answer in ``seconds``."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if call(base, "/healthz")[0] == 200:
+                return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
+
+
 @pytest.fixture(scope="module")
 def server(project, tmp_path_factory):
     root, prepared, _ = project
@@ -68,16 +82,7 @@ def server(project, tmp_path_factory):
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if call(base, "/healthz")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
+    wait_until_up(base, proc)
     yield base, root, prepared, work
     proc.terminate()
     proc.wait(timeout=30)

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.deploy.test_serve import TOKEN, call, multipart
+from tests.deploy.test_serve import TOKEN, call, multipart, wait_until_up
 from tests.helpers import free_port
 from tests.hostile import jpeg_claiming, radiance, thin_png, with_app14
 
@@ -46,18 +46,8 @@ def start(root: Path, work: Path, *extra: str, env: dict | None = None, expect_u
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while expect_up and time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            if call(base, "/healthz")[0] == 200:
-                return proc, base
-        except OSError:
-            time.sleep(0.2)
     if expect_up:
-        proc.kill()
-        pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
+        wait_until_up(base, proc)
     return proc, base
 
 
