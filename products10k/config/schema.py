@@ -143,6 +143,8 @@ class PrepareConfig(Section):
     size: int = Field(ge=16)  # shorter side after resize; never upscales
     val_fraction: float = Field(ge=0.0, lt=1.0)  # of the images of SKUs with >= val_min_images
     val_min_images: int = Field(ge=2)  # >= 2: a SKU that gives a val image keeps one to train on
+    val_tail_images: int = Field(ge=0)  # val images of each smaller SKU (a leave-out: val sees the tail)
+    val_tail_min_images: int = Field(ge=2)  # ... of those with at least this many images
     seed: int
     max_bad_fraction: Fraction01
     max_unseen_test_fraction: Fraction01

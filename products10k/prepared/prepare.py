@@ -241,7 +241,14 @@ def prepare(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Prepare
     merged, excluded, shards = _pack_images(raw, archives, out, train, test, cfg)
 
     kept = merged["train"]
-    is_val = split_train_val(kept["sku"], cfg.val_fraction, cfg.seed, cfg.val_min_images)
+    is_val = split_train_val(
+        kept["sku"],
+        cfg.val_fraction,
+        cfg.seed,
+        cfg.val_min_images,
+        cfg.val_tail_images,
+        cfg.val_tail_min_images,
+    )
     # n_train counts what the model trains on (train.csv), so head/tail is by training images
     label_map = make_label_map(train, kept[~is_val])
     label_of = label_map.set_index("sku")["label"]
@@ -360,8 +367,17 @@ def _report(
         "groups": int(label_map["group"].nunique()),
         "val_skus": int(splits["val"]["sku"].nunique()),
         "train_skus": int(splits["train"]["sku"].nunique()),
-        # SKUs below prepare.val_min_images: every one of their images is trained on
-        "skus_all_images_trained": int((kept["sku"].value_counts() < max(2, cfg.val_min_images)).sum()),
+        # SKUs below prepare.val_min_images: every one of their images is trained on, but for the
+        # prepare.val_tail_images each of them with at least val_tail_min_images gives to val
+        "skus_all_images_trained": int(
+            (
+                (kept["sku"].value_counts() < max(2, cfg.val_min_images))
+                & (
+                    (kept["sku"].value_counts() < max(2, cfg.val_tail_min_images))
+                    | (cfg.val_tail_images == 0)
+                )
+            ).sum()
+        ),
         "skus_without_train_images": int((label_map["n_train"] == 0).sum()),
         "test_rows_of_unseen_skus": unseen["rows"],
         "test_unseen_skus": unseen["skus"],

@@ -201,7 +201,12 @@ def check_unseen_test_skus(test: pd.DataFrame, train: pd.DataFrame, path, max_fr
 
 
 def split_train_val(
-    skus: pd.Series | np.ndarray, val_fraction: float, seed: int, min_images: int = 2
+    skus: pd.Series | np.ndarray,
+    val_fraction: float,
+    seed: int,
+    min_images: int = 2,
+    tail_images: int = 0,
+    tail_min_images: int = 3,
 ) -> np.ndarray:
     """Boolean mask of the rows held out for validation, stratified by SKU, seeded.
 
@@ -211,6 +216,11 @@ def split_train_val(
     training. Every image of every smaller SKU is trained on: on Products-10K most SKUs have under
     20 images, and holding one of five out would cost the tail what the paper's recipe trains on
     (the 1st-place Kaggle solution validated on SKUs with more than 20 images the same way).
+
+    ``tail_images``: the smaller SKUs that still have at least ``tail_min_images`` images give this
+    many each (a leave-out): without it val holds the head alone, and no estimate made on val can see
+    what a method does to the tail (submission/choose.py). It costs each such SKU one of its few
+    training images; with 0, the split is exactly what it was before the option existed.
 
     Not ``StratifiedShuffleSplit``: it refuses splits where the validation (or training) part has
     fewer rows than there are classes - the usual case for a long-tailed catalogue with a small
@@ -235,6 +245,9 @@ def split_train_val(
         # Largest remainders first, ties (all 2-image SKUs share one remainder) broken at random.
         order = np.lexsort((rng.random(len(counts)), -remainder))
         n_val[order[:extra]] += 1
+    if tail_images > 0:
+        tail = ~eligible & (counts >= max(2, tail_min_images))
+        n_val[tail] = np.minimum(tail_images, cap[tail])
     # Random rank of every row within its SKU; the n_val lowest-ranked rows go to validation.
     perm = rng.permutation(n_rows)
     rank = np.empty(n_rows, dtype=np.int64)

@@ -205,3 +205,17 @@ def test_label_map_is_contiguous_sorted_and_counts_kept_images(tmp_path):
     assert lm["sku"].tolist() == [10, 20, 30]
     assert lm["group"].tolist() == [1, 1, 2]
     assert lm["n_train"].tolist() == [2, 0, 1]
+
+
+def test_a_tail_leave_out_gives_val_the_smaller_skus_too():
+    # 2 head SKUs of 20 images, tail SKUs of 5, 3 and 2 images
+    skus = np.repeat([1, 2, 3, 4, 5], [20, 20, 5, 3, 2])
+    without = split_train_val(skus, 0.2, seed=0, min_images=10)
+    assert set(skus[without]) == {1, 2}  # val holds the head alone (the default, val_tail_images 0)
+    leave_out = split_train_val(skus, 0.2, seed=0, min_images=10, tail_images=1, tail_min_images=3)
+    per_sku = pd.Series(skus[leave_out]).value_counts().to_dict()
+    assert per_sku == {1: 4, 2: 4, 3: 1, 4: 1}  # the 2-image SKU keeps both: under tail_min_images
+    assert np.array_equal(leave_out[skus <= 2], without[skus <= 2])  # the head's split is unchanged
+    # every SKU keeps a training image, even when asked for more than it has
+    many = split_train_val(skus, 0.2, seed=0, min_images=10, tail_images=9, tail_min_images=2)
+    assert all((skus[~many] == s).any() for s in set(skus))
