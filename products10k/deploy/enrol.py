@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from products10k import common
 from products10k.common import DataError, Products10kError
 from products10k.deploy.runtime import ExportedModel, check_same_model
-from products10k.prepared.archive import IMAGE_SUFFIXES
+from products10k.prepared.archive import IMAGE_SUFFIXES, read_file
 from products10k.prepared.images import ImageDefect, ImageLimits
 from products10k.retrieval.knn import META_FILE, THUMBS_DIR, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
@@ -112,10 +112,7 @@ def embed_files(
         batch = []
         for i, path in enumerate(paths[start : start + batch_size], start):
             try:
-                size = Path(path).stat().st_size
-                if size > limits.max_file_bytes:
-                    raise ImageDefect("too-large", f"{size} bytes, over the limit of {limits.max_file_bytes}")
-                batch.append(model.load(Path(path).read_bytes(), limits))
+                batch.append(model.load(read_file(path, limits.max_file_bytes), limits))
             except ImageDefect as exc:
                 skipped[i] = f"{exc.reason}: {exc.detail}"
             except FileNotFoundError:

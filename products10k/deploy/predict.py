@@ -47,7 +47,14 @@ from tqdm.auto import tqdm
 from products10k import common
 from products10k.common import Products10kError
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
-from products10k.prepared.archive import IMAGE_SUFFIXES, ZIP_READ_ERRORS, image_members, open_zip, read_member
+from products10k.prepared.archive import (
+    IMAGE_SUFFIXES,
+    ZIP_READ_ERRORS,
+    image_members,
+    open_zip,
+    read_file,
+    read_member,
+)
 from products10k.prepared.images import ImageDefect, ImageLimits
 
 log = logging.getLogger("products10k.predict")
@@ -67,10 +74,7 @@ class Source:
         declared size, before anything is inflated)."""
         if self.member is not None:
             return read_member(open_zip(self.path), self.member, max_bytes)
-        size = self.path.stat().st_size
-        if size > max_bytes:
-            raise ImageDefect("too-large", f"{size} bytes, over the limit of {max_bytes}")
-        return self.path.read_bytes()
+        return read_file(self.path, max_bytes)
 
 
 def printable(name: str) -> str:

@@ -254,7 +254,10 @@ class Service:
             self.readers[version.number] -= 1
             if not self.readers[version.number]:
                 del self.readers[version.number]
-                self.prune()
+                # only a version an enrolment's prune had to leave for its readers is due now: the
+                # current ones are not, and this runs at the end of every request
+                if version.number <= self.version.number - self.keep_versions:
+                    self.prune()
 
     async def _recognize(self, request: Request, version: IndexVersion | None) -> Response:
         mode = request.query_params.get("mode") or ("fused" if version is not None else "classifier")
@@ -351,9 +354,8 @@ class Service:
         """Remove the versions older than the newest ``keep_versions`` that no request reads; never
         the input index (version 0). Runs on the event loop: no request can start reading a version
         while it is being judged."""
-        if self.version is None or self.keep_versions < 1:
-            return
-        prune_versions(self.versions_dir, self.version.number, self.keep_versions, set(self.readers))
+        if self.version is not None:
+            prune_versions(self.versions_dir, self.version.number, self.keep_versions, set(self.readers))
 
     async def page(self, request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))

@@ -93,6 +93,16 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int)
     return data
 
 
+def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """A file's bytes; ImageDefect ``too-large`` over ``max_bytes``, judged on its size before it is
+    read (the same limit a zip member is held to by :func:`read_member`)."""
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise ImageDefect("too-large", f"{size} bytes, over the limit of {max_bytes}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 # One open ZipFile per archive and thread: a ZipFile must not be read from several threads at once
 # (its shared file position and reference count are not thread-safe), so every worker thread of the
 # prepare stage opens its own handle, reused across the chunks it is given. A worker thread's handles

@@ -40,18 +40,26 @@ PROGRESSIVE_SOF = {0xFFC2, 0xFFC6, 0xFFCA, 0xFFCE}
 
 def read_size(data: bytes) -> tuple[str, int, int] | None:
     """``(format, width, height)`` from the header; None for a format the project does not read."""
+    header = read_header(data)
+    return None if header is None else header[:3]
+
+
+def read_header(data: bytes) -> tuple[str, int, int, bool] | None:
+    """``(format, width, height, progressive)``: :func:`read_size` and whether a JPEG's first frame
+    is progressive (see PROGRESSIVE_SOF), from one walk of its segments."""
     if data.startswith(b"\xff\xd8"):
-        return ("JPEG", *jpeg_frame(data)[1:])
+        marker, width, height = jpeg_frame(data)
+        return ("JPEG", width, height, marker in PROGRESSIVE_SOF)
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ("PNG", *_png(data))
+        return ("PNG", *_png(data), False)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ("WEBP", *_webp(data))
+        return ("WEBP", *_webp(data), False)
     if data.startswith(b"BM"):
-        return ("BMP", *_bmp(data))
+        return ("BMP", *_bmp(data), False)
     if data[:6] in (b"GIF87a", b"GIF89a"):
-        return ("GIF", *_unpack(data, 6, "<HH", "GIF logical screen"))
+        return ("GIF", *_unpack(data, 6, "<HH", "GIF logical screen"), False)
     if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return ("TIFF", *_tiff(data))
+        return ("TIFF", *_tiff(data), False)
     return None
 
 

@@ -54,14 +54,7 @@ from PIL import Image, ImageOps
 
 from products10k.prepared.archive import open_zip, read_member
 from products10k.prepared.defects import ImageDefect
-from products10k.prepared.headers import (
-    FORMATS,
-    PROGRESSIVE_SOF,
-    HeaderError,
-    jpeg_frame,
-    png_chunk_overrun,
-    read_size,
-)
+from products10k.prepared.headers import FORMATS, HeaderError, png_chunk_overrun, read_header
 
 # The reduced-decode flags OpenCV offers, largest reduction first.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
@@ -108,16 +101,17 @@ def _looks_truncated(data: bytes) -> bool:
     return False
 
 
-def _checked_size(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
-    """(format, width, height) from the project's own header reader, within the aspect-ratio limit;
-    ImageDefect otherwise (undecodable: a format not read; unreadable: its size cannot be read)."""
+def _checked_header(data: bytes, limits: ImageLimits) -> tuple[str, int, int, bool]:
+    """(format, width, height, progressive) from the project's own header reader, within the
+    aspect-ratio limit; ImageDefect otherwise (undecodable: a format not read; unreadable: its size
+    cannot be read)."""
     try:
-        header = read_size(data)
+        header = read_header(data)
     except HeaderError as exc:
         raise ImageDefect("unreadable", str(exc)) from exc
     if header is None:
         raise ImageDefect("undecodable", f"not an image format this project reads ({', '.join(FORMATS)})")
-    fmt, width, height = header
+    fmt, width, height, _ = header
     if max(width, height) > limits.max_aspect_ratio * min(width, height):
         raise ImageDefect(
             "too-large",
@@ -181,11 +175,10 @@ def _decode_bgr(
         raise ImageDefect("empty", "file has 0 bytes")
     if len(data) > limits.max_file_bytes:
         raise ImageDefect("too-large", f"{len(data)} bytes, over the limit of {limits.max_file_bytes}")
-    fmt, width, height = _checked_size(data, limits)
+    fmt, width, height, progressive = _checked_header(data, limits)
     if fmt == "PNG" and (overrun := png_chunk_overrun(data)):
         raise ImageDefect("truncated", overrun)
     flag, full_wh = cv2.IMREAD_COLOR, None
-    progressive = fmt == "JPEG" and jpeg_frame(data)[0] in PROGRESSIVE_SOF
     if progressive and width * height > limits.max_pixels:
         # libjpeg holds a progressive frame's coefficients at full size whatever the output scale:
         # a 2 KB file claiming 20000 x 20000 took 1.2 GB decoded at 1/4 (bench_fuzz found the kind)
