@@ -163,7 +163,7 @@ class PrepareConfig(Section):
 class BalanceConfig(Section):
     """``balance``: the paper's balanced subset."""
 
-    per_class: int = Field(ge=1)
+    per_class: int | None = Field(ge=1)  # null: every train image (class-balanced sampling over all)
     seed: int
 
 
@@ -218,7 +218,11 @@ class PhaseConfig(Section):
     min_lr: float = Field(ge=0.0)
     label_smoothing: float = Field(ge=0.0, lt=1.0)
     accuracy_loss_weight: Fraction01
+    # balanced_softmax (Ren et al. 2020): the loss sees logits + log(prior of what the sampler draws)
+    loss: Literal["ce", "balanced_softmax"]
     sampler: Literal["random", "class_balanced"]
+    freeze_backbone: bool  # only the head learns (cRT, Kang et al. 2020): backbone + pooling fixed
+    reset_head: bool  # re-initialise the head as the phase starts (cRT re-learns the classifier)
     grad_accum: int = Field(ge=1)
     drop_last: bool
     clip_grad: float | None = Field(gt=0.0)
@@ -378,6 +382,15 @@ class Table1Config(Section):
     bootstrap: int = Field(ge=100)  # resamples of the test images per interval
     confidence: float = Field(gt=0.5, lt=1.0)
     jobs: int = Field(ge=1)  # experiments run at once (`dvc queue start -j`)
+    # long-tail rows beside the paper's (report/table1.py METHODS): logit_adjust | balanced_softmax |
+    # class_balanced | crt
+    methods: _list(tuple[Literal["logit_adjust", "balanced_softmax", "class_balanced", "crt"], ...])
+
+    @model_validator(mode="after")
+    def _distinct(self):
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods must not repeat")
+        return self
 
 
 #: the params.yaml section each stage's config is read from

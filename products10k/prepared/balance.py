@@ -1,5 +1,9 @@
 """The balance stage: the paper's balanced subset, at most ``per_class`` random images per SKU.
 
+``per_class: null`` keeps every image: the finetunes then see all of train, and with
+``sampler: class_balanced`` draw every SKU alike from all its images (class-balanced sampling over
+the whole set, the common alternative to the paper's small subset; cRT's data).
+
 The output keeps the input's columns and row order (the rows are a subset of ``train.csv``), so the
 training code reads it exactly like ``train.csv``. SKUs with fewer images keep all of them.
 """
@@ -28,8 +32,10 @@ def balanced_mask(skus: pd.Series, per_class: int, seed: int) -> pd.Series:
     return keep.reindex(skus.index)
 
 
-def balance_table(train: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
-    """The rows of ``train`` kept by :func:`balanced_mask`, in their original order."""
+def balance_table(train: pd.DataFrame, per_class: int | None, seed: int) -> pd.DataFrame:
+    """The rows of ``train`` kept by :func:`balanced_mask`, in their original order (all: None)."""
+    if per_class is None:
+        return train
     return train[balanced_mask(train["sku"], per_class, seed)]
 
 
@@ -51,10 +57,10 @@ def balance(train_csv: str | os.PathLike, out_csv: str | os.PathLike, cfg: Balan
     out = balance_table(train, cfg.per_class, cfg.seed)
     write_csv(out_csv, out)
     log.info(
-        "balanced subset: %d of %d images, %d SKUs, at most %d per SKU",
+        "balanced subset: %d of %d images, %d SKUs, %s",
         len(out),
         len(train),
         out["sku"].nunique(),
-        cfg.per_class,
+        "every image" if cfg.per_class is None else f"at most {cfg.per_class} per SKU",
     )
     return out

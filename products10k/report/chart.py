@@ -53,8 +53,9 @@ def draw_table1(report: dict) -> bytes:
             cv2.line(img, (cx, y_of(mean - std)), (cx, y_of(mean + std)), (30, 30, 30), 1)
             _text(img, f"{100 * mean:.1f}", x, y_of(mean) - 6, 0.4)
         # the paper's figure for this row, across the "all" bar
-        py = y_of(row["paper"] / 100)
-        cv2.line(img, (x0 - 4, py), (x0 + bar_w + 4, py), PAPER_COLOUR[::-1], 2)
+        if "paper" in row:  # the long-tail methods' rows have no published figure
+            py = y_of(row["paper"] / 100)
+            cv2.line(img, (x0 - 4, py), (x0 + bar_w + 4, py), PAPER_COLOUR[::-1], 2)
         title = row["title"]
         _text(img, title[:28], int(LEFT + i * group_w + 4), HEIGHT - BOTTOM + 22, 0.42)
         gain = row.get("all", {}).get("gain")

@@ -12,6 +12,20 @@ experiments of the current workspace (HEAD plus uncommitted changes and params.y
 - ``low``: ``train.resolution`` x 224/448 (the paper's baseline; 224 under the paper preset), up
   to ``evaluate@<member>-train`` only.
 
+and, for the long-tail methods of ``table1.methods``, the rows that show what each does on top of
+the high-resolution ``train`` row (the gain of these rows is against it):
+
+- ``logit_adjust``: post-hoc logit adjustment (Menon et al. 2021) of the ``high`` experiment's
+  ``train`` predictions, no new experiment: one row with tau fitted on val's estimate over
+  ``submit.tau_grid`` (as the submit stage fits it), one with tau = 1 (the Bayes-optimal correction
+  for a balanced test, not fitted);
+- ``balanced_softmax``: an experiment training with ``train.loss=balanced_softmax``;
+- ``class_balanced``: the balanced finetune on every train image with class-balanced sampling
+  (``balance.per_class=null``, ``finetune_balanced.sampler=class_balanced``) beside the paper's
+  <= 5-per-SKU subset;
+- ``crt``: classifier re-training (Kang et al. 2020) as the balanced phase: the head re-initialised
+  and trained alone, backbone frozen, class-balanced over every image, at train's lr and epochs.
+
 ``dvc queue start -j <table1.jobs>`` runs them (one at a time by default); DVC's run cache restores
 every stage whose inputs it has seen (the data stages after the first experiment). Experiment names carry a
 fingerprint of HEAD, the uncommitted diff and params.yaml (``t1-<fp>-s<seed>-<high|low>``), so
@@ -35,6 +49,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +63,7 @@ from products10k.config import (
     PHASES,
     EvaluateConfig,
     PhaseConfig,
+    SubmitConfig,
     Table1Config,
     load_yaml,
     member_names,
@@ -55,9 +71,13 @@ from products10k.config import (
 )
 from products10k.report.chart import draw_table1, seeds_text
 from products10k.report.stats import paired_bootstrap, seed_spread
-from products10k.scores import SINGLE_TOP1
+from products10k.scores import SINGLE_TOP1, Predictions, load_predictions
+from products10k.submission import choose
 
 log = logging.getLogger("products10k.table1")
+
+#: the long-tail methods ``table1.methods`` may name (see the module docstring)
+METHODS = ("logit_adjust", "balanced_softmax", "class_balanced", "crt")
 
 #: the paper's Table 1 (EfficientNet-B3, ImageNet-pretrained, real Products-10K, single centre crop)
 PAPER = {"baseline": 60.04, "train": 62.98, "finetune_balanced": 63.36, "finetune_accuracy": 64.12}
@@ -71,10 +91,12 @@ PAPER_TITLES = {
 
 @dataclass(frozen=True)
 class Row:
-    key: str  # baseline | train | finetune_balanced | finetune_accuracy
-    role: str  # low | high: which experiment of a seed
+    key: str  # baseline | train | finetune_balanced | finetune_accuracy | a long-tail method's row
+    role: str  # low | high | a method's experiment: which experiment of a seed
     phase: str  # whose metrics and predictions
     title: str
+    base: str | None = None  # the row whose hits the gain is measured against
+    tau: float | str | None = None  # post-hoc logit adjustment of the predictions: a tau or "auto"
 
 
 @dataclass(frozen=True)
@@ -86,13 +108,49 @@ class Experiment:
     targets: tuple[str, ...]  # stages to reproduce (all when empty)
 
 
-def table_rows(high: int, low: int) -> list[Row]:
-    return [
+def table_rows(high: int, low: int, methods=()) -> list[Row]:
+    rows = [
         Row("baseline", "low", "train", f"train @ {low} px (baseline)"),
-        Row("train", "high", "train", f"train @ {high} px"),
-        Row("finetune_balanced", "high", "finetune_balanced", "+ finetune_balanced"),
-        Row("finetune_accuracy", "high", "finetune_accuracy", "+ finetune_accuracy"),
+        Row("train", "high", "train", f"train @ {high} px", base="baseline"),
+        Row("finetune_balanced", "high", "finetune_balanced", "+ finetune_balanced", base="train"),
+        Row("finetune_accuracy", "high", "finetune_accuracy", "+ finetune_accuracy", "finetune_balanced"),
     ]
+    adjusted = "train + logit adjustment"
+    method_rows = {
+        "logit_adjust": [
+            Row("logit_adjust", "high", "train", f"{adjusted} (τ fitted on val)", "train", "auto"),
+            Row("logit_adjust_1", "high", "train", f"{adjusted} (τ = 1)", "train", 1.0),
+        ],
+        "balanced_softmax": [Row("balanced_softmax", "bsm", "train", "train with balanced softmax", "train")],
+        "class_balanced": [
+            Row("class_balanced", "cb", "finetune_balanced", "+ class-balanced finetune, all images", "train")
+        ],
+        "crt": [Row("crt", "crt", "finetune_balanced", "+ cRT (head re-trained, backbone frozen)", "train")],
+    }
+    for method in methods:
+        rows += method_rows[method]
+    return rows
+
+
+def method_experiments(train: PhaseConfig, member: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Method -> (overrides, targets) of its experiment; logit adjustment needs none."""
+    # `++`: set the key whether or not the finetune section already has it (a plain -S of a key
+    # the section inherits from `train` is refused by DVC's Hydra parser)
+    every_image = ("balance.per_class=null", "++finetune_balanced.sampler=class_balanced")
+    balanced = (f"evaluate@{member}-finetune_balanced",)
+    crt = (
+        "++finetune_balanced.freeze_backbone=true",
+        "++finetune_balanced.reset_head=true",
+        # a re-initialised head learns from nothing: train's schedule, not the finetune's 10x lower lr
+        f"++finetune_balanced.lr={train.lr}",
+        f"++finetune_balanced.epochs={train.epochs}",
+        f"++finetune_balanced.warmup_epochs={train.warmup_epochs}",
+    )
+    return {
+        "bsm": (("++train.loss=balanced_softmax",), (f"evaluate@{member}-train",)),
+        "cb": (every_image, balanced),
+        "crt": (every_image + crt, balanced),
+    }
 
 
 def low_resolution(high: int) -> int:
@@ -143,6 +201,9 @@ def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> lis
     fp = fingerprint(params_path)
     # only the stages the table reads: no index, export or submit in these experiments
     high_targets = tuple(f"evaluate@{member}-{phase}" for phase in PHASES)
+    train = section(params, "train", PhaseConfig, where=params_path)
+    roles = {row.role for row in table_rows(high, low, cfg.methods)}
+    extra = {role: spec for role, spec in method_experiments(train, member).items() if role in roles}
     out = []
     for seed in range(cfg.seeds):
         base = (f"train.seed={seed}",)
@@ -156,6 +217,8 @@ def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> lis
                 (f"evaluate@{member}-train",),
             )
         )
+        for role, (overrides, targets) in extra.items():
+            out.append(Experiment(f"t1-{fp}-s{seed}-{role}", role, seed, (*base, *overrides), targets))
     return out
 
 
@@ -248,8 +311,44 @@ def load_run(rev: str | None, member: str, phase: str) -> tuple[dict, np.ndarray
         return metrics, npz[SINGLE_TOP1].astype(np.int64), npz["test_labels"].astype(np.int64)
 
 
-def collect(experiments: list[Experiment], rows: list[Row], member: str) -> dict[str, np.ndarray]:
-    """Row key -> (seeds, test images) hits; checked against each experiment's metrics file."""
+def load_scores(rev: str | None, member: str, phase: str) -> Predictions:
+    """The whole predictions file (val and test top-k) of one phase of one experiment."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.npz"
+        path.write_bytes(_read(f"predictions/{phase}/{member}.npz", rev, "rb"))
+        return load_predictions(path, member)
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """What a logit-adjusted row needs: the target mix val is weighted to and the tau grid."""
+
+    target_prior: str
+    tau_grid: tuple[float, ...]
+
+
+def adjusted_hits(scores: Predictions, label_map: pd.DataFrame, tau, adjustment: Adjustment):
+    """(test top-1 hits after logit adjustment, the tau used): ``auto`` fits tau on val's
+    estimate over the grid, exactly as the submit stage does (submission/choose.py)."""
+    n_train = label_map["n_train"].to_numpy(dtype=np.float64)
+    log_prior = np.log(np.clip(n_train, 1.0, None) / n_train.sum())
+    if tau == "auto":
+        target = choose.target_prior(adjustment.target_prior, label_map)
+        weights = choose.row_weights(scores.val.labels, target)
+        scored = choose.score_taus(
+            "row", scores.val.topk_labels, scores.val.topk_probs(), scores.val.labels, weights, log_prior,
+            adjustment.tau_grid,
+        )  # fmt: skip
+        tau = choose.best(scored).tau
+    top1 = choose.adjust(scores.test.topk_labels, scores.test.topk_probs(), log_prior, float(tau))[0][:, 0]
+    return top1 == scores.test.labels, float(tau)
+
+
+def collect(
+    experiments: list[Experiment], rows: list[Row], member: str, adjustment: Adjustment
+) -> dict[str, np.ndarray]:
+    """Row key -> (seeds, test images) hits; checked against each experiment's metrics file.
+    ``_taus``: per logit-adjusted row, the tau each seed used."""
     revs = experiment_revs()
     missing = [e.name for e in experiments if e.name not in revs]
     if missing:
@@ -259,7 +358,10 @@ def collect(experiments: list[Experiment], rows: list[Row], member: str) -> dict
     by_role: dict[str, list[Experiment]] = {}
     for exp in sorted(experiments, key=lambda e: e.seed):
         by_role.setdefault(exp.role, []).append(exp)
-    hits, labels0 = {}, None
+    # the label map of the data the experiments ran on (not the workspace's, which may differ or be absent)
+    label_map_csv = _read("data/prepared/label_map.csv", revs[experiments[0].name])
+    label_map = pd.read_csv(io.StringIO(label_map_csv))
+    hits, taus, labels0 = {}, {}, None
     for row in rows:
         per_seed = []
         for exp in by_role[row.role]:
@@ -271,43 +373,53 @@ def collect(experiments: list[Experiment], rows: list[Row], member: str) -> dict
             hit = pred == labels
             if not np.isclose(hit.mean(), metrics["test"]["top1"], atol=1e-9):
                 raise Products10kError(f"{exp.name}/{row.phase}: predictions disagree with its metrics file")
+            if row.tau is not None:
+                scores = load_scores(revs[exp.name], member, row.phase)
+                hit, tau = adjusted_hits(scores, label_map, row.tau, adjustment)
+                taus.setdefault(row.key, []).append(tau)
             per_seed.append(hit)
         hits[row.key] = np.stack(per_seed)
     hits["_labels"] = labels0
-    # the label map of the data the experiments ran on (not the workspace's, which may differ or be absent)
-    hits["_label_map"] = _read("data/prepared/label_map.csv", revs[experiments[0].name])
+    hits["_label_map"] = label_map_csv
+    hits["_taus"] = taus
     return hits
 
 
 def build_report(
-    hits: dict, rows: list[Row], tail_mask: np.ndarray, cfg: Table1Config, names: list[str]
+    hits: dict,
+    rows: list[Row],
+    tail_mask: np.ndarray,
+    cfg: Table1Config,
+    names: list[str],
+    taus: dict[str, list[float]] | None = None,
 ) -> dict:
-    """Numbers of the report: per row and part (all/head/tail), mean ± sd and the step's interval."""
+    """Numbers of the report: per row and part (all/head/tail), mean ± sd and the interval of the
+    gain over the row it builds on (``Row.base``)."""
     masks = {"all": np.ones_like(tail_mask), "head": ~tail_mask, "tail": tail_mask}
+    taus = taus or {}
     out_rows = []
-    for i, row in enumerate(rows):
-        entry = {
-            "key": row.key,
-            "title": row.title,
-            "paper": PAPER[row.key],
-            "paper_title": PAPER_TITLES[row.key],
-        }
+    for row in rows:
+        entry = {"key": row.key, "title": row.title, "base": row.base}
+        if row.key in PAPER:
+            entry |= {"paper": PAPER[row.key], "paper_title": PAPER_TITLES[row.key]}
+        if row.key in taus:
+            entry["tau"] = taus[row.key]
         for part, mask in masks.items():
             if not mask.any():
                 continue
             mean, std = seed_spread(hits[row.key][:, mask])
             entry[part] = {"top1": mean, "std": std, "n": int(mask.sum())}
-            if i > 0:
+            if row.base is not None:
                 ci = paired_bootstrap(
                     hits[row.key][:, mask],
-                    hits[rows[i - 1].key][:, mask],
+                    hits[row.base][:, mask],
                     resamples=cfg.bootstrap,
                     confidence=cfg.confidence,
                     seed=0,
                 )
                 entry[part]["gain"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
-        if i > 0:
-            entry["paper_gain"] = round(PAPER[row.key] - PAPER[rows[i - 1].key], 2)
+        if row.key in PAPER and row.base in PAPER:
+            entry["paper_gain"] = round(PAPER[row.key] - PAPER[row.base], 2)
         out_rows.append(entry)
     return {
         "seeds": len(next(iter(hits.values()))),
@@ -335,7 +447,8 @@ def markdown(report: dict) -> str:
     conf = round(100 * report["confidence"])
     lines = [
         f"Test top-1 (%), single centre crop; mean ± sd over {seeds_text(report['seeds'])}; "
-        f"gain vs the row above with its {conf}% interval from {report['bootstrap']} bootstrap "
+        f"gain vs the row it builds on (the row above for the paper's rows; `train` for the long-tail "
+        f"methods below them) with its {conf}% interval from {report['bootstrap']} bootstrap "
         f"resamples of both the seeds and the {report['test_images']} test images: it covers "
         "seed-to-seed and test-sample variation, and * marks a gain whose interval excludes 0 "
         f"(the step's sign is not explained by either). Tail: {report['tail_images']} images.",
@@ -344,7 +457,10 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        cells = [r["title"]]
+        title = r["title"]
+        if "tau" in r:
+            title += " [τ " + ", ".join(f"{t:g}" for t in r["tau"]) + "]"
+        cells = [title]
         for part in ("all",):
             cells += [f"**{_pct(r[part]['top1'])}** ± {_pct(r[part]['std'])}", _gain(r[part].get("gain"))]
         head, tail = r.get("head"), r.get("tail")
@@ -352,7 +468,7 @@ def markdown(report: dict) -> str:
         cells.append(f"{_pct(tail['top1'])} ± {_pct(tail['std'])}" if tail else "")
         cells.append(_gain(tail.get("gain")) if tail else "")
         cells += [
-            f"{r['paper']:.2f} ({r['paper_title']})",
+            f"{r['paper']:.2f} ({r['paper_title']})" if "paper" in r else "",
             f"{r['paper_gain']:+.2f}" if "paper_gain" in r else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -436,14 +552,16 @@ def _run(args: argparse.Namespace) -> None:
         print(show(revs, member, evaluate.phases))
         return
     high = section(params, "train", PhaseConfig, where=args.params).resolution
-    rows = table_rows(high, low_resolution(high))
+    rows = table_rows(high, low_resolution(high), cfg.methods)
     experiments = plan(params, args.params, cfg, member)
     if args.command == "run":
         run_experiments(experiments, cfg.jobs)
-    hits = collect(experiments, rows, member)
-    labels, label_map = hits.pop("_labels"), hits.pop("_label_map")
+    submit = section(params, "submit", SubmitConfig, where=args.params)
+    adjustment = Adjustment(evaluate.target_prior, tuple(submit.tau_grid))
+    hits = collect(experiments, rows, member, adjustment)
+    labels, label_map, taus = hits.pop("_labels"), hits.pop("_label_map"), hits.pop("_taus")
     tail = tail_mask_of(labels, label_map, evaluate.tail_max_images)
-    report = build_report(hits, rows, tail, cfg, [e.name for e in experiments])
+    report = build_report(hits, rows, tail, cfg, [e.name for e in experiments], taus)
     write_report(report, args.out)
     print(markdown(report))
     log.info("wrote %s/table1.md, table1.json, table1.png", args.out)

@@ -65,7 +65,7 @@ from products10k.training.distributed import (
     cleanup,
     init_distributed,
 )
-from products10k.training.losses import PhaseLoss
+from products10k.training.losses import PhaseLoss, log_prior
 from products10k.training.model import create_model, input_normalization, model_config_dict
 from products10k.training.optim import create_scheduler, current_lr
 from products10k.training.transforms import eval_transform, resolve_resize, train_transform
@@ -238,6 +238,7 @@ def build_state(
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
 
     raw = _initial_model(model_cfg, label_map, paths, cfg.seed, info)
+    _prepare_head(raw, cfg, state_name=f"{member}/{phase}")
     if dist_cfg.sync_bn and info.enabled and info.device.type == "cuda":
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw.to(info.device)
@@ -281,7 +282,7 @@ def build_state(
         optimizer=optimizer,
         scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
         scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
-        criterion=PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight),
+        criterion=_criterion(cfg, train_ds.labels, len(label_map), f"{member}/{phase}"),
         # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
         fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths) if info.is_main else "",
     )
@@ -310,6 +311,34 @@ def _initial_model(
         meta.get("val_top1", float("nan")),
     )
     return model
+
+
+def _prepare_head(raw: nn.Module, cfg: PhaseConfig, state_name: str) -> None:
+    """cRT's two switches: a re-initialised head (from the phase's seed, the same on every rank)
+    and a fixed backbone, whose parameters then get no gradient and no optimizer state."""
+    if cfg.reset_head:
+        raw.head.reset_parameters()
+        log.info("%s: head re-initialised", state_name)
+    if cfg.freeze_backbone:
+        frozen = 0
+        for name, p in raw.named_parameters():
+            if not name.startswith("head."):
+                p.requires_grad_(False)
+                frozen += p.numel()
+        trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        log.info("%s: backbone frozen (%d parameters fixed, %d trained)", state_name, frozen, trained)
+
+
+def _criterion(cfg: PhaseConfig, labels, num_classes: int, state_name: str) -> PhaseLoss:
+    """The phase's loss; balanced softmax offsets the logits by the log of the SKU mix the sampler
+    draws (train's counts under ``random``; uniform, so no offset, under ``class_balanced``)."""
+    offset = None
+    if cfg.loss == "balanced_softmax":
+        if cfg.sampler == "class_balanced":
+            log.info("%s: balanced_softmax under class_balanced sampling (a uniform mix) is CE", state_name)
+        else:
+            offset = log_prior(labels, num_classes)
+    return PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight, offset)
 
 
 def fingerprint(
@@ -344,6 +373,9 @@ def train_one_epoch(
     state.model.train()
     if cfg.freeze_bn:
         freeze_batchnorm(state.raw)
+    if cfg.freeze_backbone:  # fixed features: BN statistics, dropout and drop-path as at inference
+        state.raw.backbone.eval()
+        state.raw.pool.eval()
     bar = tqdm(
         loader,
         total=state.batches_per_epoch,

@@ -8,6 +8,12 @@ i.e. one minus the mean probability of the true class. It only pushes the true-c
 up (its gradient w.r.t. the true logit is negative), and unlike CE it saturates on confident
 examples, so the paper uses it for a short finetune after CE training.
 
+Balanced softmax (Ren et al., NeurIPS 2020): trained on long-tailed draws, softmax learns the
+posterior of the training mix, so tail SKUs lose every close call. Adding ``log prior(y)`` (the
+sampler's SKU mix) to the logits inside the loss lets the model learn the *balanced* posterior
+instead; at test time the raw logits are used. It is the training-time twin of post-hoc logit
+adjustment (submission/choose.py).
+
 All losses take per-sample ``weight``s (0 for the DDP samplers' padding entries) and average over
 the weight sum, so padding never counts.
 """
@@ -29,13 +35,28 @@ def accuracy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return accuracy_loss_per_sample(logits, target).mean()
 
 
-class PhaseLoss(torch.nn.Module):
-    """``(1 - w) * CE(label_smoothing) + w * L_acc``, weighted by per-sample weights."""
+def log_prior(labels, num_classes: int) -> torch.Tensor:
+    """``log`` of the SKU mix of ``labels`` (K,), float32; an SKU without images counts as one
+    (a ``-inf`` logit offset would turn label smoothing's sum over every SKU into NaN)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).float()
+    counts = counts.clamp(min=1.0)
+    return (counts / counts.sum()).log()
 
-    def __init__(self, label_smoothing: float = 0.0, accuracy_loss_weight: float = 0.0):
+
+class PhaseLoss(torch.nn.Module):
+    """``(1 - w) * CE(label_smoothing) + w * L_acc``, weighted by per-sample weights; with
+    ``logit_offset`` (balanced softmax: the log prior) both parts see ``logits + logit_offset``."""
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        accuracy_loss_weight: float = 0.0,
+        logit_offset: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.w = accuracy_loss_weight
+        self.register_buffer("logit_offset", logit_offset, persistent=False)
 
     def forward(
         self,
@@ -47,6 +68,8 @@ class PhaseLoss(torch.nn.Module):
         """The weighted mean loss; ``reduction="sum"``: the weighted sum (the training loop
         divides it by the optimizer update's global sample count)."""
         per_sample = torch.zeros(target.shape[0], device=logits.device, dtype=torch.float32)
+        if self.logit_offset is not None:
+            logits = logits.float() + self.logit_offset.to(logits.device)
         if self.w < 1.0:
             ce = F.cross_entropy(
                 logits.float(), target, reduction="none", label_smoothing=self.label_smoothing

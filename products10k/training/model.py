@@ -58,8 +58,11 @@ class MarginHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, kind: str, margin: float, scale: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.xavier_uniform_(self.weight)
+        self.reset_parameters()
         self.kind, self.margin, self.scale = kind, margin, scale
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
 
     def forward(self, features: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         cos = F.linear(F.normalize(features.float()), F.normalize(self.weight.float()))

@@ -1,7 +1,7 @@
 """`python -m products10k.report.table1 run` end to end on the tiny pipeline: one seed's DVC
-experiments (high and low resolution) through the real queue, two at a time, the report's
-structure, its numbers against the experiments' metrics files, a second run that recomputes
-nothing, and the terminal view."""
+experiments (high and low resolution, and cRT's, a long-tail method's) through the real queue,
+two at a time, the report's structure, its numbers against the experiments' metrics files, a
+second run that recomputes nothing, and the terminal view."""
 
 import json
 import re
@@ -10,6 +10,7 @@ import sys
 
 import dvc.api
 import pytest
+import yaml
 
 from tests.helpers import deep_update, make_project, run, tiny_params
 
@@ -21,7 +22,12 @@ SEEDS = 1
 @pytest.mark.e2e
 def test_table1_runs_seeds_as_experiments_and_reports_what_the_metrics_say(tmp_path):
     params = deep_update(
-        tiny_params(), {"train": {"resolution": 48}, "table1": {"seeds": SEEDS, "bootstrap": 200, "jobs": 2}}
+        tiny_params(),
+        {
+            "train": {"resolution": 48},
+            # one post-hoc method (no experiment) and one with its own experiment (a finetune only)
+            "table1": {"seeds": SEEDS, "bootstrap": 200, "jobs": 2, "methods": ["logit_adjust", "crt"]},
+        },
     )
     project = make_project(tmp_path / "project", params)
     table1 = (sys.executable, "-m", "products10k.report.table1")
@@ -30,9 +36,11 @@ def test_table1_runs_seeds_as_experiments_and_reports_what_the_metrics_say(tmp_p
     report = json.loads((project / "reports" / "table1.json").read_text())
     assert report["seeds"] == SEEDS and (project / "reports" / "table1.png").stat().st_size > 0
     md = (project / "reports" / "table1.md").read_text()
-    assert md.strip() in first.stdout and md.count("\n| ") == 5  # printed too; header + 4 rows
+    assert md.strip() in first.stdout and md.count("\n| ") == 8  # printed too; header + 7 rows
     rows = {r["key"]: r for r in report["rows"]}
-    assert list(rows) == ["baseline", "train", "finetune_balanced", "finetune_accuracy"]
+    assert list(rows) == [
+        "baseline", "train", "finetune_balanced", "finetune_accuracy", "logit_adjust", "logit_adjust_1", "crt"
+    ]  # fmt: skip
     assert rows["baseline"]["title"] == "train @ 24 px (baseline)"
 
     # every figure is the seed mean of the experiments' own metrics files
@@ -41,7 +49,7 @@ def test_table1_runs_seeds_as_experiments_and_reports_what_the_metrics_say(tmp_p
         cwd=project, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     revs = dict(zip(refs[::2], refs[1::2], strict=True))
-    assert len(revs) == 2 * SEEDS and all(re.fullmatch(r"t1-[0-9a-f]{7}-s\d-(high|low)", n) for n in revs)
+    assert len(revs) == 3 * SEEDS and all(re.fullmatch(r"t1-[0-9a-f]{7}-s\d-(high|low|crt)", n) for n in revs)
 
     def metric(role, phase, part):
         values = []
@@ -54,13 +62,23 @@ def test_table1_runs_seeds_as_experiments_and_reports_what_the_metrics_say(tmp_p
 
     for key, role, phase in [("baseline", "low", "train"), ("train", "high", "train"),
                              ("finetune_balanced", "high", "finetune_balanced"),
-                             ("finetune_accuracy", "high", "finetune_accuracy")]:  # fmt: skip
+                             ("finetune_accuracy", "high", "finetune_accuracy"),
+                             ("crt", "crt", "finetune_balanced")]:  # fmt: skip
         for part in ("all", "head", "tail"):
             if part in rows[key]:
                 assert rows[key][part]["top1"] == pytest.approx(metric(role, phase, part)), (key, part)
     gain = rows["train"]["all"]["gain"]
     assert gain["estimate"] == pytest.approx(rows["train"]["all"]["top1"] - rows["baseline"]["all"]["top1"])
     assert gain["low"] <= gain["estimate"] <= gain["high"]
+    # the long-tail rows gain against train; cRT's experiment really froze the backbone
+    crt = rows["crt"]["all"]["gain"]["estimate"]
+    assert crt == pytest.approx(rows["crt"]["all"]["top1"] - rows["train"]["all"]["top1"])
+    crt_name = next(n for n in revs if n.endswith("-s0-crt"))
+    with dvc.api.open("params.yaml", repo=str(project), rev=revs[crt_name]) as f:
+        crt_params = yaml.safe_load(f)
+    assert crt_params["finetune_balanced"]["freeze_backbone"] is True
+    assert crt_params["balance"]["per_class"] is None
+    assert rows["logit_adjust_1"]["tau"] == [1.0] and len(rows["logit_adjust"]["tau"]) == SEEDS
 
     # nothing changed: nothing is queued or recomputed, the same report
     again = run(project, *table1, "run", timeout=600)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from products10k.common import DataError
+from products10k.config import BalanceConfig
 from products10k.prepared.balance import balance, balance_table
 from tests.helpers import ROOT, config, write_project_params
 
@@ -43,6 +44,15 @@ def test_at_most_per_class_and_all_of_small_skus():
     pd.testing.assert_series_equal(got, want)
     assert out.index.is_monotonic_increasing  # original row order kept
     assert out.columns.tolist() == COLUMNS
+
+
+def test_per_class_null_keeps_every_image(tmp_path):
+    train = train_frame()
+    pd.testing.assert_frame_equal(balance_table(train, per_class=None, seed=0), train)
+    src, out = tmp_path / "train.csv", tmp_path / "balanced.csv"
+    train.to_csv(src, index=False)
+    balance(src, out, BalanceConfig(per_class=None, seed=0))
+    assert out.read_bytes() == src.read_bytes()
 
 
 def test_seeded_and_random():

@@ -2,6 +2,7 @@
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from products10k.report.chart import draw_table1
@@ -80,3 +81,50 @@ def test_table1_refuses_a_member_that_overrides_what_it_varies(key):
     params = params_tree({"ensemble.members": {"m0": {key: 3 if key == "train.seed" else 96}}})
     with pytest.raises(Products10kError, match=f"ensemble.members.m0 sets {key}"):
         plan(params, "params.yaml", config("table1"), "m0")
+
+
+def test_method_rows_gain_against_train_and_have_no_paper_figure():
+    rng = np.random.default_rng(1)
+    rows = table_rows(128, 64, ("logit_adjust", "crt"))
+    assert [r.key for r in rows][4:] == ["logit_adjust", "logit_adjust_1", "crt"]
+    hits = {r.key: rng.random((2, 90)) < 0.3 for r in rows}
+    hits["crt"] = hits["train"] | (rng.random((2, 90)) < 0.5)  # a method that adds hits to train's
+    tail = np.arange(90) % 2 == 0
+    report = build_report(
+        hits, rows, tail, config("table1", bootstrap=200), ["a"], {"logit_adjust": [0.5, 1.0]}
+    )
+    crt = report["rows"][-1]
+    assert crt["base"] == "train" and "paper" not in crt
+    assert crt["all"]["gain"]["estimate"] == pytest.approx(hits["crt"].mean() - hits["train"].mean())
+    assert crt["all"]["gain"]["low"] > 0  # the interval sees a real gain over its base
+    text = markdown(report)
+    assert "train + logit adjustment (τ fitted on val) [τ 0.5, 1]" in text
+    png = cv2.imdecode(np.frombuffer(draw_table1(report), np.uint8), cv2.IMREAD_COLOR)
+    assert png.shape == (540, 960, 3)
+
+
+def test_logit_adjusted_row_fits_tau_on_val_and_moves_tail_predictions():
+    """A skewed toy: every row's scores favour the head SKU 0 by its train prior; the tail's true
+    SKU is second. tau = 0 leaves the hits as they are, tau = 1 recovers the tail, and "auto"
+    picks the smallest tau of the grid with val's best (uniformly weighted) estimate."""
+    from products10k.report.table1 import Adjustment, adjusted_hits
+    from products10k.scores import Predictions, SplitScores
+
+    label_map = pd.DataFrame({"label": [0, 1, 2], "sku": [10, 11, 12], "n_train": [90, 5, 5]})
+
+    def split(labels):
+        # the true SKU's logit is 1 over the others', the head's 2 more: log(90/5) = 2.9 undoes that
+        logits = np.zeros((len(labels), 3))
+        logits[np.arange(len(labels)), labels] += 1.0
+        logits[:, 0] += 2.0
+        return SplitScores.from_logits(np.array([str(i) for i in range(len(labels))]), labels, logits, 3)
+
+    labels = np.array([0, 1, 2, 1, 2, 0])
+    scores = Predictions(split(labels), split(labels), np.array([10, 11, 12]))
+    adjustment = Adjustment("uniform", (0.0, 0.5, 1.0))
+    plain, tau0 = adjusted_hits(scores, label_map, 0.0, adjustment)
+    assert tau0 == 0.0 and plain.tolist() == (labels == 0).tolist()
+    full, _ = adjusted_hits(scores, label_map, 1.0, adjustment)
+    assert full[labels > 0].all()  # log(90/5) = 2.9 > the head's 2-logit lead: the tail comes back
+    fitted, tau = adjusted_hits(scores, label_map, "auto", adjustment)
+    assert tau == 0.5 and fitted.tolist() == full.tolist()  # the smallest tau that gets every row

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -303,3 +304,40 @@ def test_freeze_batchnorm_puts_only_bn_layers_in_eval_mode():
     assert freeze_batchnorm(model) == 2
     assert not model[1].training and not model[3].training
     assert model[0].training and model[2].training
+
+
+def test_crt_trains_only_a_reset_head_and_balanced_softmax_changes_the_loss(pipeline, tmp_path):
+    """finetune_balanced as cRT: backbone, pooling and BN statistics exactly those of the init
+    checkpoint; the head re-initialised (it starts far from the init's) and trained."""
+    root, data, _ = pipeline
+    init = root / "models" / "train" / "best.pt"
+    crt = {"epochs": 1, "lr": 1e-3, "ema": False, "freeze_backbone": True, "reset_head": True}
+    params = write_params(tmp_path / "p.yaml", finetune_balanced=crt)
+    paths = _paths(data, tmp_path, "finetune_balanced", "train.csv", init)
+    run_phase(params, "finetune_balanced", "m0", paths)
+    before = ckpt_lib.read_checkpoint(init)["model"]
+    after = ckpt_lib.read_checkpoint(paths.out / "last.pt")["model"]
+    body = [k for k in before if not k.startswith("head.")]
+    assert body and all(torch.equal(before[k], after[k]) for k in body)
+    # one epoch at 1e-3 moves a kept head by < 0.1; a reset one starts a whole init away
+    assert _distance({"w": before["head.weight"]}, {"w": after["head.weight"]}) > 0.5
+    # without the reset, the head is trained from the init's head
+    kept = write_params(tmp_path / "q.yaml", finetune_balanced={**crt, "reset_head": False})
+    kept_paths = _paths(data, tmp_path / "q", "finetune_balanced", "train.csv", init)
+    run_phase(kept, "finetune_balanced", "m0", kept_paths)
+    moved = ckpt_lib.read_checkpoint(kept_paths.out / "last.pt")["model"]
+    assert 0 < _distance({"w": before["head.weight"]}, {"w": moved["head.weight"]}) < 0.5
+    assert all(torch.equal(before[k], moved[k]) for k in body)
+
+    # balanced softmax on a skewed copy of train.csv (10/4/2/2 images): the loss differs from CE's
+    train = pd.read_csv(data / "train.csv")
+    keep = train.groupby("label").cumcount() < train["label"].map({0: 10, 1: 4}).fillna(2)
+    skewed = train[keep]
+    skewed.to_csv(data / "skewed.csv", index=False)
+    losses = {}
+    for loss in ("ce", "balanced_softmax"):
+        cfg = write_params(tmp_path / f"{loss}.yaml", finetune_balanced={**crt, "loss": loss})
+        out = _paths(data, tmp_path / loss, "finetune_balanced", "skewed.csv", init)
+        run_phase(cfg, "finetune_balanced", "m0", out)
+        losses[loss] = ckpt_lib.read_checkpoint(out.out / "last.pt")["history"][0]["train/loss"]
+    assert losses["ce"] != pytest.approx(losses["balanced_softmax"], abs=1e-4)

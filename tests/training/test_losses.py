@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from products10k.training.losses import PhaseLoss, accuracy_loss, accuracy_loss_per_sample
+from products10k.training.losses import PhaseLoss, accuracy_loss, accuracy_loss_per_sample, log_prior
 from products10k.training.model import MarginHead
 
 
@@ -88,3 +88,49 @@ def test_margin_head_penalises_only_the_target_in_training(kind):
     if kind == "cosface":
         assert torch.allclose(margin[onehot], plain[onehot] - 10.0 * 0.3, atol=1e-5)
     assert torch.allclose(head(f), plain, atol=1e-5)  # no targets: no margin even in training
+
+
+def test_log_prior_is_the_sampled_mix_with_empty_skus_counted_once():
+    prior = log_prior([0, 0, 0, 1], num_classes=3).exp()
+    assert prior.tolist() == pytest.approx([3 / 5, 1 / 5, 1 / 5])
+
+
+def _skewed_toy(seed: int, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three overlapping 2-D Gaussians, one sample count each."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[0.0, 0.0], [1.2, 0.0], [0.0, 1.2]])
+    xs = [centres[k] + torch.randn(n, 2, generator=g) for k, n in enumerate(counts)]
+    ys = [torch.full((n,), k) for k, n in enumerate(counts)]
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _fit_linear(x, y, loss: PhaseLoss) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def test_balanced_softmax_moves_tail_predictions_on_a_skewed_toy_problem():
+    """Trained on 500/25/25 draws, CE predicts the head where the classes overlap; balanced
+    softmax learns the balanced posterior: tail recall on a balanced test rises, and with it the
+    mean per-class accuracy."""
+    x, y = _skewed_toy(0, [500, 25, 25])
+    xt, yt = _skewed_toy(1, [400, 400, 400])
+    ce = _fit_linear(x, y, PhaseLoss())
+    bsm = _fit_linear(x, y, PhaseLoss(logit_offset=log_prior(y, 3)))
+    with torch.no_grad():
+        pred_ce, pred_bsm = ce(xt).argmax(1), bsm(xt).argmax(1)
+    tail = yt > 0
+    recall_ce = (pred_ce[tail] == yt[tail]).float().mean().item()
+    recall_bsm = (pred_bsm[tail] == yt[tail]).float().mean().item()
+    assert recall_bsm > recall_ce + 0.2
+    assert (pred_bsm == yt).float().mean() > (pred_ce == yt).float().mean() + 0.05
+    # the offset is the log prior: with a uniform one the loss is plain CE
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    uniform = PhaseLoss(logit_offset=log_prior([0, 1, 2], 3))
+    assert uniform(logits, target).item() == pytest.approx(PhaseLoss()(logits, target).item(), abs=1e-6)
