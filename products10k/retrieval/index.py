@@ -31,6 +31,7 @@ import numpy as np
 
 from products10k import common
 from products10k.config import EvaluateConfig, RetrievalConfig
+from products10k.estimate import val_weights
 from products10k.evaluation.evaluate import load_member_checkpoint
 from products10k.evaluation.metrics import split_metrics
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
@@ -137,8 +138,10 @@ def build_index(
 
     # Two weights: the pipeline fuses kNN with the evaluate stage's TTA-averaged scores, deploy with
     # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
-    weight = _fusion_weight(classifier.val, knn["val"], member, "TTA")
-    deploy_weight = _fusion_weight(single_val, knn["val"], member, "single-crop")
+    # fitted on val weighted to the SKU mix test follows (evaluate.target_prior), as every val choice
+    row_weight = val_weights(knn["val"].labels, label_map, evaluate.target_prior)
+    weight = _fusion_weight(classifier.val, knn["val"], member, "TTA", row_weight)
+    deploy_weight = _fusion_weight(single_val, knn["val"], member, "single-crop", row_weight)
     gallery.meta["fusion_weight"] = deploy_weight  # what products10k-predict --mode fused applies
     gallery.meta["fusion_weight_fitted_on"] = "val, single centre crop (as products10k-predict)"
     fused = {s: fuse(getattr(classifier, s), knn[s], weight, len(skus), evaluate.top_k) for s in knn}
@@ -260,13 +263,15 @@ def _check_same_rows(classifier, split: str, knn: SplitScores, path: Path) -> No
         )
 
 
-def _fusion_weight(classifier_val: SplitScores, knn_val: SplitScores, member: str, scores: str) -> float:
+def _fusion_weight(
+    classifier_val: SplitScores, knn_val: SplitScores, member: str, scores: str, row_weight: np.ndarray
+) -> float:
     if not (classifier_val.labels >= 0).any():
         log.warning(
             "%s: no labelled val rows to fit the kNN fusion weight on; using %.1f", member, UNFITTED_WEIGHT
         )
         return UNFITTED_WEIGHT
-    weight = fit_fusion_weight(classifier_val, knn_val)
+    weight = fit_fusion_weight(classifier_val, knn_val, row_weight)
     log.info(
         "%s: kNN fusion weight (%s classifier) fitted on %d val rows: %.3f",
         member,

@@ -262,13 +262,16 @@ def knn_scores(
     )
 
 
-def fit_fusion_weight(classifier: SplitScores, knn: SplitScores) -> float:
-    """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities."""
+def fit_fusion_weight(
+    classifier: SplitScores, knn: SplitScores, row_weight: np.ndarray | None = None
+) -> float:
+    """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities
+    (rows weighted by ``row_weight``: the val estimate's, products10k/estimate.py)."""
     from products10k.submission.ensemble import fit_weights  # scipy: not for the deploy runtime's imports
 
     if not (classifier.labels >= 0).any():
         raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")
-    return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels)[1])
+    return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels, row_weight)[1])
 
 
 def fuse(

@@ -27,24 +27,35 @@ from products10k.scores import SplitScores
 log = logging.getLogger(__name__)
 
 
-def fit_weights(label_logprobs: list[np.ndarray], labels: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def fit_weights(
+    label_logprobs: list[np.ndarray],
+    labels: np.ndarray,
+    row_weight: np.ndarray | None = None,
+    eps: float = 1e-12,
+) -> np.ndarray:
     """Simplex weights maximising the val log-likelihood of the weighted softmax average.
 
     ``label_logprobs[m]`` is member m's exact log-probability of each row's label. Rows with a
-    negative label (no training SKU) carry no information and are skipped.
+    negative label (no training SKU) carry no information and are skipped. ``row_weight`` (the val
+    estimate's weights, products10k/estimate.py) makes it the log-likelihood of the target SKU
+    mix rather than of val's own; rows of weight 0 then count for nothing.
     """
     labels = np.asarray(labels)
     n_members = len(label_logprobs)
     if n_members == 1:
         return np.ones(1)
     keep = labels >= 0
+    if row_weight is not None:
+        keep &= np.asarray(row_weight) > 0
     if not keep.any():
         raise Products10kError("cannot fit ensemble weights: the validation split has no labelled rows")
     probs = np.stack([np.exp(np.asarray(lp, dtype=np.float64)[keep]) for lp in label_logprobs], axis=1)
+    rw = np.ones(int(keep.sum())) if row_weight is None else np.asarray(row_weight, dtype=np.float64)[keep]
+    rw = rw / rw.sum()
 
     def nll(w: np.ndarray) -> tuple[float, np.ndarray]:
         mix = probs @ w + eps
-        return -float(np.mean(np.log(mix))), -(probs / mix[:, None]).mean(axis=0)
+        return -float(rw @ np.log(mix)), -(rw[:, None] * probs / mix[:, None]).sum(axis=0)
 
     start = np.full(n_members, 1.0 / n_members)
     result = minimize(
@@ -64,8 +75,11 @@ def fit_weights(label_logprobs: list[np.ndarray], labels: np.ndarray, eps: float
     return weights / weights.sum()
 
 
-def resolve_weights(spec: str | dict, members: list[str], val: list[SplitScores]) -> dict[str, float]:
-    """Member -> weight from ``ensemble.weights``: 'fit', 'equal' or a mapping (normalised).
+def resolve_weights(
+    spec: str | dict, members: list[str], val: list[SplitScores], row_weight: np.ndarray | None = None
+) -> dict[str, float]:
+    """Member -> weight from ``ensemble.weights``: 'fit' (on val, rows weighted by ``row_weight``),
+    'equal' or a mapping (normalised).
 
     ``fit`` with no labelled validation rows (``prepare.val_fraction: 0``) falls back to equal
     weights with a log line: there is nothing to fit on.
@@ -81,7 +95,7 @@ def resolve_weights(spec: str | dict, members: list[str], val: list[SplitScores]
             log.info("ensemble.weights is 'fit' but there are no labelled val rows: using equal weights")
             weights = np.full(len(members), 1.0 / len(members))
         else:
-            weights = fit_weights([v.label_logprob for v in val], labels)
+            weights = fit_weights([v.label_logprob for v in val], labels, row_weight)
     else:
         raise Products10kError(f"ensemble.weights is {spec!r}, expected 'fit', 'equal' or a mapping")
     return {m: float(w) for m, w in zip(members, weights, strict=True)}

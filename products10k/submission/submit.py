@@ -315,7 +315,7 @@ def make_submission(
     log_prior = np.log(label_map["n_train"].to_numpy(dtype=np.float64) / label_map["n_train"].sum())
     scored, chosen = [], None
     for name, paths in candidates.items():
-        ens = _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K))
+        ens = _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K), target)
         val_labels, test_labels = ens["preds"][members[0]].val.labels, ens["preds"][members[0]].test.labels
         rows = score_taus(name, ens["val"].labels, ens["val"].probs, val_labels,
                           row_weights(val_labels, target), log_prior, taus)  # fmt: skip
@@ -407,10 +407,12 @@ def make_submission(
     return metrics
 
 
-def _ensemble(members, paths, weights_spec, skus, label_map_path, k: int) -> dict:
-    """One candidate's members loaded and ensembled (weights fitted on val): val and test top-``k``."""
+def _ensemble(members, paths, weights_spec, skus, label_map_path, k: int, target: np.ndarray) -> dict:
+    """One candidate's members loaded and ensembled (weights fitted on val's estimate of the
+    ``target`` SKU mix): val and test top-``k``."""
     preds = _load_members(members, paths, skus, label_map_path)
-    weights = resolve_weights(weights_spec, members, [preds[m].val for m in members])
+    val = [preds[m].val for m in members]
+    weights = resolve_weights(weights_spec, members, val, row_weights(val[0].labels, target))
     w = [weights[m] for m in members]
     val = combine_topk([preds[m].val for m in members], w, len(skus), k=k)
     test = combine_topk([preds[m].test for m in members], w, len(skus), k=k)

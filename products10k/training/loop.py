@@ -46,6 +46,7 @@ from products10k.common import (
 )
 from products10k.config import (
     DistConfig,
+    EvaluateConfig,
     ModelConfig,
     PhaseConfig,
     load_yaml,
@@ -53,7 +54,8 @@ from products10k.config import (
     phase_config,
     section,
 )
-from products10k.prepared.contract import read_label_map, read_prepared
+from products10k.estimate import val_weights
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.training import checkpoint as ckpt_lib
 from products10k.training.data import ClassBalancedSampler, EpochSampler, PreparedImageDataset
 from products10k.training.devices import amp_dtype, host_transfer, needs_grad_scaler
@@ -135,8 +137,11 @@ class PhaseState:
     scaler: torch.amp.GradScaler
     criterion: PhaseLoss
     fingerprint: str
+    # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
+    val_weight: torch.Tensor
     global_step: int = 0
     best_top1: float = -1.0
+    best_estimate: float = -1.0  # what checkpoint: best selects on
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -183,9 +188,13 @@ def run_phase(
             if len(state.val_ds):
                 row.update(validate(state))
                 if state.cfg.checkpoint == "best":
-                    improved = row["val/top1"] > state.best_top1
+                    # the best epoch by val's estimate of the test metric (val weighted to
+                    # evaluate.target_prior), not by val top-1, which follows train's SKU mix
+                    improved = row["val/estimate"] > state.best_estimate
                 state.best_top1 = max(state.best_top1, row["val/top1"])
+                state.best_estimate = max(state.best_estimate, row["val/estimate"])
                 row["val/best_top1"] = state.best_top1
+                row["val/best_estimate"] = state.best_estimate
             state.history.append(row)
             if info.is_main:
                 save_epoch(state, epoch, row, improved)
@@ -221,12 +230,14 @@ def build_state(
     micro_batch = cfg.batch_size // per_step
     resize = resolve_resize(cfg.resolution, cfg.resize)
     normalize = input_normalization(model_cfg.arch)
-    label_map = read_label_map(paths.label_map)
+    label_map = read_label_map(paths.label_map, LABEL_MAP_ALL_COLUMNS)
+    target_spec = section(params, "evaluate", EvaluateConfig, where).target_prior
     train_df = read_prepared(paths.train_csv, label_map)
     val_df = read_prepared(paths.val_csv, label_map, allow_empty=True)
     train_ds = PreparedImageDataset(train_df, paths.images, train_transform(cfg, normalize), min_side=resize)
     val_tf = eval_transform(resize, cfg.resolution, normalize)
     val_ds = PreparedImageDataset(val_df, paths.images, val_tf, min_side=resize)
+    val_weight = torch.as_tensor(val_weights(val_df["label"].to_numpy(), label_map, target_spec))
     batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
     if cfg.sampler == "class_balanced":
         train_sampler = ClassBalancedSampler(train_ds.labels, info.rank, info.world, cfg.seed, **batching)
@@ -284,7 +295,10 @@ def build_state(
         scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
         criterion=_criterion(cfg, train_ds.labels, len(label_map), f"{member}/{phase}"),
         # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
-        fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths) if info.is_main else "",
+        fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths, target_spec)
+        if info.is_main
+        else "",
+        val_weight=val_weight,
     )
 
 
@@ -342,10 +356,17 @@ def _criterion(cfg: PhaseConfig, labels, num_classes: int, state_name: str) -> P
 
 
 def fingerprint(
-    phase: str, member: str, cfg: PhaseConfig, model_cfg: ModelConfig, world: int, paths: PhasePaths
+    phase: str,
+    member: str,
+    cfg: PhaseConfig,
+    model_cfg: ModelConfig,
+    world: int,
+    paths: PhasePaths,
+    target_prior: str = "train",
 ) -> str:
     """Hash of everything a resumed run must share with the killed one."""
     blob = {
+        "target_prior": target_prior,  # the best epoch's criterion
         "phase": phase,
         "member": member,
         "cfg": cfg.model_dump(exclude=set(RESUME_SAFE_KEYS)),
@@ -526,18 +547,26 @@ def validate(state: PhaseState) -> dict:
     eval_bs = cfg.eval_batch_size or 2 * state.micro_batch * cfg.grad_accum
     loader = _loader(state, state.val_ds, state.val_sampler, eval_bs, cfg.seed)
     ce = nn.CrossEntropyLoss(reduction="none")
-    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # on the device: no per-step sync
-    for images, target, _, weight in tqdm(
+    # loss*w, hits*w, w, hits*estimate weight, estimate weight: on the device, no per-step sync
+    sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+    for images, target, index, weight in tqdm(
         loader, desc="validate", disable=not info.is_main, leave=False, mininterval=1.0
     ):
+        # the estimate's weight of each row; DDP's padding rows (weight 0) count for nothing
+        est = (state.val_weight[index] * weight.double()).to(info.device)
         images, target, weight = _to_device(state, images, target, weight)
         with _autocast(state):
             logits = model(images)  # the head computes in float32 (Products10kNet.forward)
         loss = (ce(logits.float(), target) * weight).sum()
-        hits = ((logits.argmax(1) == target).float() * weight).sum()
-        sums += torch.stack([loss.double(), hits.double(), weight.sum().double()])
-    loss_sum, correct, count = all_reduce_sum(sums.tolist(), info)
-    return {"val/loss": loss_sum / max(count, 1.0), "val/top1": correct / max(count, 1.0)}
+        hit = (logits.argmax(1) == target).double()
+        hits = (hit * weight).sum()
+        sums += torch.stack([loss.double(), hits, weight.sum().double(), (hit * est).sum(), est.sum()])
+    loss_sum, correct, count, est_hits, est_total = all_reduce_sum(sums.tolist(), info)
+    return {
+        "val/loss": loss_sum / max(count, 1.0),
+        "val/top1": correct / max(count, 1.0),
+        "val/estimate": est_hits / est_total if est_total > 0 else 0.0,
+    }
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -631,6 +660,7 @@ def checkpoint(state: PhaseState, epoch: int, val_top1: float, with_state: bool)
         "normalize": dict(state.normalize),
         "val_top1": float(val_top1),
         "best_val_top1": float(state.best_top1),
+        "best_val_estimate": float(state.best_estimate),
         "phase_config": state.cfg.model_dump(),
         # last.pt keeps the whole history (a resume replays it into DVCLive); best.pt, the published
         # model, leaves out the wall-clock figures, so that the same training gives the same bytes:
@@ -666,6 +696,7 @@ def resume(state: PhaseState) -> int:
         return 0
     state.history = list(ck.get("history", []))
     state.best_top1 = float(ck.get("best_val_top1", -1.0))
+    state.best_estimate = float(ck.get("best_val_estimate", -1.0))
     if ck["epoch"] >= state.cfg.epochs:
         # killed after its final last.pt but before DVC recorded the stage: nothing to redo
         log.info("%s is this phase's finished run (epoch %d): keeping it", last, ck["epoch"])
@@ -754,7 +785,7 @@ def _log_start(state: PhaseState) -> None:
 
 def _log_epoch(state: PhaseState, epoch: int, row: dict) -> None:
     log.info(
-        "%s epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f "
+        "%s epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f estimate %.4f "
         "(best %.4f) | lr %.2e | %.1f img/s, data wait %.0f%%",
         state.name,
         epoch + 1,
@@ -763,7 +794,8 @@ def _log_epoch(state: PhaseState, epoch: int, row: dict) -> None:
         row["train/top1"],
         row.get("val/loss", float("nan")),
         row.get("val/top1", float("nan")),
-        state.best_top1,
+        row.get("val/estimate", float("nan")),
+        state.best_estimate,
         row["lr"],
         row["throughput"],
         100 * row["data_wait"],

@@ -20,6 +20,7 @@ the weight sum, so padding never counts.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +39,7 @@ def accuracy_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def log_prior(labels, num_classes: int) -> torch.Tensor:
     """``log`` of the SKU mix of ``labels`` (K,), float32; an SKU without images counts as one
     (a ``-inf`` logit offset would turn label smoothing's sum over every SKU into NaN)."""
-    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).float()
+    counts = torch.bincount(torch.tensor(np.asarray(labels), dtype=torch.long), minlength=num_classes).float()
     counts = counts.clamp(min=1.0)
     return (counts / counts.sum()).log()
 

@@ -51,6 +51,26 @@ def test_fit_finds_interior_optimum_of_complementary_members():
     assert w == pytest.approx([0.5, 0.5], abs=0.05)
 
 
+def test_row_weights_move_the_fit_towards_the_rows_the_target_mix_weighs():
+    """Member a is right on the 300 rows of a head SKU, b on the 100 rows of four tail SKUs.
+    Unweighted, val's own mix favours a; weighted to a uniform SKU mix (the val estimate's row
+    weights), the tail SKUs carry 4/5 of the mass and the fit moves to b."""
+    from products10k.estimate import row_weights
+
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([np.zeros(300, int), rng.integers(1, 5, size=100)])
+    a, b = _member(labels, 5, 0.0, rng), _member(labels, 5, 0.0, rng)
+    a[np.arange(300), 0] += 6
+    b[np.arange(300, 400), labels[300:]] += 6
+    lps = [_label_logprob(a, labels), _label_logprob(b, labels)]
+    plain = fit_weights(lps, labels)
+    weighted = fit_weights(lps, labels, row_weights(labels, np.full(5, 0.2)))
+    assert plain[0] > 0.6 and weighted[1] > 0.6
+    # rows of weight 0 count for nothing: b alone is fitted on the tail rows
+    only_tail = fit_weights(lps, labels, (labels > 0).astype(float))
+    assert only_tail[1] > 0.95
+
+
 def test_fit_skips_unlabelled_rows_and_single_member():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 5, size=50)

@@ -159,20 +159,57 @@ def test_no_val_split_keeps_the_last_epoch_as_best(tmp_path, caplog):
         assert torch.equal(value, best["model"][key]), key
 
 
-@pytest.mark.parametrize(("choice", "kept_epoch"), [("best", 1), ("last", 3)])
+@pytest.mark.parametrize(("choice", "kept_epoch"), [("best", 2), ("last", 3)])
 def test_checkpoint_choice_picks_the_best_val_epoch_or_the_final_one(
     tmp_path, monkeypatch, choice, kept_epoch
 ):
     import products10k.training.loop as loop
 
-    falling = iter([0.9, 0.5, 0.2])  # val gets worse every epoch: best and last differ
-    monkeypatch.setattr(loop, "validate", lambda state: {"val/loss": 1.0, "val/top1": next(falling)})
+    # val top-1 falls every epoch while the estimate of the test metric peaks at epoch 2: best is
+    # chosen by the estimate (val weighted to evaluate.target_prior), and best and last differ
+    rows = iter([(0.9, 0.3), (0.5, 0.6), (0.2, 0.4)])
+
+    def validate(state):
+        top1, est = next(rows)
+        return {"val/loss": 1.0, "val/top1": top1, "val/estimate": est}
+
+    monkeypatch.setattr(loop, "validate", validate)
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
     params = write_params(tmp_path / "p.yaml", train={"epochs": 3, "checkpoint": choice})
     paths = _paths(data, tmp_path)
     run_phase(params, "train", "m0", paths)
     best = torch.load(paths.out / "best.pt", weights_only=True)
     assert best["epoch"] == kept_epoch
+
+
+def test_val_estimate_weights_val_to_the_target_prior(tmp_path):
+    """The estimate is val top-1 re-weighted to evaluate.target_prior: on a balanced val under
+    `train`'s mix it is top-1 itself; under a mix that is all one SKU it is that SKU's accuracy
+    (counted here from the saved model's own val predictions)."""
+    from products10k.prepared.contract import read_label_map, read_prepared
+    from products10k.training.data import PreparedImageDataset
+    from products10k.training.transforms import eval_transform
+
+    data = make_training_data(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=4)
+    plain = write_params(tmp_path / "p.yaml", train={"epochs": 1}, evaluate={"target_prior": "train"})
+    row = run_phase(plain, "train", "m0", _paths(data, tmp_path / "p"))["history"][0]
+    assert row["val/estimate"] == pytest.approx(row["val/top1"])
+
+    label_map = read_label_map(data / "label_map.csv")
+    one_sku = tmp_path / "one.csv"
+    pd.DataFrame({"sku": [int(label_map["sku"][1])], "weight": [1.0]}).to_csv(one_sku, index=False)
+    skewed = write_params(tmp_path / "q.yaml", train={"epochs": 1}, evaluate={"target_prior": str(one_sku)})
+    paths = _paths(data, tmp_path / "q")
+    row = run_phase(skewed, "train", "m0", paths)["history"][0]
+    model, meta = ckpt_lib.load_model(paths.out / "last.pt")
+    val = read_prepared(data / "val.csv", label_map)
+    tf = eval_transform(meta["resize"], meta["resolution"], meta["normalize"])
+    ds = PreparedImageDataset(val, data, tf, min_side=meta["resize"])
+    with torch.no_grad():
+        pred = torch.cat([model(torch.stack([ds[i][0] for i in range(len(ds))])).argmax(1)])
+    labels = torch.tensor(val["label"].to_numpy())
+    assert row["val/estimate"] == pytest.approx((pred[labels == 1] == 1).float().mean().item())
+    assert row["val/top1"] == pytest.approx((pred == labels).float().mean().item())
 
 
 def test_a_finished_phase_is_kept_not_retrained(tmp_path, caplog):

@@ -1,0 +1,78 @@
+"""The val estimate of the test metric: val top-1 weighted to the SKU mix test follows.
+
+Val is held out of the head SKUs in proportion to their images, so plain val top-1 follows train's
+SKU mix; test may not (the embedded default's test is balanced; Products-10K's is its own mix).
+Each val row gets its SKU's target mass shared among that SKU's val rows (``row_weights``), so the
+weighted val mix is ``evaluate.target_prior`` restricted to the SKUs val has (``coverage`` says how
+much of the target that is). Every choice made on val uses these weights: the best epoch
+(training/loop.py), the fusion weight (retrieval/knn.py), the ensemble weights
+(submission/ensemble.py) and the submission itself (submission/choose.py).
+
+numpy and pandas only: the ground floor every stage family may import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from products10k.common import ConfigError, DataError
+
+
+def target_prior(spec: str, label_map: pd.DataFrame) -> np.ndarray:
+    """The target SKU mix as a (K,) distribution over training labels, from ``evaluate.target_prior``."""
+    counts = label_map["n_train"].to_numpy(dtype=np.float64)
+    if spec == "uniform":
+        prior = np.ones(len(label_map))
+    elif spec == "train":
+        prior = counts
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"evaluate.target_prior: {spec} is not uniform, train or an existing CSV file")
+        table = pd.read_csv(path)
+        for column in ("sku", "weight"):
+            if column not in table.columns:
+                raise DataError(f"{path}: missing column '{column}' (sku,weight)")
+        if (table["weight"] < 0).any() or not np.isfinite(table["weight"]).all():
+            row = int(np.flatnonzero(~(table["weight"] >= 0).to_numpy())[0])
+            raise DataError(f"{path}: row {row + 2}: weight must be a finite number >= 0")
+        weights = table.groupby("sku")["weight"].sum()
+        prior = label_map["sku"].map(weights).fillna(0.0).to_numpy(dtype=np.float64)
+    if prior.sum() <= 0:
+        raise DataError(f"evaluate.target_prior {spec}: no weight on any training SKU")
+    return prior / prior.sum()
+
+
+def row_weights(labels: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per val row: its SKU's target mass shared among that SKU's val rows (0 for unknown SKUs),
+    so that the weighted val mix is the target restricted to the SKUs val has."""
+    labels = np.asarray(labels)
+    known = labels >= 0
+    counts = np.bincount(labels[known], minlength=len(target)).astype(np.float64)
+    weights = np.zeros(len(labels))
+    weights[known] = target[labels[known]] / counts[labels[known]]
+    return weights
+
+
+def coverage(labels: np.ndarray, target: np.ndarray) -> float:
+    """The share of the target's mass on SKUs that have val images: what the estimate stands on."""
+    present = np.unique(np.asarray(labels)[np.asarray(labels) >= 0])
+    return float(target[present].sum())
+
+
+def estimate(top1: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float:
+    """Prior-corrected top-1: the weighted share of rows whose top-1 is their label."""
+    total = weights.sum()
+    return (
+        float(((np.asarray(top1) == np.asarray(labels)) * weights).sum() / total)
+        if total > 0
+        else float("nan")
+    )
+
+
+def val_weights(labels: np.ndarray, label_map: pd.DataFrame, spec: str) -> np.ndarray:
+    """:func:`row_weights` of val ``labels`` for the ``evaluate.target_prior`` ``spec``."""
+    return row_weights(labels, target_prior(spec, label_map))
