@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+# this checkout's products10k, not an installed copy: `dvc exp run --queue`/`--temp` run the stage in
+# a copy of the repository, where an editable install would import the workspace's code instead
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import DistConfig, EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
@@ -43,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--index", required=True, type=Path, help="output folder: index.faiss, gallery.npz, meta.json"
     )
     p.add_argument("--fused", required=True, type=Path, help="output: fused predictions (.npz)")
+    p.add_argument("--knn", type=Path, help="output: the kNN's own predictions (.npz)")
     p.add_argument("--metrics", required=True, type=Path)
     return p.parse_args(argv)
 
@@ -70,7 +76,7 @@ def _run(args: argparse.Namespace) -> None:
         images_root=args.images_root,
         classifier=args.classifier,
     )
-    outputs = IndexOutputs(args.index, args.fused, args.metrics)
+    outputs = IndexOutputs(args.index, args.fused, args.metrics, args.knn)
     info = init_distributed(dist_cfg)  # one process unless started by torchrun
     try:
         build_index(args.member, inputs, outputs, cfg, evaluate, info)

@@ -9,11 +9,11 @@ Run::
         --metrics metrics/submission.json
 
 ``--predictions`` holds a folder per phase (one ``<member>.npz`` per ensemble member, written by
-the evaluate stages) and ``fused/`` (the members' classifier + kNN predictions, written by the
-index stages). ``submit.phase`` names one of them, or ``auto``: each is scored on val by the
-estimate of ``evaluate.target_prior``, with every logit-adjustment tau of ``submit.tau_grid``
-(``submit.logit_adjust: auto``), and the best is submitted; every candidate's figures go into the
-metrics (products10k/submission/choose.py).
+the evaluate stages), ``knn/`` and ``fused/`` (the members' kNN predictions and their classifier
++ kNN fusion, written by the index stages). ``submit.phase`` names one of them, or ``auto``: each
+is scored on val by the estimate of ``evaluate.target_prior``, with every logit-adjustment tau of
+``submit.tau_grid`` (``submit.logit_adjust: auto``), and the best is submitted; every candidate's
+figures go into the metrics (products10k/submission/choose.py).
 Test images the prepare stage excluded (``--report``) have no prediction: they get the most
 frequent training SKU, with a warning, and are counted in ``test.fallback_rows`` (see
 products10k/submission/submit.py).
@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+# this checkout's products10k, not an installed copy: `dvc exp run --queue`/`--temp` run the stage in
+# a copy of the repository, where an editable install would import the workspace's code instead
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k import common
 from products10k.common import Products10kError, run_stage
@@ -72,10 +77,10 @@ def _run(args: argparse.Namespace) -> None:
     evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
     phases = evaluate.phases
     competition = section(params, "data", DataConfig, where=args.params).kaggle.competition
-    if cfg.phase not in ("fused", "auto"):
+    if cfg.phase not in ("fused", "knn", "auto"):
         require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
     root = Path(args.predictions)
-    names = [*phases, "fused"] if cfg.phase == "auto" else [cfg.phase]
+    names = [*phases, "knn", "fused"] if cfg.phase == "auto" else [cfg.phase]
     candidates = {name: {m: root / name / f"{m}.npz" for m in members} for name in names}
     missing = [str(p) for paths in candidates.values() for p in paths.values() if not p.is_file()]
     if missing:

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+# this checkout's products10k, not an installed copy: `dvc exp run --queue`/`--temp` run the stage in
+# a copy of the repository, where an editable install would import the workspace's code instead
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
 from products10k.config import PHASES

@@ -523,6 +523,7 @@ def index_argv(params, ckpt, prepared, test_csv, classifier, out) -> list[str]:
         "--val", str(prepared / "val.csv"), "--test", str(test_csv), "--images-root", str(prepared),
         "--classifier", str(classifier), "--index", str(out / "models" / "m0" / "index"),
         "--fused", str(out / "predictions" / "fused" / "m0.npz"),
+        "--knn", str(out / "predictions" / "knn" / "m0.npz"),
         "--metrics", str(out / "metrics" / "retrieval.json"),
     ]  # fmt: skip
 

@@ -341,9 +341,9 @@ class SubmitConfig(Section):
     """``submit``: the ensemble's submission CSV, its top-k file and its local score."""
 
     # a phase: the members' TTA'd classifier predictions of that phase (evaluate stages);
-    # fused: their classifier fused with kNN over the training-image index (index stages, of
-    # retrieval.phase); auto: whichever of those has the best val estimate (submission/choose.py)
-    phase: Phase | Literal["fused", "auto"]
+    # knn: their kNN over the training-image index; fused: the classifier fused with it (index
+    # stages, of retrieval.phase); auto: whichever of those has the best val estimate (choose.py)
+    phase: Phase | Literal["knn", "fused", "auto"]
     # post-hoc logit adjustment: tau subtracted x log train prior; auto = fitted on val over tau_grid
     logit_adjust: Literal["auto"] | Annotated[float, Field(ge=0.0, le=10.0)]
     tau_grid: _list(tuple[Annotated[float, Field(ge=0.0, le=10.0)], ...]) = Field(min_length=1)

@@ -72,6 +72,7 @@ class IndexOutputs:
     index: Path
     fused: Path
     metrics: Path
+    knn: Path | None = None  # the kNN's own predictions: a candidate of submit.phase: auto
 
 
 def build_index(
@@ -163,6 +164,8 @@ def build_index(
         }
     save_gallery(gallery, outputs.index, thumbs=_thumbnails(splits["train"], inputs.images_root, skus))
     save_predictions(outputs.fused, val=fused["val"], test=fused["test"], skus=skus)
+    if outputs.knn is not None:
+        save_predictions(outputs.knn, val=knn["val"], test=knn["test"], skus=skus)
     common.write_json(outputs.metrics, metrics)
     test = metrics["test"]
     if "top1" in test["knn"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,17 @@ def test_stage_deps_list_every_module_its_script_imports(name):
         and not any(module == d or module.startswith(d + "/") for d in covered)
     )
     assert not missing, f"dvc.yaml stage '{name}' runs {script}, which imports {missing}: add them to deps"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "stages").glob("*.py")))
+def test_a_stage_script_imports_its_own_checkouts_package(tmp_path, script):
+    """`dvc exp run --queue` runs stages in a copy of the repository: the copy's products10k must run,
+    not the editable install's (the workspace, which may have changed since the experiment was queued)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "stages", copy / "stages")
+    shutil.copytree(ROOT / "products10k", copy / "products10k", ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "products10k" / "__init__.py"
+    init.write_text(init.read_text() + "\nraise SystemExit('the copy of products10k ran')\n")
+    command = [sys.executable, str(copy / "stages" / script), "--help"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "the copy of products10k ran" in proc.stderr, proc.stdout + proc.stderr

@@ -61,6 +61,8 @@ def test_index_stage_knn_matches_brute_force_and_metrics_match_the_files(tmp_pat
     n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
     assert metrics["test"]["knn"]["top1"] == pytest.approx((expected == test["label"].to_numpy()).mean())
 
+    knn = load_predictions(tmp_path / "predictions" / "knn" / "m0.npz")  # a submit candidate
+    assert (knn.test.topk_labels[:, 0] == expected).all() and knn.test.names.tolist() == test["name"].tolist()
     fused = load_predictions(tmp_path / "predictions" / "fused" / "m0.npz")
     assert fused.test.names.tolist() == test["name"].tolist()
     block = split_metrics(fused.test.topk_labels, test, n_train, 3)
