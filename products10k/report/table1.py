@@ -328,20 +328,20 @@ class Adjustment:
 
 
 def adjusted_hits(scores: Predictions, label_map: pd.DataFrame, tau, adjustment: Adjustment):
-    """(test top-1 hits after logit adjustment, the tau used): ``auto`` fits tau on val's
-    estimate over the grid, exactly as the submit stage does (submission/choose.py)."""
+    """(test top-1 hits after logit adjustment, the tau used, val's estimate at that tau):
+    ``auto`` fits tau on val's estimate over the grid, exactly as the submit stage does
+    (submission/choose.py)."""
     n_train = label_map["n_train"].to_numpy(dtype=np.float64)
     log_prior = np.log(np.clip(n_train, 1.0, None) / n_train.sum())
-    if tau == "auto":
-        target = choose.target_prior(adjustment.target_prior, label_map)
-        weights = choose.row_weights(scores.val.labels, target)
-        scored = choose.score_taus(
-            "row", scores.val.topk_labels, scores.val.topk_probs(), scores.val.labels, weights, log_prior,
-            adjustment.tau_grid,
-        )  # fmt: skip
-        tau = choose.best(scored).tau
-    top1 = choose.adjust(scores.test.topk_labels, scores.test.topk_probs(), log_prior, float(tau))[0][:, 0]
-    return top1 == scores.test.labels, float(tau)
+    target = choose.target_prior(adjustment.target_prior, label_map)
+    weights = choose.row_weights(scores.val.labels, target)
+    grid = adjustment.tau_grid if tau == "auto" else (float(tau),)
+    scored = choose.score_taus(
+        "row", scores.val.topk_labels, scores.val.topk_probs(), scores.val.labels, weights, log_prior, grid
+    )
+    pick = choose.best(scored)
+    top1 = choose.adjust(scores.test.topk_labels, scores.test.topk_probs(), log_prior, pick.tau)[0][:, 0]
+    return top1 == scores.test.labels, pick.tau, pick.val_estimate
 
 
 def collect(
@@ -361,7 +361,7 @@ def collect(
     # the label map of the data the experiments ran on (not the workspace's, which may differ or be absent)
     label_map_csv = _read("data/prepared/label_map.csv", revs[experiments[0].name])
     label_map = pd.read_csv(io.StringIO(label_map_csv))
-    hits, taus, labels0 = {}, {}, None
+    hits, taus, val, labels0 = {}, {}, {}, None
     for row in rows:
         per_seed = []
         for exp in by_role[row.role]:
@@ -373,15 +373,19 @@ def collect(
             hit = pred == labels
             if not np.isclose(hit.mean(), metrics["test"]["top1"], atol=1e-9):
                 raise Products10kError(f"{exp.name}/{row.phase}: predictions disagree with its metrics file")
+            # val's estimate of the test metric beside it: does val rank the rows as test does?
+            scores = load_scores(revs[exp.name], member, row.phase)
+            adjusted, tau, estimate = adjusted_hits(scores, label_map, row.tau or 0.0, adjustment)
             if row.tau is not None:
-                scores = load_scores(revs[exp.name], member, row.phase)
-                hit, tau = adjusted_hits(scores, label_map, row.tau, adjustment)
+                hit = adjusted
                 taus.setdefault(row.key, []).append(tau)
+            val.setdefault(row.key, []).append(estimate)
             per_seed.append(hit)
         hits[row.key] = np.stack(per_seed)
     hits["_labels"] = labels0
     hits["_label_map"] = label_map_csv
     hits["_taus"] = taus
+    hits["_val"] = val
     return hits
 
 
@@ -392,6 +396,7 @@ def build_report(
     cfg: Table1Config,
     names: list[str],
     taus: dict[str, list[float]] | None = None,
+    val: dict[str, list[float]] | None = None,
 ) -> dict:
     """Numbers of the report: per row and part (all/head/tail), mean ± sd and the interval of the
     gain over the row it builds on (``Row.base``)."""
@@ -404,6 +409,8 @@ def build_report(
             entry |= {"paper": PAPER[row.key], "paper_title": PAPER_TITLES[row.key]}
         if row.key in taus:
             entry["tau"] = taus[row.key]
+        if val and row.key in val and np.isfinite(val[row.key]).all():
+            entry["val_estimate"] = float(np.mean(val[row.key]))
         for part, mask in masks.items():
             if not mask.any():
                 continue
@@ -451,10 +458,12 @@ def markdown(report: dict) -> str:
         f"methods below them) with its {conf}% interval from {report['bootstrap']} bootstrap "
         f"resamples of both the seeds and the {report['test_images']} test images: it covers "
         "seed-to-seed and test-sample variation, and * marks a gain whose interval excludes 0 "
-        f"(the step's sign is not explained by either). Tail: {report['tail_images']} images.",
+        f"(the step's sign is not explained by either). Tail: {report['tail_images']} images. "
+        "Val estimate: val top-1 weighted to evaluate.target_prior, what every choice on val is made "
+        "on (mean over seeds; val covers only the SKUs it has images of).",
         "",
-        "| row | top-1 | gain [CI] | head | tail | tail gain [CI] | paper | paper gain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | top-1 | gain [CI] | head | tail | tail gain [CI] | val estimate | paper | paper gain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         title = r["title"]
@@ -467,6 +476,7 @@ def markdown(report: dict) -> str:
         cells.append(f"{_pct(head['top1'])} ± {_pct(head['std'])}" if head else "")
         cells.append(f"{_pct(tail['top1'])} ± {_pct(tail['std'])}" if tail else "")
         cells.append(_gain(tail.get("gain")) if tail else "")
+        cells.append(_pct(r["val_estimate"]) if "val_estimate" in r else "")
         cells += [
             f"{r['paper']:.2f} ({r['paper_title']})" if "paper" in r else "",
             f"{r['paper_gain']:+.2f}" if "paper_gain" in r else "",
@@ -560,8 +570,9 @@ def _run(args: argparse.Namespace) -> None:
     adjustment = Adjustment(evaluate.target_prior, tuple(submit.tau_grid))
     hits = collect(experiments, rows, member, adjustment)
     labels, label_map, taus = hits.pop("_labels"), hits.pop("_label_map"), hits.pop("_taus")
+    val = hits.pop("_val")
     tail = tail_mask_of(labels, label_map, evaluate.tail_max_images)
-    report = build_report(hits, rows, tail, cfg, [e.name for e in experiments], taus)
+    report = build_report(hits, rows, tail, cfg, [e.name for e in experiments], taus, val)
     write_report(report, args.out)
     print(markdown(report))
     log.info("wrote %s/table1.md, table1.json, table1.png", args.out)

@@ -90,10 +90,12 @@ def test_method_rows_gain_against_train_and_have_no_paper_figure():
     hits = {r.key: rng.random((2, 90)) < 0.3 for r in rows}
     hits["crt"] = hits["train"] | (rng.random((2, 90)) < 0.5)  # a method that adds hits to train's
     tail = np.arange(90) % 2 == 0
+    val = {r.key: [0.5, 0.6] for r in rows}
     report = build_report(
-        hits, rows, tail, config("table1", bootstrap=200), ["a"], {"logit_adjust": [0.5, 1.0]}
+        hits, rows, tail, config("table1", bootstrap=200), ["a"], {"logit_adjust": [0.5, 1.0]}, val
     )
     crt = report["rows"][-1]
+    assert crt["val_estimate"] == pytest.approx(0.55)
     assert crt["base"] == "train" and "paper" not in crt
     assert crt["all"]["gain"]["estimate"] == pytest.approx(hits["crt"].mean() - hits["train"].mean())
     assert crt["all"]["gain"]["low"] > 0  # the interval sees a real gain over its base
@@ -122,9 +124,10 @@ def test_logit_adjusted_row_fits_tau_on_val_and_moves_tail_predictions():
     labels = np.array([0, 1, 2, 1, 2, 0])
     scores = Predictions(split(labels), split(labels), np.array([10, 11, 12]))
     adjustment = Adjustment("uniform", (0.0, 0.5, 1.0))
-    plain, tau0 = adjusted_hits(scores, label_map, 0.0, adjustment)
+    plain, tau0, val0 = adjusted_hits(scores, label_map, 0.0, adjustment)
     assert tau0 == 0.0 and plain.tolist() == (labels == 0).tolist()
-    full, _ = adjusted_hits(scores, label_map, 1.0, adjustment)
-    assert full[labels > 0].all()  # log(90/5) = 2.9 > the head's 2-logit lead: the tail comes back
-    fitted, tau = adjusted_hits(scores, label_map, "auto", adjustment)
+    assert val0 == pytest.approx(1 / 3)  # uniform over 3 SKUs: only the head SKU's rows are right
+    full, _, val1 = adjusted_hits(scores, label_map, 1.0, adjustment)
+    assert full[labels > 0].all() and val1 == 1.0  # log(90/5) = 2.9 > the head's 2-logit lead
+    fitted, tau, _ = adjusted_hits(scores, label_map, "auto", adjustment)
     assert tau == 0.5 and fitted.tolist() == full.tolist()  # the smallest tau that gets every row
