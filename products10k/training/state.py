@@ -1,0 +1,303 @@
+"""The state of one training phase and how it is built: data, model, optimizer, schedule, loss.
+
+``build_state`` reads the phase's CSVs and label map, makes the model (ImageNet weights, or the
+previous phase's ``best.pt``, broadcast from rank 0), applies cRT's switches (``reset_head``,
+``freeze_backbone``), wraps it for DDP / ``torch.compile`` and builds the optimizer, schedule and loss
+(balanced softmax offsets the logits by the sampled SKU mix). ``fingerprint`` hashes what a resumed
+run must share with the killed one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from products10k.common import (
+    ConfigError,
+    file_sha256,
+    seed_everything,
+)
+from products10k.config import (
+    DistConfig,
+    EvaluateConfig,
+    ModelConfig,
+    PhaseConfig,
+    phase_config,
+    section,
+)
+from products10k.estimate import val_weights
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.training import checkpoint as ckpt_lib
+from products10k.training.data import ClassBalancedSampler, EpochSampler, PreparedImageDataset
+from products10k.training.devices import amp_dtype, host_transfer, needs_grad_scaler
+from products10k.training.distributed import (
+    DistInfo,
+    broadcast_object,
+)
+from products10k.training.losses import PhaseLoss, log_prior
+from products10k.training.model import create_model, input_normalization
+from products10k.training.optim import create_scheduler
+from products10k.training.transforms import eval_transform, resolve_resize, train_transform
+
+log = logging.getLogger("products10k.training.loop")  # one logger for the whole loop, as before its split
+
+#: settings that may change between a kill and a resume without changing the result. Not
+#: num_workers: each DataLoader worker draws its own augmentation stream (seeded from the epoch's
+#: generator and its worker id; none = the main process's), so another count augments otherwise.
+RESUME_SAFE_KEYS = ("compile", "eval_batch_size")
+#: part of the resume fingerprint: a last.pt whose optimizer state is laid out otherwise (the
+#: parameter groups before timm's create_optimizer_v2) is not resumed
+OPTIMIZER_LAYOUT = "timm-v2"
+
+
+@dataclass(frozen=True)
+class PhasePaths:
+    """Every file a phase reads or writes (all from the stage's command line)."""
+
+    train_csv: Path
+    val_csv: Path
+    label_map: Path
+    images: Path
+    out: Path
+    live: Path | None = None
+    init: Path | None = None  # checkpoint to start from (finetune phases)
+
+
+@dataclass
+class Callbacks:
+    """Observers of a running phase; the stage passes none, tests watch the phase through them."""
+
+    on_batch: Callable[[PhaseState, torch.Tensor, torch.Tensor], None] | None = None  # index, weight
+    on_epoch_end: Callable[[PhaseState, int], None] | None = None  # after epoch (0-based)
+    on_end: Callable[[PhaseState], None] | None = None
+
+
+@dataclass
+class PhaseState:
+    """Everything one rank holds while it trains a phase; built by :func:`build_state`."""
+
+    phase: str
+    member: str
+    paths: PhasePaths
+    cfg: PhaseConfig
+    model_cfg: ModelConfig
+    info: DistInfo
+    label_map: pd.DataFrame
+    normalize: dict  # the backbone's input normalisation (timm's pretrained config), kept in checkpoints
+    resize: int
+    micro_batch: int  # per rank and forward pass: batch_size / (world x grad_accum)
+    # computed once: len(sampler) shards the whole epoch's order (O(images)), too slow per step
+    batches_per_epoch: int
+    amp_dtype: torch.dtype | None
+    non_blocking: bool  # asynchronous host-to-device copies (CUDA only)
+    train_ds: PreparedImageDataset
+    val_ds: PreparedImageDataset
+    train_sampler: EpochSampler | ClassBalancedSampler
+    val_sampler: EpochSampler
+    raw: nn.Module  # the model itself: what is saved, EMA'd and clipped
+    model: nn.Module  # what runs forward: raw, DDP-wrapped and/or compiled
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    criterion: PhaseLoss
+    fingerprint: str
+    # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
+    val_weight: torch.Tensor
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_estimate: float = -1.0  # what checkpoint: best selects on
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[int]:
+        """The SKU id of every label, in label order."""
+        return [int(s) for s in self.label_map["sku"]]
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved as ``model``: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.raw
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase}@{self.member}"
+
+
+def build_state(
+    params: dict, where: str, phase: str, member: str, paths: PhasePaths, info: DistInfo, dist_cfg: DistConfig
+) -> PhaseState:
+    """Read the data, build the model, optimizer and schedule of ``phase`` on this rank."""
+    cfg = phase_config(params, phase, where)
+    model_cfg = section(params, "model", ModelConfig, where)
+    if phase != "train" and paths.init is None:
+        raise ConfigError(f"phase '{phase}' needs --init (the previous phase's best.pt)")
+    per_step = info.world * cfg.grad_accum
+    if cfg.batch_size % per_step:
+        raise ConfigError(
+            f"{where}: {phase}.batch_size={cfg.batch_size} is not divisible by "
+            f"dist.nproc_per_node ({info.world}) x {phase}.grad_accum ({cfg.grad_accum})"
+        )
+    micro_batch = cfg.batch_size // per_step
+    resize = resolve_resize(cfg.resolution, cfg.resize)
+    normalize = input_normalization(model_cfg.arch)
+    label_map = read_label_map(paths.label_map, LABEL_MAP_ALL_COLUMNS)
+    target_spec = section(params, "evaluate", EvaluateConfig, where).target_prior
+    train_df = read_prepared(paths.train_csv, label_map)
+    val_df = read_prepared(paths.val_csv, label_map, allow_empty=True)
+    train_ds = PreparedImageDataset(train_df, paths.images, train_transform(cfg, normalize), min_side=resize)
+    val_tf = eval_transform(resize, cfg.resolution, normalize)
+    val_ds = PreparedImageDataset(val_df, paths.images, val_tf, min_side=resize)
+    val_weight = torch.as_tensor(val_weights(val_df["label"].to_numpy(), label_map, target_spec))
+    batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
+    if cfg.sampler == "class_balanced":
+        train_sampler = ClassBalancedSampler(train_ds.labels, info.rank, info.world, cfg.seed, **batching)
+    else:
+        train_sampler = EpochSampler(len(train_ds), info.rank, info.world, True, cfg.seed, **batching)
+    # eval mode uses running BN statistics: a 1-sample batch is fine there
+    val_sampler = EpochSampler(len(val_ds), info.rank, info.world, shuffle=False)
+    batches_per_epoch = math.ceil(len(train_sampler) / micro_batch)
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+
+    raw = _initial_model(model_cfg, label_map, paths, cfg.seed, info)
+    _prepare_head(raw, cfg, state_name=f"{member}/{phase}")
+    if dist_cfg.sync_bn and info.enabled and info.device.type == "cuda":
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    raw.to(info.device)
+    if cfg.channels_last:
+        raw.to(memory_format=torch.channels_last)
+    # timm's factory: no weight decay on biases, norm parameters and GeM's p (ndim <= 1)
+    optimizer = create_optimizer_v2(
+        raw, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+    # timm's EMA warm-up: decay = min(ema_decay, 1 - (1 + step)^-2/3) counted from this phase's
+    # start, so a 3-epoch finetune's EMA moves (a fixed 0.998 from step 0 would keep ~96% of the
+    # initial weights over ~20 updates)
+    ema = ModelEmaV3(raw, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    model: nn.Module = raw
+    if info.enabled:
+        model = DDP(raw, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    dtype = amp_dtype(cfg.amp, info.device)
+    return PhaseState(
+        phase=phase,
+        member=member,
+        paths=paths,
+        cfg=cfg,
+        model_cfg=model_cfg,
+        info=info,
+        label_map=label_map,
+        normalize=normalize,
+        resize=resize,
+        micro_batch=micro_batch,
+        batches_per_epoch=batches_per_epoch,
+        amp_dtype=dtype,
+        non_blocking=host_transfer(info.device)["non_blocking"],
+        train_ds=train_ds,
+        val_ds=val_ds,
+        train_sampler=train_sampler,
+        val_sampler=val_sampler,
+        raw=raw,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
+        scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
+        criterion=_criterion(cfg, train_ds.labels, len(label_map), f"{member}/{phase}"),
+        # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
+        fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths, target_spec)
+        if info.is_main
+        else "",
+        val_weight=val_weight,
+    )
+
+
+def _initial_model(
+    model_cfg: ModelConfig, label_map: pd.DataFrame, paths: PhasePaths, seed: int, info: DistInfo
+) -> nn.Module:
+    """A new model (ImageNet weights if configured) or, for a finetune, the previous phase's: read
+    by rank 0 and broadcast, as another node need not hold the previous phase's checkpoint."""
+    seed_everything(seed)  # identical initial weights on every rank
+    if paths.init is None:
+        return create_model(model_cfg, len(label_map))
+    init = broadcast_object(ckpt_lib.read_checkpoint(paths.init) if info.is_main else None, info)
+    meta = ckpt_lib.metadata(init)
+    ckpt_lib.check_arch(meta, model_cfg.arch, paths.init)
+    ckpt_lib.check_labels(meta, label_map, paths.init, paths.label_map)
+    # the init checkpoint holds all weights: ImageNet weights are not needed
+    model = create_model(model_cfg, len(label_map), pretrained=False)
+    ckpt_lib.load_state(model, init["model"], paths.init, model_cfg.arch)
+    log.info(
+        "initialised from %s (phase %s, epoch %s, val top-1 %.4f)",
+        paths.init,
+        meta.get("phase"),
+        meta.get("epoch"),
+        meta.get("val_top1", float("nan")),
+    )
+    return model
+
+
+def _prepare_head(raw: nn.Module, cfg: PhaseConfig, state_name: str) -> None:
+    """cRT's two switches: a re-initialised head (from the phase's seed, the same on every rank)
+    and a fixed backbone, whose parameters then get no gradient and no optimizer state."""
+    if cfg.reset_head:
+        raw.head.reset_parameters()
+        log.info("%s: head re-initialised", state_name)
+    if cfg.freeze_backbone:
+        frozen = 0
+        for name, p in raw.named_parameters():
+            if not name.startswith("head."):
+                p.requires_grad_(False)
+                frozen += p.numel()
+        trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        log.info("%s: backbone frozen (%d parameters fixed, %d trained)", state_name, frozen, trained)
+
+
+def _criterion(cfg: PhaseConfig, labels, num_classes: int, state_name: str) -> PhaseLoss:
+    """The phase's loss; balanced softmax offsets the logits by the log of the SKU mix the sampler
+    draws (train's counts under ``random``; uniform, so no offset, under ``class_balanced``)."""
+    offset = None
+    if cfg.loss == "balanced_softmax":
+        if cfg.sampler == "class_balanced":
+            log.info("%s: balanced_softmax under class_balanced sampling (a uniform mix) is CE", state_name)
+        else:
+            offset = log_prior(labels, num_classes)
+    return PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight, offset)
+
+
+def fingerprint(
+    phase: str,
+    member: str,
+    cfg: PhaseConfig,
+    model_cfg: ModelConfig,
+    world: int,
+    paths: PhasePaths,
+    target_prior: str = "train",
+) -> str:
+    """Hash of everything a resumed run must share with the killed one."""
+    blob = {
+        "target_prior": target_prior,  # the best epoch's criterion
+        "phase": phase,
+        "member": member,
+        "cfg": cfg.model_dump(exclude=set(RESUME_SAFE_KEYS)),
+        "model": model_cfg.model_dump(),
+        "world": world,
+        "optimizer_layout": OPTIMIZER_LAYOUT,
+        "train_csv": file_sha256(paths.train_csv),
+        "label_map": file_sha256(paths.label_map),
+        "init": file_sha256(paths.init) if paths.init else None,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
