@@ -25,7 +25,7 @@ from machine import describe  # noqa: E402
 RUN = """
 import resource, sys
 import cv2
-import products10k.prepared.images as images
+import products10k.imaging.images as images
 if sys.argv[1] == "full":  # what decoding cost before the budget: every pixel of the photo
     images.reduced_decode_flag = lambda *args, **kwargs: cv2.IMREAD_COLOR
 from products10k.deploy import predict

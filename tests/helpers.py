@@ -225,7 +225,7 @@ def limits(**overrides):
     stage and an export of the default decode with, with ``overrides`` of ImageLimits' fields."""
     from dataclasses import replace
 
-    from products10k.prepared.images import ImageLimits
+    from products10k.imaging.images import ImageLimits
 
     return replace(ImageLimits.from_prepare(config("prepare")), **overrides)
 

@@ -341,7 +341,7 @@ def fuzz(fmt: str, cases: int, seed: int, max_pixels: int) -> dict:
     import time
 
     from products10k.deploy.serve import RequestError, _zip_items
-    from products10k.prepared.images import ImageDefect, decode_rgb
+    from products10k.imaging.images import ImageDefect, decode_rgb
     from tests.helpers import limits
 
     budget = limits(max_pixels=max_pixels, max_file_bytes=1 << 20)

@@ -149,7 +149,7 @@ class PrepareConfig(Section):
     max_bad_fraction: Fraction01
     max_unseen_test_fraction: Fraction01
     jpeg_quality: int = Field(ge=1, le=100)
-    # decoded pixels per image (prepared/images.py): a JPEG over it is decoded reduced, others excluded
+    # decoded pixels per image (imaging/images.py): a JPEG over it is decoded reduced, others excluded
     # at most Pillow's own refusal, twice its MAX_IMAGE_PIXELS (images.MAX_PIXELS_CEILING; a test checks)
     max_pixels: int = Field(ge=1_000_000, le=178_956_970)
     max_aspect_ratio: float = Field(ge=2.0, le=1000.0)  # longer / shorter side; a thinner image is too-large

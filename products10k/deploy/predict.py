@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from products10k import common
 from products10k.common import Products10kError
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
-from products10k.prepared.archive import (
+from products10k.imaging.archive import (
     IMAGE_SUFFIXES,
     ZIP_READ_ERRORS,
     image_members,
@@ -55,7 +55,7 @@ from products10k.prepared.archive import (
     read_file,
     read_member,
 )
-from products10k.prepared.images import ImageDefect, ImageLimits
+from products10k.imaging.images import ImageDefect, ImageLimits
 
 log = logging.getLogger("products10k.predict")
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from products10k.common import Products10kError
-from products10k.prepared.images import ImageDefect, ImageLimits, decode_rgb, prepare_image
+from products10k.imaging.images import ImageDefect, ImageLimits, decode_rgb, prepare_image
 from products10k.retrieval.knn import Gallery, load_gallery, search, vote
 from products10k.scores import SplitScores, combine_topk
 

@@ -67,14 +67,14 @@ from products10k.deploy.versions import (
     newest_version,
     prune_versions,
 )
-from products10k.prepared.archive import (
+from products10k.imaging.archive import (
     ZIP_READ_ERRORS,
     ArchiveTooLarge,
     check_members,
     image_members,
     read_member,
 )
-from products10k.prepared.images import ImageDefect, ImageLimits
+from products10k.imaging.images import ImageDefect, ImageLimits
 from products10k.retrieval.knn import THUMBS_DIR
 
 log = logging.getLogger("products10k.serve")

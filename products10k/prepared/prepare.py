@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from products10k.common import DataError, ordered_map, pause_point, resolve_n_jobs, write_csv, write_json
 from products10k.config import PrepareConfig
+from products10k.imaging.images import ImageLimits, prepare_zip_members
 from products10k.prepared.contract import PREPARED_COLUMNS, TEST_COLUMNS
-from products10k.prepared.images import ImageLimits, prepare_zip_members
 from products10k.prepared.shards import ShardWriter, remove_stale_staging
 from products10k.prepared.tables import (
     check_unseen_test_skus,

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from products10k.common import ordered_map, resolve_n_jobs
 from products10k.config import SyntheticConfig
-from products10k.prepared.images import encode_jpeg
+from products10k.imaging.images import encode_jpeg
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.estimate import val_weights
 from products10k.evaluation.evaluate import load_member_checkpoint
 from products10k.evaluation.metrics import split_metrics
+from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.prepared.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.prepared.shards import ImageStore
 from products10k.retrieval.embed import embed_rows
 from products10k.retrieval.knn import (

@@ -102,7 +102,7 @@ def save_gallery(
 def thumbnail_jpeg(data: bytes, limits, side: int = 96) -> bytes:
     """A SKU's thumbnail from any image file's bytes (decoded within ``limits``, an ImageLimits):
     shorter side ``side``, JPEG quality 85."""
-    from products10k.prepared.images import prepare_image
+    from products10k.imaging.images import prepare_image
 
     return prepare_image(data, side, 85, limits=limits)[0]
 

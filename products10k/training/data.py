@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from products10k.prepared.images import reduced_decode_flag
+from products10k.imaging.images import reduced_decode_flag
 from products10k.prepared.shards import ImageStore
 
 

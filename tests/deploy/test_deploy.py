@@ -18,7 +18,7 @@ from PIL import Image
 
 from products10k.deploy import enrol, predict
 from products10k.deploy.runtime import ExportedModel
-from products10k.prepared.images import prepare_image
+from products10k.imaging.images import prepare_image
 from products10k.prepared.shards import ImageStore, ShardWriter
 from products10k.training.checkpoint import load_model
 from products10k.training.transforms import eval_transform

@@ -1,4 +1,4 @@
-"""prepared/headers.py: image sizes read by the project itself, the fence every decode budget stands on."""
+"""imaging/headers.py: image sizes read by the project itself, the fence every decode budget stands on."""
 
 import io
 import struct
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from products10k.prepared.headers import HeaderError, read_size
+from products10k.imaging.headers import HeaderError, read_size
 from tests.hostile import OK, base_image, corpus, jpeg_claiming, radiance, with_app14
 
 

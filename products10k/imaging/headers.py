@@ -1,6 +1,6 @@
 """Image dimensions read from the file's own header, by the project, before any decoder sees the file.
 
-The pixel budget of every decode (prepared/images.py) rests on this: a decoder's header reader is
+The pixel budget of every decode (imaging/images.py) rests on this: a decoder's header reader is
 not a fence (Pillow gave up on a JPEG with a 5-byte APP14 segment and OpenCV then decoded all of its
 100 MP; OpenCV decodes formats Pillow does not know, such as Radiance HDR). So the formats the
 project accepts are exactly those whose size this module reads, each from the fields the format's

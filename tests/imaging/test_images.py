@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from products10k.prepared.images import (
+from products10k.imaging.images import (
     ImageDefect,
     decode_rgb,
     encode_jpeg,
@@ -248,6 +248,6 @@ def test_reduced_decode_flag_obeys_the_budget_before_min_side():
 
 def test_the_params_ceiling_is_pillows():
     from products10k.config.schema import PrepareConfig
-    from products10k.prepared.images import MAX_PIXELS_CEILING
+    from products10k.imaging.images import MAX_PIXELS_CEILING
 
     assert PrepareConfig.model_fields["max_pixels"].metadata[1].le == MAX_PIXELS_CEILING

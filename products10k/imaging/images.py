@@ -21,7 +21,7 @@ Decisions, and why:
 - **A pixel budget, from a header the project reads itself.** Every decode is bounded by
   :class:`ImageLimits` (``prepare.max_pixels``, ``prepare.max_aspect_ratio``; recorded in the export's
   ``preprocess.json`` for the runtime: params.yaml is their one home), checked on the file's own header
-  (prepared/headers.py) before any pixel is decoded, so one file cannot take the memory of the run: a
+  (imaging/headers.py) before any pixel is decoded, so one file cannot take the memory of the run: a
   5 KB JPEG claiming 60000 x 60000 pixels, a PNG decompression bomb, a JPEG whose header Pillow cannot
   parse. A JPEG over the budget is decoded at the largest reduction that fits (libjpeg's 1/2, 1/4,
   1/8), even below ``min_side``: a 20000 x 20000 photo costs 2500 x 2500 pixels, not 1.2 GB. Other
@@ -52,9 +52,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from products10k.prepared.archive import open_zip, read_member
-from products10k.prepared.defects import ImageDefect
-from products10k.prepared.headers import FORMATS, HeaderError, png_chunk_overrun, read_header
+from products10k.imaging.archive import open_zip, read_member
+from products10k.imaging.defects import ImageDefect
+from products10k.imaging.headers import FORMATS, HeaderError, png_chunk_overrun, read_header
 
 # The reduced-decode flags OpenCV offers, largest reduction first.
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))

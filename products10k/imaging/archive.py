@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from products10k.prepared.defects import ImageDefect
+from products10k.imaging.defects import ImageDefect
 
 #: what opening a zip or reading one member can raise: a bad CRC or a cut-off archive (BadZipFile,
 #: zlib.error, EOFError, OSError), an encrypted member (RuntimeError: password required), a compression
@@ -36,7 +36,7 @@ ZIP_READ_ERRORS = (
     OverflowError,
     IndexError,
 )
-#: file name suffixes read as images (prepared/headers.py reads each of these formats' size)
+#: file name suffixes read as images (imaging/headers.py reads each of these formats' size)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 NESTED_ZIP = "unsupported: a zip inside a zip (extract it and pass the inner archive)"
 
