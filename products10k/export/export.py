@@ -163,6 +163,10 @@ def _check_batch(meta: dict, test, images_root: Path, n: int) -> torch.Tensor:
     return images if len(images) > 1 else images.repeat(2, 1, 1, 1)
 
 
+#: the exporter's node metadata holding a Python stack trace (file paths of the exporting machine)
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
 def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1)
     with torch.inference_mode(False), torch.no_grad():
@@ -178,6 +182,21 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) 
             external_data=False,  # one self-contained file (< 2 GB for every timm classifier used here)
             verbose=False,
         )
+    _strip_stack_traces(path)
+
+
+def _strip_stack_traces(path: Path) -> None:
+    """Drop the exporter's per-node Python stack traces: they name the files of the machine that
+    exported (its checkout and its environment), so the same model exported from two checkouts
+    differed in bytes, and a shipped model carried the builder's paths."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 def session(path: Path) -> ort.InferenceSession:

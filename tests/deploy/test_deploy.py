@@ -43,6 +43,10 @@ def test_export_matches_pytorch_and_writes_its_preprocessing(project):
     labels = pd.read_csv(prepared / "label_map.csv")
     assert spec["skus"] == labels.sort_values("label")["sku"].tolist()
     assert spec["center_crop"] == 32 and spec["resize_shorter_side"] == 37  # round(32 * 8 / 7)
+    # no path of the exporting machine in the shipped model (the exporter records stack traces)
+    onnx_bytes = (root / "models" / "export" / "model.onnx").read_bytes()
+    assert b"stack_trace" not in onnx_bytes and str(Path.cwd()).encode() not in onnx_bytes
+    assert b"site-packages" not in onnx_bytes
 
     # a batch size the export never saw, on the exported file itself
     exported = ExportedModel(root / "models" / "export")
