@@ -24,6 +24,10 @@ from products10k.config import (
 
 log = logging.getLogger("products10k.table1")  # the command's one logger
 
+#: what every Table 1 experiment sets, so that its paper rows are the paper's recipe whatever the
+#: project's defaults (which may tail-cover val or train with balanced softmax)
+PAPER_PROTOCOL = ("prepare.val_tail_images=0", "++train.loss=ce")
+
 #: the long-tail methods ``table1.methods`` may name (see table1.py's docstring)
 METHODS = ("logit_adjust", "balanced_softmax", "class_balanced", "crt")
 
@@ -154,7 +158,9 @@ def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> lis
     extra = {role: spec for role, spec in method_experiments(train, member).items() if role in roles}
     out = []
     for seed in range(cfg.seeds):
-        base = (f"train.seed={seed}",)
+        # the paper's protocol whatever the defaults: every training image (no val leave-out of the
+        # tail) and cross-entropy; a long-tail method's experiment changes only its own keys
+        base = (f"train.seed={seed}", *PAPER_PROTOCOL)
         out.append(Experiment(f"t1-{fp}-s{seed}-high", "high", seed, base, high_targets))
         out.append(
             Experiment(
@@ -166,8 +172,15 @@ def plan(params: dict, params_path: Path, cfg: Table1Config, member: str) -> lis
             )
         )
         for role, (overrides, targets) in extra.items():
-            out.append(Experiment(f"t1-{fp}-s{seed}-{role}", role, seed, (*base, *overrides), targets))
+            own = {_key(o) for o in overrides}
+            kept = tuple(o for o in base if _key(o) not in own)  # one value per key: the method's
+            out.append(Experiment(f"t1-{fp}-s{seed}-{role}", role, seed, (*kept, *overrides), targets))
     return out
+
+
+def _key(override: str) -> str:
+    """The dotted key of a ``-S`` override (``++train.loss=ce`` -> ``train.loss``)."""
+    return override.split("=", 1)[0].lstrip("+")
 
 
 def dvc_experiments(all_commits: bool = False) -> dict[str, dict]:
