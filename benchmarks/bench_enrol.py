@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
+from products10k.data.datasets import PreparedImageDataset  # noqa: E402
+from products10k.knn import build_gallery, enrol, fit_fusion_weight, fuse, knn_scores  # noqa: E402
+from products10k.models.checkpoint import load_model  # noqa: E402
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
 from products10k.retrieval.embed import embed_rows, embedding_transform  # noqa: E402
-from products10k.retrieval.knn import build_gallery, enrol, fit_fusion_weight, fuse, knn_scores  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
-from products10k.training.checkpoint import load_model  # noqa: E402
-from products10k.training.data import PreparedImageDataset  # noqa: E402
 
 
 def run(*args: str, cwd: Path) -> None:
@@ -108,7 +108,7 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
     """The model and its metadata for one row: trained by the stage script, or ImageNet's as it comes."""
     if row == "imagenet":
         from products10k.config import ModelConfig
-        from products10k.training.model import create_model, input_normalization
+        from products10k.models.model import create_model, input_normalization
 
         cfg = ModelConfig(**params["model"])
         if not cfg.pretrained:

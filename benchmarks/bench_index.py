@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
-from products10k.retrieval.knn import build_gallery, fit_fusion_weight, fuse, knn_scores  # noqa: E402
+from products10k.knn import build_gallery, fit_fusion_weight, fuse, knn_scores  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
 
 GALLERY, TEST, VAL, CLASSES, TOP_K = 141_931, 55_376, 5_000, 9_691, 100

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
 from products10k.config import ModelConfig, from_dict  # noqa: E402
-from products10k.deploy.export import ExportedNet, _export_onnx  # noqa: E402
-from products10k.training.model import create_model  # noqa: E402
+from products10k.export.export import ExportedNet, _export_onnx  # noqa: E402
+from products10k.models.model import create_model  # noqa: E402
 
 NUM_CLASSES = 9691
 

@@ -252,7 +252,7 @@ def start_server(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
 def soak(args, photos, tmp: Path) -> dict:
     """Clients, enrolments every few seconds and a kill -9 with a restart half-way (docstring, 5)."""
     from products10k.deploy.versions import list_versions
-    from products10k.retrieval.knn import load_gallery
+    from products10k.knn import load_gallery
 
     token = uuid.uuid4().hex
     (tmp / "token").write_text(token)

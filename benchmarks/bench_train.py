@@ -40,8 +40,8 @@ from products10k.config import (  # noqa: E402
     phase_config,
     section,
 )
-from products10k.training.devices import resolve_device  # noqa: E402
-from products10k.training.model import create_model  # noqa: E402
+from products10k.dist.devices import resolve_device  # noqa: E402
+from products10k.models.model import create_model  # noqa: E402
 
 log = logging.getLogger("bench_train")
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ Run (dvc.yaml generates one stage per member x phase, e.g. ``evaluate@m0-finetun
         --confused plots/m0/finetune_accuracy/confused_pairs.csv \
         --gallery plots/m0/finetune_accuracy/errors.png
 
-dvc.yaml starts it through ``products10k.training.launch``: with ``dist.nproc_per_node > 1``
+dvc.yaml starts it through ``products10k.dist.launch``: with ``dist.nproc_per_node > 1``
 it runs under torchrun, each rank (one GPU each) predicts its shard of the rows and rank 0
 merges them and writes the outputs, identical to a single process's.
 """
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import DistConfig, EvaluateConfig, TTAConfig, load_yaml, member_names, section
+from products10k.dist.group import cleanup, init_distributed
 from products10k.evaluation.evaluate import EvalOutputs, evaluate_phase
 from products10k.scores import require_evaluated_phase
-from products10k.training.distributed import cleanup, init_distributed
 
 log = logging.getLogger("stages.evaluate")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import EvaluateConfig, ExportConfig, PrepareConfig, load_yaml, member_names, section
-from products10k.deploy.export import export_model
+from products10k.export.export import export_model
 from products10k.scores import require_evaluated_phase
 
 log = logging.getLogger("stages.export")

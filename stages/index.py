@@ -9,7 +9,7 @@ Run (dvc.yaml generates one stage per member, e.g. ``index@m0``)::
         --index models/m0/index --fused predictions/fused/m0.npz --metrics metrics/m0/retrieval.json
 
 ``--checkpoint`` and ``--classifier`` are of the phase named by ``retrieval.phase``. dvc.yaml
-starts it through ``products10k.training.launch``: with ``dist.nproc_per_node > 1`` every rank
+starts it through ``products10k.dist.launch``: with ``dist.nproc_per_node > 1`` every rank
 embeds its shard of the images and rank 0 merges them, builds the index and writes the outputs.
 """
 
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import DistConfig, EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
+from products10k.dist.group import cleanup, init_distributed
 from products10k.retrieval.index import IndexInputs, IndexOutputs, build_index
 from products10k.scores import require_evaluated_phase
-from products10k.training.distributed import cleanup, init_distributed
 
 log = logging.getLogger("stages.index")
 

@@ -7,7 +7,7 @@ Run (one process):
         --out models/m0/train --live dvclive/m0/train
 
 DDP: the same arguments after ``torchrun ...``; dvc.yaml runs it through
-``python -m products10k.training.launch --params params.yaml stages/train.py ...``, which builds the
+``python -m products10k.dist.launch --params params.yaml stages/train.py ...``, which builds the
 torchrun command from ``dist`` (one node or several) and runs this script alone for one process.
 Finetune phases add ``--init models/m0/<previous>/best.pt``.
 A re-run after a kill resumes from ``<out>/last.pt`` when the settings are unchanged.

@@ -7,7 +7,7 @@ with the real ShardWriter, a random-weight checkpoint, params files and the stag
   learns it in an epoch or two on CPU (train/val/test/label_map/balanced CSVs).
 - ``make_eval_data`` / ``make_checkpoint``: four SKUs in two groups, every image a coloured canvas
   with an off-centre bar (crops and flips see different pixels), one test image of a SKU the
-  training set lacks (label -1), and a resnet10t checkpoint in products10k.training.checkpoint's
+  training set lacks (label -1), and a resnet10t checkpoint in products10k.models.checkpoint's
   format.
 """
 
@@ -33,8 +33,8 @@ from PIL import Image
 
 from products10k import common
 from products10k.config import PHASES, SECTIONS, apply_overrides, from_dict
+from products10k.models.model import create_model, model_config_dict
 from products10k.prepared.shards import ShardWriter
-from products10k.training.model import create_model, model_config_dict
 
 # --- a project copy driven by the real dvc CLI ---------------------------------------------------
 

@@ -340,7 +340,7 @@ def fuzz(fmt: str, cases: int, seed: int, max_pixels: int) -> dict:
     Returns the outcomes by reason, the largest decode in pixels and the slowest case in seconds."""
     import time
 
-    from products10k.deploy.serve import RequestError, _zip_items
+    from products10k.deploy.uploads import RequestError, _zip_items
     from products10k.imaging.images import ImageDefect, decode_rgb
     from tests.helpers import limits
 

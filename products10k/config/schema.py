@@ -171,7 +171,7 @@ class BalanceConfig(Section):
 
 
 class ModelConfig(Section):
-    """``model``: timm backbone + pooling + classification head (products10k.training.model)."""
+    """``model``: timm backbone + pooling + classification head (products10k.models.model)."""
 
     arch: str = Field(min_length=1)
     pretrained: bool  # ImageNet weights from the local timm/HF cache or pretrained_file
@@ -197,7 +197,7 @@ class PhaseConfig(Section):
     batch_size: int = Field(ge=1)
     eval_batch_size: int | None = Field(ge=1)  # null = 2 x the per-rank batch
     resolution: int = Field(ge=1)
-    resize: int | None = Field(ge=1)  # null = the resize rule (training.transforms.RESIZE_RATIO)
+    resize: int | None = Field(ge=1)  # null = the resize rule (data.transforms.RESIZE_RATIO)
     crop: Literal["resize_random", "random_resized"]
     rrc_scale: _list(tuple[float, float])
     hflip: Fraction01
@@ -247,7 +247,7 @@ class PhaseConfig(Section):
 
 
 class DistConfig(Section):
-    """``dist``: processes per node and nodes for torchrun (products10k.training.launch reads it)."""
+    """``dist``: processes per node and nodes for torchrun (products10k.dist.launch reads it)."""
 
     nproc_per_node: int = Field(ge=1)
     nnodes: int = Field(ge=1)

@@ -36,7 +36,7 @@ from products10k.common import DataError, Products10kError
 from products10k.deploy.runtime import ExportedModel, check_same_model
 from products10k.imaging.archive import IMAGE_SUFFIXES, read_file
 from products10k.imaging.images import ImageDefect, ImageLimits
-from products10k.retrieval.knn import META_FILE, THUMBS_DIR, enrol, load_gallery, save_gallery, thumbnail_jpeg
+from products10k.knn import META_FILE, THUMBS_DIR, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.enrol")
 #: the mark an index this tool wrote carries in meta.json's "enrolled" records (what --out may replace)

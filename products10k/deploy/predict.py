@@ -23,7 +23,7 @@ Every image is prepared as the model's training and evaluation images were: the 
 resize and JPEG re-encode (recorded in preprocess.json), then the evaluate stage's centre crop.
 
 Modes: ``classifier`` (the softmax of the logits), ``knn`` (the index's k nearest training images
-vote, see ``products10k.retrieval.knn``), ``fused`` (both, with the weight fitted on val by the
+vote, see ``products10k.knn``), ``fused`` (both, with the weight fitted on val by the
 index stage). kNN and fused need ``--index``: the index stage's folder, or one that
 ``products10k-enrol`` extended with new SKUs.
 """

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from products10k.common import Products10kError
 from products10k.imaging.images import ImageDefect, ImageLimits, decode_rgb, prepare_image
-from products10k.retrieval.knn import Gallery, load_gallery, search, vote
+from products10k.knn import Gallery, load_gallery, search, vote
 from products10k.scores import SplitScores, combine_topk
 
 MODES = ("classifier", "knn", "fused")
@@ -102,7 +102,7 @@ class ExportedModel:
 def centre_crop_input(
     rgb: np.ndarray, resize: int, crop: int, mean: np.ndarray, std: np.ndarray
 ) -> np.ndarray:
-    """The evaluate stage's centre crop (training/transforms.py ``eval_transform``) without torch.
+    """The evaluate stage's centre crop (data/transforms.py ``eval_transform``) without torch.
 
     Shorter side to ``resize`` (INTER_AREA; the other side rounded half to even, as albumentations'
     SmallestMaxSize does), a ``crop`` x ``crop`` centre crop (offsets floored), then

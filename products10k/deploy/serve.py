@@ -39,18 +39,15 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import io
 import logging
 import os
-import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -58,8 +55,8 @@ from starlette.routing import Route
 from products10k import common
 from products10k.common import Products10kError
 from products10k.deploy.batching import Batcher
-from products10k.deploy.predict import printable
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
+from products10k.deploy.uploads import Limits, RequestError, read_images
 from products10k.deploy.versions import (
     IndexVersion,
     build_version,
@@ -67,36 +64,12 @@ from products10k.deploy.versions import (
     newest_version,
     prune_versions,
 )
-from products10k.imaging.archive import (
-    ZIP_READ_ERRORS,
-    ArchiveTooLarge,
-    check_members,
-    image_members,
-    read_member,
-)
 from products10k.imaging.images import ImageDefect, ImageLimits
-from products10k.retrieval.knn import THUMBS_DIR
+from products10k.knn import THUMBS_DIR
 
 log = logging.getLogger("products10k.serve")
 
 PAGE = Path(__file__).with_name("page.html")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_request_bytes: int = 32 << 20
-    max_images: int = 64
-    max_top_k: int = 100
-    max_inflated_bytes: int = 128 << 20  # zip members of one request, by their declared sizes
-    max_pixels: int | None = None  # None: the export's (params.yaml prepare.max_pixels)
-
-
-class RequestError(Exception):
-    """A request that cannot be served as sent: answered with ``status`` and the message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 # --- the service --------------------------------------------------------------------------------
@@ -112,17 +85,17 @@ class Service:
         *,
         token: str | None,
         versions_dir: Path | None = None,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         batch_size: int = 32,
         batch_wait_ms: float = 5.0,
         threads: int | None = None,
         keep_versions: int = 3,
     ):
         self.model = ExportedModel(model_dir, threads=threads)
-        self.limits = limits
+        self.limits = limits or Limits()
         self.image_limits: ImageLimits = self.model.limits
-        if limits.max_pixels is not None:
-            self.image_limits = replace(self.image_limits, max_pixels=limits.max_pixels)
+        if self.limits.max_pixels is not None:
+            self.image_limits = replace(self.image_limits, max_pixels=self.limits.max_pixels)
         self.token = token
         self.version: IndexVersion | None = None
         self.keep_versions = keep_versions
@@ -138,46 +111,8 @@ class Service:
     # -- reading requests
 
     async def read_images(self, request: Request) -> list[tuple[str, bytes | None, str]]:
-        """The request's images as (source, bytes or None, error), zips expanded.
-
-        RequestError 413 over a limit, 400 without images."""
-        length = request.headers.get("content-length")
-        limit = self.limits.max_request_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            await _drain(request, 4 * limit)
-            raise RequestError(413, f"the request is {int(length)} bytes, over the limit of {limit}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                await _drain(request, 4 * limit - len(body))
-                raise RequestError(413, f"the request is over the limit of {limit} bytes")
-        replay = _replay(bytes(body))
-        form = await Request(request.scope, replay).form(max_files=10_000, max_fields=100)
-        items: list[tuple[str, bytes | None, str]] = []
-        inflated = 0  # bytes the request's zip members declare, all zips together
-        try:
-            for upload in form.getlist("images"):
-                if not isinstance(upload, UploadFile):
-                    raise RequestError(400, "the field 'images' must hold files (multipart uploads)")
-                data = await upload.read()
-                name = printable(upload.filename or "image")
-                if name.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
-                    room = self.limits.max_images - len(items)
-                    zipped, declared = _zip_items(
-                        name, data, room, self.limits.max_inflated_bytes - inflated, self.image_limits
-                    )
-                    items.extend(zipped)
-                    inflated += declared
-                else:
-                    items.append((name, data, ""))
-                if len(items) > self.limits.max_images:
-                    raise RequestError(413, f"more than {self.limits.max_images} images in one request")
-        finally:
-            await form.close()
-        if not items:
-            raise RequestError(400, "no images: send them as multipart field 'images'")
-        return items
+        """The request's images as (source, bytes or None, error), zips expanded (uploads.py)."""
+        return await read_images(request, self.limits, self.image_limits)
 
     async def embed(self, items) -> tuple[list, np.ndarray, np.ndarray, list[int]]:
         """Decode and prepare every readable image on the decode threads, run them through the batcher.
@@ -359,57 +294,6 @@ class Service:
 
     async def page(self, request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-
-def _zip_items(
-    name: str, data: bytes, room: int, inflated_room: int, limits: ImageLimits
-) -> tuple[list[tuple[str, bytes | None, str]], int]:
-    """A zip upload's image members as items (nested zips and unreadable members as errors), and the
-    bytes its members declare. The member count (``room``: what the request may still hold) and the
-    declared total (``inflated_room``) are checked from the central directory before anything is
-    inflated (RequestError 413); each member is read only up to its declared size, itself within
-    the per-file limit."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = image_members(archive)
-        check_members([info for info, _ in members], room, inflated_room)
-    except ArchiveTooLarge as exc:
-        raise RequestError(413, f"{name}: {exc}") from None
-    except ZIP_READ_ERRORS as exc:
-        return [(name, None, f"unreadable: {type(exc).__name__}: {exc}")], 0
-    items = []
-    for info, error in members:
-        label = f"{name}:{printable(info.filename)}"
-        if error:
-            items.append((label, None, error))
-            continue
-        try:
-            items.append((label, read_member(archive, info, limits.max_file_bytes), ""))
-        except ImageDefect as exc:
-            items.append((label, None, f"{exc.reason}: {exc.detail}"))
-    return items, sum(info.file_size for info, _ in members)
-
-
-async def _drain(request: Request, budget: int) -> None:
-    """Read and drop up to ``budget`` more bytes of an oversize body, so that an ordinary client,
-    still sending, reads the 413 instead of a reset connection; past that the connection is dropped."""
-    async for chunk in request.stream():
-        budget -= len(chunk)
-        if budget < 0:
-            break
-
-
-def _replay(body: bytes):
-    sent = False
-
-    async def receive():
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
 
 
 async def _done(value):

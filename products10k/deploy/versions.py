@@ -22,7 +22,7 @@ import numpy as np
 from products10k.common import Products10kError
 from products10k.deploy.runtime import ExportedModel, check_same_model
 from products10k.imaging.images import ImageLimits
-from products10k.retrieval.knn import THUMBS_DIR, Gallery, enrol, load_gallery, save_gallery, thumbnail_jpeg
+from products10k.knn import THUMBS_DIR, Gallery, enrol, load_gallery, save_gallery, thumbnail_jpeg
 
 log = logging.getLogger("products10k.serve")
 

@@ -26,33 +26,19 @@ import numpy as np
 import pandas as pd
 
 from products10k import common
-from products10k.common import Products10kError
 from products10k.config import EvaluateConfig, TTAConfig
+from products10k.dist.devices import amp_dtype, eval_workers, resolve_device
+from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
 from products10k.evaluation.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.evaluation.predict import predict_sharded
 from products10k.evaluation.views import build_views
+from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.prepared.shards import ImageStore
 from products10k.scores import SplitScores, save_predictions
-from products10k.training.checkpoint import check_labels, load_model
-from products10k.training.devices import amp_dtype, eval_workers, resolve_device
-from products10k.training.distributed import DistInfo
 
 log = logging.getLogger(__name__)
-
-
-def load_member_checkpoint(path: str | Path, member: str, phase: str, label_map: pd.DataFrame, map_path):
-    """Load a checkpoint; a missing one or one trained on another label map is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise Products10kError(
-            f"ensemble member '{member}', phase '{phase}': checkpoint {path} not found "
-            f"(run `dvc repro {phase}@{member}`)"
-        )
-    model, meta = load_model(path, map_location="cpu")
-    check_labels(meta, label_map, path, map_path)
-    return model, meta
 
 
 def tta_metrics(pred, rows: pd.DataFrame, n_train: dict, tail_max_images: int) -> dict:

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from products10k.common import DataError
+from products10k.data.datasets import PreparedImageDataset
+from products10k.dist.devices import host_transfer, to_inference, to_model_input
+from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.evaluation.views import View, base_views
 from products10k.scores import SplitScores, TopKWriter
-from products10k.training.data import PreparedImageDataset
-from products10k.training.devices import host_transfer, to_inference, to_model_input
-from products10k.training.distributed import DistInfo, gather_rows, shard_of
 
 
 class ViewsDataset(Dataset):

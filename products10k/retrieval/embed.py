@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from products10k.common import DataError
-from products10k.training.data import PreparedImageDataset
-from products10k.training.devices import host_transfer, to_inference, to_model_input
-from products10k.training.transforms import eval_transform, resolve_resize
+from products10k.data.datasets import PreparedImageDataset
+from products10k.data.transforms import eval_transform, resolve_resize
+from products10k.dist.devices import host_transfer, to_inference, to_model_input
 
 
 def embedding_transform(meta: dict):

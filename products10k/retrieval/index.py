@@ -31,14 +31,12 @@ import numpy as np
 
 from products10k import common
 from products10k.config import EvaluateConfig, RetrievalConfig
+from products10k.dist.devices import amp_dtype, eval_workers, resolve_device
+from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.estimate import val_weights
-from products10k.evaluation.evaluate import load_member_checkpoint
 from products10k.evaluation.metrics import split_metrics
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.prepared.shards import ImageStore
-from products10k.retrieval.embed import embed_rows
-from products10k.retrieval.knn import (
+from products10k.knn import (
     build_gallery,
     fit_fusion_weight,
     fuse,
@@ -46,9 +44,11 @@ from products10k.retrieval.knn import (
     save_gallery,
     thumbnail_jpeg,
 )
+from products10k.models.checkpoint import load_member_checkpoint
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.prepared.shards import ImageStore
+from products10k.retrieval.embed import embed_rows
 from products10k.scores import SplitScores, TopKWriter, load_predictions, save_predictions
-from products10k.training.devices import amp_dtype, eval_workers, resolve_device
-from products10k.training.distributed import DistInfo, gather_rows, shard_of
 
 log = logging.getLogger(__name__)
 

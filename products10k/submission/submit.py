@@ -28,6 +28,7 @@ import pandas as pd
 
 from products10k import common
 from products10k.common import DataError, Products10kError
+from products10k.ensemble import resolve_weights
 from products10k.evaluation.metrics import hit_rates, leaderboard_masks
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.raw import kaggle
@@ -41,7 +42,6 @@ from products10k.submission.choose import (
     score_taus,
     target_prior,
 )
-from products10k.submission.ensemble import resolve_weights
 
 log = logging.getLogger(__name__)
 

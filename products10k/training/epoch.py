@@ -22,8 +22,8 @@ from products10k.common import (
     Products10kError,
     pause_point,
 )
-from products10k.training.devices import host_transfer
-from products10k.training.distributed import (
+from products10k.dist.devices import host_transfer
+from products10k.dist.group import (
     all_reduce_sum,
 )
 from products10k.training.optim import current_lr

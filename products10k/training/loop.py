@@ -26,7 +26,7 @@ from products10k.config import (
     member_params,
     section,
 )
-from products10k.training.distributed import (
+from products10k.dist.group import (
     check_same_params,
     cleanup,
     init_distributed,

@@ -10,11 +10,11 @@ from products10k.common import (
     Products10kError,
     save_torch,
 )
-from products10k.training import checkpoint as ckpt_lib
-from products10k.training.distributed import (
+from products10k.dist.group import (
     broadcast_object,
 )
-from products10k.training.model import model_config_dict
+from products10k.models import checkpoint as ckpt_lib
+from products10k.models.model import model_config_dict
 from products10k.training.state import PhaseState
 
 log = logging.getLogger("products10k.training.loop")  # one logger for the whole loop, as before its split
@@ -39,7 +39,7 @@ def _without_timings(row: dict) -> dict:
 
 
 def checkpoint(state: PhaseState, epoch: int, val_top1: float, with_state: bool) -> dict:
-    """The checkpoint contract (products10k.training.checkpoint) of ``state`` after ``epoch``."""
+    """The checkpoint contract (products10k.models.checkpoint) of ``state`` after ``epoch``."""
     ck = {
         "model": {k: v.detach().cpu() for k, v in state.eval_model.state_dict().items()},
         "model_config": model_config_dict(state.model_cfg, len(state.label_map)),

@@ -37,19 +37,19 @@ from products10k.config import (
     phase_config,
     section,
 )
-from products10k.estimate import val_weights
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.training import checkpoint as ckpt_lib
-from products10k.training.data import ClassBalancedSampler, EpochSampler, PreparedImageDataset
-from products10k.training.devices import amp_dtype, host_transfer, needs_grad_scaler
-from products10k.training.distributed import (
+from products10k.data.datasets import ClassBalancedSampler, EpochSampler, PreparedImageDataset
+from products10k.data.transforms import eval_transform, resolve_resize, train_transform
+from products10k.dist.devices import amp_dtype, host_transfer, needs_grad_scaler
+from products10k.dist.group import (
     DistInfo,
     broadcast_object,
 )
+from products10k.estimate import val_weights
+from products10k.models import checkpoint as ckpt_lib
+from products10k.models.model import create_model, input_normalization
+from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.training.losses import PhaseLoss, log_prior
-from products10k.training.model import create_model, input_normalization
 from products10k.training.optim import create_scheduler
-from products10k.training.transforms import eval_transform, resolve_resize, train_transform
 
 log = logging.getLogger("products10k.training.loop")  # one logger for the whole loop, as before its split
 

@@ -8,7 +8,7 @@ from products10k.common import ConfigError
 from products10k.config import ModelConfig, apply_overrides, load_yaml, member_params, phase_config, section
 from products10k.config.presets import apply_preset, available
 from products10k.config.presets import main as presets_main
-from products10k.training.transforms import resolve_resize
+from products10k.data.transforms import resolve_resize
 from tests.helpers import ROOT
 
 
@@ -45,7 +45,7 @@ def test_paper_preset_gives_the_papers_recipe(tmp_path):
 
 
 def test_offline_preset_on_top_of_paper_uses_the_registry_lite2_at_448(tmp_path):
-    from products10k.training.weights import registry_file
+    from products10k.models.weights import registry_file
 
     params_path = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params_path)

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from products10k.data.transforms import eval_transform
 from products10k.deploy import enrol, predict
 from products10k.deploy.runtime import ExportedModel
 from products10k.imaging.images import prepare_image
+from products10k.models.checkpoint import load_model
 from products10k.prepared.shards import ImageStore, ShardWriter
-from products10k.training.checkpoint import load_model
-from products10k.training.transforms import eval_transform
 from tests.helpers import limits
 
 
@@ -204,7 +204,7 @@ def test_enrol_out_never_replaces_what_it_did_not_write(project, tmp_path, caplo
 def test_deploy_feeds_the_model_what_evaluation_fed_it(project, tmp_path):
     """A raw photo through products10k-predict's loader equals the same photo through prepare (resize
     to prepare.size, JPEG re-encode), the shards and the evaluate stage's dataset: exactly."""
-    from products10k.training.data import PreparedImageDataset
+    from products10k.data.datasets import PreparedImageDataset
     from tests.hostile import base_image
 
     root, _, _ = project

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
+from products10k.data.transforms import eval_transform
 from products10k.deploy.runtime import centre_crop_input
-from products10k.training.transforms import eval_transform
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

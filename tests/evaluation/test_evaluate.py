@@ -10,9 +10,9 @@ import torch
 
 from products10k.evaluation.metrics import hits_at
 from products10k.evaluation.views import build_views
+from products10k.models.checkpoint import load_model
 from products10k.prepared.shards import ImageStore
 from products10k.scores import load_predictions
-from products10k.training.checkpoint import load_model
 from tests.helpers import (
     EVAL_SKUS,
     config,

@@ -182,8 +182,8 @@ def test_zip_slip_entries_are_never_read_and_are_reported(tmp_path, entry):
 
 
 def test_the_hostile_corpus_is_read_or_excluded_with_its_reason_and_every_reader_reads_the_rest(tmp_path):
-    from products10k.training.data import PreparedImageDataset
-    from products10k.training.transforms import eval_transform
+    from products10k.data.datasets import PreparedImageDataset
+    from products10k.data.transforms import eval_transform
     from tests.hostile import ANY, BUDGET, OK, append_members, corpus
 
     cases = corpus()

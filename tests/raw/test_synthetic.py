@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 
 from products10k.common import ConfigError
-from products10k.raw.synthetic import (
-    MARKS,
-    generate,
-    make_catalogue,
-    make_rows,
-    render_customer,
-    render_inshop,
-    render_product,
-)
+from products10k.raw.catalogue import MARKS, make_catalogue, make_rows
+from products10k.raw.render import render_customer, render_inshop, render_product
+from products10k.raw.synthetic import generate
 from tests.helpers import config
 
 RAW = ("train.zip", "test.zip", "train.csv", "test_kaggletest.csv")

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
+from products10k.data.datasets import PreparedImageDataset
 from products10k.evaluation.metrics import split_metrics
+from products10k.knn import load_gallery
+from products10k.models.checkpoint import load_model
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.retrieval.embed import embedding_transform
-from products10k.retrieval.knn import load_gallery
 from products10k.scores import load_predictions
-from products10k.training.checkpoint import load_model
-from products10k.training.data import PreparedImageDataset
 from tests.helpers import (
     ROOT,
     evaluate_argv,
@@ -101,8 +101,8 @@ def test_the_deploy_fusion_weight_is_fitted_on_the_single_crop_logits_of_the_emb
 ):
     """predict --mode fused has one centre crop of the classifier, not the evaluate stage's TTA
     average: the weight in the index's meta.json is fitted on what the embedding pass computes."""
+    from products10k.knn import fit_fusion_weight, knn_scores
     from products10k.retrieval import index as index_mod
-    from products10k.retrieval.knn import fit_fusion_weight, knn_scores
     from products10k.scores import SplitScores
 
     label_map = read_label_map(prepared / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
@@ -156,7 +156,7 @@ def test_evaluate_and_index_over_two_ranks_write_what_one_process_writes(tmp_pat
     (two / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(ckpt, two / "models" / "m0" / "train" / "best.pt")
     ckpt2, classifier = two / "models" / "m0" / "train" / "best.pt", two / "predictions" / "train" / "m0.npz"
-    launch = [sys.executable, "-m", "products10k.training.launch", "--params", str(two / "params.yaml")]
+    launch = [sys.executable, "-m", "products10k.dist.launch", "--params", str(two / "params.yaml")]
     for script, argv in [
         ("evaluate", evaluate_argv(two / "params.yaml", ckpt2, prepared, two)),
         ("index", index_argv(two / "params.yaml", ckpt2, prepared, prepared / "test.csv", classifier, two)),

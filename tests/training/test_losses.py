@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from products10k.models.model import MarginHead
 from products10k.training.losses import PhaseLoss, accuracy_loss, accuracy_loss_per_sample, log_prior
-from products10k.training.model import MarginHead
 
 
 def test_accuracy_loss_matches_hand_computation():

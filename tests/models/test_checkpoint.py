@@ -8,8 +8,8 @@ import torch
 
 from products10k.common import Products10kError, save_torch
 from products10k.config import ModelConfig
-from products10k.training import checkpoint as ckpt_lib
-from products10k.training.model import create_model, model_config_dict
+from products10k.models import checkpoint as ckpt_lib
+from products10k.models.model import create_model, model_config_dict
 from tests.helpers import config
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from products10k.common import Products10kError
-from products10k.retrieval.knn import (
+from products10k.knn import (
     build_gallery,
     enrol,
     fit_fusion_weight,

@@ -15,7 +15,7 @@ its form is exactly what a predictions file represents: the voted labels' probab
 equal share of the rest for every other label (``SplitScores``, ``combine_topk``).
 
 **Fusion.** ``(1 - w) x classifier softmax + w x kNN probability``: the two are combined like two
-ensemble members (``products10k.submission.ensemble``), ``w`` maximising the val log-likelihood
+ensemble members (``products10k.ensemble``), ``w`` maximising the val log-likelihood
 (a concave fit, SLSQP), so the result is a predictions file the submit stage reads as it reads
 the classifier's.
 """
@@ -267,7 +267,7 @@ def fit_fusion_weight(
 ) -> float:
     """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities
     (rows weighted by ``row_weight``: the val estimate's, products10k/estimate.py)."""
-    from products10k.submission.ensemble import fit_weights  # scipy: not for the deploy runtime's imports
+    from products10k.ensemble import fit_weights  # scipy: not for the deploy runtime's imports
 
     if not (classifier.labels >= 0).any():
         raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")

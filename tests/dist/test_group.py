@@ -37,7 +37,7 @@ NODE_ARGS = [
     "--images", "data", "--init", "models/train/best.pt",
     "--out", f"models/{PHASE}", "--live", f"dvclive/{PHASE}",
 ]  # fmt: skip
-LAUNCH = [sys.executable, "-m", "products10k.training.launch", "--params", "params.yaml"]
+LAUNCH = [sys.executable, "-m", "products10k.dist.launch", "--params", "params.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_every_rank_reaches_the_same_verdict_on_params_even_a_key_only_rank_0_ha
     """check_same_params decides from the gathered dicts alone: a rank that lacks a key rank 0 has
     raises too, instead of going on to a collective the others never reach."""
     from products10k.common import ConfigError
-    from products10k.training import distributed
+    from products10k.dist import group as distributed
 
     every = [{"train": {"lr": 0.1, "ema": True}}, {"train": {"lr": 0.1}}]
 
@@ -223,7 +223,7 @@ def test_the_gloo_side_group_under_nccl_waits_dist_timeout_s(monkeypatch):
     peer after dist.timeout_s like the default group, not after gloo's own 30 minutes."""
     import datetime
 
-    from products10k.training import distributed
+    from products10k.dist import group as distributed
     from tests.helpers import config
 
     threads = torch.get_num_threads()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from products10k.common import ConfigError, Products10kError
-from products10k.training.devices import (
+from products10k.dist.devices import (
     amp_dtype,
     ddp_backend,
     eval_workers,
@@ -17,7 +17,7 @@ from products10k.training.devices import (
     needs_grad_scaler,
     resolve_device,
 )
-from products10k.training.distributed import DistInfo
+from products10k.dist.group import DistInfo
 from products10k.training.loop import optimizer_step
 from tests.helpers import config
 
@@ -127,7 +127,7 @@ def test_without_a_scaler_a_non_finite_gradient_stops():
 
 
 def test_the_head_computes_in_float32_under_autocast():
-    from products10k.training.model import create_model
+    from products10k.models.model import create_model
 
     model = create_model(config("model", arch="resnet10t"), 7, pretrained=False).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

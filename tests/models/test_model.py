@@ -5,7 +5,7 @@ import timm
 import torch
 
 from products10k.common import ConfigError, Products10kError
-from products10k.training.model import GeM, create_model
+from products10k.models.model import GeM, create_model
 from tests.helpers import config
 
 

@@ -88,7 +88,7 @@ def check_labels(meta: dict, label_map_df: pd.DataFrame, path: str | Path, label
 
 
 def build_model(meta: dict, path: str | Path) -> nn.Module:
-    from products10k.training.model import create_model
+    from products10k.models.model import create_model
 
     cfg, num_classes = model_config_of(meta, path)
     # the checkpoint holds all weights: never fetch/load ImageNet weights for a rebuild
@@ -111,4 +111,17 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[nn.Module, dict]:
     model = build_model(meta, path)
     load_state(model, ckpt["model"], path, meta["model_config"].get("arch"))
     model.eval()
+    return model, meta
+
+
+def load_member_checkpoint(path: str | Path, member: str, phase: str, label_map: pd.DataFrame, map_path):
+    """Load a checkpoint; a missing one or one trained on another label map is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise Products10kError(
+            f"ensemble member '{member}', phase '{phase}': checkpoint {path} not found "
+            f"(run `dvc repro {phase}@{member}`)"
+        )
+    model, meta = load_model(path, map_location="cpu")
+    check_labels(meta, label_map, path, map_path)
     return model, meta

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from products10k.common import ConfigError
-from products10k.training.transforms import (
+from products10k.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_transform,
@@ -81,7 +81,7 @@ def test_random_resized_crop_takes_its_pixels_from_the_stored_image():
 
 
 def test_normalisation_constants_come_from_timms_config_and_reach_the_transforms():
-    from products10k.training.model import input_normalization
+    from products10k.models.model import input_normalization
 
     assert input_normalization("resnet10t") == {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     inception = input_normalization("tf_efficientnet_b3.ap_in1k")

@@ -6,7 +6,7 @@ when the targets are passed (``model(x, target)``); in eval mode the logits are 
 
 Pretrained weights never come from the network at run time. In order: ``model.pretrained_file``
 (a local file, timm's layout or EfficientNet-PyTorch's), the registry package installed for
-``model.arch`` (``tf_efficientnet_lite0/1/2``: products10k.training.weights), the timm/Hugging Face
+``model.arch`` (``tf_efficientnet_lite0/1/2``: products10k.models.weights), the timm/Hugging Face
 cache. Without any of them the build fails at once with a message naming every way to provide them.
 """
 
@@ -25,8 +25,8 @@ from torch import nn
 
 from products10k.common import ConfigError, Products10kError
 from products10k.config import ModelConfig
-from products10k.training import weights
-from products10k.training.transforms import IMAGENET_MEAN, IMAGENET_STD
+from products10k.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from products10k.models import weights
 
 log = logging.getLogger(__name__)
 

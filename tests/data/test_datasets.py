@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from products10k.prepared.contract import read_label_map, read_prepared
-from products10k.training.data import (
+from products10k.data.datasets import (
     ClassBalancedSampler,
     EpochSampler,
     PreparedImageDataset,
 )
-from products10k.training.transforms import (
+from products10k.data.transforms import (
     eval_transform,
 )
+from products10k.prepared.contract import read_label_map, read_prepared
 from tests.helpers import make_training_data
 
 
@@ -61,7 +61,7 @@ def test_class_balanced_sampler_evens_out_the_long_tail():
 
 
 def test_drop_last_keeps_whole_global_batches_and_varies_the_dropped_images():
-    from products10k.training.data import EpochSampler
+    from products10k.data.datasets import EpochSampler
 
     samplers = [EpochSampler(21, rank, 2, True, seed=0, batch_size=4, global_batch=8) for rank in (0, 1)]
     dropped = []

@@ -6,7 +6,7 @@ script runs single-process with no process group, so the same code serves a lapt
 Rank 0 alone writes files (checkpoints, DVCLive, the evaluate and index outputs), so on several
 nodes it must run on the node whose DVC workspace records the stage. torchrun's c10d rendezvous
 numbers the nodes in an order of its own (host name, then agent pid), so the launcher marks that
-node's processes (``OUTPUT_NODE_ENV``, products10k.training.launch) and :func:`init_distributed`
+node's processes (``OUTPUT_NODE_ENV``, products10k.dist.launch) and :func:`init_distributed`
 renumbers the ranks to put them first. The other nodes read nothing rank 0 has not sent them: the
 initial weights and the resume state are broadcast (:func:`broadcast_object`).
 """
@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from products10k.common import ConfigError
 from products10k.config import DistConfig
-from products10k.training.devices import ddp_backend
-from products10k.training.launch import OUTPUT_NODE_ENV
+from products10k.dist.devices import ddp_backend
+from products10k.dist.launch import OUTPUT_NODE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _join_process_group(rank: int, world: int, options: dict) -> int:
         raise ConfigError(
             f"ranks {marked} were all started as the output node: start one node with the DVC stage "
             "(dvc repro / dvc exp run) and every other node with "
-            "`python -m products10k.training.launch --join <stage>`"
+            "`python -m products10k.dist.launch --join <stage>`"
         )
     if first == 0:
         return rank

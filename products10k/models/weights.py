@@ -20,8 +20,8 @@ cache works the same for ``dvc repro``, the tests, ``bench_enrol`` and a user's 
 hash in the name means a different package file can never be served a stale conversion, and the
 hash of what was loaded is logged and kept in the checkpoint (``pretrained_sha256``).
 
-``python -m products10k.training.weights convert SRC OUT --arch tf_efficientnet_lite0`` converts an
-EfficientNet-PyTorch file of your own; ``python -m products10k.training.weights list`` shows which
+``python -m products10k.models.weights convert SRC OUT --arch tf_efficientnet_lite0`` converts an
+EfficientNet-PyTorch file of your own; ``python -m products10k.models.weights list`` shows which
 archs the installed packages cover.
 """
 

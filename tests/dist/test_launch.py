@@ -1,4 +1,4 @@
-"""products10k.training.launch: plain Python for one process, torchrun on one node or several, and
+"""products10k.dist.launch: plain Python for one process, torchrun on one node or several, and
 ``--join`` reading a stage's command from dvc.yaml (as dvc.yaml and the other nodes run it).
 
 The commands are checked with ``--dry-run`` in this process; two of them are run for real."""
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
-from products10k.training.launch import main
+from products10k.dist.launch import main
 from tests.helpers import free_port, write_params
 
 # each process writes its own line to its own file: two ranks printing at once interleave their output
@@ -23,7 +23,7 @@ open(f"who-{os.getpid()}.txt", "w").write(line)
 def _run(tmp_path, **dist) -> list[str]:
     (tmp_path / "who.py").write_text(WHO)
     params = write_params(tmp_path / "params.yaml", dist=dist)
-    cmd = [sys.executable, "-m", "products10k.training.launch", "--params", str(params), "who.py", "-x"]
+    cmd = [sys.executable, "-m", "products10k.dist.launch", "--params", str(params), "who.py", "-x"]
     subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
     return sorted(path.read_text() for path in tmp_path.glob("who-*.txt"))
 
@@ -86,9 +86,9 @@ def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, cap
     dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}
     write_params(tmp_path / "params.yaml", dist=dist)
     stages = {
-        "train": {"foreach": ["m0", "m1"], "do": {"cmd": "python -m products10k.training.launch "
+        "train": {"foreach": ["m0", "m1"], "do": {"cmd": "python -m products10k.dist.launch "
                                                    "--params params.yaml who.py --member ${item}"}},
-        "evaluate": {"cmd": "python -m products10k.training.launch --params params.yaml --single-node w.py"},
+        "evaluate": {"cmd": "python -m products10k.dist.launch --params params.yaml --single-node w.py"},
     }  # fmt: skip
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     Repo.init(str(tmp_path), no_scm=True).close()
@@ -110,7 +110,7 @@ def test_join_runs_the_stage_command_from_dvc_yaml_as_another_node(tmp_path, cap
 def test_join_takes_the_phases_in_turn_and_stops_at_the_first_failure(tmp_path, capfd, monkeypatch):
     dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": "127.0.0.1:29400"}
     write_params(tmp_path / "params.yaml", dist=dist)
-    cmd = "python -m products10k.training.launch --params params.yaml"
+    cmd = "python -m products10k.dist.launch --params params.yaml"
     stages = {name: {"cmd": f"{cmd} {name}.py"} for name in ("a", "b")}
     stages["e"] = {"cmd": f"{cmd} --single-node e.py"}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
@@ -132,7 +132,7 @@ def test_a_node_joining_a_run_that_never_starts_fails_after_dist_timeout_s(tmp_p
     dist = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}", "timeout_s": 3}
     params = write_params(tmp_path / "params.yaml", dist=dist)
     (tmp_path / "who.py").write_text(WHO)
-    cmd = [sys.executable, "-m", "products10k.training.launch", "--joining", "--params", str(params)]
+    cmd = [sys.executable, "-m", "products10k.dist.launch", "--joining", "--params", str(params)]
     done = subprocess.run([*cmd, "who.py"], cwd=tmp_path, capture_output=True, text=True, timeout=55)
     assert done.returncode != 0 and "The connection to the C10d store has failed" in done.stderr
     assert not list(tmp_path.glob("who-*.txt"))  # no worker started

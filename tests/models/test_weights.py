@@ -9,9 +9,9 @@ import timm
 import torch
 
 from products10k.common import Products10kError
-from products10k.training import weights
-from products10k.training.model import create_model, input_normalization
-from products10k.training.transforms import eval_transform
+from products10k.data.transforms import eval_transform
+from products10k.models import weights
+from products10k.models.model import create_model, input_normalization
 from tests.helpers import config
 
 PHOTOS = Path(__file__).resolve().parents[1] / "data" / "imagenet_photos"

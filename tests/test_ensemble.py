@@ -6,8 +6,8 @@ from scipy.special import log_softmax, softmax
 
 from products10k.common import ConfigError
 from products10k.config import EnsembleConfig, from_dict
+from products10k.ensemble import fit_weights, resolve_weights
 from products10k.scores import SplitScores, combine_topk, log_likelihood
-from products10k.submission.ensemble import fit_weights, resolve_weights
 
 
 def _member(labels, k, strength, rng):
@@ -138,7 +138,7 @@ def test_an_ensemble_of_fused_estimates_carries_their_bound(tmp_path):
     # The index stage's fused file holds estimated probabilities (classifier and kNN combined from
     # top-k blocks). An ensemble that uses it as a member (submit.phase: fused) must add that
     # estimate's own bound to its own, or the reported max_prob_error can be exceeded.
-    from products10k.retrieval.knn import fuse
+    from products10k.knn import fuse
     from products10k.scores import load_predictions, save_predictions
 
     rng = np.random.default_rng(134)  # one of the draws where the bound without it is exceeded

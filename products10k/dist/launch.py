@@ -1,8 +1,8 @@
 """How the pipeline's torch stages start: plain Python, or torchrun on one node or several.
 
-    python -m products10k.training.launch --params params.yaml stages/train.py --phase train ...
-    python -m products10k.training.launch --params params.yaml --single-node stages/evaluate.py ...
-    python -m products10k.training.launch --join train@m0 finetune_balanced@m0 ...  # other nodes
+    python -m products10k.dist.launch --params params.yaml stages/train.py --phase train ...
+    python -m products10k.dist.launch --params params.yaml --single-node stages/evaluate.py ...
+    python -m products10k.dist.launch --join train@m0 finetune_balanced@m0 ...  # other nodes
 
 dvc.yaml starts train, the finetunes, evaluate and index through this; it reads ``dist`` from
 ``--params``:
@@ -15,7 +15,7 @@ dvc.yaml starts train, the finetunes, evaluate and index through this; it reads 
 - ``nnodes > 1``: ``torchrun --nnodes --rdzv-backend=c10d --rdzv-endpoint --rdzv-id
   --max-restarts`` on this node. The node running ``dvc repro`` / ``dvc exp run`` hosts the
   rendezvous (``dist.rdzv_endpoint`` is its address) and its processes become ranks 0.. (rank 0
-  writes the outputs there, products10k.training.distributed). Every other node runs
+  writes the outputs there, products10k.dist.group). Every other node runs
   ``--join <stage> ...``: the same stage commands, read from dvc.yaml, one after another, in the
   same commit with the same params and the prepared data pulled (``dvc pull data/prepared``).
 
@@ -37,9 +37,9 @@ import yaml
 
 # products10k.common and .config are imported where they are needed: in the one-process case
 # (the default, every stage of a laptop run) pydantic and NumPy would double the launcher's 0.2 s
-MODULE = "products10k.training.launch"
+MODULE = "products10k.dist.launch"
 #: set to 1 on the node that holds the DVC workspace: its processes become ranks 0.. and write
-#: the outputs (products10k.training.distributed). Here, not there: the launcher imports no torch.
+#: the outputs (products10k.dist.group). Here, not there: the launcher imports no torch.
 OUTPUT_NODE_ENV = "PRODUCTS10K_OUTPUT_NODE"
 #: A fresh store for the workers of every rendezvous round. torchrun's default shares the
 #: rendezvous store with them across restarts, and a restarted worker can then read the address

@@ -1,0 +1,65 @@
+"""The house's floors, read from the code's own imports (every import, function-level ones too).
+
+Rooms are products10k's sub-packages and top-level modules. No room may import one that imports it
+back, directly or through others; the light runtime (``deploy``) stands on the ground floor alone;
+no module outgrows 500 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import networkx as nx
+import pytest
+
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "products10k"
+#: what the deploy runtime may stand on: no torch-side or stage-family room
+GROUND = {"common", "config", "imaging", "scores", "knn", "estimate", "ensemble"}
+MAX_LINES = 500
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "products10k" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def import_graph() -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        src = _room(".".join(rel.parts)) if rel.name != "__init__" else _room(".".join(rel.parts[:-1]))
+        if src is None:
+            continue
+        graph.add_node(src)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                dst = _room(name)
+                if dst and dst != src and ((PACKAGE / dst).is_dir() or (PACKAGE / f"{dst}.py").is_file()):
+                    graph.add_edge(src, dst)
+    return graph
+
+
+def test_no_room_imports_one_that_imports_it_back():
+    cycles = list(nx.simple_cycles(import_graph()))
+    assert not cycles, f"import cycles between rooms: {cycles}"
+
+
+def test_the_runtime_stands_on_the_ground_floor_alone():
+    graph = import_graph()
+    above = sorted(set(nx.descendants(graph, "deploy")) - GROUND)
+    assert not above, f"deploy imports (directly or through others) {above}"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")))
+def test_no_module_over_500_lines(path):
+    lines = len((ROOT / path).read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path}: {lines} lines (split it by concern)"
