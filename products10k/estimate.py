@@ -5,7 +5,7 @@ SKU mix; test may not (the embedded default's test is balanced; Products-10K's i
 Each val row gets its SKU's target mass shared among that SKU's val rows (``row_weights``), so the
 weighted val mix is ``evaluate.target_prior`` restricted to the SKUs val has (``coverage`` says how
 much of the target that is). Every choice made on val uses these weights: the best epoch
-(training/loop.py), the fusion weight (retrieval/knn.py), the ensemble weights
+(training/state.py, epoch.py), the fusion weight (knn.py), the ensemble weights
 (ensemble.py) and the submission itself (submission/choose.py).
 
 numpy and pandas only: the ground floor every stage family may import.
