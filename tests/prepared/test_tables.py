@@ -211,7 +211,7 @@ def test_a_tail_leave_out_gives_val_the_smaller_skus_too():
     # 2 head SKUs of 20 images, tail SKUs of 5, 3 and 2 images
     skus = np.repeat([1, 2, 3, 4, 5], [20, 20, 5, 3, 2])
     without = split_train_val(skus, 0.2, seed=0, min_images=10)
-    assert set(skus[without]) == {1, 2}  # val holds the head alone (the default, val_tail_images 0)
+    assert set(skus[without]) == {1, 2}  # val holds the head alone (val_tail_images 0, the paper preset)
     leave_out = split_train_val(skus, 0.2, seed=0, min_images=10, tail_images=1, tail_min_images=3)
     per_sku = pd.Series(skus[leave_out]).value_counts().to_dict()
     assert per_sku == {1: 4, 2: 4, 3: 1, 4: 1}  # the 2-image SKU keeps both: under tail_min_images
