@@ -73,6 +73,14 @@ def estimate(top1: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> float
     )
 
 
+def log_train_prior(label_map: pd.DataFrame) -> np.ndarray:
+    """``log`` of the training SKU mix (``n_train``), what logit adjustment subtracts ``tau`` times; a
+    SKU left without training images (all excluded) counts as one: ``log 0`` would be ``-inf`` and
+    ``- tau x log prior`` would put that SKU first in every row that keeps it."""
+    counts = np.clip(label_map["n_train"].to_numpy(dtype=np.float64), 1.0, None)
+    return np.log(counts / counts.sum())
+
+
 def val_weights(labels: np.ndarray, label_map: pd.DataFrame, spec: str) -> np.ndarray:
     """:func:`row_weights` of val ``labels`` for the ``evaluate.target_prior`` ``spec``."""
     return row_weights(labels, target_prior(spec, label_map))

@@ -64,6 +64,7 @@ from products10k.config import (
     member_names,
     section,
 )
+from products10k.estimate import log_train_prior
 from products10k.report.chart import draw_table1, seeds_text
 from products10k.report.experiments import (
     PAPER,
@@ -94,26 +95,22 @@ def _read(path: str, rev: str | None, mode: str = "r"):
         return f.read()
 
 
-def load_run(rev: str | None, member: str, phase: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics, single-crop top-1 labels, labels) of one phase of one experiment (or the workspace)."""
+def load_run(rev: str | None, member: str, phase: str) -> tuple[dict, np.ndarray, Predictions]:
+    """(metrics, single-crop top-1 labels, the whole predictions file) of one phase of one experiment
+    (or the workspace), its predictions file read once."""
     metrics = json.loads(_read(f"metrics/{member}/{phase}.json", rev))
-    with np.load(
-        io.BytesIO(_read(f"predictions/{phase}/{member}.npz", rev, "rb")), allow_pickle=False
-    ) as npz:
+    data = _read(f"predictions/{phase}/{member}.npz", rev, "rb")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         if SINGLE_TOP1 not in npz.files:
             raise Products10kError(
                 f"predictions/{phase}/{member}.npz at {rev or 'the workspace'} has no single-crop labels "
                 "(written by an older evaluate stage): re-run the experiments"
             )
-        return metrics, npz[SINGLE_TOP1].astype(np.int64), npz["test_labels"].astype(np.int64)
-
-
-def load_scores(rev: str | None, member: str, phase: str) -> Predictions:
-    """The whole predictions file (val and test top-k) of one phase of one experiment."""
+        single = npz[SINGLE_TOP1].astype(np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.npz"
-        path.write_bytes(_read(f"predictions/{phase}/{member}.npz", rev, "rb"))
-        return load_predictions(path, member)
+        path.write_bytes(data)
+        return metrics, single, load_predictions(path, member)
 
 
 @dataclass(frozen=True)
@@ -128,8 +125,7 @@ def adjusted_hits(scores: Predictions, label_map: pd.DataFrame, tau, adjustment:
     """(test top-1 hits after logit adjustment, the tau used, val's estimate at that tau):
     ``auto`` fits tau on val's estimate over the grid, exactly as the submit stage does
     (submission/choose.py)."""
-    n_train = label_map["n_train"].to_numpy(dtype=np.float64)
-    log_prior = np.log(np.clip(n_train, 1.0, None) / n_train.sum())
+    log_prior = log_train_prior(label_map)
     target = choose.target_prior(adjustment.target_prior, label_map)
     weights = choose.row_weights(scores.val.labels, target)
     grid = adjustment.tau_grid if tau == "auto" else (float(tau),)
@@ -159,10 +155,15 @@ def collect(
     label_map_csv = _read("data/prepared/label_map.csv", revs[experiments[0].name])
     label_map = pd.read_csv(io.StringIO(label_map_csv))
     hits, taus, val, labels0 = {}, {}, {}, None
+    runs: dict[tuple[str, str], tuple] = {}  # (experiment, phase): read once for all its rows
     for row in rows:
         per_seed = []
         for exp in by_role[row.role]:
-            metrics, pred, labels = load_run(revs[exp.name], member, row.phase)
+            key = (exp.name, row.phase)
+            if key not in runs:
+                runs[key] = load_run(revs[exp.name], member, row.phase)
+            metrics, pred, scores = runs[key]
+            labels = scores.test.labels.astype(np.int64)
             if labels0 is None:
                 labels0 = labels
             elif not np.array_equal(labels, labels0):
@@ -171,7 +172,6 @@ def collect(
             if not np.isclose(hit.mean(), metrics["test"]["top1"], atol=1e-9):
                 raise Products10kError(f"{exp.name}/{row.phase}: predictions disagree with its metrics file")
             # val's estimate of the test metric beside it: does val rank the rows as test does?
-            scores = load_scores(revs[exp.name], member, row.phase)
             adjusted, tau, estimate = adjusted_hits(scores, label_map, row.tau or 0.0, adjustment)
             if row.tau is not None:
                 hit = adjusted

@@ -29,6 +29,7 @@ import pandas as pd
 from products10k import common
 from products10k.common import DataError, Products10kError
 from products10k.ensemble import resolve_weights
+from products10k.estimate import log_train_prior
 from products10k.evaluation.metrics import hit_rates, leaderboard_masks
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.raw import kaggle
@@ -312,7 +313,7 @@ def make_submission(
     if candidates is None:
         candidates = {Path(next(iter(prediction_paths.values()))).parent.name: prediction_paths}
     target = target_prior(target_prior_spec, label_map)
-    log_prior = np.log(label_map["n_train"].to_numpy(dtype=np.float64) / label_map["n_train"].sum())
+    log_prior = log_train_prior(label_map)
     scored, chosen = [], None
     for name, paths in candidates.items():
         ens = _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K), target)

@@ -122,3 +122,13 @@ def test_the_submission_is_the_candidate_with_the_best_val_estimate_not_the_best
     # in train's mix the plain top-1 decides: head
     assert make_submission(**common, target_prior_spec="train")["choice"]["candidate"] == "head"
     json.dumps(metrics)  # the metrics file takes it as it is
+
+
+def test_a_sku_without_training_images_is_not_pushed_first_by_logit_adjustment():
+    """n_train 0 (every image of a SKU excluded): log 0 would be -inf and tau x that a +inf bonus."""
+    from products10k.estimate import log_train_prior
+
+    prior = log_train_prior(pd.DataFrame({"n_train": [8, 0, 1]}))
+    assert np.isfinite(prior).all() and prior[1] == prior[2]
+    labels, probs = np.array([[0, 1]]), np.array([[0.9, 0.1]], dtype=np.float32)
+    assert adjust(labels, probs, prior, 1.0)[0][0, 0] == 0  # the 8-image SKU's lead survives
