@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import DistConfig, EvaluateConfig, TTAConfig, load_yaml, member_names, section
-from products10k.dist.group import cleanup, init_distributed
+from products10k.dist.group import process_group
 from products10k.evaluation.evaluate import EvalOutputs, evaluate_phase
 from products10k.scores import require_evaluated_phase
 
@@ -69,11 +69,8 @@ def _run(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
     require_evaluated_phase(args.phase, cfg.phases, args.params)
     seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
-    info = init_distributed(dist_cfg)  # one process unless started by torchrun
-    try:
+    with process_group(dist_cfg, params, str(args.params)) as info:  # one process unless torchrun's
         _evaluate(args, cfg, tta, info)
-    finally:
-        cleanup(info)
 
 
 def _evaluate(args: argparse.Namespace, cfg: EvaluateConfig, tta: TTAConfig, info) -> None:

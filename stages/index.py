@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
 from products10k.config import DistConfig, EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
-from products10k.dist.group import cleanup, init_distributed
+from products10k.dist.group import process_group
 from products10k.retrieval.index import IndexInputs, IndexOutputs, build_index
 from products10k.scores import require_evaluated_phase
 
@@ -77,11 +77,8 @@ def _run(args: argparse.Namespace) -> None:
         classifier=args.classifier,
     )
     outputs = IndexOutputs(args.index, args.fused, args.metrics, args.knn)
-    info = init_distributed(dist_cfg)  # one process unless started by torchrun
-    try:
+    with process_group(dist_cfg, params, str(args.params)) as info:  # one process unless torchrun's
         build_index(args.member, inputs, outputs, cfg, evaluate, info)
-    finally:
-        cleanup(info)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import PHASES
-from products10k.training.loop import PhasePaths, run_phase
+from products10k.config import PHASES, load_yaml, member_params
+from products10k.dist.group import process_group
+from products10k.training.loop import Callbacks, PhasePaths, PhaseSettings, run_phase
 
 log = logging.getLogger("stages.train")
 
@@ -57,9 +58,21 @@ def main(argv: list[str] | None = None) -> None:
         live=args.live,
         init=args.init,
     )
-    result = run_stage(log, run_phase, args.params, args.phase, args.member, paths)
+    result = run_stage(log, train_phase, args.params, args.phase, args.member, paths)
     if result["is_main"]:  # one summary line, on the node that runs dvc (not torchrun's RANK 0)
         log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
+
+
+def train_phase(
+    params_path: Path, phase: str, member: str, paths: PhasePaths, callbacks: Callbacks | None = None
+) -> dict:
+    """Read params.yaml once (the member's overrides applied), then train the phase inside the
+    process group (one process unless torchrun started this one)."""
+    where = str(params_path)
+    params = member_params(load_yaml(params_path), member, where)
+    settings = PhaseSettings.from_params(params, phase, member, where)
+    with process_group(settings.dist, params, where) as info:
+        return run_phase(settings, paths, info, callbacks)
 
 
 if __name__ == "__main__":

@@ -267,6 +267,11 @@ def phase_args(data: Path, out: Path, phase: str = "train", csv: str = "train.cs
     return args
 
 
+def train_phase(params_path, phase: str, member: str, paths, callbacks=None) -> dict:
+    """One phase as ``stages/train.py`` runs it: params.yaml read once, the process group around it."""
+    return stage_module("train").train_phase(Path(params_path), phase, member, paths, callbacks)
+
+
 def stage_module(name: str):
     """The script ``stages/<name>.py`` as a module (a script, not a package module), for in-process runs."""
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,20 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+
+@contextmanager
+def process_group(cfg: DistConfig, params: dict, where: str) -> Iterator[DistInfo]:
+    """Every stage's distributed mode (train, evaluate, index): join the torchrun process group if
+    torchrun started this process (one process otherwise), check that every rank read the same
+    ``params`` (the stage's whole params, read once by the stage script from ``where``), and leave
+    the group on every path, errors included."""
+    info = init_distributed(cfg)
+    try:
+        check_same_params(params, info, where)
+        yield info
+    finally:
+        cleanup(info)
 
 
 def init_distributed(cfg: DistConfig) -> DistInfo:

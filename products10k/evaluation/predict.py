@@ -119,14 +119,7 @@ def predict(
     start = 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=not progress)
     for batch in bar:
-        per_view = []
-        for view in views:
-            x = to_model_input(batch[view.base.name], device, flags)
-            if view.flip:
-                x = torch.flip(x, dims=[-1])
-            with autocast:
-                per_view.append(model(x).float())
-        stacked = torch.stack(per_view)  # (V, B, K) on the device
+        stacked = _view_logits(model, batch, views, device, flags, autocast)  # (V, B, K) on the device
         summed = stacked.sum(0)
         stop = start + stacked.shape[1]
         for name, logits in zip(names, stacked, strict=True):
@@ -141,9 +134,7 @@ def predict(
         writer.add(start, mean, labels[start:stop])
         if single_writer is not None:
             if extra:
-                x = to_model_input(batch[single.base.name], device, flags)
-                with autocast:
-                    one = model(torch.flip(x, dims=[-1]) if single.flip else x).float()
+                one = _view_logits(model, batch, [single], device, flags, autocast)[0]
             else:
                 one = stacked[views.index(single)]
             single_writer.add(start, one.cpu().numpy(), labels[start:stop])
@@ -151,6 +142,18 @@ def predict(
     names = df["name"].astype(str).to_numpy()
     single_scores = single_writer.result(names, labels) if single_writer is not None else None
     return Prediction(writer.result(names, labels), single_scores, view_top1, without_top1)
+
+
+def _view_logits(model, batch: dict, views: list[View], device, flags: dict, autocast) -> torch.Tensor:
+    """The float32 logits of every view of one batch, stacked: (views, batch, classes)."""
+    per_view = []
+    for view in views:
+        x = to_model_input(batch[view.base.name], device, flags)
+        if view.flip:
+            x = torch.flip(x, dims=[-1])
+        with autocast:
+            per_view.append(model(x).float())
+    return torch.stack(per_view)
 
 
 def predict_sharded(

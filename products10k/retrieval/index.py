@@ -91,11 +91,7 @@ def build_index(
     info = info or DistInfo()
     label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
-    splits = {
-        "train": read_prepared(inputs.train, label_map),
-        "val": read_prepared(inputs.val, label_map, allow_empty=True),
-        "test": read_prepared(inputs.test, label_map, usage=True, allow_empty=True),
-    }
+    splits = _read_splits(inputs, label_map)
     model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
     classifier = load_predictions(inputs.classifier, member)
     embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}", info)
@@ -119,22 +115,11 @@ def build_index(
     test_vectors, _ = embed(splits["test"], "test")
     if not info.is_main:
         return None
-    queries = {"val": val_vectors, "test": test_vectors}
-
-    knn = {}
-    for split in ("val", "test"):
-        rows = splits[split]
-        knn[split] = knn_scores(
-            gallery,
-            queries[split],
-            rows["name"],
-            rows["label"],
-            k=cfg.k,
-            kind=cfg.vote,
-            temperature=cfg.temperature,
-            smoothing=cfg.smoothing,
-            batch=cfg.search_batch,
-        )
+    knn = {
+        split: _search(gallery, vectors, splits[split], cfg)
+        for split, vectors in (("val", val_vectors), ("test", test_vectors))
+    }
+    for split in knn:
         _check_same_rows(classifier, split, knn[split], inputs.classifier)
 
     # Two weights: the pipeline fuses kNN with the evaluate stage's TTA-averaged scores, deploy with
@@ -147,25 +132,15 @@ def build_index(
     gallery.meta["fusion_weight_fitted_on"] = "val, single centre crop (as products10k-predict)"
     fused = {s: fuse(getattr(classifier, s), knn[s], weight, len(skus), evaluate.top_k) for s in knn}
 
-    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
     metrics = {
         "fusion_weight": weight,
         "fusion_weight_single_crop": deploy_weight,
         "gallery": int(gallery.index.ntotal),
         "dim": int(gallery.index.d),
+        **_split_metrics(classifier, knn, fused, splits, label_map, evaluate.tail_max_images),
     }
-    for split in ("val", "test"):
-        # val's fused scores use the weight fitted on those rows: named in-sample where they are shown
-        fused_key = "fused_in_sample" if split == "val" else "fused"
-        scores = {"classifier": getattr(classifier, split), "knn": knn[split], fused_key: fused[split]}
-        metrics[split] = {
-            name: _brief(split_metrics(s.topk_labels, splits[split], n_train, evaluate.tail_max_images))
-            for name, s in scores.items()
-        }
     save_gallery(gallery, outputs.index, thumbs=_thumbnails(splits["train"], inputs.images_root, skus))
-    save_predictions(outputs.fused, val=fused["val"], test=fused["test"], skus=skus)
-    if outputs.knn is not None:
-        save_predictions(outputs.knn, val=knn["val"], test=knn["test"], skus=skus)
+    _write_scores(outputs, fused, knn, skus)
     common.write_json(outputs.metrics, metrics)
     test = metrics["test"]
     if "top1" in test["knn"]:
@@ -177,6 +152,52 @@ def build_index(
             test["fused"]["top1"],
             weight,
         )
+    return metrics
+
+
+def _read_splits(inputs: IndexInputs, label_map) -> dict:
+    """train (the gallery), val (fits the fusion weight) and test, checked against the label map."""
+    return {
+        "train": read_prepared(inputs.train, label_map),
+        "val": read_prepared(inputs.val, label_map, allow_empty=True),
+        "test": read_prepared(inputs.test, label_map, usage=True, allow_empty=True),
+    }
+
+
+def _write_scores(outputs: IndexOutputs, fused: dict, knn: dict, skus: np.ndarray) -> None:
+    """The fused predictions (the submit stage's candidate) and, if asked for, the kNN's own."""
+    save_predictions(outputs.fused, val=fused["val"], test=fused["test"], skus=skus)
+    if outputs.knn is not None:
+        save_predictions(outputs.knn, val=knn["val"], test=knn["test"], skus=skus)
+
+
+def _search(gallery, vectors: np.ndarray, rows, cfg: RetrievalConfig) -> SplitScores:
+    """One split's kNN scores: its vectors searched in the gallery, the neighbours' votes."""
+    return knn_scores(
+        gallery,
+        vectors,
+        rows["name"],
+        rows["label"],
+        k=cfg.k,
+        kind=cfg.vote,
+        temperature=cfg.temperature,
+        smoothing=cfg.smoothing,
+        batch=cfg.search_batch,
+    )
+
+
+def _split_metrics(classifier, knn: dict, fused: dict, splits: dict, label_map, tail_max_images: int) -> dict:
+    """Val's and test's metrics of the classifier, the kNN and the fusion of both."""
+    n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
+    metrics = {}
+    for split in ("val", "test"):
+        # val's fused scores use the weight fitted on those rows: named in-sample where they are shown
+        fused_key = "fused_in_sample" if split == "val" else "fused"
+        scores = {"classifier": getattr(classifier, split), "knn": knn[split], fused_key: fused[split]}
+        metrics[split] = {
+            name: _brief(split_metrics(s.topk_labels, splits[split], n_train, tail_max_images))
+            for name, s in scores.items()
+        }
     return metrics
 
 

@@ -314,72 +314,36 @@ def make_submission(
         candidates = {Path(next(iter(prediction_paths.values()))).parent.name: prediction_paths}
     target = target_prior(target_prior_spec, label_map)
     log_prior = log_train_prior(label_map)
-    scored, chosen = [], None
-    for name, paths in candidates.items():
-        ens = _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K), target)
-        val_labels, test_labels = ens["preds"][members[0]].val.labels, ens["preds"][members[0]].test.labels
-        rows = score_taus(name, ens["val"].labels, ens["val"].probs, val_labels,
-                          row_weights(val_labels, target), log_prior, taus)  # fmt: skip
-        known = test_labels >= 0
-        for s in rows:  # for the record only: the choice is made on val
-            top1 = adjust(ens["test"].labels, ens["test"].probs, log_prior, s.tau)[0][:, 0]
-            s.test_top1 = float((top1 == test_labels)[known].mean()) if known.any() else None
-        scored += rows
-        if best(scored) in rows:
-            chosen = ens  # keep only the best candidate's ensembles: memory stays one candidate's
+    ensembles = (
+        (name, _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K), target))
+        for name, paths in candidates.items()
+    )  # one at a time: memory stays one candidate's
+    scored, chosen = _choose(ensembles, members[0], target, log_prior, taus)
     pick = best(scored)
     preds, weights = chosen["preds"], chosen["weights"]
     first = members[0]
-    val_labels = preds[first].val.labels
     log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
     log.info(
         "submitting %s with logit adjustment tau %g: val estimate %.4f (target prior %s) of %d choices",
         pick.candidate, pick.tau, pick.val_estimate, target_prior_spec, len(scored),
     )  # fmt: skip
     val_ens, test_ens = chosen["val"], chosen["test"]
-    val_ens.labels, val_ens.probs = (
-        a[:, :top_k] for a in adjust(val_ens.labels, val_ens.probs, log_prior, pick.tau)
-    )
-    test_ens.labels, test_ens.probs = (
-        a[:, :top_k] for a in adjust(test_ens.labels, test_ens.probs, log_prior, pick.tau)
-    )
+    for ens in (val_ens, test_ens):
+        ens.labels, ens.probs = (a[:, :top_k] for a in adjust(ens.labels, ens.probs, log_prior, pick.tau))
 
-    try:
-        excluded = read_excluded_test_names(report_path, test_list_path) if report_path else set()
-        test_names = preds[first].test.names
-        names, (top_labels, top_probs) = align_to_test_list(
-            test_names,
-            (test_ens.labels, test_ens.probs),
-            test_list,
-            f"{candidates[pick.candidate][first]} vs {test_list_path}",
-            excluded=excluded,
-            fallback=fallback_scores(label_map, test_ens.labels.shape[1]) if excluded else None,
-        )
-        fallback_names = names[~np.isin(names, test_names)]
-        if len(fallback_names):
-            _log_fallback(fallback_names, report_path, label_map)
-        submission, topk = build_submission(names, top_labels, top_probs, skus)
-        validate_submission(submission, test_list, skus, where=str(out))
-    except Products10kError:
-        # a submission from an earlier run must not pass for this run's result
-        for stale in (Path(out), Path(top_k_out)):
-            if stale.exists():
-                log.warning("removing stale %s: this run's submission failed its checks", stale)
-                stale.unlink()
-        raise
-    common.write_csv(out, submission)
-    common.write_csv(top_k_out, topk)
-    log.info("wrote %s (%d rows) and %s", out, len(submission), top_k_out)
-
+    submission, topk, fallback_names = _write_submission(
+        preds[first].test.names,
+        test_ens,
+        test_list,
+        label_map,
+        where=f"{candidates[pick.candidate][first]} vs {test_list_path}",
+        outs=(Path(out), Path(top_k_out)),
+        report_path=report_path,
+        test_list_path=test_list_path,
+    )
+    val_labels = preds[first].val.labels
     known = val_labels >= 0
-    uncertain = int(test_ens.uncertain_top1.sum())
-    if uncertain:
-        log.info(
-            "%d test row(s) have an ensemble top-1 margin within the top-k estimate's error bound "
-            "(evaluate.top_k); raise evaluate.top_k to make them exact",
-            uncertain,
-        )
-    metrics = {
+    return {
         "test": {**score_submission(submission, topk, test_list), "fallback_rows": len(fallback_names)},
         # in-sample: the ensemble weights were fitted on these very rows (ensemble.weights: fit), and
         # each member's best epoch chosen on them; the name says so wherever the figure is shown
@@ -397,15 +361,91 @@ def make_submission(
             f"{len(scored)} candidate x tau choices; test top-1 is recorded, never used",
             "candidates": [s.as_dict() for s in scored],
         },
-        "ensemble": {
-            "size": len(members),
-            "weights": weights,
-            # how far the top-k files may put any ensemble probability from the exact average
-            "max_prob_error": float(test_ens.error_bound.max(initial=0.0)),
-            "uncertain_top1_rows": uncertain,
-        },
+        "ensemble": _ensemble_report(members, weights, test_ens),
     }
-    return metrics
+
+
+def _choose(ensembles, first: str, target, log_prior, taus) -> tuple[list, dict]:
+    """Every candidate's choices scored on val; the best candidate's ensembles, the only ones kept."""
+    scored, chosen = [], None
+    for name, ens in ensembles:
+        scored += _score_candidate(name, ens, first, target, log_prior, taus)
+        if best(scored).candidate == name:
+            chosen = ens
+    return scored, chosen
+
+
+def _ensemble_report(members: list[str], weights: dict, test_ens) -> dict:
+    uncertain = int(test_ens.uncertain_top1.sum())
+    if uncertain:
+        log.info(
+            "%d test row(s) have an ensemble top-1 margin within the top-k estimate's error bound "
+            "(evaluate.top_k); raise evaluate.top_k to make them exact",
+            uncertain,
+        )
+    return {
+        "size": len(members),
+        "weights": weights,
+        # how far the top-k files may put any ensemble probability from the exact average
+        "max_prob_error": float(test_ens.error_bound.max(initial=0.0)),
+        "uncertain_top1_rows": uncertain,
+    }
+
+
+def _score_candidate(name: str, ens: dict, first: str, target, log_prior, taus) -> list:
+    """One candidate's val estimate at every tau; its test top-1 for the record only (the choice is
+    made on val)."""
+    val_labels, test_labels = ens["preds"][first].val.labels, ens["preds"][first].test.labels
+    rows = score_taus(name, ens["val"].labels, ens["val"].probs, val_labels,
+                      row_weights(val_labels, target), log_prior, taus)  # fmt: skip
+    known = test_labels >= 0
+    for s in rows:
+        top1 = adjust(ens["test"].labels, ens["test"].probs, log_prior, s.tau)[0][:, 0]
+        s.test_top1 = float((top1 == test_labels)[known].mean()) if known.any() else None
+    return rows
+
+
+def _write_submission(
+    test_names,
+    test_ens,
+    test_list,
+    label_map,
+    *,
+    where: str,
+    outs: tuple[Path, Path],
+    report_path,
+    test_list_path,
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Align the ensemble's test rows to the test list (the fallback for the images prepare
+    excluded), validate, write submission.csv and the top-k file; a failed check removes the files
+    an earlier run left, so they cannot pass for this run's result."""
+    out, top_k_out = outs
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    try:
+        excluded = read_excluded_test_names(report_path, test_list_path) if report_path else set()
+        names, (top_labels, top_probs) = align_to_test_list(
+            test_names,
+            (test_ens.labels, test_ens.probs),
+            test_list,
+            where,
+            excluded=excluded,
+            fallback=fallback_scores(label_map, test_ens.labels.shape[1]) if excluded else None,
+        )
+        fallback_names = names[~np.isin(names, test_names)]
+        if len(fallback_names):
+            _log_fallback(fallback_names, report_path, label_map)
+        submission, topk = build_submission(names, top_labels, top_probs, skus)
+        validate_submission(submission, test_list, skus, where=str(out))
+    except Products10kError:
+        for stale in outs:
+            if stale.exists():
+                log.warning("removing stale %s: this run's submission failed its checks", stale)
+                stale.unlink()
+        raise
+    common.write_csv(out, submission)
+    common.write_csv(top_k_out, topk)
+    log.info("wrote %s (%d rows) and %s", out, len(submission), top_k_out)
+    return submission, topk, fallback_names
 
 
 def _ensemble(members, paths, weights_spec, skus, label_map_path, k: int, target: np.ndarray) -> dict:

@@ -1,6 +1,7 @@
 """One training phase (train / finetune_balanced / finetune_accuracy), single-process or DDP.
 
-``run_phase`` is what ``stages/train.py`` calls and reads as the phase does: build the state
+``run_phase`` is what ``stages/train.py`` calls (with the phase's settings, read once from
+params.yaml there, inside the process group) and reads as the phase does: build the state
 (data, model, optimizer, resume point), then per epoch ``train_one_epoch``, ``validate`` and, on
 rank 0, ``best.pt`` / ``last.pt`` written atomically and the epoch logged with DVCLive.
 ``best.pt`` is the phase's output, the weights the next phase and evaluation read: the epoch with
@@ -18,19 +19,8 @@ state and a fingerprint of the settings; a checkpoint made with other settings i
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from products10k.config import (
-    DistConfig,
-    load_yaml,
-    member_params,
-    section,
-)
-from products10k.dist.group import (
-    check_same_params,
-    cleanup,
-    init_distributed,
-)
+from products10k.dist.group import DistInfo
 from products10k.training.epoch import freeze_batchnorm, optimizer_step, train_one_epoch, validate
 from products10k.training.live import LiveLog, log_epoch, log_start
 from products10k.training.optim import current_lr
@@ -38,6 +28,7 @@ from products10k.training.resume import checkpoint, resume, save_epoch
 from products10k.training.state import (
     Callbacks,
     PhasePaths,
+    PhaseSettings,
     PhaseState,
     build_state,
     fingerprint,
@@ -49,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Callbacks",
     "PhasePaths",
+    "PhaseSettings",
     "PhaseState",
     "checkpoint",
     "fingerprint",
@@ -61,48 +53,40 @@ __all__ = [
 
 
 def run_phase(
-    params_path: str | Path, phase: str, member: str, paths: PhasePaths, callbacks: Callbacks | None = None
+    settings: PhaseSettings, paths: PhasePaths, info: DistInfo, callbacks: Callbacks | None = None
 ) -> dict:
-    """Train one phase of one ensemble member; see the module docstring."""
+    """Train one phase of one ensemble member on this rank; see the module docstring."""
     callbacks = callbacks or Callbacks()
-    where = str(params_path)
-    params = member_params(load_yaml(params_path), member, where)
-    dist_cfg = section(params, "dist", DistConfig, where)
-    info = init_distributed(dist_cfg)
-    try:  # the process group is closed on every path, errors included
-        check_same_params(params, info, where)
-        state = build_state(params, where, phase, member, paths, info, dist_cfg)
-        start = resume(state)
-        live = LiveLog(paths.live, info.is_main)
-        for row in state.history:  # a resumed run's curves start at epoch 1, not at the resume
+    state = build_state(settings, paths, info)
+    start = resume(state)
+    live = LiveLog(paths.live, info.is_main)
+    for row in state.history:  # a resumed run's curves start at epoch 1, not at the resume
+        live.log_epoch(row)
+    log_start(state)
+    for epoch in range(start, state.cfg.epochs):
+        # lr as the epoch starts (the schedule is stepped per update within the epoch)
+        row = {"epoch": epoch + 1, "lr": current_lr(state.optimizer)}
+        row.update(train_one_epoch(state, epoch, callbacks.on_batch))
+        # checkpoint: last, or no val split (prepare.val_fraction: 0): best.pt = the last epoch
+        improved = True
+        if len(state.val_ds):
+            row.update(validate(state))
+            if state.cfg.checkpoint == "best":
+                # the best epoch by val's estimate of the test metric (val weighted to
+                # evaluate.target_prior), not by val top-1, which follows train's SKU mix
+                improved = row["val/estimate"] > state.best_estimate
+            state.best_top1 = max(state.best_top1, row["val/top1"])
+            state.best_estimate = max(state.best_estimate, row["val/estimate"])
+            row["val/best_top1"] = state.best_top1
+            row["val/best_estimate"] = state.best_estimate
+        state.history.append(row)
+        if info.is_main:
+            save_epoch(state, epoch, row, improved)
             live.log_epoch(row)
-        log_start(state)
-        for epoch in range(start, state.cfg.epochs):
-            # lr as the epoch starts (the schedule is stepped per update within the epoch)
-            row = {"epoch": epoch + 1, "lr": current_lr(state.optimizer)}
-            row.update(train_one_epoch(state, epoch, callbacks.on_batch))
-            # checkpoint: last, or no val split (prepare.val_fraction: 0): best.pt = the last epoch
-            improved = True
-            if len(state.val_ds):
-                row.update(validate(state))
-                if state.cfg.checkpoint == "best":
-                    # the best epoch by val's estimate of the test metric (val weighted to
-                    # evaluate.target_prior), not by val top-1, which follows train's SKU mix
-                    improved = row["val/estimate"] > state.best_estimate
-                state.best_top1 = max(state.best_top1, row["val/top1"])
-                state.best_estimate = max(state.best_estimate, row["val/estimate"])
-                row["val/best_top1"] = state.best_top1
-                row["val/best_estimate"] = state.best_estimate
-            state.history.append(row)
-            if info.is_main:
-                save_epoch(state, epoch, row, improved)
-                live.log_epoch(row)
-                log_epoch(state, epoch, row)
-            if callbacks.on_epoch_end is not None:
-                callbacks.on_epoch_end(state, epoch)
-        if callbacks.on_end is not None:
-            callbacks.on_end(state)
-        live.end()
-        return {"best_val_top1": state.best_top1, "history": state.history, "is_main": info.is_main}
-    finally:
-        cleanup(info)
+            log_epoch(state, epoch, row)
+        if callbacks.on_epoch_end is not None:
+            callbacks.on_epoch_end(state, epoch)
+    if callbacks.on_end is not None:
+        callbacks.on_end(state)
+    live.end()
+    return {"best_val_top1": state.best_top1, "history": state.history, "is_main": info.is_main}

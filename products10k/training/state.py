@@ -1,10 +1,11 @@
 """The state of one training phase and how it is built: data, model, optimizer, schedule, loss.
 
-``build_state`` reads the phase's CSVs and label map, makes the model (ImageNet weights, or the
-previous phase's ``best.pt``, broadcast from rank 0), applies cRT's switches (``reset_head``,
-``freeze_backbone``), wraps it for DDP / ``torch.compile`` and builds the optimizer, schedule and loss
-(balanced softmax offsets the logits by the sampled SKU mix). ``fingerprint`` hashes what a resumed
-run must share with the killed one."""
+``PhaseSettings`` holds the typed sections of params.yaml a phase reads: the stage script reads the
+file once and passes them in. ``build_state`` reads the phase's CSVs and label map, makes the model
+(ImageNet weights, or the previous phase's ``best.pt``, broadcast from rank 0), applies cRT's
+switches (``reset_head``, ``freeze_backbone``), wraps it for DDP / ``torch.compile`` and builds the
+optimizer, schedule and loss (balanced softmax offsets the logits by the sampled SKU mix).
+``fingerprint`` hashes what a resumed run must share with the killed one."""
 
 from __future__ import annotations
 
@@ -60,6 +61,36 @@ RESUME_SAFE_KEYS = ("compile", "eval_batch_size")
 #: part of the resume fingerprint: a last.pt whose optimizer state is laid out otherwise (the
 #: parameter groups before timm's create_optimizer_v2) is not resumed
 OPTIMIZER_LAYOUT = "timm-v2"
+
+
+@dataclass(frozen=True)
+class PhaseSettings:
+    """The params one phase of one member trains with, as typed sections (read once, by the stage)."""
+
+    phase: str
+    member: str
+    cfg: PhaseConfig  # the phase's section, a finetune's on top of train's
+    model: ModelConfig
+    dist: DistConfig
+    target_prior: str  # evaluate.target_prior: what checkpoint: best's val estimate weights val to
+    where: str  # the params file, named in errors
+
+    @classmethod
+    def from_params(cls, params: dict, phase: str, member: str, where: str) -> PhaseSettings:
+        """``params``: the member's params (:func:`products10k.config.member_params`)."""
+        return cls(
+            phase=phase,
+            member=member,
+            cfg=phase_config(params, phase, where),
+            model=section(params, "model", ModelConfig, where),
+            dist=section(params, "dist", DistConfig, where),
+            target_prior=section(params, "evaluate", EvaluateConfig, where).target_prior,
+            where=where,
+        )
+
+    @property
+    def name(self) -> str:
+        return f"{self.member}/{self.phase}"
 
 
 @dataclass(frozen=True)
@@ -136,44 +167,29 @@ class PhaseState:
         return f"{self.phase}@{self.member}"
 
 
-def build_state(
-    params: dict, where: str, phase: str, member: str, paths: PhasePaths, info: DistInfo, dist_cfg: DistConfig
-) -> PhaseState:
-    """Read the data, build the model, optimizer and schedule of ``phase`` on this rank."""
-    cfg = phase_config(params, phase, where)
-    model_cfg = section(params, "model", ModelConfig, where)
+def build_state(settings: PhaseSettings, paths: PhasePaths, info: DistInfo) -> PhaseState:
+    """Read the data, build the model, optimizer and schedule of the phase on this rank."""
+    cfg, model_cfg, phase = settings.cfg, settings.model, settings.phase
     if phase != "train" and paths.init is None:
         raise ConfigError(f"phase '{phase}' needs --init (the previous phase's best.pt)")
     per_step = info.world * cfg.grad_accum
     if cfg.batch_size % per_step:
         raise ConfigError(
-            f"{where}: {phase}.batch_size={cfg.batch_size} is not divisible by "
+            f"{settings.where}: {phase}.batch_size={cfg.batch_size} is not divisible by "
             f"dist.nproc_per_node ({info.world}) x {phase}.grad_accum ({cfg.grad_accum})"
         )
     micro_batch = cfg.batch_size // per_step
     resize = resolve_resize(cfg.resolution, cfg.resize)
     normalize = input_normalization(model_cfg.arch)
     label_map = read_label_map(paths.label_map, LABEL_MAP_ALL_COLUMNS)
-    target_spec = section(params, "evaluate", EvaluateConfig, where).target_prior
-    train_df = read_prepared(paths.train_csv, label_map)
-    val_df = read_prepared(paths.val_csv, label_map, allow_empty=True)
-    train_ds = PreparedImageDataset(train_df, paths.images, train_transform(cfg, normalize), min_side=resize)
-    val_tf = eval_transform(resize, cfg.resolution, normalize)
-    val_ds = PreparedImageDataset(val_df, paths.images, val_tf, min_side=resize)
-    val_weight = torch.as_tensor(val_weights(val_df["label"].to_numpy(), label_map, target_spec))
-    batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
-    if cfg.sampler == "class_balanced":
-        train_sampler = ClassBalancedSampler(train_ds.labels, info.rank, info.world, cfg.seed, **batching)
-    else:
-        train_sampler = EpochSampler(len(train_ds), info.rank, info.world, True, cfg.seed, **batching)
-    # eval mode uses running BN statistics: a 1-sample batch is fine there
-    val_sampler = EpochSampler(len(val_ds), info.rank, info.world, shuffle=False)
+    data = _phase_data(cfg, paths, label_map, normalize, resize, settings.target_prior)
+    train_sampler, val_sampler = _samplers(cfg, data, micro_batch, info)
     batches_per_epoch = math.ceil(len(train_sampler) / micro_batch)
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
 
     raw = _initial_model(model_cfg, label_map, paths, cfg.seed, info)
-    _prepare_head(raw, cfg, state_name=f"{member}/{phase}")
-    if dist_cfg.sync_bn and info.enabled and info.device.type == "cuda":
+    _prepare_head(raw, cfg, state_name=settings.name)
+    if settings.dist.sync_bn and info.enabled and info.device.type == "cuda":
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw.to(info.device)
     if cfg.channels_last:
@@ -194,7 +210,7 @@ def build_state(
     dtype = amp_dtype(cfg.amp, info.device)
     return PhaseState(
         phase=phase,
-        member=member,
+        member=settings.member,
         paths=paths,
         cfg=cfg,
         model_cfg=model_cfg,
@@ -206,8 +222,8 @@ def build_state(
         batches_per_epoch=batches_per_epoch,
         amp_dtype=dtype,
         non_blocking=host_transfer(info.device)["non_blocking"],
-        train_ds=train_ds,
-        val_ds=val_ds,
+        train_ds=data.train_ds,
+        val_ds=data.val_ds,
         train_sampler=train_sampler,
         val_sampler=val_sampler,
         raw=raw,
@@ -216,13 +232,50 @@ def build_state(
         optimizer=optimizer,
         scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
         scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
-        criterion=_criterion(cfg, train_ds.labels, len(label_map), f"{member}/{phase}"),
+        criterion=_criterion(cfg, data.train_ds.labels, len(label_map), settings.name),
         # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
-        fingerprint=fingerprint(phase, member, cfg, model_cfg, info.world, paths, target_spec)
-        if info.is_main
-        else "",
-        val_weight=val_weight,
+        fingerprint=fingerprint(settings, info.world, paths) if info.is_main else "",
+        val_weight=data.val_weight,
     )
+
+
+@dataclass(frozen=True)
+class _PhaseData:
+    train_ds: PreparedImageDataset
+    val_ds: PreparedImageDataset
+    # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
+    val_weight: torch.Tensor
+
+
+def _phase_data(
+    cfg: PhaseConfig,
+    paths: PhasePaths,
+    label_map: pd.DataFrame,
+    normalize: dict,
+    resize: int,
+    target_spec: str,
+) -> _PhaseData:
+    """The phase's train and val images with their transforms, and val's weights in the estimate."""
+    train_df = read_prepared(paths.train_csv, label_map)
+    val_df = read_prepared(paths.val_csv, label_map, allow_empty=True)
+    train_ds = PreparedImageDataset(train_df, paths.images, train_transform(cfg, normalize), min_side=resize)
+    val_tf = eval_transform(resize, cfg.resolution, normalize)
+    val_ds = PreparedImageDataset(val_df, paths.images, val_tf, min_side=resize)
+    val_weight = torch.as_tensor(val_weights(val_df["label"].to_numpy(), label_map, target_spec))
+    return _PhaseData(train_ds, val_ds, val_weight)
+
+
+def _samplers(
+    cfg: PhaseConfig, data: _PhaseData, micro_batch: int, info: DistInfo
+) -> tuple[EpochSampler | ClassBalancedSampler, EpochSampler]:
+    """This rank's share of each epoch: train's order (shuffled or class-balanced), val's rows."""
+    batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
+    if cfg.sampler == "class_balanced":
+        train = ClassBalancedSampler(data.train_ds.labels, info.rank, info.world, cfg.seed, **batching)
+    else:
+        train = EpochSampler(len(data.train_ds), info.rank, info.world, True, cfg.seed, **batching)
+    # eval mode uses running BN statistics: a 1-sample batch is fine there
+    return train, EpochSampler(len(data.val_ds), info.rank, info.world, shuffle=False)
 
 
 def _initial_model(
@@ -278,22 +331,14 @@ def _criterion(cfg: PhaseConfig, labels, num_classes: int, state_name: str) -> P
     return PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight, offset)
 
 
-def fingerprint(
-    phase: str,
-    member: str,
-    cfg: PhaseConfig,
-    model_cfg: ModelConfig,
-    world: int,
-    paths: PhasePaths,
-    target_prior: str = "train",
-) -> str:
+def fingerprint(settings: PhaseSettings, world: int, paths: PhasePaths) -> str:
     """Hash of everything a resumed run must share with the killed one."""
     blob = {
-        "target_prior": target_prior,  # the best epoch's criterion
-        "phase": phase,
-        "member": member,
-        "cfg": cfg.model_dump(exclude=set(RESUME_SAFE_KEYS)),
-        "model": model_cfg.model_dump(),
+        "target_prior": settings.target_prior,  # the best epoch's criterion
+        "phase": settings.phase,
+        "member": settings.member,
+        "cfg": settings.cfg.model_dump(exclude=set(RESUME_SAFE_KEYS)),
+        "model": settings.model.model_dump(),
         "world": world,
         "optimizer_layout": OPTIMIZER_LAYOUT,
         "train_csv": file_sha256(paths.train_csv),

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from products10k.training.loop import PhasePaths, run_phase
-from tests.helpers import ROOT, free_port, make_training_data, write_params
+from products10k.training.loop import PhasePaths
+from tests.helpers import ROOT, free_port, make_training_data, train_phase, write_params
 
 # A finetune from an init checkpoint. Deterministic inputs (square images, no flip, resize = crop)
 # and eval-mode BatchNorm take the per-rank batch statistics and augmentation streams out: 2 ranks
@@ -48,7 +48,7 @@ def finetune(tmp_path_factory):
     data = make_training_data(root / "data", num_classes=4, train_per_class=5, val_per_class=2, size=(32, 32))
     params = write_params(root / "one.yaml", train=DETERMINISTIC, **{PHASE: FINETUNE})
     paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, root / "train")
-    run_phase(params, "train", "m0", paths)
+    train_phase(params, "train", "m0", paths)
     init = root / "train" / "best.pt"
     params = write_params(
         root / "one.yaml", train={**DETERMINISTIC, "grad_accum": 2}, **{PHASE: FINETUNE}, dist=GLOO
@@ -56,7 +56,7 @@ def finetune(tmp_path_factory):
     paths = PhasePaths(
         data / "train.csv", data / "val.csv", data / "label_map.csv", data, root / "one", init=init
     )
-    run_phase(params, PHASE, "m0", paths)
+    train_phase(params, PHASE, "m0", paths)
     return {"root": root, "data": data, "init": init, "one": root / "one" / "last.pt"}
 
 

@@ -9,9 +9,9 @@ import torch
 
 from products10k.common import ConfigError, Products10kError
 from products10k.models import checkpoint as ckpt_lib
-from products10k.training.loop import PhasePaths, freeze_batchnorm, run_phase
+from products10k.training.loop import PhasePaths, freeze_batchnorm
 from products10k.training.losses import PhaseLoss
-from tests.helpers import make_training_data, phase_args, stage_module, write_params
+from tests.helpers import make_training_data, phase_args, stage_module, train_phase, write_params
 
 train_main = stage_module("train").main
 CONTRACT_KEYS = {
@@ -112,7 +112,7 @@ def test_finetunes_start_from_the_previous_best(pipeline):
     fresh = root / "fresh"
     from products10k.training.loop import PhasePaths as _P
 
-    run_phase(
+    train_phase(
         params,
         "train",
         "m0",
@@ -138,7 +138,7 @@ def test_a_short_finetunes_ema_moves_with_timms_warm_up(pipeline, tmp_path):
     )
     init = root / "models/train/best.pt"
     paths = _paths(data, tmp_path, "finetune_balanced", "balanced.csv", init=init)
-    run_phase(params, "finetune_balanced", "m0", paths)
+    train_phase(params, "finetune_balanced", "m0", paths)
     last = torch.load(paths.out / "last.pt", weights_only=True)
     start = torch.load(init, weights_only=True)["model"]
     ema, raw = last["model"], last["train_state"]["model"]
@@ -150,7 +150,7 @@ def test_no_val_split_keeps_the_last_epoch_as_best(tmp_path, caplog):
     (data / "val.csv").write_text((data / "val.csv").read_text().splitlines()[0] + "\n")  # header only
     params = write_params(tmp_path / "p.yaml", train={"epochs": 2})
     paths = _paths(data, tmp_path)
-    out = run_phase(params, "train", "m0", paths)
+    out = train_phase(params, "train", "m0", paths)
     best = torch.load(paths.out / "best.pt", weights_only=True)
     last = torch.load(paths.out / "last.pt", weights_only=True)
     assert best["epoch"] == last["epoch"] == 2 and len(out["history"]) == 2
@@ -177,7 +177,7 @@ def test_checkpoint_choice_picks_the_best_val_epoch_or_the_final_one(
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
     params = write_params(tmp_path / "p.yaml", train={"epochs": 3, "checkpoint": choice})
     paths = _paths(data, tmp_path)
-    run_phase(params, "train", "m0", paths)
+    train_phase(params, "train", "m0", paths)
     best = torch.load(paths.out / "best.pt", weights_only=True)
     assert best["epoch"] == kept_epoch
 
@@ -192,7 +192,7 @@ def test_val_estimate_weights_val_to_the_target_prior(tmp_path):
 
     data = make_training_data(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=4)
     plain = write_params(tmp_path / "p.yaml", train={"epochs": 1}, evaluate={"target_prior": "train"})
-    row = run_phase(plain, "train", "m0", _paths(data, tmp_path / "p"))["history"][0]
+    row = train_phase(plain, "train", "m0", _paths(data, tmp_path / "p"))["history"][0]
     assert row["val/estimate"] == pytest.approx(row["val/top1"])
 
     label_map = read_label_map(data / "label_map.csv")
@@ -200,7 +200,7 @@ def test_val_estimate_weights_val_to_the_target_prior(tmp_path):
     pd.DataFrame({"sku": [int(label_map["sku"][1])], "weight": [1.0]}).to_csv(one_sku, index=False)
     skewed = write_params(tmp_path / "q.yaml", train={"epochs": 1}, evaluate={"target_prior": str(one_sku)})
     paths = _paths(data, tmp_path / "q")
-    row = run_phase(skewed, "train", "m0", paths)["history"][0]
+    row = train_phase(skewed, "train", "m0", paths)["history"][0]
     model, meta = ckpt_lib.load_model(paths.out / "last.pt")
     val = read_prepared(data / "val.csv", label_map)
     tf = eval_transform(meta["resize"], meta["resolution"], meta["normalize"])
@@ -217,10 +217,10 @@ def test_a_finished_phase_is_kept_not_retrained(tmp_path, caplog):
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
     params = write_params(tmp_path / "p.yaml", train={"epochs": 1})
     paths = _paths(data, tmp_path)
-    run_phase(params, "train", "m0", paths)
+    train_phase(params, "train", "m0", paths)
     before = (paths.out / "last.pt").read_bytes()
     caplog.set_level("INFO", logger="products10k.training.loop")
-    out = run_phase(params, "train", "m0", paths)
+    out = train_phase(params, "train", "m0", paths)
     assert "finished run (epoch 1): keeping it" in caplog.text
     assert (paths.out / "last.pt").read_bytes() == before and len(out["history"]) == 1
 
@@ -229,7 +229,7 @@ def test_batch_not_divisible_names_the_keys(tmp_path):
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
     params = write_params(tmp_path / "p.yaml", train={"batch_size": 9, "grad_accum": 2})
     with pytest.raises(ConfigError, match=r"train.batch_size=9 .*train.grad_accum"):
-        run_phase(params, "train", "m0", _paths(data, tmp_path))
+        train_phase(params, "train", "m0", _paths(data, tmp_path))
 
 
 def test_init_from_another_arch_or_label_map_fails_naming_both(pipeline, tmp_path):
@@ -237,11 +237,13 @@ def test_init_from_another_arch_or_label_map_fails_naming_both(pipeline, tmp_pat
     init = root / "models" / "train" / "best.pt"
     params = write_params(tmp_path / "p.yaml", model={"arch": "resnet14t"})
     with pytest.raises(Products10kError, match="'resnet10t'.*'resnet14t'"):
-        run_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", init=init))
+        train_phase(params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", init=init))
     other = make_training_data(tmp_path / "other", num_classes=3, train_per_class=2, val_per_class=1)
     params = write_params(tmp_path / "p2.yaml")
     with pytest.raises(Products10kError, match=r"best\.pt.*label_map\.csv"):
-        run_phase(params, "finetune_balanced", "m0", _paths(other, tmp_path, "finetune_balanced", init=init))
+        train_phase(
+            params, "finetune_balanced", "m0", _paths(other, tmp_path, "finetune_balanced", init=init)
+        )
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good(tmp_path, monkeypatch):
@@ -258,7 +260,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good(tmp_path, monk
     monkeypatch.setattr(PhaseLoss, "forward", poisoned)
     paths = _paths(data, tmp_path)
     with pytest.raises(Products10kError, match=r"NaN/inf at epoch 2, step 1.*last\.pt"):
-        run_phase(params, "train", "m0", paths)
+        train_phase(params, "train", "m0", paths)
     last = torch.load(paths.out / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
@@ -278,7 +280,7 @@ def test_optional_tricks_run(tmp_path, train):
     head = train.pop("head")
     model = {"head": head, "pool": "gem"} if head else {}
     params = write_params(tmp_path / "p.yaml", model=model, train={"epochs": 2, **train})
-    result = run_phase(params, "train", "m0", _paths(data, tmp_path))
+    result = train_phase(params, "train", "m0", _paths(data, tmp_path))
     assert len(result["history"]) == 2
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in result["history"])
     # the options took effect in what was trained and saved, not just ran
@@ -308,7 +310,7 @@ def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeli
         tmp_path / "p.yaml",
         finetune_balanced={"epochs": 2, "lr": 1e-2, "freeze_bn": True, "ema": False},
     )
-    run_phase(
+    train_phase(
         params, "finetune_balanced", "m0", _paths(data, tmp_path, "finetune_balanced", "balanced.csv", init)
     )
     before = ckpt_lib.read_checkpoint(init)["model"]
@@ -323,7 +325,7 @@ def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeli
     params = write_params(
         tmp_path / "q.yaml", finetune_balanced={"epochs": 1, "lr": 1e-2, "freeze_bn": False, "ema": False}
     )
-    run_phase(
+    train_phase(
         params,
         "finetune_balanced",
         "m0",
@@ -351,7 +353,7 @@ def test_crt_trains_only_a_reset_head_and_balanced_softmax_changes_the_loss(pipe
     crt = {"epochs": 1, "lr": 1e-3, "ema": False, "freeze_backbone": True, "reset_head": True}
     params = write_params(tmp_path / "p.yaml", finetune_balanced=crt)
     paths = _paths(data, tmp_path, "finetune_balanced", "train.csv", init)
-    run_phase(params, "finetune_balanced", "m0", paths)
+    train_phase(params, "finetune_balanced", "m0", paths)
     before = ckpt_lib.read_checkpoint(init)["model"]
     after = ckpt_lib.read_checkpoint(paths.out / "last.pt")["model"]
     body = [k for k in before if not k.startswith("head.")]
@@ -361,7 +363,7 @@ def test_crt_trains_only_a_reset_head_and_balanced_softmax_changes_the_loss(pipe
     # without the reset, the head is trained from the init's head
     kept = write_params(tmp_path / "q.yaml", finetune_balanced={**crt, "reset_head": False})
     kept_paths = _paths(data, tmp_path / "q", "finetune_balanced", "train.csv", init)
-    run_phase(kept, "finetune_balanced", "m0", kept_paths)
+    train_phase(kept, "finetune_balanced", "m0", kept_paths)
     moved = ckpt_lib.read_checkpoint(kept_paths.out / "last.pt")["model"]
     assert 0 < _distance({"w": before["head.weight"]}, {"w": moved["head.weight"]}) < 0.5
     assert all(torch.equal(before[k], moved[k]) for k in body)
@@ -375,6 +377,6 @@ def test_crt_trains_only_a_reset_head_and_balanced_softmax_changes_the_loss(pipe
     for loss in ("ce", "balanced_softmax"):
         cfg = write_params(tmp_path / f"{loss}.yaml", finetune_balanced={**crt, "loss": loss})
         out = _paths(data, tmp_path / loss, "finetune_balanced", "skewed.csv", init)
-        run_phase(cfg, "finetune_balanced", "m0", out)
+        train_phase(cfg, "finetune_balanced", "m0", out)
         losses[loss] = ckpt_lib.read_checkpoint(out.out / "last.pt")["history"][0]["train/loss"]
     assert losses["ce"] != pytest.approx(losses["balanced_softmax"], abs=1e-4)

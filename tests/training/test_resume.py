@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from products10k.training.loop import PhasePaths, run_phase
-from tests.helpers import ROOT, config, make_training_data, phase_args, write_params
+from products10k.training.loop import PhasePaths
+from tests.helpers import ROOT, config, make_training_data, phase_args, train_phase, write_params
 
 
 def _epoch_of(path: Path) -> int | None:
@@ -68,7 +68,7 @@ def test_killed_run_resumes_from_last_complete_epoch(tmp_path, sig):
     # the same phase uninterrupted (in-process) ends with the same weights: the resume is exact
     ref_dir = tmp_path / "ref"
     paths = _paths(data, ref_dir / "models")
-    run_phase(params, "train", "m0", paths)
+    train_phase(params, "train", "m0", paths)
     reference = torch.load(ref_dir / "models" / "last.pt", weights_only=True)
     for key, value in reference["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -83,11 +83,11 @@ def _paths(data: Path, out: Path) -> PhasePaths:
 def test_settings_change_starts_afresh(tmp_path, caplog):
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
     paths = _paths(data, tmp_path / "models")
-    run_phase(write_params(tmp_path / "a.yaml", train={"epochs": 1}), "train", "m0", paths)
+    train_phase(write_params(tmp_path / "a.yaml", train={"epochs": 1}), "train", "m0", paths)
     fp = torch.load(paths.out / "last.pt", weights_only=True)["fingerprint"]
     # another resolution (e.g. `dvc exp run -S train.resolution=...` on a persisted out): no resume
     caplog.set_level("INFO", logger="products10k.training.loop")
-    out = run_phase(
+    out = train_phase(
         write_params(tmp_path / "b.yaml", train={"epochs": 2, "resolution": 40}), "train", "m0", paths
     )
     last = torch.load(paths.out / "last.pt", weights_only=True)
@@ -102,7 +102,7 @@ def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tm
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
     paths = _paths(data, tmp_path / "m")
     params = write_params(tmp_path / "p.yaml", train={"epochs": 2})
-    run_phase(params, "train", "m0", paths)
+    train_phase(params, "train", "m0", paths)
     last = torch.load(paths.out / "last.pt", weights_only=True)
     assert last["train_state"]["model"] is None
     # as if killed after epoch 1: the epoch-1 state with the weights it had then
@@ -123,7 +123,7 @@ def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tm
     import unittest.mock
 
     with unittest.mock.patch.object(torch.nn.Module, "load_state_dict", spy):
-        out = run_phase(params, "train", "m0", paths)
+        out = train_phase(params, "train", "m0", paths)
     assert "resuming train@m0" in caplog.text and len(out["history"]) == 2
     assert torch.all(loaded["value"] == 0.125)  # the raw weights came from last.pt's "model"
 
@@ -131,14 +131,17 @@ def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tm
 def test_the_worker_count_is_part_of_what_a_resume_must_match(tmp_path):
     # augmentation streams are drawn per DataLoader worker: a resume with another count would
     # not continue the killed run's path, so it must start afresh; the eval batch may change
-    from products10k.training.loop import fingerprint
+    from products10k.training.loop import PhaseSettings, fingerprint
 
     data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
     paths = _paths(data, tmp_path / "models")
     model = config("model", pretrained=False)
 
     def fp(**train):
-        return fingerprint("train", "m0", config("train", **train), model, 1, paths)
+        settings = PhaseSettings(
+            "train", "m0", config("train", **train), model, config("dist"), "train", "p.yaml"
+        )
+        return fingerprint(settings, 1, paths)
 
     assert fp(num_workers=0) != fp(num_workers=1)
     assert fp(num_workers=0, eval_batch_size=8) == fp(num_workers=0, eval_batch_size=64)
