@@ -8,7 +8,8 @@ times cheaper than a full decode followed by a resize.
 Samplers are epoch-seeded and shard the epoch across DDP ranks *without* duplicating samples:
 each rank gets ``indices[rank::world]`` and the shorter ranks are padded with *weight-0* entries
 (encoded as ``index + len(dataset)``), so every rank runs the same number of steps while every
-real sample contributes exactly once per epoch.
+real sample contributes exactly once per epoch. :class:`SeededSamples` gives every index of an
+epoch the seed of its augmentation, so a sample is augmented alike in any DataLoader worker.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from products10k.data.transforms import seed_sample
 from products10k.imaging.images import reduced_decode_flag
 from products10k.prepared.shards import ImageStore
 
@@ -58,11 +60,15 @@ class PreparedImageDataset(Dataset):
             self.shards[i], self.offsets[i], self.lengths[i], flag, f"image '{self.names[i]}'"
         )
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """``item``: a row index, or ``(augmentation seed, row index)`` from :class:`SeededSamples`."""
+        seed, index = item if isinstance(item, tuple) else (None, item)
         n = len(self)
         weight = 1.0
         if index >= n:  # sampler padding: real image, no weight
             index, weight = index - n, 0.0
+        if seed is not None:
+            seed_sample(self.transform, seed)
         image = self.transform(image=self.load(index))["image"]
         return image, int(self.labels[index]), index, weight
 
@@ -85,6 +91,29 @@ def shard_for_rank(
     source = mine or order
     mine = mine + [int(source[k % len(source)]) + n for k in range(pad)]
     return mine
+
+
+class SeededSamples(Sampler[tuple[int, int]]):
+    """``(seed, index)`` for each index the wrapped epoch sampler yields: the seed of that sample's
+    augmentation, drawn in the main process from ``(seed, epoch, rank)`` and the sample's place in
+    the epoch (numpy's SeedSequence: independent streams for any epoch and rank).
+
+    A sample's augmentation then depends on neither the DataLoader worker that loads it nor the
+    worker count: the workers persist across epochs (no restart per epoch), and a resumed run, or one
+    with another ``num_workers``, augments exactly as an uninterrupted one.
+    """
+
+    def __init__(self, sampler: _ShardedEpochSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        s = self.sampler
+        indices = list(s)
+        seeds = np.random.SeedSequence([s.seed, s.epoch, s.rank]).generate_state(len(indices), np.uint64)
+        return iter(zip(seeds.tolist(), indices, strict=True))
 
 
 class _ShardedEpochSampler(Sampler[int]):

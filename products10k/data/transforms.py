@@ -4,10 +4,15 @@ Training resizes the shorter side to ``resize`` and takes a random ``resolution`
 random-resized crop); evaluation resizes the same way and takes the centre crop. ``resize``
 defaults to ``round(resolution * RESIZE_RATIO)``: the paper's 256/224 and 512/448 ratio, so
 ``-S train.resolution=224`` alone gives the low-resolution baseline.
+
+Each training sample is augmented from a seed of its own (:func:`seed_sample`, drawn by the
+sampler in the main process): the augmentation of an image depends on neither the DataLoader
+worker that loads it nor the worker count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from fractions import Fraction
 
 import albumentations as A
@@ -22,6 +27,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = Fraction(8, 7)
 #: what a checkpoint without stored constants was trained with (every model before they were stored)
 DEFAULT_NORMALIZE = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+
+
+#: odd 64-bit constants (splitmix64's) that spread a sample seed over its transforms' seeds
+_GOLDEN, _MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+
+
+def seed_sample(transform: A.BaseCompose, seed: int) -> None:
+    """Seed the augmentation of one sample: every transform in ``transform`` gets a stream of its own.
+
+    albumentations' ``set_random_seed`` hands every transform of a Compose the *same* seed, so their
+    streams are equal: the number that decides a flip is the one that placed the crop, the one that
+    decides colour jitter too. Each transform here gets its own seed, spread from ``seed`` by its
+    place in the tree (the seeds go through numpy's SeedSequence hashing in ``default_rng``).
+    """
+    for k, t in enumerate(_walk(transform)):
+        t.set_random_seed((seed * _GOLDEN + (k + 1) * _MIX) % 2**64)
+
+
+def _walk(transform) -> Iterator:
+    """The transform and every transform inside it, parents first (a parent's seed reaches its
+    children, which then get their own)."""
+    yield transform
+    if isinstance(transform, A.BaseCompose):
+        for child in transform.transforms:
+            yield from _walk(child)
 
 
 def resolve_resize(resolution: int, resize: int | None) -> int:

@@ -1,9 +1,11 @@
 """One epoch of a phase: the training steps (micro-batches, accumulation, NaN/inf stops) and
 validation (loss, top-1 and the val estimate of the test metric), with the loaders they read.
 
-Every random stream of an epoch (sampler order, DataLoader worker seeds, albumentations' own
-generator, dropout) is re-seeded from ``(seed, epoch, rank)`` as the epoch starts: a resumed run
-follows the uninterrupted one's path."""
+Every random stream of an epoch is seeded from ``(seed, epoch, rank)``: the sampler's order and
+dropout as the epoch starts, each sample's augmentation by the seed the sampler gives it
+(datasets.SeededSamples). A resumed run follows the uninterrupted one's path, with any number of
+DataLoader workers, and the workers persist across the phase's epochs (timm's loaders do too):
+no worker start-up per epoch."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from products10k.common import (
     Products10kError,
     pause_point,
 )
+from products10k.data.datasets import SeededSamples
 from products10k.dist.devices import host_transfer
 from products10k.dist.group import (
     all_reduce_sum,
@@ -108,13 +111,16 @@ def train_one_epoch(
 
 
 def _epoch_loader(state: PhaseState, epoch: int) -> DataLoader:
-    """The training loader of ``epoch``, every random stream re-seeded from (seed, epoch, rank)."""
+    """The training loader, set to ``epoch``: its order, and each sample's augmentation seed, drawn
+    from (seed, epoch, rank); dropout's stream (this process's) seeded from them too."""
     seed = _epoch_seed(state.cfg.seed, epoch, state.info.rank)
     torch.manual_seed(seed)
     np.random.seed(seed)
     state.train_sampler.set_epoch(epoch)
-    state.train_ds.transform.set_random_seed(seed)  # used when num_workers == 0
-    return _loader(state, state.train_ds, state.train_sampler, state.micro_batch, seed)
+    if state.train_loader is None:
+        samples = SeededSamples(state.train_sampler)
+        state.train_loader = _loader(state, state.train_ds, samples, state.micro_batch)
+    return state.train_loader
 
 
 def _forward_backward(
@@ -197,7 +203,9 @@ def validate(state: PhaseState) -> dict:
     model = state.eval_model
     model.eval()
     eval_bs = cfg.eval_batch_size or 2 * state.micro_batch * cfg.grad_accum
-    loader = _loader(state, state.val_ds, state.val_sampler, eval_bs, cfg.seed)
+    if state.val_loader is None:
+        state.val_loader = _loader(state, state.val_ds, state.val_sampler, eval_bs)
+    loader = state.val_loader
     ce = nn.CrossEntropyLoss(reduction="none")
     # loss*w, hits*w, w, hits*estimate weight, estimate weight: on the device, no per-step sync
     sums = torch.zeros(5, dtype=torch.float64, device=info.device)
@@ -239,13 +247,7 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
 
 
-def _worker_init(worker_id: int) -> None:
-    # albumentations keeps its own RNG: without this every worker would replay the same stream
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % (2**32))
-
-
-def _loader(state: PhaseState, ds, sampler, batch_size: int, seed: int) -> DataLoader:
+def _loader(state: PhaseState, ds, sampler, batch_size: int) -> DataLoader:
     workers = state.cfg.num_workers
     return DataLoader(
         ds,
@@ -254,9 +256,8 @@ def _loader(state: PhaseState, ds, sampler, batch_size: int, seed: int) -> DataL
         num_workers=workers,
         pin_memory=host_transfer(state.info.device)["pin_memory"],
         drop_last=False,  # the training sampler keeps whole global batches (train.drop_last)
-        worker_init_fn=_worker_init if workers > 0 else None,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,  # fresh, epoch-seeded workers: resume-exact augmentation
+        # nothing random happens in a worker that a sample's own seed does not set
+        persistent_workers=workers > 0,
     )
 
 

@@ -24,6 +24,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 
 from products10k.common import (
     ConfigError,
@@ -54,10 +55,9 @@ from products10k.training.optim import create_scheduler
 
 log = logging.getLogger("products10k.training.loop")  # one logger for the whole loop, as before its split
 
-#: settings that may change between a kill and a resume without changing the result. Not
-#: num_workers: each DataLoader worker draws its own augmentation stream (seeded from the epoch's
-#: generator and its worker id; none = the main process's), so another count augments otherwise.
-RESUME_SAFE_KEYS = ("compile", "eval_batch_size")
+#: settings that may change between a kill and a resume without changing the result; num_workers
+#: too: each sample is augmented from a seed of its own, whichever worker (or none) loads it
+RESUME_SAFE_KEYS = ("compile", "eval_batch_size", "num_workers")
 #: part of the resume fingerprint: a last.pt whose optimizer state is laid out otherwise (the
 #: parameter groups before timm's create_optimizer_v2) is not resumed
 OPTIMIZER_LAYOUT = "timm-v2"
@@ -147,6 +147,9 @@ class PhaseState:
     fingerprint: str
     # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
     val_weight: torch.Tensor
+    # built at the first epoch, kept for the phase: their workers persist across epochs
+    train_loader: DataLoader | None = None
+    val_loader: DataLoader | None = None
     global_step: int = 0
     best_top1: float = -1.0
     best_estimate: float = -1.0  # what checkpoint: best selects on

@@ -10,6 +10,7 @@ from products10k.data.transforms import (
     IMAGENET_STD,
     eval_transform,
     resolve_resize,
+    seed_sample,
     train_transform,
 )
 from tests.helpers import config
@@ -101,3 +102,32 @@ def test_random_erasing_replaces_a_patch_with_noise():
     changed = (a != b).any(dim=0)
     assert 0.02 * 40 * 40 <= int(changed.sum()) <= 0.3 * 40 * 40  # a patch of 2-25% of the area
     assert float(b[:, changed].std()) > 0.1  # filled with per-pixel noise, not a flat colour
+
+
+def test_each_transform_of_a_sample_draws_from_a_stream_of_its_own():
+    cfg = plain_phase(color_jitter=0.4, random_erasing=0.5)
+    t = train_transform(cfg)
+    inner = [x for x in t.transforms if hasattr(x, "py_random")]
+    t.set_random_seed(7)  # albumentations' own: one seed for all, so equal streams (what seed_sample avoids)
+    assert len({x.py_random.random() for x in inner}) == 1
+    seed_sample(t, 7)
+    draws = [x.py_random.random() for x in inner]
+    assert len(set(draws)) == len(inner) >= 4
+    seed_sample(t, 7)
+    assert [x.py_random.random() for x in inner] == draws  # the sample's seed alone sets them
+
+
+def test_a_sample_seed_fixes_its_augmentation():
+    img = np.random.default_rng(0).integers(0, 255, (60, 50, 3), dtype=np.uint8)
+    t = train_transform(
+        plain_phase(resolution=40, crop="random_resized", color_jitter=0.4, random_erasing=0.5)
+    )
+
+    def out(seed):
+        seed_sample(t, seed)
+        return t(image=img)["image"]
+
+    a = out(3)
+    t(image=img)  # draws in between do not matter: the seed sets every stream
+    assert torch.equal(out(3), a)
+    assert not all(torch.equal(out(s), a) for s in (4, 5, 6))

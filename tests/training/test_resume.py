@@ -128,20 +128,40 @@ def test_resume_without_ema_takes_the_raw_weights_from_the_single_stored_copy(tm
     assert torch.all(loaded["value"] == 0.125)  # the raw weights came from last.pt's "model"
 
 
-def test_the_worker_count_is_part_of_what_a_resume_must_match(tmp_path):
-    # augmentation streams are drawn per DataLoader worker: a resume with another count would
-    # not continue the killed run's path, so it must start afresh; the eval batch may change
-    from products10k.training.loop import PhaseSettings, fingerprint
+def test_the_worker_count_changes_nothing_so_a_resume_may_change_it(tmp_path):
+    # each sample is augmented from a seed of its own (datasets.SeededSamples), whichever worker loads
+    # it: no worker, or two persistent ones over two epochs, train the same weights
+    from products10k.training.loop import Callbacks, PhaseSettings, fingerprint
 
-    data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=2, val_per_class=1)
+    data = make_training_data(tmp_path / "data", num_classes=2, train_per_class=6, val_per_class=1)
+    augment = {"hflip": 0.5, "color_jitter": 0.4, "crop": "random_resized", "random_erasing": 0.5}
+    weights, orders = [], []
+    for workers in (0, 2):
+        train = {"epochs": 2, "batch_size": 4, "resolution": 32, "num_workers": workers, **augment}
+        params = write_params(tmp_path / f"w{workers}.yaml", train=train)
+        paths = _paths(data, tmp_path / f"w{workers}")
+        seen: list[list[int]] = [[], []]  # the indices of each epoch, in order
+
+        def on_batch(state, index, weight, seen=seen):
+            seen[len(state.history)].extend(index.tolist())
+
+        train_phase(params, "train", "m0", paths, Callbacks(on_batch=on_batch))
+        weights.append(torch.load(paths.out / "last.pt", weights_only=True)["model"])
+        orders.append(seen)
+    assert weights[0].keys() == weights[1].keys()
+    differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not differ, f"0 vs 2 workers: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert orders[0] == orders[1] and orders[1][0] != orders[1][1]  # the persistent loader's order moves
+
     paths = _paths(data, tmp_path / "models")
     model = config("model", pretrained=False)
 
     def fp(**train):
-        settings = PhaseSettings(
-            "train", "m0", config("train", **train), model, config("dist"), "train", "p.yaml"
+        cfg = config("train", **train)
+        return fingerprint(
+            PhaseSettings("train", "m0", cfg, model, config("dist"), "train", "p.yaml"), 1, paths
         )
-        return fingerprint(settings, 1, paths)
 
-    assert fp(num_workers=0) != fp(num_workers=1)
+    assert fp(num_workers=0) == fp(num_workers=4)
     assert fp(num_workers=0, eval_batch_size=8) == fp(num_workers=0, eval_batch_size=64)
+    assert fp(num_workers=0) != fp(num_workers=0, hflip=0.0)
