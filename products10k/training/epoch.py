@@ -203,9 +203,7 @@ def validate(state: PhaseState) -> dict:
     model = state.eval_model
     model.eval()
     eval_bs = cfg.eval_batch_size or 2 * state.micro_batch * cfg.grad_accum
-    if state.val_loader is None:
-        state.val_loader = _loader(state, state.val_ds, state.val_sampler, eval_bs)
-    loader = state.val_loader
+    loader = _loader(state, state.val_ds, state.val_sampler, eval_bs, persistent=False)
     ce = nn.CrossEntropyLoss(reduction="none")
     # loss*w, hits*w, w, hits*estimate weight, estimate weight: on the device, no per-step sync
     sums = torch.zeros(5, dtype=torch.float64, device=info.device)
@@ -247,7 +245,10 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**31)
 
 
-def _loader(state: PhaseState, ds, sampler, batch_size: int) -> DataLoader:
+def _loader(state: PhaseState, ds, sampler, batch_size: int, persistent: bool = True) -> DataLoader:
+    """``persistent``: the workers live as long as the loader (the training loader's: the phase).
+    Validation's are started per epoch: idle through the training epoch, they would hold their
+    memory next to the training workers' on every rank."""
     workers = state.cfg.num_workers
     return DataLoader(
         ds,
@@ -257,7 +258,7 @@ def _loader(state: PhaseState, ds, sampler, batch_size: int) -> DataLoader:
         pin_memory=host_transfer(state.info.device)["pin_memory"],
         drop_last=False,  # the training sampler keeps whole global batches (train.drop_last)
         # nothing random happens in a worker that a sample's own seed does not set
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
     )
 
 

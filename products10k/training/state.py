@@ -147,9 +147,8 @@ class PhaseState:
     fingerprint: str
     # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
     val_weight: torch.Tensor
-    # built at the first epoch, kept for the phase: their workers persist across epochs
+    # built at the first epoch, kept for the phase: its workers persist across epochs
     train_loader: DataLoader | None = None
-    val_loader: DataLoader | None = None
     global_step: int = 0
     best_top1: float = -1.0
     best_estimate: float = -1.0  # what checkpoint: best selects on
