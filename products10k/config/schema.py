@@ -232,7 +232,7 @@ class PhaseConfig(Section):
     channels_last: bool
     freeze_bn: bool
     compile: bool
-    num_workers: int = Field(ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"]  # auto: dist.devices.train_workers
     checkpoint: Literal["best", "last"]  # which epoch's weights best.pt (the phase's output) holds
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from products10k.common import ConfigError
 from products10k.config import DistConfig
-from products10k.dist.devices import ddp_backend
+from products10k.dist.devices import ddp_backend, host_cores
 from products10k.dist.launch import OUTPUT_NODE_ENV
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu":
         # ranks share the cores: oversubscribing threads makes every rank slower
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (cores or 1) // max(1, local_world)))
+        torch.set_num_threads(host_cores(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return DistInfo(rank=rank, local_rank=local_rank, world=world, device=device)
 
 

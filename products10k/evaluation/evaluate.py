@@ -18,7 +18,6 @@ Outputs (paths come from the stage's command line):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pandas as pd
 
 from products10k import common
 from products10k.config import EvaluateConfig, TTAConfig
-from products10k.dist.devices import amp_dtype, eval_workers, resolve_device
+from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
 from products10k.evaluation.metrics import confused_pairs, per_group_table, split_metrics
@@ -138,8 +137,7 @@ def _predict_splits(
     """Per split: (TTA scores, single-crop scores, metrics); an empty val split gets empty scores.
     Rank 0 gets every split's merged results; other ranks get an empty dict."""
     device = resolve_device(cfg.device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks share the host
+    cores = host_cores()  # ranks share the host
     kw = dict(
         top_k=cfg.top_k,
         batch_size=cfg.batch_size,

@@ -23,7 +23,6 @@ separately.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from products10k import common
 from products10k.config import EvaluateConfig, RetrievalConfig
-from products10k.dist.devices import amp_dtype, eval_workers, resolve_device
+from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.estimate import val_weights
 from products10k.evaluation.metrics import split_metrics
@@ -219,8 +218,7 @@ def _embedder(model, meta, images_root, cfg: RetrievalConfig, evaluate: Evaluate
     ``with_logits``, the classifier's single-crop SplitScores of the same forward pass; each rank
     embeds its shard of whole batches, rank 0 gets all rows, the other ranks (None, None)."""
     device = resolve_device(evaluate.device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # ranks share the host
+    cores = host_cores()  # ranks share the host
     kw = dict(
         batch_size=cfg.batch_size,
         num_workers=eval_workers(evaluate.num_workers, device, cores),

@@ -249,7 +249,7 @@ def _loader(state: PhaseState, ds, sampler, batch_size: int, persistent: bool = 
     """``persistent``: the workers live as long as the loader (the training loader's: the phase).
     Validation's are started per epoch: idle through the training epoch, they would hold their
     memory next to the training workers' on every rank."""
-    workers = state.cfg.num_workers
+    workers = state.num_workers
     return DataLoader(
         ds,
         batch_size=batch_size,

@@ -38,7 +38,7 @@ def log_start(state: PhaseState) -> None:
     cfg, info = state.cfg, state.info
     log.info(
         "%s: %d train / %d val images, %d classes, %s at %d (resize %d), "
-        "%d epoch(s), batch %d = %d rank(s) x %d x accum %d, device %s, amp %s",
+        "%d epoch(s), batch %d = %d rank(s) x %d x accum %d, device %s, amp %s, %d loader worker(s) per rank",
         state.name,
         len(state.train_ds),
         len(state.val_ds),
@@ -53,6 +53,7 @@ def log_start(state: PhaseState) -> None:
         cfg.grad_accum,
         info.device,
         state.amp_dtype,
+        state.num_workers,
     )
 
 

@@ -41,7 +41,7 @@ from products10k.config import (
 )
 from products10k.data.datasets import ClassBalancedSampler, EpochSampler, PreparedImageDataset
 from products10k.data.transforms import eval_transform, resolve_resize, train_transform
-from products10k.dist.devices import amp_dtype, host_transfer, needs_grad_scaler
+from products10k.dist.devices import amp_dtype, host_cores, host_transfer, needs_grad_scaler, train_workers
 from products10k.dist.group import (
     DistInfo,
     broadcast_object,
@@ -129,6 +129,7 @@ class PhaseState:
     normalize: dict  # the backbone's input normalisation (timm's pretrained config), kept in checkpoints
     resize: int
     micro_batch: int  # per rank and forward pass: batch_size / (world x grad_accum)
+    num_workers: int  # DataLoader workers per rank: train.num_workers, auto resolved for the device
     # computed once: len(sampler) shards the whole epoch's order (O(images)), too slow per step
     batches_per_epoch: int
     amp_dtype: torch.dtype | None
@@ -221,6 +222,7 @@ def build_state(settings: PhaseSettings, paths: PhasePaths, info: DistInfo) -> P
         normalize=normalize,
         resize=resize,
         micro_batch=micro_batch,
+        num_workers=train_workers(cfg.num_workers, info.device, host_cores()),
         batches_per_epoch=batches_per_epoch,
         amp_dtype=dtype,
         non_blocking=host_transfer(info.device)["non_blocking"],

@@ -13,9 +13,11 @@ from products10k.dist.devices import (
     amp_dtype,
     ddp_backend,
     eval_workers,
+    host_cores,
     host_transfer,
     needs_grad_scaler,
     resolve_device,
+    train_workers,
 )
 from products10k.dist.group import DistInfo
 from products10k.training.loop import optimizer_step
@@ -60,6 +62,24 @@ def test_device_and_eval_workers():
     assert eval_workers("auto", CPU, cores=16) == 0
     assert eval_workers("auto", CUDA, cores=16) == 8 and eval_workers("auto", CUDA, cores=4) == 3
     assert eval_workers(3, CPU, cores=2) == 3
+
+
+def test_training_workers_feed_a_gpu_from_every_core_of_its_rank(monkeypatch):
+    assert train_workers("auto", CPU, cores=16) == 0  # on CPU the cores train
+    assert train_workers("auto", CUDA, cores=16) == 15 and train_workers("auto", CUDA, cores=1) == 1
+    assert train_workers(2, CUDA, cores=16) == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert host_cores() == 12 and host_cores(local_world=1) == 96  # 8 GPU ranks share 96 cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "200")
+    assert host_cores() == 1
+
+
+@pytest.mark.parametrize("bad", [-1, "many", 1.5])
+def test_training_workers_are_a_count_or_auto(bad):
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        config("train", num_workers=bad)
+    assert config("train", num_workers="auto").num_workers == "auto"
 
 
 class FakeScaler:
