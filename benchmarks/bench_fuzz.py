@@ -1,4 +1,4 @@
-"""The mutation fuzzer of tests/prepared/test_fuzz.py at length: more cases than the suite runs.
+"""The mutation fuzzer of tests/imaging/test_fuzz.py at length: more cases than the suite runs.
 
     .venv/bin/python benchmarks/bench_fuzz.py [--cases 20000] [--max-pixels 200000]
 

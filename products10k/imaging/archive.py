@@ -22,7 +22,7 @@ from products10k.imaging.defects import ImageDefect
 #: what opening a zip or reading one member can raise: a bad CRC or a cut-off archive (BadZipFile,
 #: zlib.error, EOFError, OSError), an encrypted member (RuntimeError: password required), a compression
 #: method zipfile lacks (NotImplementedError: implode, AES ...), and what the mutation fuzzer
-#: (tests/prepared/test_fuzz.py) found zipfile raising on a corrupt directory: a negative seek
+#: (tests/imaging/test_fuzz.py) found zipfile raising on a corrupt directory: a negative seek
 #: (ValueError), a short field (struct.error), an offset past the end (OverflowError, IndexError)
 ZIP_READ_ERRORS = (
     zipfile.BadZipFile,
