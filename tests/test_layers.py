@@ -16,7 +16,7 @@ from tests.helpers import ROOT
 
 PACKAGE = ROOT / "products10k"
 #: what the deploy runtime may stand on: no torch-side or stage-family room
-GROUND = {"common", "config", "imaging", "scores", "knn", "estimate", "ensemble"}
+GROUND = {"common", "config", "imaging", "scores", "metrics", "knn", "estimate", "ensemble"}
 MAX_LINES = 500
 
 

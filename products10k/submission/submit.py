@@ -30,7 +30,7 @@ from products10k import common
 from products10k.common import DataError, Products10kError
 from products10k.ensemble import resolve_weights
 from products10k.estimate import log_train_prior
-from products10k.evaluation.metrics import hit_rates, leaderboard_masks
+from products10k.metrics import hit_rates, leaderboard_masks
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.raw import kaggle
 from products10k.scores import combine_topk, load_predictions, log_likelihood, topk_indices

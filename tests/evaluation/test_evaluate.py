@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from products10k.evaluation.metrics import hits_at
+from products10k.metrics import hits_at
 from products10k.evaluation.views import build_views
 from products10k.models.checkpoint import load_model
 from products10k.prepared.shards import ImageStore

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
-from products10k.evaluation.metrics import (
+from products10k.metrics import (
     confused_pairs,
     hits_at,
     mean_class_accuracy,

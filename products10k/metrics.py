@@ -1,4 +1,5 @@
-"""Classification metrics for the evaluate and submit stages.
+"""Classification metrics for the evaluate, index and submit stages (numpy and pandas only: the
+ground floor, beside scores.py).
 
 Everything works from the top-k label indices per row (``topk_indices``), so one pass over the
 (N, K) logits serves top-1, top-5 and every slice (Public/Private, head/tail, in-shop/customer,
