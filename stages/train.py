@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import PHASES, load_yaml, member_params
+from products10k.config import PHASES, DistConfig, load_yaml, member_params, section
 from products10k.dist.group import process_group
 from products10k.training.loop import Callbacks, PhasePaths, PhaseSettings, run_phase
 
@@ -70,8 +70,9 @@ def train_phase(
     process group (one process unless torchrun started this one)."""
     where = str(params_path)
     params = member_params(load_yaml(params_path), member, where)
-    settings = PhaseSettings.from_params(params, phase, member, where)
-    with process_group(settings.dist, params, where) as info:
+    with process_group(section(params, "dist", DistConfig, where), params, where) as info:
+        # typed after the ranks compared their params: a value one node alone holds is named there
+        settings = PhaseSettings.from_params(params, phase, member, where)
         return run_phase(settings, paths, info, callbacks)
 
 

@@ -68,6 +68,15 @@ def _dotted_key(cls: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, typ
     return key, owner
 
 
+def _is_field(owner: type[BaseModel] | None, loc: tuple) -> bool:
+    """Whether an error's location ends at a plain field (a field validator's) rather than at a
+    section (a model validator's, whose location is the section itself)."""
+    if not loc or owner is None or not isinstance(loc[-1], str) or loc[-1] not in owner.model_fields:
+        return False
+    annotation = owner.model_fields[loc[-1]].annotation
+    return not (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+
+
 def _first_error(exc: ValidationError, cls: type[BaseModel], where: str, prefix: str) -> ConfigError:
     """One ConfigError for the first problem pydantic found, in the words of params.yaml."""
     # an unknown key first: a typo (``per_klass``) also makes the real key (``per_class``) missing;
@@ -85,7 +94,7 @@ def _first_error(exc: ValidationError, cls: type[BaseModel], where: str, prefix:
             "(params.yaml holds every default: copy the key from the project's params.yaml)"
         )
     message = err["msg"].removeprefix("Value error, ")
-    if kind == "value_error":  # a check across the keys of one section (a model validator)
+    if kind == "value_error" and not _is_field(owner, err["loc"]):  # a check across a section's keys
         return ConfigError(f"{where}: section '{key or 'top level'}': {message}")
     return ConfigError(f"{where}: key '{key}' is {err.get('input')!r}: {message}")
 

@@ -47,6 +47,16 @@ def _fraction(value):
 Ratio = Annotated[float, BeforeValidator(_fraction), Field(gt=0.0)]
 
 
+def _workers(value):
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError("must be a number of DataLoader workers >= 0, or auto")
+
+
+#: DataLoader workers: a count, or ``auto`` (resolved for the device: products10k.dist.devices)
+Workers = Annotated[int | Literal["auto"], BeforeValidator(_workers)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -232,7 +242,7 @@ class PhaseConfig(Section):
     channels_last: bool
     freeze_bn: bool
     compile: bool
-    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"]  # auto: dist.devices.train_workers
+    num_workers: Workers  # auto: dist.devices.train_workers
     checkpoint: Literal["best", "last"]  # which epoch's weights best.pt (the phase's output) holds
 
     @model_validator(mode="after")
@@ -268,7 +278,7 @@ class EvaluateConfig(Section):
 
     phases: _list(tuple[Phase, ...]) = Field(min_length=1)
     batch_size: int = Field(ge=1)
-    num_workers: int | Literal["auto"]
+    num_workers: Workers  # auto: dist.devices.eval_workers
     device: Literal["auto", "cpu", "cuda"]
     amp: Amp
     top_k: int = Field(ge=5)  # >= 5: the top-5 metrics read it
@@ -286,8 +296,6 @@ class EvaluateConfig(Section):
             raise ValueError(f"target_prior must be uniform, train or a .csv file, not {self.target_prior!r}")
         if len(set(self.phases)) != len(self.phases):
             raise ValueError("phases must not repeat")
-        if self.num_workers != "auto" and self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0 or auto")
         return self
 
 

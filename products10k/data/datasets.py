@@ -112,7 +112,9 @@ class SeededSamples(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         s = self.sampler
         indices = list(s)
-        seeds = np.random.SeedSequence([s.seed, s.epoch, s.rank]).generate_state(len(indices), np.uint64)
+        # SeedSequence takes non-negative entropy; train.seed may be any integer
+        entropy = [s.seed % 2**64, s.epoch, s.rank]
+        seeds = np.random.SeedSequence(entropy).generate_state(len(indices), np.uint64)
         return iter(zip(seeds.tolist(), indices, strict=True))
 
 

@@ -35,7 +35,9 @@ def amp_dtype(mode: str, device: torch.device, bf16_supported: bool | None = Non
         if device.type != "cuda":
             return None
         if bf16_supported is None:
-            bf16_supported = torch.cuda.is_bf16_supported()
+            # native bf16 only (Ampere on): torch's default also counts emulated bf16, which is far
+            # slower on a T4 or V100 than fp16 with loss scaling
+            bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if bf16_supported else torch.float16
     if mode not in ("bf16", "fp16"):
         raise ConfigError(f"amp is {mode!r}, expected auto, off, bf16 or fp16")

@@ -69,6 +69,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
+        _check_gpu_count(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -90,6 +91,17 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         # ranks share the cores: oversubscribing threads makes every rank slower
         torch.set_num_threads(host_cores(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     return DistInfo(rank=rank, local_rank=local_rank, world=world, device=device)
+
+
+def _check_gpu_count(local_rank: int, gpus: int) -> None:
+    """One GPU per process: more processes on a node than its visible GPUs is a params error (CUDA
+    would say "invalid device ordinal")."""
+    if local_rank >= gpus:
+        raise ConfigError(
+            f"params.yaml: dist.nproc_per_node starts process {local_rank} on a node with {gpus} visible "
+            f"GPU(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one "
+            "process per GPU, so set dist.nproc_per_node to at most the GPU count"
+        )
 
 
 #: the TCPStore of torchrun's rendezvous (env://), kept for the life of the process: the process

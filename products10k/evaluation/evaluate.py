@@ -29,9 +29,9 @@ from products10k.config import EvaluateConfig, TTAConfig
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
-from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.evaluation.predict import predict_sharded
 from products10k.evaluation.views import build_views
+from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.prepared.shards import ImageStore

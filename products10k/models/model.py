@@ -20,7 +20,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, convert_sync_batchnorm
 from torch import nn
 
 from products10k.common import ConfigError, Products10kError
@@ -105,8 +105,9 @@ class Products10kNet(nn.Module):
             self.head = MarginHead(features, num_classes, cfg.head, cfg.margin, cfg.scale)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding (B, C) before the head."""
-        return self.pool(self.backbone.forward_features(x))
+        """Pooled embedding (B, C) before the head, float32: under autocast the feature map is
+        pooled in float32, so the float32 head (and the kNN's vectors) get no bf16-rounded input."""
+        return self.pool(self.backbone.forward_features(x).float())
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised pooled feature (B, C), float32: the vector kNN retrieval compares.
@@ -129,6 +130,13 @@ class Products10kNet(nn.Module):
             if isinstance(self.head, MarginHead):
                 return self.head(f, target)
             return self.head(f)
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm of ``model`` as a SyncBatchNorm (DDP over GPUs, ``dist.sync_bn``), each
+    activation kept: timm's converter. torch's own turns timm's BatchNormAct2d (the norm and its
+    activation in one module) into a plain SyncBatchNorm that never calls the activation."""
+    return convert_sync_batchnorm(model)
 
 
 def _drop_unused_head(backbone: nn.Module) -> None:

@@ -33,7 +33,6 @@ from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.estimate import val_weights
-from products10k.metrics import split_metrics
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.knn import (
     build_gallery,
@@ -43,6 +42,7 @@ from products10k.knn import (
     save_gallery,
     thumbnail_jpeg,
 )
+from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.prepared.shards import ImageStore

@@ -211,7 +211,7 @@ def validate(state: PhaseState) -> dict:
         loader, desc="validate", disable=not info.is_main, leave=False, mininterval=1.0
     ):
         # the estimate's weight of each row; DDP's padding rows (weight 0) count for nothing
-        est = (state.val_weight[index] * weight.double()).to(info.device)
+        est = (state.val_weight[index] * weight.double()).to(info.device, non_blocking=state.non_blocking)
         images, target, weight = _to_device(state, images, target, weight)
         with _autocast(state):
             logits = model(images)  # the head computes in float32 (Products10kNet.forward)
@@ -259,6 +259,10 @@ def _loader(state: PhaseState, ds, sampler, batch_size: int, persistent: bool = 
         drop_last=False,  # the training sampler keeps whole global batches (train.drop_last)
         # nothing random happens in a worker that a sample's own seed does not set
         persistent_workers=persistent and workers > 0,
+        # the workers' base seed, drawn at every new iterator (each epoch without persistent workers,
+        # once with them), from a generator of its own: from the global one it would shift the
+        # dropout stream by the worker count and at a resume
+        generator=torch.Generator().manual_seed(state.cfg.seed),
     )
 
 

@@ -48,7 +48,7 @@ from products10k.dist.group import (
 )
 from products10k.estimate import val_weights
 from products10k.models import checkpoint as ckpt_lib
-from products10k.models.model import create_model, input_normalization
+from products10k.models.model import create_model, input_normalization, sync_batchnorm
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.training.losses import PhaseLoss, log_prior
 from products10k.training.optim import create_scheduler
@@ -193,7 +193,7 @@ def build_state(settings: PhaseSettings, paths: PhasePaths, info: DistInfo) -> P
     raw = _initial_model(model_cfg, label_map, paths, cfg.seed, info)
     _prepare_head(raw, cfg, state_name=settings.name)
     if settings.dist.sync_bn and info.enabled and info.device.type == "cuda":
-        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        raw = sync_batchnorm(raw)
     raw.to(info.device)
     if cfg.channels_last:
         raw.to(memory_format=torch.channels_last)
@@ -236,9 +236,10 @@ def build_state(settings: PhaseSettings, paths: PhasePaths, info: DistInfo) -> P
         optimizer=optimizer,
         scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
         scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
-        criterion=_criterion(cfg, data.train_ds.labels, len(label_map), settings.name),
+        # on the device: balanced softmax's logit offset would be copied there at every step
+        criterion=_criterion(cfg, data.train_ds.labels, len(label_map), settings.name).to(info.device),
         # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
-        fingerprint=fingerprint(settings, info.world, paths) if info.is_main else "",
+        fingerprint=fingerprint(settings, info.world, paths, info.device.type, dtype) if info.is_main else "",
         val_weight=data.val_weight,
     )
 
@@ -335,9 +336,19 @@ def _criterion(cfg: PhaseConfig, labels, num_classes: int, state_name: str) -> P
     return PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight, offset)
 
 
-def fingerprint(settings: PhaseSettings, world: int, paths: PhasePaths) -> str:
-    """Hash of everything a resumed run must share with the killed one."""
+def fingerprint(
+    settings: PhaseSettings,
+    world: int,
+    paths: PhasePaths,
+    device: str = "cpu",
+    amp: torch.dtype | None = None,
+) -> str:
+    """Hash of everything a resumed run must share with the killed one: the settings, the inputs,
+    and what ``auto`` settings resolved to here (a CPU run's last.pt, without loss-scaler state, is
+    not resumed on a GPU where ``amp: auto`` means fp16)."""
     blob = {
+        "device": device,
+        "amp_dtype": str(amp),
         "target_prior": settings.target_prior,  # the best epoch's criterion
         "phase": settings.phase,
         "member": settings.member,

@@ -161,3 +161,22 @@ def test_gradient_clipping_bounds_the_step():
     optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
     # SGD lr 0.1 on a single weight: the clipped gradient (norm 1) moves it by 0.1, not by 1.0
     assert float((before - runner.raw.weight.detach()).abs().sum()) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_auto_amp_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    asked = []
+
+    def bf16(including_emulation=True):  # torch's default counts emulated bf16 (T4, V100) as support
+        asked.append(including_emulation)
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
+    assert amp_dtype("auto", CUDA) == torch.float16 and asked == [False]
+
+
+def test_more_processes_than_gpus_is_a_params_error():
+    from products10k.dist.group import _check_gpu_count
+
+    _check_gpu_count(1, 2)
+    with pytest.raises(ConfigError, match=r"dist.nproc_per_node.*process 2 on a node with 2 visible GPU"):
+        _check_gpu_count(2, 2)

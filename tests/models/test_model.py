@@ -72,3 +72,27 @@ def test_every_parameter_gets_a_gradient(arch):
     model.train()
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_sync_batchnorm_keeps_the_activations_of_timms_norm_layers():
+    # the default family (EfficientNet-Lite) fuses norm and activation in BatchNormAct2d: torch's own
+    # converter drops the activation (a linear network), timm's keeps it; eval mode runs on a CPU
+    import copy
+
+    from products10k.models.model import sync_batchnorm
+
+    model = create_model(config("model", pretrained=False), 10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        synced = sync_batchnorm(copy.deepcopy(model)).eval()
+        dropped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+        assert torch.equal(synced(x), before)
+        assert not torch.allclose(dropped(x), before)  # what the test guards against
+
+
+def test_pooled_features_are_float32_under_autocast():
+    model = create_model(config("model", pretrained=False), 10).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.features(torch.randn(2, 3, 64, 64)).dtype == torch.float32

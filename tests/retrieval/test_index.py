@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from products10k.data.datasets import PreparedImageDataset
-from products10k.metrics import split_metrics
 from products10k.knn import load_gallery
+from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_model
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.retrieval.embed import embedding_transform

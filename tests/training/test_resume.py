@@ -138,7 +138,8 @@ def test_the_worker_count_changes_nothing_so_a_resume_may_change_it(tmp_path):
     weights, orders = [], []
     for workers in (0, 2):
         train = {"epochs": 2, "batch_size": 4, "resolution": 32, "num_workers": workers, **augment}
-        params = write_params(tmp_path / f"w{workers}.yaml", train=train)
+        # dropout on: its stream (the training process's) must not move with the worker count either
+        params = write_params(tmp_path / f"w{workers}.yaml", model={"drop_rate": 0.5}, train=train)
         paths = _paths(data, tmp_path / f"w{workers}")
         seen: list[list[int]] = [[], []]  # the indices of each epoch, in order
 
@@ -165,3 +166,6 @@ def test_the_worker_count_changes_nothing_so_a_resume_may_change_it(tmp_path):
     assert fp(num_workers=0) == fp(num_workers=4)
     assert fp(num_workers=0, eval_batch_size=8) == fp(num_workers=0, eval_batch_size=64)
     assert fp(num_workers=0) != fp(num_workers=0, hflip=0.0)
+    # what auto settings resolved to counts: a CPU run (no loss scaler) is not resumed under fp16
+    settings = PhaseSettings("train", "m0", config("train"), model, config("dist"), "train", "p.yaml")
+    assert fingerprint(settings, 1, paths) != fingerprint(settings, 1, paths, "cuda", torch.float16)
