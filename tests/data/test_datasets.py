@@ -78,3 +78,17 @@ def test_drop_last_keeps_whole_global_batches_and_varies_the_dropped_images():
     # fewer images than one global batch: nothing is dropped
     small = EpochSampler(5, 0, 1, True, seed=0, batch_size=8, global_batch=8)
     assert sorted(small) == list(range(5))
+
+
+def test_seeded_samples_give_each_place_of_an_epoch_its_own_seed():
+    from products10k.data.datasets import EpochSampler, SeededSamples
+
+    sampler = EpochSampler(10, seed=-1)  # train.seed may be negative
+    samples = SeededSamples(sampler)
+    first = list(samples)
+    assert [i for _, i in first] == list(sampler) and len({s for s, _ in first}) == 10
+    assert list(samples) == first  # the epoch's seeds are a function of (seed, epoch, rank)
+    sampler.set_epoch(1)
+    assert not {s for s, _ in first} & {s for s, _ in samples}
+    other_rank = SeededSamples(EpochSampler(10, rank=1, world=2, seed=-1))
+    assert not {s for s, _ in first} & {s for s, _ in other_rank}
