@@ -77,6 +77,16 @@ def to_model_input(x: torch.Tensor, device: torch.device, flags: dict) -> torch.
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def configure_cuda(device: torch.device) -> None:
+    """On CUDA, what timm's train.py sets too: cuDNN picks the fastest convolution algorithms for
+    the run's fixed input shapes (benchmarked once per shape), and float32 matmuls may use TF32.
+    GPU runs are then not bit-reproducible, which they are not across GPUs anyway."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def host_cores(local_world: int | None = None) -> int:
     """The cores this rank may use: the process's share (a container's or taskset's) divided among
     the ranks of its node (``LOCAL_WORLD_SIZE``, torchrun's)."""

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from products10k.common import ConfigError
 from products10k.config import DistConfig
-from products10k.dist.devices import ddp_backend, host_cores
+from products10k.dist.devices import configure_cuda, ddp_backend, host_cores
 from products10k.dist.launch import OUTPUT_NODE_ENV
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
         _check_gpu_count(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        configure_cuda(device)
     else:
         device = torch.device("cpu")
     if world > 1:

@@ -180,3 +180,17 @@ def test_more_processes_than_gpus_is_a_params_error():
     _check_gpu_count(1, 2)
     with pytest.raises(ConfigError, match=r"dist.nproc_per_node.*process 2 on a node with 2 visible GPU"):
         _check_gpu_count(2, 2)
+
+
+def test_cuda_runs_take_timms_speed_flags_and_cpu_runs_none():
+    from products10k.dist.devices import configure_cuda
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    try:  # torch's flags are process-wide: set here, restored after
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        configure_cuda(CPU)
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        configure_cuda(CUDA)
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
