@@ -62,14 +62,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     params = load_yaml(args.params)
-    cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
-    tta = section(params, "tta", TTAConfig, where=args.params)
     dist_cfg = section(params, "dist", DistConfig, where=args.params)
-    if args.member not in member_names(params, args.params):
-        raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
-    require_evaluated_phase(args.phase, cfg.phases, args.params)
-    seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
     with process_group(dist_cfg, params, str(args.params)) as info:  # one process unless torchrun's
+        # typed after the ranks compared their params: a value one node alone holds is named there
+        cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
+        tta = section(params, "tta", TTAConfig, where=args.params)
+        if args.member not in member_names(params, args.params):
+            raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
+        require_evaluated_phase(args.phase, cfg.phases, args.params)
+        seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
         _evaluate(args, cfg, tta, info)
 
 

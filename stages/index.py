@@ -60,13 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     params = load_yaml(args.params)
-    cfg = section(params, "retrieval", RetrievalConfig, where=args.params)
-    evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
     dist_cfg = section(params, "dist", DistConfig, where=args.params)
-    if args.member not in member_names(params, args.params):
-        raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
-    require_evaluated_phase(cfg.phase, evaluate.phases, args.params, key="retrieval.phase")
-    seed_everything(0)
     inputs = IndexInputs(
         checkpoint=args.checkpoint,
         label_map=args.label_map,
@@ -78,6 +72,13 @@ def _run(args: argparse.Namespace) -> None:
     )
     outputs = IndexOutputs(args.index, args.fused, args.metrics, args.knn)
     with process_group(dist_cfg, params, str(args.params)) as info:  # one process unless torchrun's
+        # typed after the ranks compared their params: a value one node alone holds is named there
+        cfg = section(params, "retrieval", RetrievalConfig, where=args.params)
+        evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
+        if args.member not in member_names(params, args.params):
+            raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
+        require_evaluated_phase(cfg.phase, evaluate.phases, args.params, key="retrieval.phase")
+        seed_everything(0)
         build_index(args.member, inputs, outputs, cfg, evaluate, info)
 
 
