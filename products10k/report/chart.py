@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 
 WIDTH, HEIGHT = 960, 540
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 60, 110
+LEFT, RIGHT, TOP, BOTTOM = 70, 20, 60, 130
+LABEL_SCALE = 0.38  # row titles, wrapped to their group's width (at most LABEL_LINES lines)
+LABEL_LINES = 3
 COLOURS = {"all": (70, 130, 230), "head": (90, 190, 120), "tail": (230, 150, 60)}  # RGB
 PAPER_COLOUR = (200, 40, 40)
 
@@ -24,6 +26,29 @@ def _text(
     img, text: str, x: int, y: int, scale: float = 0.45, colour=(30, 30, 30), thickness: int = 1
 ) -> None:
     cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
+
+
+def _wrap(title: str, width: int) -> list[str]:
+    """``title`` in lines no wider than ``width`` pixels (greedy, at most LABEL_LINES; OpenCV's
+    Hershey font draws ASCII only, so tau is spelled out)."""
+    words = title.replace("τ", "tau").replace("×", "x").split()
+    lines: list[str] = []
+    for word in words:
+        candidate = f"{lines[-1]} {word}" if lines else word
+        fits = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 1)[0][0] <= width
+        if lines and fits:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    if len(lines) > LABEL_LINES:
+        lines = [*lines[: LABEL_LINES - 1], " ".join(lines[LABEL_LINES - 1 :])]
+        while (
+            len(lines[-1]) > 3
+            and cv2.getTextSize(lines[-1] + "..", cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 1)[0][0] > width
+        ):
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += ".."
+    return lines
 
 
 def draw_table1(report: dict) -> bytes:
@@ -56,17 +81,19 @@ def draw_table1(report: dict) -> bytes:
         if "paper" in row:  # the long-tail methods' rows have no published figure
             py = y_of(row["paper"] / 100)
             cv2.line(img, (x0 - 4, py), (x0 + bar_w + 4, py), PAPER_COLOUR[::-1], 2)
-        title = row["title"]
-        _text(img, title[:28], int(LEFT + i * group_w + 4), HEIGHT - BOTTOM + 22, 0.42)
+        lines = _wrap(row["title"], int(group_w) - 6)
+        for k, line in enumerate(lines):
+            _text(img, line, int(LEFT + i * group_w + 4), HEIGHT - BOTTOM + 18 + 14 * k, LABEL_SCALE)
         gain = row.get("all", {}).get("gain")
         if gain:
             label = f"{100 * gain['estimate']:+.1f} [{100 * gain['low']:+.1f},{100 * gain['high']:+.1f}]"
-            _text(img, label, int(LEFT + i * group_w + 4), HEIGHT - BOTTOM + 42, 0.4)
+            y = HEIGHT - BOTTOM + 22 + 14 * len(lines)
+            _text(img, label, int(LEFT + i * group_w + 4), y, LABEL_SCALE, thickness=1)
     conf = round(100 * report["confidence"])
     _text(
         img,
         f"Table 1: test top-1 (%), single centre crop, {seeds_text(report['seeds'])} "
-        f"({report['test_images']} test images); gain vs row above, {conf}% bootstrap CI",
+        f"({report['test_images']} test images); gain vs the row it builds on, {conf}% bootstrap CI",
         LEFT,
         30,
         0.5,

@@ -131,3 +131,21 @@ def test_logit_adjusted_row_fits_tau_on_val_and_moves_tail_predictions():
     assert full[labels > 0].all() and val1 == 1.0  # log(90/5) = 2.9 > the head's 2-logit lead
     fitted, tau, _ = adjusted_hits(scores, label_map, "auto", adjustment)
     assert tau == 0.5 and fitted.tolist() == full.tolist()  # the smallest tau that gets every row
+
+
+def test_chart_row_titles_wrap_within_their_group():
+    from products10k.report.chart import LABEL_LINES, LABEL_SCALE, _wrap
+
+    width = 90
+    for title in [
+        "+ cRT (head re-trained, backbone frozen)",
+        "train + logit adjustment (τ fitted on val)",
+        "x" * 40,
+    ]:
+        lines = _wrap(title, width)
+        assert 1 <= len(lines) <= LABEL_LINES and all(line.isascii() for line in lines)
+        fits = [
+            cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, LABEL_SCALE, 1)[0][0] <= width for line in lines
+        ]
+        assert all(fits) or (len(lines) == 1 and lines[0] == "x" * 40)  # one word longer than the group
+    assert " ".join(_wrap("train @ 128 px", width)) == "train @ 128 px"
