@@ -282,6 +282,11 @@ def parse_sku_id(text: str) -> int | None:
     return int(text) if _SKU_ID.fullmatch(text) else None
 
 
+def process_cores() -> int:
+    """The cores this process may run on: a container's or taskset's share, not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_n_jobs(n_jobs: int, n_tasks: int | None = None) -> int:
     """The number of workers for ``n_jobs``, with joblib's meaning, capped at ``n_tasks``.
 
@@ -290,10 +295,8 @@ def resolve_n_jobs(n_jobs: int, n_tasks: int | None = None) -> int:
     """
     if n_jobs == 0:
         raise ValueError("n_jobs must be >= 1, or negative for 'all cores but n_jobs+1' (-1 = all)")
-    # the cores this process may run on (a container's or taskset's share); not joblib, which the
-    # deploy runtime's install does not have
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = n_jobs if n_jobs > 0 else cores + 1 + n_jobs
+    # not joblib, which the deploy runtime's install does not have
+    n = n_jobs if n_jobs > 0 else process_cores() + 1 + n_jobs
     if n_tasks is not None:
         n = min(n, n_tasks)
     return max(1, n)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from products10k.common import ConfigError
+from products10k.common import ConfigError, process_cores
 
 
 def resolve_device(name: str, cuda_available: bool | None = None) -> torch.device:
@@ -90,10 +90,9 @@ def configure_cuda(device: torch.device) -> None:
 def host_cores(local_world: int | None = None) -> int:
     """The cores this rank may use: the process's share (a container's or taskset's) divided among
     the ranks of its node (``LOCAL_WORLD_SIZE``, torchrun's)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if local_world is None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // max(1, local_world))
+    return max(1, process_cores() // max(1, local_world))
 
 
 def eval_workers(configured: int | str, device: torch.device, cores: int) -> int:
