@@ -114,12 +114,10 @@ def build_index(
     test_vectors, _ = embed(splits["test"], "test")
     if not info.is_main:
         return None
-    knn = {
-        split: _search(gallery, vectors, splits[split], cfg)
-        for split, vectors in (("val", val_vectors), ("test", test_vectors))
-    }
-    for split in knn:
-        _check_same_rows(classifier, split, knn[split], inputs.classifier)
+    knn = {}
+    for split, vectors in (("val", val_vectors), ("test", test_vectors)):
+        knn[split] = _search(gallery, vectors, splits[split], cfg)
+        _check_same_rows(classifier, split, knn[split], inputs.classifier)  # before searching the next
 
     # Two weights: the pipeline fuses kNN with the evaluate stage's TTA-averaged scores, deploy with
     # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
