@@ -84,3 +84,30 @@ def log_train_prior(label_map: pd.DataFrame) -> np.ndarray:
 def val_weights(labels: np.ndarray, label_map: pd.DataFrame, spec: str) -> np.ndarray:
     """:func:`row_weights` of val ``labels`` for the ``evaluate.target_prior`` ``spec``."""
     return row_weights(labels, target_prior(spec, label_map))
+
+
+def paired_gain(hits: np.ndarray, reference_hits: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """The gain of one output's estimate over a reference's on the same val rows, and its standard error.
+
+    ``hits``/``reference_hits``: each row's top-1 is its label (0/1), ``weights``: :func:`row_weights`.
+    The gain is ``estimate(hits) - estimate(reference_hits)`` = ``sum w d / sum w`` with ``d`` the
+    per-row difference, a weighted ratio; its variance is the linearisation (sandwich) variance with
+    the rows drawn independently: ``n / (n - 1) x sum w^2 (d - gain)^2 / (sum w)^2`` over the weighted
+    rows, which a row bootstrap of the paired difference reproduces (tests/submission/test_choose.py).
+    Rows are paired, so what both outputs get right or wrong alike costs nothing; a row of a SKU val
+    holds once weighs as much as all the rows of a head SKU, and its variance shows it (a bootstrap
+    within SKUs would call such a row certain). No weighted row: ``(nan, nan)``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    used = w > 0
+    n = int(used.sum())
+    if n == 0:
+        return float("nan"), float("nan")
+    w = w[used]
+    d = np.asarray(hits, dtype=np.float64)[used] - np.asarray(reference_hits, dtype=np.float64)[used]
+    total = w.sum()
+    gain = float((w * d).sum() / total)
+    if n == 1:
+        return gain, float("inf") if d[0] != 0 else 0.0
+    var = n / (n - 1) * float((w**2 * (d - gain) ** 2).sum()) / total**2
+    return gain, float(np.sqrt(var))

@@ -310,3 +310,30 @@ def log_likelihood(label_logprob: np.ndarray, labels: np.ndarray, eps: float = 1
     if not keep.any():
         return float("nan")
     return float(np.mean(np.log(np.exp(label_logprob[keep]) + eps)))
+
+
+# --- cross-validation: out-of-fold rows and the fold ensemble -------------------------------
+
+
+def concat_scores(parts: list[SplitScores]) -> SplitScores:
+    """Row blocks of one split predicted by different models (the folds' held-out rows), in order."""
+    fields = (*ROW_ARRAYS, PROB_ERROR)
+    return SplitScores(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in fields})
+
+
+def mean_scores(parts: list[SplitScores], num_classes: int, k: int) -> SplitScores:
+    """The equal-weight average of several models' probabilities of the same rows (the fold
+    ensemble), as a SplitScores: ``topk_logits`` are the log averaged probabilities (``logsumexp`` 0,
+    as they are a distribution over every class), ``prob_error`` the average's error bound."""
+    ens = combine_topk(parts, [1.0 / len(parts)] * len(parts), num_classes, k)
+    with np.errstate(divide="ignore"):
+        logits = np.log(ens.probs).astype(np.float32)
+    return SplitScores(
+        names=parts[0].names,
+        labels=parts[0].labels,
+        topk_labels=ens.labels.astype(np.int32),
+        topk_logits=logits,
+        logsumexp=np.zeros(len(ens.probs), dtype=np.float32),
+        label_logprob=ens.label_logprob.astype(np.float32),
+        prob_error=ens.error_bound.astype(np.float32),
+    )

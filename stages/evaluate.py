@@ -28,7 +28,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
-from products10k.config import DistConfig, EvaluateConfig, TTAConfig, load_yaml, member_names, section
+from products10k.config import (
+    CVConfig,
+    DistConfig,
+    EvaluateConfig,
+    TTAConfig,
+    load_yaml,
+    member_names,
+    section,
+)
 from products10k.dist.group import process_group
 from products10k.evaluation.evaluate import EvalOutputs, evaluate_phase
 from products10k.scores import require_evaluated_phase
@@ -67,14 +75,15 @@ def _run(args: argparse.Namespace) -> None:
         # typed after the ranks compared their params: a value one node alone holds is named there
         cfg = section(params, "evaluate", EvaluateConfig, where=args.params)
         tta = section(params, "tta", TTAConfig, where=args.params)
+        folds = section(params, "cv", CVConfig, where=args.params).folds
         if args.member not in member_names(params, args.params):
             raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
         require_evaluated_phase(args.phase, cfg.phases, args.params)
         seed_everything(0)  # inference is deterministic; seeded only so any stray randomness is too
-        _evaluate(args, cfg, tta, info)
+        _evaluate(args, cfg, tta, folds, info)
 
 
-def _evaluate(args: argparse.Namespace, cfg: EvaluateConfig, tta: TTAConfig, info) -> None:
+def _evaluate(args: argparse.Namespace, cfg: EvaluateConfig, tta: TTAConfig, folds: int, info) -> None:
     evaluate_phase(
         member=args.member,
         phase=args.phase,
@@ -93,6 +102,7 @@ def _evaluate(args: argparse.Namespace, cfg: EvaluateConfig, tta: TTAConfig, inf
         ),
         cfg=cfg,
         tta=tta,
+        folds=folds,
         info=info,
     )
 

@@ -25,7 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import ConfigError, run_stage, seed_everything
-from products10k.config import DistConfig, EvaluateConfig, RetrievalConfig, load_yaml, member_names, section
+from products10k.config import (
+    CVConfig,
+    DistConfig,
+    EvaluateConfig,
+    RetrievalConfig,
+    load_yaml,
+    member_names,
+    section,
+)
 from products10k.dist.group import process_group
 from products10k.retrieval.index import IndexInputs, IndexOutputs, build_index
 from products10k.scores import require_evaluated_phase
@@ -75,11 +83,12 @@ def _run(args: argparse.Namespace) -> None:
         # typed after the ranks compared their params: a value one node alone holds is named there
         cfg = section(params, "retrieval", RetrievalConfig, where=args.params)
         evaluate = section(params, "evaluate", EvaluateConfig, where=args.params)
+        folds = section(params, "cv", CVConfig, where=args.params).folds
         if args.member not in member_names(params, args.params):
             raise ConfigError(f"{args.params}: '{args.member}' is not in ensemble.members")
         require_evaluated_phase(cfg.phase, evaluate.phases, args.params, key="retrieval.phase")
         seed_everything(0)
-        build_index(args.member, inputs, outputs, cfg, evaluate, info)
+        build_index(args.member, inputs, outputs, cfg, evaluate, folds, info)
 
 
 if __name__ == "__main__":

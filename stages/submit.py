@@ -42,7 +42,8 @@ from products10k.config import (
     section,
 )
 from products10k.scores import require_evaluated_phase
-from products10k.submission.submit import kaggle_submit, make_submission
+from products10k.submission.leaderboard import kaggle_submit
+from products10k.submission.submit import ChoiceSpec, make_submission
 
 log = logging.getLogger("stages.submit")
 
@@ -79,6 +80,8 @@ def _run(args: argparse.Namespace) -> None:
     competition = section(params, "data", DataConfig, where=args.params).kaggle.competition
     if cfg.phase not in ("fused", "knn", "auto"):
         require_evaluated_phase(cfg.phase, phases, args.params, key="submit.phase")
+    if cfg.phase == "auto" and cfg.reference not in ("fused", "knn"):
+        require_evaluated_phase(cfg.reference, phases, args.params, key="submit.reference")
     root = Path(args.predictions)
     names = [*phases, "knn", "fused"] if cfg.phase == "auto" else [cfg.phase]
     candidates = {name: {m: root / name / f"{m}.npz" for m in members} for name in names}
@@ -91,8 +94,8 @@ def _run(args: argparse.Namespace) -> None:
     metrics = make_submission(
         members=members,
         candidates=candidates,
-        target_prior_spec=evaluate.target_prior,
-        taus=taus,
+        # with a phase named, the choice is among its taus, against its plain output
+        choice=ChoiceSpec(evaluate.target_prior, taus, cfg.reference, cfg.confidence),
         weights_spec=ens.weights,
         label_map_path=args.label_map,
         test_list_path=args.test_list,

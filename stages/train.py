@@ -10,7 +10,9 @@ DDP: the same arguments after ``torchrun ...``; dvc.yaml runs it through
 ``python -m products10k.dist.launch --params params.yaml stages/train.py ...``, which builds the
 torchrun command from ``dist`` (one node or several) and runs this script alone for one process.
 Finetune phases add ``--init models/m0/<previous>/best.pt``.
-A re-run after a kill resumes from ``<out>/last.pt`` when the settings are unchanged.
+A re-run after a kill resumes from ``<out>/last.pt`` when the settings are unchanged. Under
+``cv.folds: K`` the phase trains K fold models into ``<out>/fold<i>/`` (finetunes start from
+``<init's folder>/fold<i>/best.pt``), then the refit on every image into ``<out>``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 # this checkout's products10k, not an installed copy: `dvc exp run --queue`/`--temp` run the stage in
 # a copy of the repository, where an editable install would import the workspace's code instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import PHASES, DistConfig, load_yaml, member_params, section
+from products10k.config import PHASES, CVConfig, DistConfig, load_yaml, member_params, section
 from products10k.dist.group import process_group
+from products10k.folds import check_folds, fold_plan
 from products10k.training.loop import Callbacks, PhasePaths, PhaseSettings, run_phase
 
 log = logging.getLogger("stages.train")
@@ -60,20 +65,39 @@ def main(argv: list[str] | None = None) -> None:
     )
     result = run_stage(log, train_phase, args.params, args.phase, args.member, paths)
     if result["is_main"]:  # one summary line, on the node that runs dvc (not torchrun's RANK 0)
-        log.info("%s@%s done: best val top-1 %.4f", args.phase, args.member, result["best_val_top1"])
+        folds = result["folds"]
+        log.info(
+            "%s@%s done: best val top-1 %s",
+            args.phase,
+            args.member,
+            " / ".join(f"{r['best_val_top1']:.4f}" for r in folds) + " (folds; the refit has no val)"
+            if folds
+            else f"{result['best_val_top1']:.4f}",
+        )
 
 
 def train_phase(
     params_path: Path, phase: str, member: str, paths: PhasePaths, callbacks: Callbacks | None = None
 ) -> dict:
     """Read params.yaml once (the member's overrides applied), then train the phase inside the
-    process group (one process unless torchrun started this one)."""
+    process group (one process unless torchrun started this one): its one model, or under cv each
+    fold's model and then the refit on every image (products10k/folds.py). A run killed
+    in fold i resumes there: the folds before it find their last epoch done."""
     where = str(params_path)
     params = member_params(load_yaml(params_path), member, where)
     with process_group(section(params, "dist", DistConfig, where), params, where) as info:
         # typed after the ranks compared their params: a value one node alone holds is named there
         settings = PhaseSettings.from_params(params, phase, member, where)
-        return run_phase(settings, paths, info, callbacks)
+        folds = section(params, "cv", CVConfig, where).folds
+        check_folds(pd.read_csv(paths.val_csv), folds, paths.val_csv)
+        results = []
+        for fold in fold_plan(folds):
+            if fold is not None or folds:
+                log.info(
+                    "%s@%s: %s", phase, member, f"fold {fold} of {folds}" if fold is not None else "the refit"
+                )
+            results.append(run_phase(settings, paths.for_fold(fold), info, callbacks))
+        return {**results[-1], "folds": results[:-1]}
 
 
 if __name__ == "__main__":

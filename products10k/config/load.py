@@ -160,11 +160,13 @@ def member_params(params: dict, member: str, where: str = "params.yaml") -> dict
     overrides = params["ensemble"]["members"][member] or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: 'ensemble.members.{member}' must be a mapping of dotted key -> value")
-    per_member_dist = sorted(str(key) for key in overrides if str(key).split(".")[0] == "dist")
-    if per_member_dist:  # the launcher starts every stage with the top-level dist (processes, nodes)
+    # the launcher starts every stage with the top-level dist (processes, nodes); the folds stage
+    # deals one set of folds for every member (the ensemble's members must predict the same val rows)
+    shared = sorted(str(key) for key in overrides if str(key).split(".")[0] in ("dist", "cv"))
+    if shared:
         raise ConfigError(
-            f"{where}: ensemble.members.{member} overrides {', '.join(per_member_dist)}: 'dist' is one "
-            "for the whole pipeline (set it at the top level)"
+            f"{where}: ensemble.members.{member} overrides {', '.join(shared)}: "
+            f"'{shared[0].split('.')[0]}' is one for the whole pipeline (set it at the top level)"
         )
     return apply_overrides(params, overrides, where=f"{where} (ensemble.members.{member})")
 

@@ -177,6 +177,19 @@ class BalanceConfig(Section):
     seed: int
 
 
+def _folds(value: int) -> int:
+    if value == 1:
+        raise ValueError("1 fold holds nothing out: 0 (prepare's single val split) or 2 and more")
+    return value
+
+
+class CVConfig(Section):
+    """``cv``: K-fold cross-validation over every training image (products10k/folds.py)."""
+
+    folds: Annotated[int, Field(ge=0, le=50), AfterValidator(_folds)]  # 0: prepare's single val split
+    seed: int
+
+
 # --- training: stages train, finetune_balanced, finetune_accuracy ------------------------------
 
 
@@ -355,6 +368,10 @@ class SubmitConfig(Section):
     # post-hoc logit adjustment: tau subtracted x log train prior; auto = fitted on val over tau_grid
     logit_adjust: Literal["auto"] | Annotated[float, Field(ge=0.0, le=10.0)]
     tau_grid: _list(tuple[Annotated[float, Field(ge=0.0, le=10.0)], ...]) = Field(min_length=1)
+    # auto: the output the choice starts from (at the grid's first tau); another output is taken only
+    # for a gain over it whose paired interval lies above zero (choose.py)
+    reference: Phase | Literal["knn", "fused"]
+    confidence: float = Field(gt=0.5, lt=1.0)  # of the intervals, before the Bonferroni correction
     top_k: int = Field(ge=1)
     kaggle: KaggleSubmitConfig
 
@@ -406,6 +423,7 @@ SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "prepare": PrepareConfig,
     "balance": BalanceConfig,
+    "cv": CVConfig,
     "model": ModelConfig,
     "train": PhaseConfig,
     "dist": DistConfig,

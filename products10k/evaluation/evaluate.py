@@ -34,8 +34,9 @@ from products10k.evaluation.views import build_views
 from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
 from products10k.prepared.shards import ImageStore
-from products10k.scores import SplitScores, save_predictions
+from products10k.scores import SplitScores, concat_scores, mean_scores, save_predictions
 
 log = logging.getLogger(__name__)
 
@@ -73,42 +74,44 @@ def evaluate_phase(
     outputs: EvalOutputs,
     cfg: EvaluateConfig,
     tta: TTAConfig,
+    folds: int,
     info: DistInfo | None = None,
 ) -> dict | None:
     """Evaluate one member's checkpoint of one phase; write every output; return the metrics.
 
-    Under torchrun (``info``) every rank predicts its shard of val and test; rank 0 merges them,
-    computes the metrics and writes every output, and the other ranks return None.
+    Under cv (``folds`` K >= 2) val is out of fold: each fold's model predicts the val rows it held
+    out (products10k/folds.py), and test is the K fold models' average; the refit
+    (``checkpoint`` itself) is scored on test alone (``test_refit``: the model the index and export
+    use). Under torchrun (``info``) every rank predicts its shard of val and test; rank 0 merges
+    them, computes the metrics and writes every output, and the other ranks return None.
     """
     info = info or DistInfo()
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
     val = read_prepared(val_path, label_map, allow_empty=True)
+    check_folds(val, folds, val_path)
+    val = out_of_fold(val, folds)
     test = read_prepared(test_path, label_map, usage=True, allow_empty=True)
-    model, meta = load_member_checkpoint(checkpoint, member, phase, label_map, label_map_path)
-
-    resolution = int(meta["resolution"])
-    normalize = meta.get("normalize")  # None in checkpoints from before it was stored: ImageNet's
-    views = build_views(tta, resolution, meta.get("resize"), normalize)
-    # the paper's protocol: one centre crop at the training resolution, no flip
-    single = build_views(
-        TTAConfig(scales=(1.0,), crops="center", flip=False), resolution, meta.get("resize"), normalize
-    )[0]
-    log.info("%s/%s: %d TTA views: %s", member, phase, len(views), ", ".join(v.name for v in views))
+    run = _Run(member, phase, label_map, images_root, cfg, tta, info)
     splits = {"val": (val, val_path), "test": (test, test_path)}
-    results = _predict_splits(
-        model, splits, label_map, images_root, views, single, cfg, f"{member}/{phase}", info
-    )
+    if folds:
+        scores, meta, extra = _cross_validated(run, checkpoint, label_map_path, splits, folds)
+        blocks = None
+    else:
+        results, meta = run.predict(checkpoint, label_map_path, splits)
+        scores = {s: r[:2] for s, r in results.items()}
+        blocks, extra = {s: r[2] for s, r in results.items()}, {}  # one model: with the views report
     if not info.is_main:
         return None
-    (val_scores, _, val_block), (test_scores, test_single, test_block) = results["val"], results["test"]
+    if blocks is None:
+        blocks = {s: run.metrics(scores[s], splits[s][0]) for s in scores}
+    (val_scores, _), (test_scores, test_single) = scores["val"], scores["test"]
     metrics = {
-        "val": val_block,
-        "test": test_block,
-        "views": len(views),
+        **blocks,
+        **extra,
+        "views": len(run.views(meta)),
         "epoch": int(meta.get("epoch", -1)),
-        "resolution": resolution,
+        "resolution": int(meta["resolution"]),
     }
-
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     single_top1 = test_single.topk_labels[:, 0] if len(test_single) else None
     save_predictions(
@@ -119,7 +122,7 @@ def evaluate_phase(
 
     common.write_json(outputs.metrics, metrics)
     log.info(
-        "%s/%s: val top1 %.4f, test top1 %.4f single crop / %.4f TTA (public %.4f, private %.4f)",
+        "%s/%s: val top1 %.4f, test top1 %.4f single crop / %.4f TTA (public %.4f, private %.4f)%s",
         member,
         phase,
         metrics["val"].get("top1", float("nan")),
@@ -127,8 +130,90 @@ def evaluate_phase(
         metrics["test"]["tta"].get("top1", float("nan")),
         metrics["test"].get("public", {}).get("top1", float("nan")),
         metrics["test"].get("private", {}).get("top1", float("nan")),
+        f"; val out of {folds} folds, test their average, the refit alone {extra['test_refit']['top1']:.4f}"
+        if folds
+        else "",
     )
     return metrics
+
+
+@dataclass
+class _Run:
+    """What every model of one evaluate stage is predicted with: the views, the loader settings."""
+
+    member: str
+    phase: str
+    label_map: pd.DataFrame
+    images_root: str | Path
+    cfg: EvaluateConfig
+    tta: TTAConfig
+    info: DistInfo
+
+    def views(self, meta: dict):
+        return build_views(self.tta, int(meta["resolution"]), meta.get("resize"), meta.get("normalize"))
+
+    def predict(self, checkpoint, label_map_path, splits: dict, fold: int | None = None):
+        """One checkpoint's (TTA scores, single-crop scores, metrics) per split, and its metadata."""
+        model, meta = load_member_checkpoint(
+            checkpoint, self.member, self.phase, self.label_map, label_map_path
+        )
+        resolution = int(meta["resolution"])
+        normalize = meta.get("normalize")  # None in checkpoints from before it was stored: ImageNet's
+        views = self.views(meta)
+        # the paper's protocol: one centre crop at the training resolution, no flip
+        single = build_views(
+            TTAConfig(scales=(1.0,), crops="center", flip=False), resolution, meta.get("resize"), normalize
+        )[0]
+        name = f"{self.member}/{self.phase}" + (f"/fold{fold}" if fold is not None else "")
+        log.info("%s: %d TTA views: %s", name, len(views), ", ".join(v.name for v in views))
+        return _predict_splits(
+            model, splits, self.label_map, self.images_root, views, single, self.cfg, name, self.info
+        ), meta
+
+    def metrics(self, scores: tuple, rows: pd.DataFrame) -> dict:
+        """A split's metrics block from several models' merged scores: the single crop's, with the
+        TTA average's under ``tta`` (the views report is per model: left out)."""
+        tta_scores, single = scores
+        if not len(rows):
+            return {"n": 0}
+        n_train = dict(zip(self.label_map["label"], self.label_map["n_train"], strict=True))
+        out = split_metrics(single.topk_labels, rows, n_train, self.cfg.tail_max_images)
+        full = split_metrics(tta_scores.topk_labels, rows, n_train, self.cfg.tail_max_images)
+        out["tta"] = {k: full[k] for k in ("top1", "top5")}
+        out["tta"] |= {
+            part: {"top1": full[part]["top1"]}
+            for part in ("public", "private", "head", "tail")
+            if part in full
+        }
+        return out
+
+
+def _cross_validated(run: _Run, checkpoint, label_map_path, splits: dict, folds: int):
+    """Each fold's model on the val rows it held out and on test; the refit on test. Rank 0 gets
+    the out-of-fold val scores, the fold ensemble's test scores and the refit's test metrics."""
+    val, val_path = splits["val"]
+    parts, meta = [], None
+    for fold in range(folds):
+        held_out = val[val[FOLD_COLUMN] == fold]
+        fold_splits = {"val": (held_out, val_path), "test": splits["test"]}
+        results, meta = run.predict(fold_dir(Path(checkpoint), fold), label_map_path, fold_splits, fold)
+        parts.append(results)
+    refit, refit_meta = run.predict(checkpoint, label_map_path, {"test": splits["test"]})
+    if not run.info.is_main:
+        return None, meta, None
+    num_classes, k = len(run.label_map), run.cfg.top_k
+    scores = {
+        "val": tuple(concat_scores([p["val"][i] for p in parts]) for i in (0, 1)),
+        "test": tuple(mean_scores([p["test"][i] for p in parts], num_classes, k) for i in (0, 1)),
+    }
+    test_refit = refit["test"][2]
+    extra = {
+        "cv": {"folds": folds, "val": "out of fold", "test": f"the mean of the {folds} fold models"},
+        "test_refit": {
+            key: test_refit[key] for key in ("top1", "top5", "public", "private") if key in test_refit
+        },
+    }
+    return scores, refit_meta, extra
 
 
 def _predict_splits(

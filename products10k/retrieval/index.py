@@ -45,9 +45,17 @@ from products10k.knn import (
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
 from products10k.prepared.shards import ImageStore
 from products10k.retrieval.embed import embed_rows
-from products10k.scores import SplitScores, TopKWriter, load_predictions, save_predictions
+from products10k.scores import (
+    SplitScores,
+    TopKWriter,
+    concat_scores,
+    load_predictions,
+    mean_scores,
+    save_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,44 +88,46 @@ def build_index(
     outputs: IndexOutputs,
     cfg: RetrievalConfig,
     evaluate: EvaluateConfig,
+    folds: int,
     info: DistInfo | None = None,
 ) -> dict | None:
     """Run the stage for one member; write index, fused predictions and metrics; return the metrics.
 
-    Under torchrun (``info``) every rank embeds its shard of train, val and test; rank 0 merges the
-    vectors, builds the index, searches and writes every output; the other ranks return None.
+    Under cv (``folds`` K >= 2), val's kNN is out of fold: each fold's model searches the val rows it
+    held out in a gallery of its own training rows, and test's kNN is the K folds' average; the
+    saved index is the refit's (``checkpoint``), embedding every training image. Under torchrun
+    (``info``) every rank embeds its shard of train, val and test; rank 0 merges the vectors, builds
+    the index, searches and writes every output; the other ranks return None.
     """
     info = info or DistInfo()
     label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     splits = _read_splits(inputs, label_map)
-    model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
+    check_folds(splits["val"], folds, inputs.val)
+    splits["val"] = out_of_fold(splits["val"], folds)
     classifier = load_predictions(inputs.classifier, member)
+    searched = _fold_knn(member, inputs, splits, cfg, evaluate, folds, info) if folds else None
+    model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
     embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}", info)
 
     # every rank embeds its shard (a single process: all rows); rank 0 gets them all and builds the
     # gallery before the queries are embedded, so the train vectors are held once at a time
-    train_vectors, _ = embed(splits["train"], "train")
-    gallery = None
-    if info.is_main:
-        gallery = build_gallery(
-            train_vectors,
-            splits["train"]["label"],
-            splits["train"]["name"],
-            skus,
-            _index_meta(member, inputs.checkpoint, meta, cfg),
-        )
-        log.info("%s: index of %d training images x %d dims", member, gallery.index.ntotal, gallery.index.d)
-    del train_vectors
-    # the classifier's single centre crop of val, from the embedding pass: what predict computes
-    val_vectors, single_val = embed(splits["val"], "val", with_logits=True)
-    test_vectors, _ = embed(splits["test"], "test")
+    gallery = _gallery(embed, splits["train"], skus, _index_meta(member, inputs.checkpoint, meta, cfg), info)
+    if searched is None:
+        # the classifier's single centre crop of val, from the embedding pass: what predict computes
+        val_vectors, single_val = embed(splits["val"], "val", with_logits=True)
+        test_vectors, _ = embed(splits["test"], "test")
+        if info.is_main:
+            knn = {}
+            for split, vectors in (("val", val_vectors), ("test", test_vectors)):
+                knn[split] = _search(gallery, vectors, splits[split], cfg)
+                _check_same_rows(classifier, split, knn[split], inputs.classifier)  # before the next search
+    elif info.is_main:
+        knn, single_val = searched
+        for split in knn:
+            _check_same_rows(classifier, split, knn[split], inputs.classifier)
     if not info.is_main:
         return None
-    knn = {}
-    for split, vectors in (("val", val_vectors), ("test", test_vectors)):
-        knn[split] = _search(gallery, vectors, splits[split], cfg)
-        _check_same_rows(classifier, split, knn[split], inputs.classifier)  # before searching the next
 
     # Two weights: the pipeline fuses kNN with the evaluate stage's TTA-averaged scores, deploy with
     # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
@@ -150,6 +160,50 @@ def build_index(
             weight,
         )
     return metrics
+
+
+def _gallery(embed, rows, skus: np.ndarray, meta: dict, info: DistInfo):
+    """The Faiss gallery of ``rows``' embeddings, on rank 0 (None elsewhere)."""
+    vectors, _ = embed(rows, "train")
+    if not info.is_main:
+        return None
+    gallery = build_gallery(vectors, rows["label"], rows["name"], skus, meta)
+    log.info(
+        "%s: index of %d training images x %d dims", meta["member"], gallery.index.ntotal, gallery.index.d
+    )
+    return gallery
+
+
+def _fold_knn(
+    member: str, inputs: IndexInputs, splits: dict, cfg, evaluate: EvaluateConfig, folds: int, info
+):
+    """Under cv: each fold's model embeds its own training rows as a gallery and searches the val rows
+    it held out and test. Rank 0 gets the out-of-fold val kNN and single-crop classifier scores (val's
+    order: products10k/folds.py) and the folds' mean test kNN; other ranks None."""
+    label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
+    skus = label_map["sku"].to_numpy(dtype=np.int64)
+    train, val = splits["train"], splits["val"]
+    knn_val, single_val, knn_test = [], [], []
+    for fold in range(folds):
+        checkpoint = fold_dir(inputs.checkpoint, fold)
+        model, meta = load_member_checkpoint(checkpoint, member, cfg.phase, label_map, inputs.label_map)
+        name = f"{member}/{cfg.phase}/fold{fold}"
+        embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, name, info)
+        gallery = _gallery(
+            embed, train[train[FOLD_COLUMN] != fold], skus, _index_meta(member, checkpoint, meta, cfg), info
+        )
+        held_out = val[val[FOLD_COLUMN] == fold]
+        val_vectors, single = embed(held_out, "val", with_logits=True)
+        test_vectors, _ = embed(splits["test"], "test")
+        if info.is_main:
+            knn_val.append(_search(gallery, val_vectors, held_out, cfg))
+            single_val.append(single)
+            knn_test.append(_search(gallery, test_vectors, splits["test"], cfg))
+    if not info.is_main:
+        return None
+    knn = {"val": concat_scores(knn_val), "test": mean_scores(knn_test, len(skus), knn_test[0].k)}
+    log.info("%s: kNN of val out of %d folds (%d rows), test the folds' mean", member, folds, len(knn["val"]))
+    return knn, concat_scores(single_val)
 
 
 def _read_splits(inputs: IndexInputs, label_map) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +30,11 @@ from products10k import common
 from products10k.common import DataError, Products10kError
 from products10k.ensemble import resolve_weights
 from products10k.estimate import log_train_prior
-from products10k.metrics import hit_rates, leaderboard_masks
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
-from products10k.raw import kaggle
 from products10k.scores import combine_topk, load_predictions, log_likelihood, topk_indices
 from products10k.submission.choose import (
     RERANK_K,
+    NoiseAwareChoice,
     adjust,
     best,
     coverage,
@@ -43,6 +42,7 @@ from products10k.submission.choose import (
     score_taus,
     target_prior,
 )
+from products10k.submission.leaderboard import score_submission
 
 log = logging.getLogger(__name__)
 
@@ -209,78 +209,20 @@ def align_to_test_list(
     return expected, tuple(out)
 
 
-def score_submission(submission: pd.DataFrame, topk: pd.DataFrame, test_list: pd.DataFrame) -> dict:
-    """Top-1 (and top-k) against the labelled test list: all rows, Public and Private.
-
-    Returns {} when the list has no labels (an unlabelled test set cannot be scored locally).
-    """
-    if "class" not in test_list.columns or test_list["class"].isna().all():
-        return {}
-    truth = test_list.set_index(test_list["name"].astype(str))
-    labelled = truth["class"].notna()
-    merged = (
-        submission.assign(name=submission["name"].astype(str))
-        .set_index("name")
-        .join(truth[["class"]].rename(columns={"class": "truth"}), how="inner")
-    )
-    merged = merged[merged["truth"].notna()]
-    hit1 = (merged["class"].to_numpy() == merged["truth"].to_numpy().astype(np.int64)).astype(float)
-    k_cols = [c for c in topk.columns if c.startswith("class_")]
-    tk = topk.assign(name=topk["name"].astype(str)).set_index("name").loc[merged.index, k_cols].to_numpy()
-    hitk = (tk == merged["truth"].to_numpy().astype(np.int64)[:, None]).any(axis=1).astype(float)
-    hits = {"top1": hit1, f"top{len(k_cols)}": hitk}
-    out = {**hit_rates(hits, np.ones(len(hit1), bool)), "n": int(labelled.sum())}
-    if "Usage" in truth.columns:
-        for split, mask in leaderboard_masks(truth.loc[merged.index, "Usage"]).items():
-            if mask.any():
-                out[split] = hit_rates(hits, mask)
-    return out
-
-
-# --- Kaggle upload ---
-
-
-def kaggle_submit(
-    competition: str, path: str | os.PathLike, message: str, timeout_s: float, env: dict | None = None
-) -> str:
-    """Upload with the Kaggle CLI; returns its output (the key blanked). Never waits on a prompt.
-
-    The CLI and credentials are checked first (a missing CLI or ``kaggle.json`` otherwise ends in
-    a traceback deep inside the kaggle package); :func:`products10k.kaggle.run` closes stdin and
-    sets a timeout, so that an interactive prompt or a stalled upload fails the stage instead of
-    hanging it, and blanks the Kaggle key out of the output quoted in errors and logs.
-    """
-    env = dict(os.environ if env is None else env)
-    exe = shutil.which("kaggle", path=env.get("PATH"))
-    if exe is None:
-        raise Products10kError(
-            "submit.kaggle.enabled is true but the 'kaggle' CLI is not on PATH "
-            "(pip install kaggle, or set submit.kaggle.enabled: false)"
-        )
-    try:
-        kaggle.kaggle_credentials(env)
-    except kaggle.CredentialsNotFound:
-        raise Products10kError(
-            "submit.kaggle.enabled is true but no Kaggle credentials were found: set KAGGLE_USERNAME and "
-            "KAGGLE_KEY, or put kaggle.json in ~/.kaggle (or $KAGGLE_CONFIG_DIR)"
-        ) from None
-    cmd = kaggle.submit_command(competition, path, message, executable=exe)
-    log.info("uploading %s to Kaggle competition %s", path, competition)
-    result = kaggle.run(cmd, timeout_s, env=env)
-    if result.timed_out:
-        raise Products10kError(
-            f"kaggle competitions submit did not finish within {timeout_s:g}s (submit.kaggle.timeout_s)"
-        )
-    output = result.output.strip()
-    if result.returncode != 0:
-        raise Products10kError(
-            f"kaggle competitions submit failed with exit code {result.returncode}: {output[-2000:]}"
-        )
-    log.info("kaggle: %s", output)
-    return result.output
-
-
 # --- the submit stage ---
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """How the submission is chosen on val (products10k/submission/choose.py): the SKU mix test
+    follows (``evaluate.target_prior``), the logit-adjustment taus to try, the reference output the
+    choice starts from (``submit.reference``; None: the first candidate) and the confidence of the
+    intervals (``submit.confidence``)."""
+
+    target_prior: str
+    taus: tuple[float, ...]
+    reference: str | None
+    confidence: float
 
 
 def make_submission(
@@ -288,6 +230,7 @@ def make_submission(
     members: list[str],
     prediction_paths: dict[str, str | os.PathLike] | None = None,
     candidates: dict[str, dict[str, str | os.PathLike]] | None = None,
+    choice: ChoiceSpec,
     weights_spec: str | dict,
     label_map_path: str | os.PathLike,
     test_list_path: str | os.PathLike,
@@ -295,13 +238,11 @@ def make_submission(
     top_k_out: str | os.PathLike,
     top_k: int,
     report_path: str | os.PathLike | None = None,
-    target_prior_spec: str = "train",
-    taus: tuple[float, ...] = (0.0,),
 ) -> dict:
     """Ensemble the members' predictions, validate and write the submission; return its metrics.
 
     ``candidates``: ``{name: {member: predictions file}}`` to choose from on val (products10k/
-    submission/choose.py), each with every ``tau`` of logit adjustment; or one set of
+    submission/choose.py, as ``choice`` says), each with every tau of logit adjustment; or one set of
     ``prediction_paths``. Nothing is written unless every check passes: members agree on the label
     map and the rows, the predictions cover the test list exactly (except the test images the
     prepare report ``report_path`` lists as excluded: they get the fallback, see the module
@@ -312,21 +253,21 @@ def make_submission(
     test_list = read_test_list(test_list_path)
     if candidates is None:
         candidates = {Path(next(iter(prediction_paths.values()))).parent.name: prediction_paths}
-    target = target_prior(target_prior_spec, label_map)
+    target = target_prior(choice.target_prior, label_map)
     log_prior = log_train_prior(label_map)
-    ensembles = (
-        (name, _ensemble(members, paths, weights_spec, skus, label_map_path, max(top_k, RERANK_K), target))
-        for name, paths in candidates.items()
-    )  # one at a time: memory stays one candidate's
-    scored, chosen = _choose(ensembles, members[0], target, log_prior, taus)
-    pick = best(scored)
+    reference = choice.reference if choice.reference in candidates else next(iter(candidates))
+    k = max(top_k, RERANK_K)
+    ensembles = (  # one at a time, the reference's first: memory stays one candidate's besides the pick's
+        (name, _ensemble(members, candidates[name], weights_spec, skus, label_map_path, k, target))
+        for name in [reference, *(name for name in candidates if name != reference)]
+    )
+    compared = len(candidates) * len(choice.taus) - 1
+    rule, chosen = _choose(ensembles, members[0], target, log_prior, choice, (reference, compared))
+    pick = rule.pick
     preds, weights = chosen["preds"], chosen["weights"]
     first = members[0]
     log.info("ensemble weights: %s", ", ".join(f"{m}={w:.3f}" for m, w in weights.items()))
-    log.info(
-        "submitting %s with logit adjustment tau %g: val estimate %.4f (target prior %s) of %d choices",
-        pick.candidate, pick.tau, pick.val_estimate, target_prior_spec, len(scored),
-    )  # fmt: skip
+    _log_choice(rule, choice.target_prior)
     val_ens, test_ens = chosen["val"], chosen["test"]
     for ens in (val_ens, test_ens):
         ens.labels, ens.probs = (a[:, :top_k] for a in adjust(ens.labels, ens.probs, log_prior, pick.tau))
@@ -353,26 +294,75 @@ def make_submission(
             else float("nan"),
             "log_likelihood": log_likelihood(val_ens.label_logprob, val_labels),
         },
-        "choice": {
-            **pick.as_dict(),
-            "target_prior": target_prior_spec,
-            "val_coverage": round(coverage(val_labels, target), 6),
-            "reason": f"the highest val estimate (top-1 weighted to the {target_prior_spec} SKU mix) of "
-            f"{len(scored)} candidate x tau choices; test top-1 is recorded, never used",
-            "candidates": [s.as_dict() for s in scored],
-        },
+        "choice": _choice_report(rule, choice, coverage(val_labels, target), list(candidates)),
         "ensemble": _ensemble_report(members, weights, test_ens),
     }
 
 
-def _choose(ensembles, first: str, target, log_prior, taus) -> tuple[list, dict]:
-    """Every candidate's choices scored on val; the best candidate's ensembles, the only ones kept."""
-    scored, chosen = [], None
+def _choose(ensembles, first: str, target, log_prior, choice: ChoiceSpec, against: tuple[str, int]):
+    """Every candidate's choices scored on val against the reference (fed first); the rule and the
+    pick's ensembles, the only ones kept besides the candidate in hand."""
+    (reference, compared), taus = against, choice.taus
+    ref_tau = 0.0 if 0.0 in taus else taus[0]
+    rule, chosen = None, None
     for name, ens in ensembles:
-        scored += _score_candidate(name, ens, first, target, log_prior, taus)
-        if best(scored).candidate == name:
+        rows = _score_candidate(name, ens, first, target, log_prior, taus)
+        if rule is None:
+            weights = row_weights(ens["preds"][first].val.labels, target)
+            rule = NoiseAwareChoice(
+                (reference, ref_tau), weights, compared=compared, confidence=choice.confidence
+            )
+            rule.add(rows)
             chosen = ens
-    return scored, chosen
+        elif rule.add(rows):
+            chosen = ens
+    return rule, chosen
+
+
+def _choice_report(rule: NoiseAwareChoice, choice: ChoiceSpec, val_coverage: float, names: list[str]) -> dict:
+    """metrics/submission.json's ``choice``: the pick, the rule, and every candidate in params order."""
+    listed = [(name, tau) for name in names for tau in choice.taus]
+    return {
+        **rule.pick.as_dict(),
+        "target_prior": choice.target_prior,
+        "val_coverage": round(val_coverage, 6),
+        **rule.report(),
+        "reason": _reason(rule, choice.target_prior),
+        "candidates": [
+            s.as_dict() for s in sorted(rule.scored, key=lambda s: listed.index((s.candidate, s.tau)))
+        ],
+    }
+
+
+def _log_choice(rule: NoiseAwareChoice, target_prior_spec: str) -> None:
+    pick, top = rule.pick, best(rule.scored)
+    log.info(
+        "submitting %s with logit adjustment tau %g: val estimate %.4f (target prior %s), gain over the "
+        "reference %s %+.4f of %d choices",
+        pick.candidate, pick.tau, pick.val_estimate, target_prior_spec, rule.reference.candidate,
+        pick.gain, len(rule.scored),
+    )  # fmt: skip
+    if top is not pick:
+        log.info(
+            "the highest val estimate, %s tau %g (%.4f), leads the reference by %+.4f [%+.4f, %+.4f]: "
+            "inside val's noise for %d choices, not taken",
+            top.candidate, top.tau, top.val_estimate, top.gain, top.low, top.high, rule.compared,
+        )  # fmt: skip
+
+
+def _reason(rule: NoiseAwareChoice, target_prior_spec: str) -> str:
+    ref = rule.reference
+    how = (
+        "the reference"
+        if rule.pick is ref
+        else "the highest val estimate whose gain over the reference lies above zero"
+    )
+    return (
+        f"{how} ({ref.candidate} at tau {ref.tau:g}) of {len(rule.scored)} candidate x tau choices, each "
+        f"scored by val top-1 weighted to the {target_prior_spec} SKU mix with its paired interval against "
+        f"the reference at {rule.level:.5f} (Bonferroni for {rule.compared}); test top-1 is recorded, "
+        "never used"
+    )
 
 
 def _ensemble_report(members: list[str], weights: dict, test_ens) -> dict:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +50,7 @@ from products10k.estimate import val_weights
 from products10k.models import checkpoint as ckpt_lib
 from products10k.models.model import create_model, input_normalization, sync_batchnorm
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.folds import fold_dir, fold_view
 from products10k.training.losses import PhaseLoss, log_prior
 from products10k.training.optim import create_scheduler
 
@@ -104,6 +105,18 @@ class PhasePaths:
     out: Path
     live: Path | None = None
     init: Path | None = None  # checkpoint to start from (finetune phases)
+    fold: int | None = None  # under cv: the fold this model holds out; None: the refit or the single split
+
+    def for_fold(self, fold: int | None) -> PhasePaths:
+        """Fold ``fold``'s paths under cv: its checkpoints, curves and init in ``fold<i>/`` inside the
+        phase's folders (products10k/folds.py); None: the refit's, these paths."""
+        return replace(
+            self,
+            out=fold_dir(self.out, fold),
+            live=fold_dir(self.live, fold) if self.live is not None else None,
+            init=fold_dir(self.init, fold) if self.init is not None else None,
+            fold=fold,
+        )
 
 
 @dataclass
@@ -261,8 +274,11 @@ def _phase_data(
     target_spec: str,
 ) -> _PhaseData:
     """The phase's train and val images with their transforms, and val's weights in the estimate."""
-    train_df = read_prepared(paths.train_csv, label_map)
-    val_df = read_prepared(paths.val_csv, label_map, allow_empty=True)
+    train_df, val_df = fold_view(
+        read_prepared(paths.train_csv, label_map),
+        read_prepared(paths.val_csv, label_map, allow_empty=True),
+        paths.fold,
+    )
     train_ds = PreparedImageDataset(train_df, paths.images, train_transform(cfg, normalize), min_side=resize)
     val_tf = eval_transform(resize, cfg.resolution, normalize)
     val_ds = PreparedImageDataset(val_df, paths.images, val_tf, min_side=resize)
@@ -359,5 +375,6 @@ def fingerprint(
         "train_csv": file_sha256(paths.train_csv),
         "label_map": file_sha256(paths.label_map),
         "init": file_sha256(paths.init) if paths.init else None,
+        **({"fold": paths.fold} if paths.fold is not None else {}),  # the fold's rows of one table
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

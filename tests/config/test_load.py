@@ -135,6 +135,10 @@ def test_member_overrides_follow_base():
     params["ensemble"]["members"]["d"] = {"dist.nproc_per_node": 2}
     with pytest.raises(ConfigError, match="ensemble.members.d overrides dist.nproc_per_node"):
         member_params(params, "d")
+    # one set of folds for every member: their out-of-fold val rows must be the same rows
+    params["ensemble"]["members"]["e"] = {"cv.folds": 3}
+    with pytest.raises(ConfigError, match="ensemble.members.e overrides cv.folds: 'cv' is one for the whole"):
+        member_params(params, "e")
 
 
 def test_finetune_sections_override_train_and_reject_unknown_keys(tmp_path):

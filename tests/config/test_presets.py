@@ -5,7 +5,15 @@ import shutil
 import pytest
 
 from products10k.common import ConfigError
-from products10k.config import ModelConfig, apply_overrides, load_yaml, member_params, phase_config, section
+from products10k.config import (
+    CVConfig,
+    ModelConfig,
+    apply_overrides,
+    load_yaml,
+    member_params,
+    phase_config,
+    section,
+)
 from products10k.config.presets import apply_preset, available
 from products10k.config.presets import main as presets_main
 from products10k.data.transforms import resolve_resize
@@ -69,6 +77,16 @@ def test_scratch_preset_trains_the_mobilenet_from_random_weights(tmp_path):
     for phase in ("finetune_balanced", "finetune_accuracy"):
         cfg = phase_config(params, phase)
         assert (cfg.freeze_bn, cfg.checkpoint) == (True, "best")
+
+
+def test_cv_preset_turns_five_folds_on_and_nothing_else(tmp_path):
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_path)
+    before = load_yaml(params_path)
+    presets_main(["apply", "cv", "--params", str(params_path)])
+    after = load_yaml(params_path)
+    assert section(after, "cv", CVConfig).folds == 5
+    assert {k: v for k, v in after.items() if k != "cv"} == {k: v for k, v in before.items() if k != "cv"}
 
 
 def test_unknown_preset_and_bad_preset_values_fail(tmp_path):

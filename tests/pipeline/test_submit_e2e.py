@@ -64,12 +64,21 @@ def test_empty_workspace_to_validated_submission(reference_pipeline, tmp_path):
     assert len(predicted) == len(test_list) and (predicted["status"] == "ok").all()
     assert predicted["sku_1"].isin(label_map["sku"]).all()
 
-    # the default: the candidate with the best val estimate, every candidate recorded
+    # the default: the reference (train, tau 0) unless a choice's gain over it lies above zero, every
+    # candidate recorded with its paired interval against the reference
     choice = score["choice"]
     assert {c["candidate"] for c in choice["candidates"]} == {*PHASES, "knn", "fused"}
     knn_test = [c["test_top1"] for c in choice["candidates"] if c["candidate"] == "knn" and c["tau"] == 0]
     assert knn_test == [pytest.approx(retrieval["test"]["knn"]["top1"], abs=1e-6)]  # rounded to 6 places
-    assert choice["val_estimate"] == max(c["val_estimate"] for c in choice["candidates"])
+    assert choice["reference"] == {"candidate": "train", "tau": 0.0}
+    assert choice["compared"] == len(choice["candidates"]) - 1
+    leaving = [
+        c for c in choice["candidates"] if c["gain_interval"][0] is not None and c["gain_interval"][0] > 0
+    ]
+    if leaving:
+        assert choice["val_estimate"] == max(c["val_estimate"] for c in leaving)
+    else:
+        assert (choice["candidate"], choice["tau"]) == ("train", 0.0) and choice["gain"] == 0.0
 
     # the submission from the fused scores: only submit re-runs, and it scores the fused top-1
     params = yaml.safe_load((project / "params.yaml").read_text())

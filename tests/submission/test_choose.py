@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from products10k.common import ConfigError, DataError
+from products10k.estimate import paired_gain
 from products10k.scores import SplitScores, save_predictions
 from products10k.submission.choose import (
     adjust,
@@ -17,7 +18,7 @@ from products10k.submission.choose import (
     score_taus,
     target_prior,
 )
-from products10k.submission.submit import make_submission
+from products10k.submission.submit import ChoiceSpec, make_submission
 from tests.submission.test_submit import _report, _test_list
 
 LABEL_MAP = pd.DataFrame({"label": [0, 1, 2, 3], "sku": [501, 502, 503, 504], "n_train": [60, 30, 6, 4]})
@@ -87,41 +88,94 @@ def _candidate(path, val_labels, val_right, test_names):
     )
 
 
-def test_the_submission_is_the_candidate_with_the_best_val_estimate_not_the_best_val_top1(tmp_path):
+def _choice_inputs(tmp_path, val_labels, rights: dict) -> dict:
+    """make_submission's arguments for candidates whose val top-1 is right where ``rights`` says."""
     tl = _test_list()
     tl.to_csv(tmp_path / "test.csv", index=False)
     label_map = tmp_path / "label_map.csv"  # train's mix: SKU 0 four times SKU 2, as in val
     pd.DataFrame(
         {"label": range(4), "sku": [501, 502, 503, 504], "group": [1, 1, 2, 2], "n_train": [8, 1, 2, 1]}
     ).to_csv(label_map, index=False)
-    # val in train's mix: 8 rows of SKU 0, 2 of SKU 2. "head" is right on SKU 0 only (top-1 0.8),
-    # "tail" on SKU 2 only (0.2), "both" on 6 of SKU 0 and 1 of SKU 2 (0.7)
-    val_labels = np.array([0] * 8 + [2] * 2)
-    rights = {
-        "head": val_labels == 0,
-        "tail": val_labels == 2,
-        "both": np.array([True] * 6 + [False] * 2 + [True, False]),
-    }
     candidates = {}
     for name, right in rights.items():
         (tmp_path / name).mkdir()
         _candidate(tmp_path / name / "m0.npz", val_labels, right, tl["name"].to_numpy())
         candidates[name] = {"m0": tmp_path / name / "m0.npz"}
-    common = {
+    return {
         "members": ["m0"], "candidates": candidates, "weights_spec": "equal",
         "label_map_path": label_map, "test_list_path": tmp_path / "test.csv",
         "out": tmp_path / "sub.csv", "top_k_out": tmp_path / "top5.csv", "top_k": 3,
         "report_path": _report(tmp_path / "report.json", tmp_path / "test.csv"),
     }  # fmt: skip
-    # uniform over the two val SKUs: head 0.5, tail 0.5, both (0.75 + 0.5) / 2 = 0.625
-    metrics = make_submission(**common, target_prior_spec="uniform")
-    assert metrics["choice"]["candidate"] == "both" and metrics["choice"]["val_estimate"] == pytest.approx(
-        0.625
+
+
+def _spec(target_prior, reference, taus=(0.0,)):
+    return ChoiceSpec(target_prior=target_prior, taus=taus, reference=reference, confidence=0.95)
+
+
+def test_the_submission_is_chosen_by_the_val_estimate_not_by_val_top1(tmp_path):
+    # val in train's mix, 200 rows of SKU 0 and 50 of SKU 2 (a val large enough to tell these apart).
+    # "head" is right on SKU 0 only (top-1 0.8), "tail" on SKU 2 only (0.2), "both" on 3/4 of SKU 0
+    # and 1/2 of SKU 2 (0.7)
+    val_labels = np.array([0] * 200 + [2] * 50)
+    both = np.r_[np.arange(200) % 4 != 0, np.arange(50) % 2 == 0]
+    common = _choice_inputs(
+        tmp_path, val_labels, {"head": val_labels == 0, "tail": val_labels == 2, "both": both}
     )
-    assert {c["candidate"] for c in metrics["choice"]["candidates"]} == {"head", "tail", "both"}
-    # in train's mix the plain top-1 decides: head
-    assert make_submission(**common, target_prior_spec="train")["choice"]["candidate"] == "head"
+    # uniform over the two val SKUs: head 0.5, tail 0.5, both (0.75 + 0.5) / 2 = 0.625, +0.125 over head
+    metrics = make_submission(**common, choice=_spec("uniform", "head"))
+    choice = metrics["choice"]
+    assert choice["candidate"] == "both" and choice["val_estimate"] == pytest.approx(0.625)
+    assert choice["gain"] == pytest.approx(0.125) and choice["gain_interval"][0] > 0
+    assert [c["candidate"] for c in choice["candidates"]] == ["head", "tail", "both"]  # params order
+    assert choice["reference"] == {"candidate": "head", "tau": 0.0} and choice["compared"] == 2
+    # in train's mix the plain top-1 decides: head, the reference, is the best there
+    assert make_submission(**common, choice=_spec("train", "both"))["choice"]["candidate"] == "head"
     json.dumps(metrics)  # the metrics file takes it as it is
+
+
+def test_a_lead_inside_vals_noise_keeps_the_reference_and_a_real_gain_is_taken(tmp_path):
+    """The issue's case: a candidate ahead of the reference on val by less than its noise."""
+    rng = np.random.default_rng(0)
+    val_labels = np.repeat([0, 1, 2, 3], 30)  # 120 val rows, uniform target
+    ref = rng.random(120) < 0.6
+    near = ref.copy()  # the reference but for 6 rows: 4 wrong ones made right, 2 right ones wrong
+    near[rng.choice(np.flatnonzero(~ref), 4, replace=False)] = True
+    near[rng.choice(np.flatnonzero(ref), 2, replace=False)] = False  # +2 rows of 120: +0.017
+    far = ref | (rng.random(120) < 0.6)  # right wherever the reference is and on ~60% of the rest
+    common = _choice_inputs(tmp_path, val_labels, {"ref": ref, "near": near})
+    metrics = make_submission(**common, choice=_spec("uniform", "ref", taus=(0.0, 0.5)))
+    choice = metrics["choice"]
+    assert choice["highest_estimate"]["candidate"] == "near"  # the plain argmax would have left it
+    assert choice["candidate"] == "ref" and choice["tau"] == 0.0
+    near_row = next(c for c in choice["candidates"] if c["candidate"] == "near" and c["tau"] == 0.0)
+    low, high = near_row["gain_interval"]
+    assert 0 < near_row["gain"] < high and low < 0
+    assert choice["compared"] == 3 and choice["interval_level"] == pytest.approx(1 - 0.05 / 3)
+
+    (tmp_path / "b").mkdir()
+    common = _choice_inputs(tmp_path / "b", val_labels, {"ref": ref, "near": near, "far": far})
+    choice = make_submission(**common, choice=_spec("uniform", "ref"))["choice"]
+    assert choice["candidate"] == "far" and choice["gain_interval"][0] > 0
+
+
+def test_the_paired_interval_is_the_one_a_row_bootstrap_gives():
+    """paired_gain's standard error against a bootstrap of the rows, weights attached (3,000 draws)."""
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.repeat(np.arange(10), 20), np.arange(10, 40)]  # 10 head SKUs x 20, 30 singletons
+    weights = row_weights(labels, np.full(40, 1 / 40))
+    hits_a, hits_b = rng.random(len(labels)) < 0.7, rng.random(len(labels)) < 0.6
+    gain, se = paired_gain(hits_a, hits_b, weights)
+    assert gain == pytest.approx(
+        estimate(hits_a, np.ones_like(labels), weights) - estimate(hits_b, np.ones_like(labels), weights)
+    )
+    d = hits_a.astype(float) - hits_b
+    draws = rng.integers(0, len(labels), (3000, len(labels)))
+    boot = (weights[draws] * d[draws]).sum(axis=1) / weights[draws].sum(axis=1)
+    assert se == pytest.approx(boot.std(), rel=0.1)
+    # the singletons weigh as much as the head SKUs: a bootstrap within SKUs would see half the noise
+    assert paired_gain(hits_a, hits_a, weights) == (0.0, 0.0)
+    assert np.isnan(paired_gain(hits_a, hits_b, np.zeros(len(labels)))[0])
 
 
 def test_a_sku_without_training_images_is_not_pushed_first_by_logit_adjustment():

@@ -12,13 +12,13 @@ import pytest
 from products10k.common import DataError, Products10kError
 from products10k.raw.kaggle import submit_command
 from products10k.scores import SplitScores, save_predictions
+from products10k.submission.leaderboard import kaggle_submit, score_submission
 from products10k.submission.submit import (
+    ChoiceSpec,
     align_to_test_list,
     build_submission,
-    kaggle_submit,
     make_submission,
     read_excluded_test_names,
-    score_submission,
     validate_submission,
 )
 from tests.helpers import TINY_PREPARE, config, jpeg_bytes, make_raw_data, stage_module, write_project_params
@@ -182,6 +182,7 @@ def submit_inputs(tmp_path):
         "members": ["m0", "m1"],
         "prediction_paths": {"m0": preds / "m0.npz", "m1": preds / "m1.npz"},
         "weights_spec": "fit",
+        "choice": ChoiceSpec(target_prior="train", taus=(0.0,), reference=None, confidence=0.95),
         "label_map_path": _label_map(tmp_path / "label_map.csv"),
         "test_list_path": tl_path,
         "out": tmp_path / "sub" / "submission.csv",
