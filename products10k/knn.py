@@ -249,8 +249,25 @@ def knn_scores(
     gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch
 ):
     """Search the gallery and vote: the kNN :class:`SplitScores` of ``queries``."""
+    return knn_search(
+        gallery,
+        queries,
+        names,
+        labels,
+        k=k,
+        kind=kind,
+        temperature=temperature,
+        smoothing=smoothing,
+        batch=batch,
+    )[0]
+
+
+def knn_search(
+    gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch
+) -> tuple[SplitScores, np.ndarray]:
+    """:func:`knn_scores` and each query's cosine similarity to its nearest gallery image, (N,)."""
     sims, ids = search(gallery.index, queries, k, batch)
-    return vote(
+    scores = vote(
         sims,
         gallery.labels[ids],
         gallery.num_classes,
@@ -260,6 +277,7 @@ def knn_scores(
         names=names,
         labels=labels,
     )
+    return scores, sims[:, 0] if sims.shape[1] else np.zeros(len(queries), np.float32)
 
 
 def fit_fusion_weight(

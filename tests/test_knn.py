@@ -10,6 +10,7 @@ from products10k.knn import (
     fit_fusion_weight,
     fuse,
     knn_scores,
+    knn_search,
     load_gallery,
     save_gallery,
     search,
@@ -69,6 +70,12 @@ def test_knn_over_a_faiss_index_finds_the_nearest_reference():
         gallery, queries, ["x", "y"], [0, 1], k=2, kind="softmax", temperature=0.05, smoothing=0.01, batch=1
     )
     assert scores.topk_labels[:, 0].tolist() == [0, 1]
+    # the same votes, with each query's similarity to its nearest reference (the index's closeness figure)
+    same, nearest = knn_search(
+        gallery, queries, ["x", "y"], [0, 1], k=2, kind="softmax", temperature=0.05, smoothing=0.01, batch=1
+    )
+    assert np.array_equal(same.topk_labels, scores.topk_labels)
+    assert nearest == pytest.approx((queries @ refs.T).max(axis=1), rel=1e-5)
 
 
 def test_fusion_weight_follows_the_better_source_and_fuse_mixes_probabilities():

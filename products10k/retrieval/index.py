@@ -33,19 +33,19 @@ from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.estimate import val_weights
+from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.knn import (
     build_gallery,
     fit_fusion_weight,
     fuse,
-    knn_scores,
+    knn_search,
     save_gallery,
     thumbnail_jpeg,
 )
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
 from products10k.prepared.shards import ImageStore
 from products10k.retrieval.embed import embed_rows
 from products10k.scores import (
@@ -118,12 +118,12 @@ def build_index(
         val_vectors, single_val = embed(splits["val"], "val", with_logits=True)
         test_vectors, _ = embed(splits["test"], "test")
         if info.is_main:
-            knn = {}
+            knn, nearest = {}, {}
             for split, vectors in (("val", val_vectors), ("test", test_vectors)):
-                knn[split] = _search(gallery, vectors, splits[split], cfg)
+                knn[split], nearest[split] = _search(gallery, vectors, splits[split], cfg)
                 _check_same_rows(classifier, split, knn[split], inputs.classifier)  # before the next search
     elif info.is_main:
-        knn, single_val = searched
+        knn, single_val, nearest = searched
         for split in knn:
             _check_same_rows(classifier, split, knn[split], inputs.classifier)
     if not info.is_main:
@@ -145,6 +145,7 @@ def build_index(
         "gallery": int(gallery.index.ntotal),
         "dim": int(gallery.index.d),
         **_split_metrics(classifier, knn, fused, splits, label_map, evaluate.tail_max_images),
+        "nearest_train_similarity": _closeness(nearest, splits),
     }
     save_gallery(gallery, outputs.index, thumbs=_thumbnails(splits["train"], inputs.images_root, skus))
     _write_scores(outputs, fused, knn, skus)
@@ -183,7 +184,7 @@ def _fold_knn(
     label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     train, val = splits["train"], splits["val"]
-    knn_val, single_val, knn_test = [], [], []
+    found, nearest, single_val = {"val": [], "test": []}, {"val": [], "test": []}, []
     for fold in range(folds):
         checkpoint = fold_dir(inputs.checkpoint, fold)
         model, meta = load_member_checkpoint(checkpoint, member, cfg.phase, label_map, inputs.label_map)
@@ -196,14 +197,23 @@ def _fold_knn(
         val_vectors, single = embed(held_out, "val", with_logits=True)
         test_vectors, _ = embed(splits["test"], "test")
         if info.is_main:
-            knn_val.append(_search(gallery, val_vectors, held_out, cfg))
+            for part, (scores, sims) in (
+                ("val", _search(gallery, val_vectors, held_out, cfg)),
+                ("test", _search(gallery, test_vectors, splits["test"], cfg)),
+            ):
+                found[part].append(scores)
+                nearest[part].append(sims)
             single_val.append(single)
-            knn_test.append(_search(gallery, test_vectors, splits["test"], cfg))
     if not info.is_main:
         return None
-    knn = {"val": concat_scores(knn_val), "test": mean_scores(knn_test, len(skus), knn_test[0].k)}
+    knn = {
+        "val": concat_scores(found["val"]),
+        "test": mean_scores(found["test"], len(skus), found["test"][0].k),
+    }
     log.info("%s: kNN of val out of %d folds (%d rows), test the folds' mean", member, folds, len(knn["val"]))
-    return knn, concat_scores(single_val)
+    # test's closeness: its median over the folds' galleries, each the size of val's
+    test_sims = np.median(np.stack(nearest["test"]), axis=0)
+    return knn, concat_scores(single_val), {"val": np.concatenate(nearest["val"]), "test": test_sims}
 
 
 def _read_splits(inputs: IndexInputs, label_map) -> dict:
@@ -222,9 +232,10 @@ def _write_scores(outputs: IndexOutputs, fused: dict, knn: dict, skus: np.ndarra
         save_predictions(outputs.knn, val=knn["val"], test=knn["test"], skus=skus)
 
 
-def _search(gallery, vectors: np.ndarray, rows, cfg: RetrievalConfig) -> SplitScores:
-    """One split's kNN scores: its vectors searched in the gallery, the neighbours' votes."""
-    return knn_scores(
+def _search(gallery, vectors: np.ndarray, rows, cfg: RetrievalConfig) -> tuple[SplitScores, np.ndarray]:
+    """One split's kNN scores (its vectors searched in the gallery, the neighbours' votes) and each
+    query's cosine similarity to its nearest training image."""
+    return knn_search(
         gallery,
         vectors,
         rows["name"],
@@ -235,6 +246,25 @@ def _search(gallery, vectors: np.ndarray, rows, cfg: RetrievalConfig) -> SplitSc
         smoothing=cfg.smoothing,
         batch=cfg.search_batch,
     )
+
+
+def _closeness(nearest: dict, splits: dict) -> dict:
+    """How close val's and test's images sit to their nearest training image in this model's
+    embedding (cosine; overall and per domain). Val drawn from the same photo sessions as train
+    would sit closer than test and read optimistic: the number that shows it (docs/retrieval.md)."""
+    out = {}
+    for split, sims in nearest.items():
+        if not len(sims):
+            continue
+        domain = splits[split]["domain"].astype(str).to_numpy()
+        out[split] = {
+            "median": round(float(np.median(sims)), 4),
+            "p90": round(float(np.quantile(sims, 0.9)), 4),
+        }
+        for name in ("inshop", "customer"):
+            if (domain == name).any():
+                out[split][f"{name}_median"] = round(float(np.median(sims[domain == name])), 4)
+    return out
 
 
 def _split_metrics(classifier, knn: dict, fused: dict, splits: dict, label_map, tail_max_images: int) -> dict:

@@ -60,6 +60,10 @@ def test_index_stage_knn_matches_brute_force_and_metrics_match_the_files(tmp_pat
     metrics = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
     n_train = dict(zip(label_map["label"], label_map["n_train"], strict=True))
     assert metrics["test"]["knn"]["top1"] == pytest.approx((expected == test["label"].to_numpy()).mean())
+    # how close test sits to the training images, from the same embeddings (val optimism's figure)
+    assert metrics["nearest_train_similarity"]["test"]["median"] == pytest.approx(
+        np.median(sims.max(1)), abs=1e-4
+    )
 
     knn = load_predictions(tmp_path / "predictions" / "knn" / "m0.npz")  # a submit candidate
     assert (knn.test.topk_labels[:, 0] == expected).all() and knn.test.names.tolist() == test["name"].tolist()
