@@ -179,3 +179,25 @@ def test_weights_config_is_checked_against_members():
         _ens(members, "best")
     with pytest.raises(ConfigError, match="weights.m0"):
         _ens(members, {"m0": -1, "m1": 1})
+
+
+def test_the_fold_ensemble_is_the_mean_of_the_folds_probabilities_and_oof_rows_concatenate():
+    """scores.mean_scores (test under cv) against the exact average; concat_scores (val under cv)."""
+    from products10k.scores import concat_scores, mean_scores
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 12, size=40)
+    folds = [rng.normal(size=(40, 12)) * 3 for _ in range(3)]
+    mean = mean_scores([_scores(f, labels, 12) for f in folds], 12, 12)  # every label kept: exact
+    exact = np.mean([softmax(f, axis=1) for f in folds], axis=0)
+    assert np.array_equal(mean.topk_labels[:, 0], exact.argmax(axis=1))
+    assert mean.topk_probs() == pytest.approx(np.take_along_axis(exact, mean.topk_labels, axis=1), abs=1e-6)
+    assert np.exp(mean.label_logprob) == pytest.approx(exact[np.arange(40), labels], abs=1e-6)
+    # top-5 files: the kept probabilities within the stated bound of the exact ones
+    kept = mean_scores([_scores(f, labels, 5) for f in folds], 12, 5)
+    err = np.abs(kept.topk_probs() - np.take_along_axis(exact, kept.topk_labels, axis=1)).max(axis=1)
+    assert (err <= kept.prob_error + 1e-6).all()
+    parts = [_scores(folds[0][:15], labels[:15], 5), _scores(folds[1][15:], labels[15:], 5)]
+    joined = concat_scores(parts)
+    assert len(joined) == 40 and np.array_equal(joined.labels, labels)
+    assert np.array_equal(joined.topk_labels[15:], parts[1].topk_labels)

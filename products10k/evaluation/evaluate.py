@@ -31,10 +31,10 @@ from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
 from products10k.evaluation.predict import predict_sharded
 from products10k.evaluation.views import build_views
+from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
 from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
 from products10k.prepared.shards import ImageStore
 from products10k.scores import SplitScores, concat_scores, mean_scores, save_predictions
 
@@ -208,7 +208,13 @@ def _cross_validated(run: _Run, checkpoint, label_map_path, splits: dict, folds:
     }
     test_refit = refit["test"][2]
     extra = {
-        "cv": {"folds": folds, "val": "out of fold", "test": f"the mean of the {folds} fold models"},
+        "cv": {
+            "folds": folds,
+            "val": "out of fold",
+            "test": f"the mean of the {folds} fold models",
+            # each fold model alone on test: what the mean adds over its members
+            "test_fold_top1": [round(p["test"][2].get("top1", float("nan")), 6) for p in parts],
+        },
         "test_refit": {
             key: test_refit[key] for key in ("top1", "top5", "public", "private") if key in test_refit
         },

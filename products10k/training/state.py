@@ -47,10 +47,10 @@ from products10k.dist.group import (
     broadcast_object,
 )
 from products10k.estimate import val_weights
+from products10k.folds import fold_dir, fold_view
 from products10k.models import checkpoint as ckpt_lib
 from products10k.models.model import create_model, input_normalization, sync_batchnorm
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.folds import fold_dir, fold_view
 from products10k.training.losses import PhaseLoss, log_prior
 from products10k.training.optim import create_scheduler
 

@@ -36,6 +36,7 @@ def test_two_folds_through_the_whole_pipeline(reference_pipeline, tmp_path):
         assert np.array_equal(preds.val.labels, oof["label"].to_numpy())
         metrics = json.loads((project / "metrics" / "m0" / f"{phase}.json").read_text())
         assert metrics["cv"]["folds"] == 2 and "top1" in metrics["test_refit"]
+        assert len(metrics["cv"]["test_fold_top1"]) == 2
         assert metrics["val"]["n"] == len(oof)
 
     retrieval = load_predictions(project / "predictions" / "knn" / "m0.npz")
