@@ -240,3 +240,36 @@ def test_the_gloo_side_group_under_nccl_waits_dist_timeout_s(monkeypatch):
     finally:
         distributed._HOST_GROUP = None
         torch.set_num_threads(threads)
+
+
+def test_folds_under_torchrun_train_what_one_process_trains(tmp_path):
+    """cv.folds: 2 through the launcher with 2 gloo ranks: each fold's model and the refit end as one
+    process with the same global batch ends (the fold loop runs in step on every rank)."""
+    from products10k.folds import write_folds
+
+    data = make_training_data(
+        tmp_path / "data", num_classes=4, train_per_class=5, val_per_class=2, size=(32, 32)
+    )
+    folds = tmp_path / "folds"
+    write_folds(data / "train.csv", data / "val.csv", folds / "train.csv", folds / "val.csv", 2, 0)
+    cv = {"folds": 2, "seed": 0}
+    one = write_params(tmp_path / "one.yaml", train={**DETERMINISTIC, "grad_accum": 2}, dist=GLOO, cv=cv)
+    paths = PhasePaths(folds / "train.csv", folds / "val.csv", data / "label_map.csv", data, tmp_path / "one")
+    train_phase(one, "train", "m0", paths)
+    write_params(tmp_path / "params.yaml", train=DETERMINISTIC, dist={**GLOO, "nproc_per_node": 2}, cv=cv)
+    args = [
+        str(ROOT / "stages" / "train.py"), "--phase", "train", "--member", "m0", "--params", "params.yaml",
+        "--train-csv", "folds/train.csv", "--val-csv", "folds/val.csv", "--label-map", "data/label_map.csv",
+        "--images", "data", "--out", "two",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*LAUNCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for sub in ("fold0", "fold1", "."):
+        ref, ddp = _weights(tmp_path / "one" / sub / "last.pt"), _weights(tmp_path / "two" / sub / "last.pt")
+        assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] > 0
+        for key, value in ref["model"].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
