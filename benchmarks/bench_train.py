@@ -143,6 +143,10 @@ def main() -> None:
     )
     p.add_argument("--classes", type=int, default=None, help="head size (default: 100 CPU, 9691 CUDA)")
     p.add_argument(
+        "--resolution", type=int, default=None, help="the default model's (default: params.yaml's)"
+    )
+    p.add_argument("--batch", type=int, default=None, help="the default model's (default: params.yaml's)")
+    p.add_argument(
         "--compile", action="store_true", help="also time torch.compile with bf16 and channels_last on"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the rows here, after each one")
@@ -156,7 +160,7 @@ def main() -> None:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     classes = args.classes or (9691 if cuda else 100)  # on a GPU, the real 9,691-way head
-    cases = [(model_cfg.arch, train.resolution, train.batch_size)]
+    cases = [(model_cfg.arch, args.resolution or train.resolution, args.batch or train.batch_size)]
     if not args.skip_b3:
         cases.append(("efficientnet_b3", 448, args.b3_batch or (64 if cuda else 16)))
     memory = None

@@ -173,7 +173,7 @@ def test_bench_rows_and_the_markdown_table(tiny_check):
         (True, True),
     ]
     md = (root / "out" / "gpu.md").read_text()
-    assert "no GPU (CPU run)" in md and "ours / timm" in md and "| tf_efficientnet_lite0 | 128 |" in md
+    assert "no GPU (CPU run)" in md and "ours / timm" in md and "| tf_efficientnet_lite0 | 64 |" in md
 
 
 def test_a_budget_spent_skips_the_remaining_steps_and_says_so(tmp_path):

@@ -29,6 +29,7 @@ def scaled_down_scale_preset() -> dict:
     )
     update["ensemble"]["members"] = {"m0": {}, "m1": {"train.seed": 1}}
     update["evaluate"]["phases"] = ["finetune_accuracy"]
+    update.setdefault("submit", {})["reference"] = "finetune_accuracy"  # the reference must be evaluated
     update["prepare"]["n_jobs"] = 1
     return update
 

@@ -463,3 +463,18 @@ def test_submit_stage_rejects_a_phase_that_is_not_evaluated(submit_inputs, tmp_p
         stage_module("submit").main(_stage_argv(submit_inputs, params, tmp_path))
     assert "submit.phase 'finetune_accuracy' is not in evaluate.phases (train)" in caplog.text
     assert not submit_inputs["out"].exists()
+
+
+def test_submit_stage_rejects_a_reference_that_is_not_evaluated(submit_inputs, tmp_path, caplog):
+    """auto chooses against submit.reference: one left out of evaluate.phases is named, not replaced."""
+    params = tmp_path / "params.yaml"
+    updates = {
+        "ensemble": {"members": {"m0": {}, "m1": {}}},
+        "evaluate": {"phases": ["finetune_accuracy"]},
+        "submit": {"phase": "auto", "reference": "train"},
+    }
+    write_project_params(params, updates)
+    with pytest.raises(SystemExit):
+        stage_module("submit").main(_stage_argv(submit_inputs, params, tmp_path))
+    assert "submit.reference 'train' is not in evaluate.phases (finetune_accuracy)" in caplog.text
+    assert not submit_inputs["out"].exists()
