@@ -8,6 +8,7 @@ scratch project, the peer comparison and bench_train, each recorded in gpu.json 
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -53,15 +54,30 @@ def test_stage_seconds_come_from_dvcs_running_stage_lines():
 
 def test_a_step_past_its_time_is_killed_with_its_children_and_keeps_its_output(tmp_path):
     # the child starts a grandchild (as dvc starts a stage, a stage its DataLoader workers)
-    code = "import subprocess, time; subprocess.Popen(['sleep', '60']); print('started', flush=True)"
+    pid_file = tmp_path / "grandchild.pid"
+    code = "import pathlib, subprocess, time; p = subprocess.Popen(['sleep', '60'])"
+    code += f"; pathlib.Path({str(pid_file)!r}).write_text(str(p.pid)); print('started', flush=True)"
     code += "; time.sleep(60)"
     result = gpu_check.run_timed([sys.executable, "-c", code], tmp_path, {}, 2.0, tmp_path / "log")
     assert result["code"] is None and result["seconds"] < 20
     assert [line for _, line in result["lines"]] == ["started"]
     assert "timed out after 2 s" in gpu_check.outcome(result, 2.0)["status"]
     assert "started" in (tmp_path / "log").read_text()
-    alive = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True).stdout.split()
-    assert not alive, "the grandchild survived the kill"
+    # this grandchild's own pid (any other `sleep 60` on the machine is none of this test's business)
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while _running(grandchild) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild), "the grandchild survived the kill"
+
+
+def _running(pid: int) -> bool:
+    """A live process (a zombie waiting for its reaper is dead: it runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _wheel(dest: Path) -> Path:
