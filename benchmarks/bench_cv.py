@@ -94,8 +94,8 @@ def _test_gains(project: Path) -> dict:
     )
     gains = {}
     for name in (*PHASES, "knn", "fused"):
-        pred = load_predictions(project / "predictions" / name / "m0.npz").test
-        skus = load_predictions(project / "predictions" / name / "m0.npz").skus
+        loaded = load_predictions(project / "predictions" / name / "m0.npz")
+        pred, skus = loaded.test, loaded.skus
         names = pred.names
         known = pred.labels >= 0
         hits = skus[pred.topk_labels[:, 0]] == truth.loc[names, "class"].to_numpy()

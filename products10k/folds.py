@@ -88,6 +88,11 @@ def check_folds(val: pd.DataFrame, folds: int, where: str | Path) -> None:
         raise DataError(f"{where}: rows of fold {found - 1}, but cv.folds is {folds}: re-run the folds stage")
 
 
+def held_out(val: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """Val's rows of fold ``fold``: what that fold's model predicts, out of fold."""
+    return val[val[FOLD_COLUMN] == fold]
+
+
 def fold_view(train: pd.DataFrame, val: pd.DataFrame, fold: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The training and val rows of one model: fold ``fold``'s (its training rows lack the fold,
     its val rows are the fold), the refit's (``None`` under cv: every row, no val), or the single
@@ -98,7 +103,7 @@ def fold_view(train: pd.DataFrame, val: pd.DataFrame, fold: int | None) -> tuple
         return train, val
     if fold is None:
         return train, val.iloc[:0]
-    return train[train[FOLD_COLUMN] != fold], val[val[FOLD_COLUMN] == fold]
+    return train[train[FOLD_COLUMN] != fold], held_out(val, fold)
 
 
 def out_of_fold(val: pd.DataFrame, folds: int) -> pd.DataFrame:
@@ -106,7 +111,7 @@ def out_of_fold(val: pd.DataFrame, folds: int) -> pd.DataFrame:
     (evaluate's and the index's must match row for row). Without folds: val as it is."""
     if not folds:
         return val
-    return pd.concat([val[val[FOLD_COLUMN] == i] for i in range(folds)])
+    return pd.concat([held_out(val, i) for i in range(folds)])
 
 
 def fold_dir(path: Path, fold: int | None) -> Path:

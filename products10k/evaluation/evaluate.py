@@ -31,7 +31,7 @@ from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
 from products10k.evaluation.predict import predict_sharded
 from products10k.evaluation.views import build_views
-from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
+from products10k.folds import check_folds, fold_dir, held_out, out_of_fold
 from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
@@ -194,8 +194,7 @@ def _cross_validated(run: _Run, checkpoint, label_map_path, splits: dict, folds:
     val, val_path = splits["val"]
     parts, meta = [], None
     for fold in range(folds):
-        held_out = val[val[FOLD_COLUMN] == fold]
-        fold_splits = {"val": (held_out, val_path), "test": splits["test"]}
+        fold_splits = {"val": (held_out(val, fold), val_path), "test": splits["test"]}
         results, meta = run.predict(fold_dir(Path(checkpoint), fold), label_map_path, fold_splits, fold)
         parts.append(results)
     refit, refit_meta = run.predict(checkpoint, label_map_path, {"test": splits["test"]})

@@ -33,7 +33,7 @@ from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.estimate import val_weights
-from products10k.folds import FOLD_COLUMN, check_folds, fold_dir, out_of_fold
+from products10k.folds import check_folds, fold_dir, fold_view, out_of_fold
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.knn import (
     build_gallery,
@@ -106,7 +106,7 @@ def build_index(
     check_folds(splits["val"], folds, inputs.val)
     splits["val"] = out_of_fold(splits["val"], folds)
     classifier = load_predictions(inputs.classifier, member)
-    searched = _fold_knn(member, inputs, splits, cfg, evaluate, folds, info) if folds else None
+    searched = _fold_knn(member, inputs, splits, label_map, cfg, evaluate, folds, info) if folds else None
     model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
     embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}", info)
 
@@ -175,25 +175,19 @@ def _gallery(embed, rows, skus: np.ndarray, meta: dict, info: DistInfo):
     return gallery
 
 
-def _fold_knn(
-    member: str, inputs: IndexInputs, splits: dict, cfg, evaluate: EvaluateConfig, folds: int, info
-):
+def _fold_knn(member: str, inputs: IndexInputs, splits: dict, label_map, cfg, evaluate, folds: int, info):
     """Under cv: each fold's model embeds its own training rows as a gallery and searches the val rows
     it held out and test. Rank 0 gets the out-of-fold val kNN and single-crop classifier scores (val's
     order: products10k/folds.py) and the folds' mean test kNN; other ranks None."""
-    label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
-    train, val = splits["train"], splits["val"]
     found, nearest, single_val = {"val": [], "test": []}, {"val": [], "test": []}, []
     for fold in range(folds):
         checkpoint = fold_dir(inputs.checkpoint, fold)
         model, meta = load_member_checkpoint(checkpoint, member, cfg.phase, label_map, inputs.label_map)
         name = f"{member}/{cfg.phase}/fold{fold}"
         embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, name, info)
-        gallery = _gallery(
-            embed, train[train[FOLD_COLUMN] != fold], skus, _index_meta(member, checkpoint, meta, cfg), info
-        )
-        held_out = val[val[FOLD_COLUMN] == fold]
+        gallery_rows, held_out = fold_view(splits["train"], splits["val"], fold)
+        gallery = _gallery(embed, gallery_rows, skus, _index_meta(member, checkpoint, meta, cfg), info)
         val_vectors, single = embed(held_out, "val", with_logits=True)
         test_vectors, _ = embed(splits["test"], "test")
         if info.is_main:
