@@ -272,13 +272,16 @@ def run_stage(log: logging.Logger, work: Callable[..., T], *args, **kwargs) -> T
 IN_FLIGHT_PER_WORKER = 4
 
 
-#: SKU ids: ASCII digits, at most 18 (every such number fits an int64, the label arrays' type)
-_SKU_ID = re.compile(r"[0-9]{1,18}")
+#: SKU ids: ASCII digits, at most 18 (every such number fits an int64, the label arrays' type), and
+#: no leading zero: ``007`` and ``7`` would otherwise be one SKU under two spellings
+_SKU_ID = re.compile(r"0|[1-9][0-9]{0,17}")
+#: what parse_sku_id accepts, in words (for the error messages that refuse an id)
+SKU_ID_RULE = "an integer of 1-18 ASCII digits without leading zeros (one SKU, one spelling: 7, not 007)"
 
 
 def parse_sku_id(text: str) -> int | None:
-    """The SKU id ``text`` names, or None. ``str.isdigit`` is not the test: it takes superscripts
-    (``²``), other scripts' digits (``١٢``) and 5000-digit numbers that int64 arrays refuse."""
+    """The SKU id ``text`` names, or None (see SKU_ID_RULE). ``str.isdigit`` is not the test: it takes
+    superscripts (``²``), other scripts' digits (``١٢``) and 5000-digit numbers that int64 arrays refuse."""
     return int(text) if _SKU_ID.fullmatch(text) else None
 
 

@@ -150,3 +150,14 @@ def test_a_checkpoint_saved_twice_is_the_same_bytes(tmp_path):
         save_torch(tmp_path / "best.pt", {"weights": torch.arange(6.0).reshape(2, 3), "epoch": 3})
         saved.append((tmp_path / "best.pt").read_bytes())
     assert saved[0] == saved[1]
+
+
+def test_a_sku_id_has_one_spelling():
+    from products10k.common import parse_sku_id
+
+    assert [parse_sku_id(t) for t in ("0", "7", "9" * 18, "123456789012345678")] == [
+        0, 7, int("9" * 18), 123456789012345678
+    ]  # fmt: skip
+    # leading zeros, signs, other scripts' digits, too many digits, spaces: not an id
+    for text in ("007", "000000000000000007", "00", "-1", "+1", "١٢", "²", "1" * 19, " 7", "7 ", ""):
+        assert parse_sku_id(text) is None, text

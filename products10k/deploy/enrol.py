@@ -49,7 +49,7 @@ def read_enrolment(images: Path) -> list[tuple[Path, int]]:
         rows = []
         for folder in sorted(p for p in images.iterdir() if p.is_dir()):
             if common.parse_sku_id(folder.name) is None:
-                raise DataError(f"{folder}: SKU folders must be named by their integer SKU id (ASCII digits)")
+                raise DataError(f"{folder}: SKU folders must be named by their integer SKU id: {common.SKU_ID_RULE}")
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             rows += [(p, common.parse_sku_id(folder.name)) for p in files]
         if not rows:
@@ -66,12 +66,9 @@ def read_enrolment(images: Path) -> list[tuple[Path, int]]:
         rows = []
         for line, record in enumerate(reader, start=2):
             value = (record["class"] or "").strip()
-            try:
-                sku = int(float(value)) if float(value).is_integer() else None
-            except ValueError:
-                sku = None
+            sku = common.parse_sku_id(value)
             if sku is None:
-                raise DataError(f"{images}: row {line}: class '{value}' is not an integer SKU id")
+                raise DataError(f"{images}: row {line}: class '{value[:40]}' is not {common.SKU_ID_RULE}")
             rows.append((images.parent / record["name"], sku))
     if not rows:
         raise DataError(f"{images}: no rows")
@@ -162,7 +159,7 @@ def enrol_skus(
     thumbs: dict[int, bytes] = {}
     for path, sku in kept:
         if sku not in thumbs and not (index_dir / THUMBS_DIR / f"{sku}.jpg").is_file():
-            thumbs[sku] = thumbnail_jpeg(path.read_bytes(), limits)
+            thumbs[sku] = thumbnail_jpeg(read_file(path, limits.max_file_bytes), limits)
     save_gallery(gallery, out, thumbs=thumbs, thumbs_from=index_dir)
     log.info(
         "enrolled %d images of %d SKUs (%d new), %d skipped -> %s",

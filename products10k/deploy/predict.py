@@ -94,7 +94,8 @@ def gather(inputs: list[str]) -> list[Source]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             sources.extend(Source(printable(str(p)), p) for p in files)
-        elif path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
+        elif path.suffix.lower() == ".zip" and path.is_file() and zipfile.is_zipfile(path):
+            # is_file first: is_zipfile would open a FIFO named x.zip and wait for a writer forever
             sources.extend(_zip_sources(path))
         else:
             sources.append(Source(printable(str(path)), path))
@@ -121,8 +122,6 @@ def load_image(source: Source, model: ExportedModel, limits: ImageLimits) -> tup
         return None, f"{exc.reason}: {exc.detail}"
     except FileNotFoundError:
         return None, "missing: no such file"
-    except IsADirectoryError:
-        return None, "unreadable: a folder, not an image file"
     except (*ZIP_READ_ERRORS, KeyError) as exc:
         return None, f"unreadable: {type(exc).__name__}: {exc}"
     try:

@@ -64,6 +64,7 @@ from products10k.deploy.versions import (
     newest_version,
     prune_versions,
 )
+from products10k.imaging.archive import read_file
 from products10k.imaging.images import ImageDefect, ImageLimits
 from products10k.knn import THUMBS_DIR
 
@@ -237,7 +238,7 @@ class Service:
         raw = request.path_params["sku_id"]
         sku = common.parse_sku_id(raw)
         if sku is None:
-            return _error(400, f"SKU id '{raw[:40]}' is not an integer of at most 18 ASCII digits")
+            return _error(400, f"SKU id '{raw[:40]}' is not {common.SKU_ID_RULE}")
         try:
             items = await self.read_images(request)
         except RequestError as exc:
@@ -363,8 +364,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_token(path: Path) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
+    try:  # bounded, and a regular file only: --token-file /dev/zero or a FIFO must not hang start-up
+        token = read_file(path, 4096).decode("utf-8").strip()
+    except ImageDefect as exc:
+        raise Products10kError(f"{path}: the token file is {exc.detail}") from None
     except UnicodeDecodeError as exc:
         raise Products10kError(
             f"{path}: the token file is not UTF-8 text ({exc.reason} at byte {exc.start})"

@@ -10,7 +10,9 @@ inflate further, and zipfile's CRC check at the member's end catches the lie).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 import threading
 import zipfile
@@ -94,13 +96,42 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int)
 
 
 def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """A file's bytes; ImageDefect ``too-large`` over ``max_bytes``, judged on its size before it is
-    read (the same limit a zip member is held to by :func:`read_member`)."""
-    size = os.stat(path).st_size
-    if size > max_bytes:
-        raise ImageDefect("too-large", f"{size} bytes, over the limit of {max_bytes}")
-    with open(path, "rb") as f:
-        return f.read()
+    """A regular file's bytes; ImageDefect ``too-large`` over ``max_bytes`` (judged on its size before
+    it is read: the limit a zip member is held to by :func:`read_member`), ``unreadable`` for what is
+    not a regular file.
+
+    The file is opened first and judged by ``fstat`` of what was opened (a check of the path before
+    opening could be raced): a FIFO, a device such as /dev/zero, a socket or a folder, named directly
+    or through a symlink, reports a size of 0 and would be read forever. ``O_NONBLOCK`` keeps the
+    open itself from waiting for a FIFO's writer; reading never goes past ``max_bytes`` + 1.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket (or a device with no driver): nothing to read
+            raise ImageDefect("unreadable", "not a regular file (a socket or an absent device)") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDefect("unreadable", f"not a regular file ({_file_kind(info.st_mode)})")
+        if info.st_size > max_bytes:
+            raise ImageDefect("too-large", f"{info.st_size} bytes, over the limit of {max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew between the fstat and the read
+        raise ImageDefect("too-large", f"over {max_bytes} bytes (the file grew while it was read)")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 # One open ZipFile per archive and thread: a ZipFile must not be read from several threads at once

@@ -153,7 +153,11 @@ def test_enrol_bad_input_names_the_problem(project, tmp_path, caplog):
     csv.write_text("name,class\nx.jpg,12\nx.jpg,twelve\n")
     with pytest.raises(SystemExit):
         enrol.main([str(csv), "--model", model, "--index", index, "--out", str(tmp_path / "o")])
-    assert "row 3: class 'twelve' is not an integer SKU id" in caplog.text
+    assert "row 3: class 'twelve' is not an integer" in caplog.text
+    csv.write_text("name,class\nx.jpg,12\nx.jpg,0012\n")  # one SKU, two spellings: refused
+    with pytest.raises(SystemExit):
+        enrol.main([str(csv), "--model", model, "--index", index, "--out", str(tmp_path / "o")])
+    assert "row 3: class '0012' is not an integer of 1-18 ASCII digits without leading zeros" in caplog.text
     csv.write_text("name,class\nx.jpg,12\n")
     with pytest.raises(SystemExit):
         enrol.main([str(csv), "--model", model, "--index", index, "--out", str(tmp_path / "o")])
@@ -364,3 +368,44 @@ def test_enrol_killed_mid_write_leaves_the_input_whole_and_the_output_whole_or_a
 
 def _files(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_predict_and_enrol_name_fifos_and_devices_unreadable_without_reading_them(project, tmp_path):
+    """A FIFO (which would wait for a writer), /dev/zero and /dev/urandom (which never end) named
+    directly, through a symlink or as a zip: each an ``unreadable`` row, and the run ends. In a
+    subprocess with a timeout, so a regression fails instead of hanging the suite."""
+    root, prepared, _ = project
+    files = tmp_path / "in"
+    (files / "5151").mkdir(parents=True)
+    good = files / "5151" / "good.jpg"
+    good.write_bytes(prepared_image(prepared, "test.csv", 0))
+    os.mkfifo(files / "fifo.jpg")
+    os.mkfifo(files / "fifo.zip")
+    (files / "zero.jpg").symlink_to("/dev/zero")
+    (files / "random.png").symlink_to("/dev/urandom")
+    bad = ["fifo.jpg", "fifo.zip", "zero.jpg", "random.png"]
+    model = str(root / "models" / "export")
+    out = tmp_path / "rows.csv"
+    run = [sys.executable, "-m", "products10k.deploy.predict", str(good), *(str(files / b) for b in bad),
+           "--model", model, "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_csv(out, keep_default_na=False).set_index("source")
+    assert rows.loc[str(good), "status"] == "ok"
+    for name in bad:
+        assert rows.loc[str(files / name), "error"].startswith("unreadable: not a regular file"), name
+    assert "a FIFO" in rows.loc[str(files / "fifo.jpg"), "error"]
+    assert "a character device" in rows.loc[str(files / "zero.jpg"), "error"]
+
+    listing = files / "new.csv"  # enrol from a CSV naming them beside a readable photo
+    listing.write_text("name,class\n5151/good.jpg,5151\n" + "".join(f"{b},5151\n" for b in bad))
+    enrolled = tmp_path / "enrolled"
+    run = [sys.executable, "-m", "products10k.deploy.enrol", str(listing), "--model", model,
+           "--index", str(root / "models" / "m0" / "index"), "--out", str(enrolled)]  # fmt: skip
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [entry] = json.loads((enrolled / "meta.json").read_text())["enrolled"]
+    assert entry["images"] == 1
+    assert {Path(s["path"]).name: s["error"].split(" (")[0] for s in entry["skipped"]} == {
+        b: "unreadable: not a regular file" for b in bad
+    }

@@ -136,7 +136,8 @@ def test_the_abuse_corpus_gets_4xx_or_per_image_errors_and_the_server_keeps_its_
             urllib.request.urlopen(request, timeout=60)
         assert info.value.code == 400
     # SKU ids that str.isdigit takes and int64 does not (or that are not what they seem)
-    for sku in ("%C2%B2", "%D9%A1%D9%A2", "9" * 5000, "9" * 20, "-1", "1e3"):
+    # and an id with leading zeros: 000000000000000007 would silently be SKU 7, one id with two spellings
+    for sku in ("%C2%B2", "%D9%A1%D9%A2", "9" * 5000, "9" * 20, "-1", "1e3", "000000000000000007"):
         status, _ = call(base, f"/v1/skus/{sku}/images", [("a.jpg", photo())], token=TOKEN)
         assert status == 400, sku
     assert call(base, "/healthz")[0] == 200  # still serving
@@ -277,3 +278,18 @@ def test_a_corrupt_model_index_or_token_file_stops_start_up_with_a_message(proje
     assert proc.returncode == 1 and "Traceback" not in out, out
     expected = {"model": "onnxruntime cannot load it", "index": "Faiss cannot read it", "token": "not UTF-8"}
     assert expected[what] in out, out
+
+
+def test_a_token_file_that_is_a_fifo_or_a_device_is_refused_not_read(tmp_path):
+    from products10k.common import Products10kError
+    from products10k.deploy.serve import read_token
+
+    os.mkfifo(tmp_path / "fifo")  # open() alone would wait for a writer
+    (tmp_path / "zero").symlink_to("/dev/zero")  # read() alone would never end
+    with pytest.raises(Products10kError, match="not a regular file \\(a FIFO\\)"):
+        read_token(tmp_path / "fifo")
+    with pytest.raises(Products10kError, match="not a regular file \\(a character device\\)"):
+        read_token(tmp_path / "zero")
+    (tmp_path / "big").write_text("x" * 5000)
+    with pytest.raises(Products10kError, match="over the limit of 4096"):
+        read_token(tmp_path / "big")
