@@ -49,7 +49,9 @@ def read_enrolment(images: Path) -> list[tuple[Path, int]]:
         rows = []
         for folder in sorted(p for p in images.iterdir() if p.is_dir()):
             if common.parse_sku_id(folder.name) is None:
-                raise DataError(f"{folder}: SKU folders must be named by their integer SKU id: {common.SKU_ID_RULE}")
+                raise DataError(
+                    f"{folder}: SKU folders must be named by their integer SKU id: {common.SKU_ID_RULE}"
+                )
             files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             rows += [(p, common.parse_sku_id(folder.name)) for p in files]
         if not rows:
