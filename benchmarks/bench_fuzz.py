@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_fuzz.py [--cases 20000] [--max-pixels 200000]
 
-Each of a JPEG, a PNG, a WebP and a zip of two images is mutated ``--cases`` times (byte flips,
+Each seed file of tests/hostile.py's ``fuzz_seeds`` (a JPEG, PNG, WebP, GIF, BMP, TIFF, a zip of two
+images, and GIF, APNG and WebP animations) is mutated ``--cases`` times (byte flips,
 16-bit size fields, cuts, duplicated, deleted and inserted slices; seeded) and sent through the
 upload zip reader (zips) and the one decoder. Anything but the project's ImageDefect (or the zip
 reader's 413) stops the run with its traceback. Prints, per format: the outcomes by reason, the

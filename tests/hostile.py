@@ -130,6 +130,90 @@ def thin_png(width: int = 1, height: int = 20000) -> bytes:
     )
 
 
+def _gif_zeros(pixels: int, min_size: int = 2) -> bytes:
+    """GIF LZW data for ``pixels`` zero pixels, as data sub-blocks: one code per run of zeros, each run
+    one longer than the last (a 12000 x 12000 frame is ~100 KB; its decode, 144 MB of pixels)."""
+    clear, end = 1 << min_size, (1 << min_size) + 1
+    codes = [(clear, min_size + 1)]  # (code, width in bits)
+    next_code, run, left, table = end + 1, 1, pixels, {}  # table: run length -> code (0 is a run of 1)
+    while left:
+        length = min(run, left)
+        # the decoder adds its entries one code behind the encoder: it reads this code at the width
+        # of the last code it has, next_code - 1 (and the end code, below, after adding one more)
+        codes.append((table.get(length, 0), min(12, (next_code - 1).bit_length())))
+        left -= length
+        if not left:
+            break
+        if next_code == 4096:  # a full table: start over
+            codes.append((clear, 12))
+            next_code, run, table = end + 1, 1, {}
+            continue
+        table[length + 1] = next_code
+        next_code, run = next_code + 1, length + 1
+    codes.append((end, min(12, next_code.bit_length())))
+    out, acc, bits = bytearray(), 0, 0
+    for code, width in codes:  # packed least significant bit first
+        acc |= code << bits
+        bits += width
+        while bits >= 8:
+            out.append(acc & 0xFF)
+            acc, bits = acc >> 8, bits - 8
+    if bits:
+        out.append(acc)
+    blocks = b"".join(bytes([len(out[i : i + 255])]) + out[i : i + 255] for i in range(0, len(out), 255))
+    return bytes([min_size]) + blocks + b"\x00"
+
+
+def gif_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int]], junk: bytes = b"") -> bytes:
+    """A valid GIF89a of a ``screen`` (width, height) logical screen and one black frame per (left, top,
+    width, height), each behind a graphic control extension and ``junk`` (bytes Pillow skips)."""
+    palette = bytes([0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 0, 255])
+    out = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x81, 0, 0) + palette  # 4-colour global table
+    for left, top, width, height in frames:
+        out += b"\x21\xf9\x04\x00\x0a\x00\x00\x00" + junk  # graphic control: 0.1 s per frame
+        out += b"\x2c" + struct.pack("<HHHHB", left, top, width, height, 0) + _gif_zeros(width * height)
+    return out + b"\x3b"
+
+
+def gif_frame_beyond_screen(screen: int = 64, frame: int = 12000) -> bytes:
+    """A GIF of a ``screen`` square logical screen whose one frame is ``frame`` square: ~100 KB that Pillow
+    grew to the frame and decoded whole (1.6 GB) before the header reader judged every frame."""
+    return gif_frames((screen, screen), [(0, 0, frame, frame)])
+
+
+def animation(fmt: str, w: int = 96, h: int = 64, **kw) -> bytes:
+    """A three-frame animation by Pillow: the base picture, a changed block (written as a smaller frame
+    at an offset where the encoder crops to the change), the picture mirrored."""
+    base = base_image(w, h)
+    changed = base.copy()
+    changed[h // 4 : h // 2, w // 3 : w // 2] = (250, 250, 0)
+    frames = [Image.fromarray(img) for img in (base, changed, np.ascontiguousarray(base[:, ::-1]))]
+    if fmt == "GIF":
+        frames = [im.convert("P", palette=Image.ADAPTIVE) for im in frames]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100, **kw)
+    return buf.getvalue()
+
+
+def apng_frame_beyond(x: int, y: int, width: int, height: int) -> bytes:
+    """A Pillow APNG (96 x 64) whose second fcTL is rewritten to a ``width`` x ``height`` frame at
+    (``x``, ``y``), its CRC kept valid."""
+    data = bytearray(animation("PNG"))
+    at = data.index(b"fcTL", data.index(b"fcTL") + 4) - 4  # the second frame's control chunk
+    struct.pack_into(">IIII", data, at + 12, width, height, x, y)
+    struct.pack_into(">I", data, at + 34, zlib.crc32(data[at + 4 : at + 34]))
+    return bytes(data)
+
+
+def webp_frame_beyond(x: int, y: int) -> bytes:
+    """A Pillow animated WebP (96 x 64 canvas) whose last ANMF frame (the whole picture, mirrored) is
+    moved to (``x``, ``y``): the offsets are stored halved, in 24 bits (so even, up to 2^25)."""
+    data = bytearray(animation("WEBP", lossless=True))
+    at = data.rindex(b"ANMF")
+    data[at + 8 : at + 14] = (x // 2).to_bytes(3, "little") + (y // 2).to_bytes(3, "little")
+    return bytes(data)
+
+
 def with_app14(jpeg: bytes) -> bytes:
     """``jpeg`` with a 5-byte APP14 segment after SOI: Pillow's header reader gives up on it (it
     expects Adobe's 12-byte payload), libjpeg does not."""
@@ -188,6 +272,13 @@ def corpus(huge_side: int = 2400) -> dict[str, Case]:
         "tiff-claims-60000x60000.tif": Case(tiff_claiming(60000, 60000), "too-large"),
         "webp-claims-16384x16384.webp": Case(webp_claiming(16384, 16384), "too-large"),
         "ppm-as.png": Case(_save(base, "PPM"), "undecodable"),
+        # animations are judged by every frame: Pillow grew a GIF to its frame (1.6 GB for ~100 KB)
+        "animated.gif": Case(animation("GIF"), OK),
+        "animated.png": Case(animation("PNG"), OK, base_image(96, 64)),
+        "animated.webp": Case(animation("WEBP", lossless=True), OK, base_image(96, 64)),
+        "gif-frame-12000x12000-on-64x64.gif": Case(gif_frame_beyond_screen(64, 12000), "too-large"),
+        "apng-frame-past-ihdr.png": Case(apng_frame_beyond(0, 0, 2000, 2000), "too-large"),
+        "webp-frame-past-canvas.webp": Case(webp_frame_beyond(2000, 2000), "too-large"),
         "ico-as.jpg": Case(_save(base, "ICO"), "undecodable"),
     }  # fmt: skip
     for k in ORIENTATIONS:
@@ -292,7 +383,8 @@ def hostile_zip(path: Path, good: bytes) -> Path:
 
 
 def fuzz_seeds() -> dict[str, bytes]:
-    """Valid files the mutation fuzzer starts from: JPEG, PNG, WebP, GIF, BMP, TIFF, a zip of two images."""
+    """Valid files the mutation fuzzer starts from: JPEG, PNG, WebP, GIF, BMP, TIFF, a zip of two images,
+    and three-frame animations (GIF, APNG, WebP), whose every frame the header reader walks."""
     img = Image.fromarray(base_image(96, 64))
     out = {}
     for fmt, kw in (("JPEG", {"quality": 90}), ("PNG", {}), ("WEBP", {"quality": 80}), ("GIF", {}),
@@ -305,6 +397,9 @@ def fuzz_seeds() -> dict[str, bytes]:
         z.writestr("a.jpg", out["JPEG"])
         z.writestr("b.png", out["PNG"])
     out["ZIP"] = buf.getvalue()
+    out["GIF-ANIM"] = animation("GIF")
+    out["APNG"] = animation("PNG")
+    out["WEBP-ANIM"] = animation("WEBP", lossless=True)
     return out
 
 
@@ -331,7 +426,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(data)
 
 
-FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ZIP"]
+FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "ZIP", "GIF-ANIM", "APNG", "WEBP-ANIM"]
 
 
 def fuzz(fmt: str, cases: int, seed: int, max_pixels: int) -> dict:

@@ -23,8 +23,11 @@ Decisions, and why:
   ``preprocess.json`` for the runtime: params.yaml is their one home), checked on the file's own header
   (imaging/headers.py) before any pixel is decoded, so one file cannot take the memory of the run: a
   5 KB JPEG claiming 60000 x 60000 pixels, a PNG decompression bomb, a JPEG whose header Pillow cannot
-  parse. A JPEG over the budget is decoded at the largest reduction that fits (libjpeg's 1/2, 1/4,
-  1/8), even below ``min_side``: a 20000 x 20000 photo costs 2500 x 2500 pixels, not 1.2 GB. Other
+  parse, a GIF whose 12000 x 12000 frame lies on a 64 x 64 screen (an animation's size is the union of
+  every frame; Pillow's fallback, whose own limit is a global, checks the size it opened by the same
+  budget before it loads a pixel). A JPEG over the budget is decoded at the largest reduction that
+  fits (libjpeg's 1/2, 1/4, 1/8), even below ``min_side``: a 20000 x 20000 photo costs 2500 x 2500
+  pixels, not 1.2 GB. Other
   formats have no reduced decode and are refused (``too-large``), and so is an aspect ratio over the
   limit (a 1 x 20000 strip would be resized into gigabytes: its shorter side goes to the model's
   resize). A file whose size the project cannot read is refused (``unreadable``), one in a format it
@@ -121,12 +124,24 @@ def _checked_header(data: bytes, limits: ImageLimits) -> tuple[str, int, int, bo
     return header
 
 
-def _decode_pil(data: bytes) -> np.ndarray:
-    """Pillow fallback: upright RGB uint8, or ImageDefect."""
+def _decode_pil(data: bytes, limits: ImageLimits) -> np.ndarray:
+    """Pillow fallback: upright RGB uint8, or ImageDefect; refused by the project's budget before Pillow
+    allocates a pixel (its own bomb check stands on the global ``Image.MAX_IMAGE_PIXELS``)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            # im.size is what load() allocates: Pillow grows a GIF to a frame past its screen on open
+            width, height = im.size
+            if width * height > limits.max_pixels:
+                raise ImageDefect(
+                    "too-large",
+                    f"{im.format} of {width}x{height} pixels, over the budget of {limits.max_pixels} pixels",
+                )
             im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB"))  # frame 0 only: the frames after it are never loaded
+    except ImageDefect:
+        raise
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit, on open
+        raise ImageDefect("too-large", f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - hostile input: see the module docstring
         # Pillow raises OSError("image file is truncated ...") for cut-off files.
         reason = "truncated" if ("truncated" in str(exc) or _looks_truncated(data)) else "undecodable"
@@ -201,8 +216,9 @@ def _decode_bgr(
     if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
         if _looks_truncated(data):
             raise ImageDefect("truncated", f"{len(data)} bytes, image data ends before the end marker")
-        bgr = cv2.cvtColor(_decode_pil(data), cv2.COLOR_RGB2BGR)
-    # the decoder must have honoured the header it was judged by (a second frame, a lying field)
+        bgr = cv2.cvtColor(_decode_pil(data, limits), cv2.COLOR_RGB2BGR)
+    # the last fence: the decoder must have honoured the header it was judged by (a lying field,
+    # a frame the walk missed)
     if bgr.shape[0] * bgr.shape[1] > width * height:
         raise ImageDefect(
             "too-large", f"{fmt} decoded to {bgr.shape[1]}x{bgr.shape[0]}, not its {width}x{height}"

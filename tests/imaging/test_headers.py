@@ -8,7 +8,19 @@ import pytest
 from PIL import Image
 
 from products10k.imaging.headers import HeaderError, read_size
-from tests.hostile import OK, base_image, corpus, jpeg_claiming, radiance, with_app14
+from tests.hostile import (
+    OK,
+    animation,
+    apng_frame_beyond,
+    base_image,
+    corpus,
+    gif_frame_beyond_screen,
+    gif_frames,
+    jpeg_claiming,
+    radiance,
+    webp_frame_beyond,
+    with_app14,
+)
 
 
 def _save(fmt: str, w: int = 37, h: int = 23, mode: str = "RGB", **kw) -> bytes:
@@ -102,3 +114,50 @@ def test_reading_a_size_never_depends_on_the_pixel_data():
     sos = jpeg.index(b"\xff\xda")
     noise = np.random.default_rng(0).bytes(5000)
     assert read_size(jpeg[:sos] + noise) == ("JPEG", 64, 48)
+
+
+# --- animations: every frame is judged, not only the screen or canvas ---------------------------
+
+
+def test_a_gif_is_judged_by_the_union_of_its_screen_and_every_frame():
+    # Pillow grows the image to a frame past the screen: the 64 x 64 screen was all that was judged
+    assert read_size(gif_frame_beyond_screen(64, 12000)) == ("GIF", 12000, 12000)
+    inside = gif_frames((64, 48), [(0, 0, 64, 48), (10, 5, 20, 30)])
+    assert read_size(inside) == ("GIF", 64, 48)
+    later = gif_frames((64, 48), [(0, 0, 64, 48), (60, 40, 100, 20)])  # the second frame sticks out
+    assert read_size(later) == ("GIF", 160, 60)
+    # Pillow skips bytes it does not know between blocks and reads the frame after them: so does the walk
+    assert read_size(gif_frames((64, 48), [(0, 0, 300, 200)], junk=b"\x00\x07\xff")) == ("GIF", 300, 200)
+
+
+def test_an_apng_is_judged_by_the_union_of_ihdr_and_every_fctl():
+    assert read_size(animation("PNG")) == ("PNG", 96, 64)  # Pillow's frames lie inside IHDR
+    assert read_size(apng_frame_beyond(0, 0, 5000, 4000)) == ("PNG", 5000, 4000)
+    assert read_size(apng_frame_beyond(90, 60, 20, 10)) == ("PNG", 110, 70)
+
+
+def test_an_animated_webp_is_judged_by_the_union_of_its_canvas_and_every_anmf_frame():
+    assert read_size(animation("WEBP", lossless=True)) == ("WEBP", 96, 64)
+    assert read_size(webp_frame_beyond(10000, 6000)) == ("WEBP", 10096, 6064)  # a 96 x 64 frame moved
+
+
+def test_a_cut_or_padded_animation_is_walked_to_the_cut_in_linear_time():
+    import time
+
+    gif = gif_frames((64, 48), [(0, 0, 64, 48), (0, 0, 500, 400)])
+    cut = gif.index(b"\x2c", 40)  # the second frame's descriptor
+    assert read_size(gif[: cut + 3]) == ("GIF", 64, 48)  # cut inside it: the frames before are judged
+    assert read_size(gif[: cut + 12]) == ("GIF", 500, 400)  # cut in its data: the frame is judged
+    assert read_size(gif[:-5]) == ("GIF", 500, 400)
+    apng, webp = apng_frame_beyond(0, 0, 500, 400), webp_frame_beyond(1000, 0)
+    for data in (apng, webp):
+        for end in range(40, len(data), 7):
+            assert read_size(data[:end])[1:] in ((96, 64), (500, 400), (1096, 64))
+    # the worst walk: 4 MB of one-byte sub-blocks (a hostile file may be 64 MB): bounded, linear
+    slow = gif[: 13 + 12] + b"\x21\xfe" + b"\x01x" * (2 << 20) + b"\x00\x3b"
+    start = time.perf_counter()
+    assert read_size(slow) == ("GIF", 64, 48)
+    assert time.perf_counter() - start < 3.0
+    # a zero-size RIFF chunk still advances by its 8-byte header; a garbage tail ends the walk
+    riff = webp[:30] + b"JUNK\x00\x00\x00\x00" * 1000 + webp[30:] + b"\xff" * 7
+    assert read_size(riff) == ("WEBP", 1096, 64)

@@ -1,6 +1,9 @@
 """Decoding of real image files with real defects, and the resize contract of prepare_image."""
 
 import io
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -251,3 +254,80 @@ def test_the_params_ceiling_is_pillows():
     from products10k.imaging.images import MAX_PIXELS_CEILING
 
     assert PrepareConfig.model_fields["max_pixels"].metadata[1].le == MAX_PIXELS_CEILING
+
+
+# --- animations: a frame past the screen or canvas is judged before any decoder runs --------------
+
+
+def test_a_gif_frame_past_its_screen_is_refused_before_any_decoder_runs():
+    from tests.hostile import gif_frame_beyond_screen
+
+    # a 64 x 64 screen, a 12000 x 12000 frame (144 MP, over the 50 MP budget): ~100 KB of LZW data
+    # that Pillow decoded whole (+1.6 GB) before the check "decoded to 12000x12000" refused it
+    with pytest.raises(ImageDefect, match="GIF of 12000x12000 pixels, over the budget") as info:
+        decode_rgb(gif_frame_beyond_screen(64, 12000), limits=limits())
+    assert info.value.reason == "too-large"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from Linux's /proc")
+@pytest.mark.parametrize("path", ["decode_rgb", "_decode_pil"])
+def test_a_gif_frame_past_its_screen_costs_no_memory(path):
+    # the peak resident memory of a fresh process around one decode: VmHWM, not ru_maxrss, which Linux
+    # carries over from the parent (pytest's own peak) through fork and exec
+    budget = limits()
+    script = f"""
+import warnings
+from products10k.imaging.images import ImageDefect, ImageLimits, _decode_pil, decode_rgb
+from tests.hostile import gif_frame_beyond_screen
+
+def peak_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM:"))
+
+warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning (144 MP) where it gets that far
+limits = ImageLimits({budget.max_pixels}, {budget.max_aspect_ratio}, {budget.max_file_bytes})
+data = gif_frame_beyond_screen(64, 12000)
+before = peak_mib()
+try:
+    decode_rgb(data, limits=limits) if "{path}" == "decode_rgb" else _decode_pil(data, limits)
+    reason = "ok"
+except ImageDefect as exc:
+    reason = exc.reason
+print(reason, peak_mib() - before)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    reason, grown_mib = run.stdout.split()[-2:]
+    assert reason == "too-large", run.stdout
+    # the frame alone is 144 MB as palette indices and 432 MB as RGB: 1.6 GB in all, decoded
+    assert int(grown_mib) < 200, f"{path} grew the peak by {grown_mib} MiB"
+
+
+def test_the_pillow_fallback_refuses_by_the_projects_budget_before_it_decodes():
+    from products10k.imaging.images import _decode_pil
+
+    buf = io.BytesIO()
+    Image.fromarray(halves(400, 300)).save(buf, "TGA")  # a format only Pillow reads
+    assert _decode_pil(buf.getvalue(), limits()).shape == (300, 400, 3)
+    with pytest.raises(ImageDefect, match="400x300 pixels, over the budget of 100000") as info:
+        _decode_pil(buf.getvalue(), limits(max_pixels=100_000))
+    assert info.value.reason == "too-large"
+
+
+def test_an_ordinary_animation_still_decodes_its_first_frame():
+    from tests.hostile import animation, base_image
+
+    for fmt, kw in (("GIF", {}), ("PNG", {}), ("WEBP", {"lossless": True})):
+        rgb = decode_rgb(animation(fmt, **kw), limits=limits(max_pixels=96 * 64))
+        assert rgb.shape == (64, 96, 3), fmt
+        assert np.abs(rgb.astype(int) - base_image(96, 64)).mean() < 12, fmt
+
+
+def test_an_apng_or_animated_webp_frame_past_its_canvas_is_judged_by_the_union():
+    from tests.hostile import apng_frame_beyond, webp_frame_beyond
+
+    for data, size in ((apng_frame_beyond(0, 0, 5000, 4000), "5000x4000"), (webp_frame_beyond(10000, 6000),
+                       "10096x6064")):  # fmt: skip
+        with pytest.raises(ImageDefect, match=f"of {size} pixels, over the budget") as info:
+            decode_rgb(data, limits=limits(max_pixels=10_000_000))
+        assert info.value.reason == "too-large"
