@@ -22,6 +22,7 @@ the classifier's.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -91,12 +92,28 @@ def save_gallery(
     if staging.exists():  # left by a killed run
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    faiss.write_index(gallery.index, str(staging / INDEX_FILE))
-    with open(staging / GALLERY_FILE, "wb") as f:
-        np.savez(f, labels=gallery.labels, names=gallery.names, skus=gallery.skus)
-    (staging / META_FILE).write_text(json.dumps(gallery.meta, indent=2, sort_keys=True) + "\n")
-    _write_thumbs(staging / THUMBS_DIR, thumbs or {}, Path(thumbs_from) / THUMBS_DIR if thumbs_from else None)
+    try:
+        _write_index(gallery.index, staging / INDEX_FILE)
+        with open(staging / GALLERY_FILE, "wb") as f:
+            np.savez(f, labels=gallery.labels, names=gallery.names, skus=gallery.skus)
+        (staging / META_FILE).write_text(json.dumps(gallery.meta, indent=2, sort_keys=True) + "\n")
+        carried = Path(thumbs_from) / THUMBS_DIR if thumbs_from else None
+        _write_thumbs(staging / THUMBS_DIR, thumbs or {}, carried)
+    except Exception:  # a full disk above all: the partial copy goes at once, not at the next write
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     common.swap_in(staging, folder)
+
+
+def _write_index(index: faiss.Index, path: Path) -> None:
+    """``faiss.write_index`` with its write errors as the OSError they are: Faiss reports a full disk
+    as a RuntimeError whose message ends in the system's words ("... (No space left on device)")."""
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:
+        text = str(exc)
+        full = "No space left on device" in text or "Disk quota exceeded" in text
+        raise OSError(errno.ENOSPC if full else errno.EIO, text.strip().splitlines()[-1], str(path)) from None
 
 
 def thumbnail_jpeg(data: bytes, limits, side: int = 96) -> bytes:

@@ -162,7 +162,13 @@ def enrol_skus(
     for path, sku in kept:
         if sku not in thumbs and not (index_dir / THUMBS_DIR / f"{sku}.jpg").is_file():
             thumbs[sku] = thumbnail_jpeg(read_file(path, limits.max_file_bytes), limits)
-    save_gallery(gallery, out, thumbs=thumbs, thumbs_from=index_dir)
+    try:
+        save_gallery(gallery, out, thumbs=thumbs, thumbs_from=index_dir)
+    except OSError as exc:  # a full disk, a quota, a read-only mount: said, and --out as it was
+        raise Products10kError(
+            f"--out {out}: the enrolled index could not be written ({exc.strerror or exc}); "
+            "--out is as it was and nothing was enrolled"
+        ) from None
     log.info(
         "enrolled %d images of %d SKUs (%d new), %d skipped -> %s",
         added["images"],

@@ -21,9 +21,13 @@ Endpoints:
   and swapped in with one assignment: a request reads the version once when it starts, so requests
   in flight are answered by one version or the other, never a mix. Enrolments run one at a time.
   Enrolments are data: the service starts from the newest version under ``--versions`` (it says
-  which), a version folder once written is never replaced, one service at a time holds a versions
-  folder (a lock: a second one stops at start, naming the holder), and versions beyond the newest
-  ``--keep-versions`` are removed once no request reads them.
+  which), a version folder once written is never replaced, one service at a time writes a versions
+  folder (a lock: a second writer stops at start, naming the holder), and versions no longer needed
+  by the newest ``--keep-versions`` are removed once no request reads them. An enrolment writes only
+  what it adds (a segment; the whole index every ``--compact-every`` enrolments: versions.py). A full
+  disk is a 507 that says so, the previous version still served.
+  ``--follow`` runs a read-only replica on the same ``--versions``: it picks up each new version
+  within ``--poll-s`` and answers enrolments with 403 (send them to the writer).
 - ``GET /``: a page to drop or pick photos and see each one's top-5 SKUs, with a thumbnail per SKU
   (``GET /v1/skus/{sku_id}/thumbnail``: from the index's ``thumbs/`` folder) and errors in words.
 
@@ -41,7 +45,6 @@ import contextlib
 import hmac
 import logging
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -57,16 +60,10 @@ from products10k.common import Products10kError
 from products10k.deploy.batching import Batcher
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
 from products10k.deploy.uploads import Limits, RequestError, read_images
-from products10k.deploy.versions import (
-    IndexVersion,
-    build_version,
-    hold_versions_lock,
-    newest_version,
-    prune_versions,
-)
+from products10k.deploy.versions import DiskFull, IndexVersion, VersionStore
 from products10k.imaging.archive import read_file
 from products10k.imaging.images import ImageDefect, ImageLimits
-from products10k.knn import THUMBS_DIR
+from products10k.knn import thumbnail_jpeg
 
 log = logging.getLogger("products10k.serve")
 
@@ -91,6 +88,9 @@ class Service:
         batch_wait_ms: float = 5.0,
         threads: int | None = None,
         keep_versions: int = 3,
+        compact_every: int = 256,
+        follow: bool = False,
+        poll_s: float = 1.0,
     ):
         self.model = ExportedModel(model_dir, threads=threads)
         self.limits = limits or Limits()
@@ -98,13 +98,17 @@ class Service:
         if self.limits.max_pixels is not None:
             self.image_limits = replace(self.image_limits, max_pixels=self.limits.max_pixels)
         self.token = token
-        self.version: IndexVersion | None = None
-        self.keep_versions = keep_versions
-        self.readers: Counter[int] = Counter()  # requests reading each version now
+        self.poll_s = poll_s
+        self.store: VersionStore | None = None
         if index_dir is not None:
-            self.versions_dir = versions_dir or index_dir.with_name(index_dir.name + ".versions")
-            self._lock = hold_versions_lock(self.versions_dir)
-            self.version = newest_version(self.model, index_dir, self.versions_dir)
+            self.store = VersionStore(
+                self.model,
+                index_dir,
+                versions_dir or index_dir.with_name(index_dir.name + ".versions"),
+                keep=keep_versions,
+                compact_every=compact_every,
+                follow=follow,
+            )
         self.enrol_lock = asyncio.Lock()
         self.batcher = Batcher(self.model, batch_size, batch_wait_ms / 1000)
         self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
@@ -148,6 +152,11 @@ class Service:
 
     # -- endpoints
 
+    @property
+    def version(self) -> IndexVersion | None:
+        """The index version a request starting now reads (None without --index)."""
+        return None if self.store is None else self.store.current
+
     async def healthz(self, request: Request) -> JSONResponse:
         version = self.version
         spec = self.model.spec
@@ -167,7 +176,8 @@ class Service:
                     "skus": int(len(version.gallery.skus)),
                     "images": int(version.gallery.index.ntotal),
                 },
-                "enrolment": self.token is not None,
+                "enrolment": self.token is not None and not self.following,
+                "follows": self.following,
                 "batches": {"runs": self.batcher.batches, "images": self.batcher.images},
             }
         )
@@ -179,21 +189,16 @@ class Service:
 
     @contextlib.contextmanager
     def reading(self, version: IndexVersion | None):
-        """Mark ``version`` as read by a request until it ends: pruning leaves it alone till then."""
+        """Mark ``version`` as read by a request until it ends (see VersionStore.reading)."""
         if version is None:
             yield
             return
-        self.readers[version.number] += 1
-        try:
+        with self.store.reading(version):
             yield
-        finally:
-            self.readers[version.number] -= 1
-            if not self.readers[version.number]:
-                del self.readers[version.number]
-                # only a version an enrolment's prune had to leave for its readers is due now: the
-                # current ones are not, and this runs at the end of every request
-                if version.number <= self.version.number - self.keep_versions:
-                    self.prune()
+
+    @property
+    def following(self) -> bool:
+        return self.store is not None and self.store.follow
 
     async def _recognize(self, request: Request, version: IndexVersion | None) -> Response:
         mode = request.query_params.get("mode") or ("fused" if version is not None else "classifier")
@@ -229,6 +234,10 @@ class Service:
     async def enrol_sku(self, request: Request) -> Response:
         if self.token is None:
             return _error(403, "enrolment is off: start the service with --token-file")
+        if self.following:
+            return _error(
+                403, f"this service follows {self.store.versions_dir}: enrol on the service that writes it"
+            )
         scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 9110); the token is compared in constant time
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
@@ -250,27 +259,33 @@ class Service:
                 {"error": "none of the images could be read", "skipped": skipped}, status_code=422
             )
         async with self.enrol_lock:  # one enrolment at a time: each builds on the version before it
-            current = self.version
-            folder = self.versions_dir / f"v{current.number + 1:04d}"
-            thumb = items[ok[0]][1]
-            loop = asyncio.get_running_loop()
-            with self.reading(current):  # read from while the new version is built
-                gallery = await loop.run_in_executor(
-                    None,
-                    build_version,
-                    current,
-                    folder,
-                    embedding,
-                    sku,
-                    [items[i][0] for i in ok],
-                    thumb,
-                    self.image_limits,
+            current, loop = self.version, asyncio.get_running_loop()
+            names, thumb = [items[i][0] for i in ok], None
+            if not current.thumbnail(sku).is_file():  # a SKU new to the index: its first photo shows it
+                thumb = await loop.run_in_executor(
+                    self.decoders, thumbnail_jpeg, items[ok[0]][1], self.image_limits
                 )
-            self.version = IndexVersion(current.number + 1, folder, gallery)  # the swap: one assignment
-            self.prune()
-        log.info("enrolled %d image(s) of SKU %d -> index version %d", len(ok), sku, self.version.number)
+            try:
+                with self.reading(current):  # read from while the new version is built
+                    version = await loop.run_in_executor(None, self.store.enrol, embedding, sku, names, thumb)
+            except DiskFull as exc:
+                log.error("enrolment of SKU %d not saved: %s", sku, exc)
+                return _error(
+                    507,
+                    f"the enrolment was not saved: no space left for index versions ({exc}); "
+                    f"version {current.number} is still served",
+                )
+            except OSError as exc:
+                log.error("enrolment of SKU %d not saved: %s", sku, exc)
+                return _error(
+                    500,
+                    f"the enrolment was not saved: {exc.strerror or exc}; "
+                    f"version {current.number} is still served",
+                )
+            self.store.publish(version)  # the swap: one assignment
+        log.info("enrolled %d image(s) of SKU %d -> index version %d", len(ok), sku, version.number)
         return JSONResponse(
-            {"sku": sku, "added": len(ok), "skipped": skipped, "index_version": self.version.number},
+            {"sku": sku, "added": len(ok), "skipped": skipped, "index_version": version.number},
             status_code=201,
         )
 
@@ -280,18 +295,32 @@ class Service:
         if version is None or sku is None:
             return _error(404, "no such thumbnail")
         with self.reading(version):
-            path = version.folder / THUMBS_DIR / f"{sku}.jpg"
-            if not path.is_file():
+            try:
+                data = version.thumbnail(sku).read_bytes()
+            except OSError:  # none, or a follower's version pruned by the writer meanwhile
                 return _error(404, f"no thumbnail for SKU {sku}")
-            data = path.read_bytes()
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    def prune(self) -> None:
-        """Remove the versions older than the newest ``keep_versions`` that no request reads; never
-        the input index (version 0). Runs on the event loop: no request can start reading a version
-        while it is being judged."""
-        if self.version is not None:
-            prune_versions(self.versions_dir, self.version.number, self.keep_versions, set(self.readers))
+    async def follow_versions(self) -> None:
+        """A follower's loop: every ``poll_s``, swap in the newest version the writer published (read
+        on a worker thread: only the segments this one lacks). A version it cannot read yet (pruned
+        meanwhile, a disk error) is logged once and tried again at the next poll."""
+        loop, failed = asyncio.get_running_loop(), ""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                version = await loop.run_in_executor(None, self.store.newer)
+            except (Products10kError, OSError) as exc:
+                if str(exc) != failed:
+                    log.warning("cannot read the newest index version yet (trying again): %s", exc)
+                failed = str(exc)
+                continue
+            failed = ""
+            if version is not None:
+                self.store.publish(version)
+                log.info(
+                    "following: index version %d (%d images)", version.number, version.gallery.index.ntotal
+                )
 
     async def page(self, request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
@@ -309,7 +338,10 @@ def create_app(service: Service) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await service.batcher.start()
+        follower = asyncio.create_task(service.follow_versions()) if service.following else None
         yield
+        if follower is not None:
+            follower.cancel()
         await service.batcher.stop()
 
     routes = [
@@ -348,6 +380,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--keep-versions", type=int, default=3, help="enrolled index versions kept (older ones removed)"
     )
+    p.add_argument(
+        "--compact-every",
+        type=int,
+        default=256,
+        help="enrolments kept as small segments before a version is written whole again",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="a read-only replica: serve the versions another service (the writer) publishes under "
+        "--versions, picking up each within --poll-s; no enrolment",
+    )
+    p.add_argument("--poll-s", type=float, default=1.0, help="how often a follower looks for a new version")
     p.add_argument("--batch-size", type=int, default=32, help="largest batch the model runs")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an image waits for a batch")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
@@ -356,10 +401,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--max-images and --batch-size must be >= 1, --max-request-mb > 0, --batch-wait-ms >= 0")
     if (
         args.keep_versions < 1
+        or args.compact_every < 1
+        or args.poll_s <= 0
         or args.max_inflated_mb <= 0
         or (args.max_pixels is not None and args.max_pixels < 1)
     ):
-        p.error("--keep-versions and --max-pixels must be >= 1, --max-inflated-mb > 0")
+        p.error(
+            "--keep-versions, --compact-every and --max-pixels must be >= 1, "
+            "--max-inflated-mb and --poll-s > 0"
+        )
+    if args.follow and args.index is None:
+        p.error("--follow needs --index (and the writer's --versions): a follower serves its versions")
     return args
 
 
@@ -398,6 +450,9 @@ def main(argv: list[str] | None = None) -> None:
             batch_wait_ms=args.batch_wait_ms,
             threads=args.threads,
             keep_versions=args.keep_versions,
+            compact_every=args.compact_every,
+            follow=args.follow,
+            poll_s=args.poll_s,
         )
     except (Products10kError, OSError) as exc:
         log.error("%s", exc)

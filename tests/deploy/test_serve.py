@@ -183,7 +183,8 @@ def test_enrolment_needs_the_token_and_swaps_in_a_version_that_knn_uses(server):
 
     health = call(base, "/healthz")[1]["index"]
     assert health["version"] == version + 1 and "path" not in health  # no server paths to the public
-    assert (work / "versions" / f"v{version + 1:04d}" / "index.faiss").is_file()
+    written = work / "versions" / f"v{version + 1:04d}"  # a segment: only what this enrolment added
+    assert sorted(p.name for p in written.iterdir()) == ["delta.json", "segment.npz", "thumbs"]
     status, reply = call(base, "/v1/recognize?mode=knn", [("q.jpg", photos[1])])
     assert reply["results"][0]["skus"][0] == 777 and reply["index_version"] == version + 1
     assert {p.name: p.read_bytes() for p in index.iterdir() if p.is_file()} == before  # input untouched

@@ -9,6 +9,7 @@
   service on the same folder stops at start; old versions are pruned to --keep-versions.
 """
 
+import contextlib
 import io
 import os
 import signal
@@ -235,16 +236,27 @@ def test_enrolments_survive_kill_9_after_and_during_an_enrolment(project, tmp_pa
 
 def test_one_service_per_versions_folder_and_old_versions_pruned(project, tmp_path):
     root = project[0]
-    proc, base = start(root, tmp_path, "--keep-versions", "2")
+    proc, base = start(root, tmp_path, "--keep-versions", "2", "--compact-every", "2")
+    versions = tmp_path / "versions"
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in versions.iterdir() if p.name.startswith("v"))
+
     try:
         second, _ = start(root, tmp_path, expect_up=False)
         out, _ = second.communicate(timeout=60)
-        assert second.returncode == 1 and "is held by pid" in out and str(tmp_path / "versions") in out
+        assert second.returncode == 1 and "is held by pid" in out and str(versions) in out
         for i in range(4):
             assert _enrol(base, 910000 + i, i) == i + 1
-        kept = sorted(p.name for p in (tmp_path / "versions").iterdir() if p.name.startswith("v"))
-        assert kept == ["v0003", "v0004"]
-        assert all(_knn_top(base, i) == 910000 + i for i in range(4))  # pruning lost no SKU
+        # v1 a segment on the input index, v2 whole (2 segments on a base), v3 a segment on v2, v4 whole:
+        # the newest 2 (v3, v4) need v2, v3's base; v1 is needed by none
+        assert kept() == ["v0002", "v0003", "v0004"]
+        assert (versions / "v0004" / "index.faiss").is_file() and (
+            versions / "v0003" / "delta.json"
+        ).is_file()
+        assert _enrol(base, 910004, 4) == 5
+        assert kept() == ["v0004", "v0005"]  # v4 is whole: nothing below it is needed any more
+        assert all(_knn_top(base, i) == 910000 + i for i in range(5))  # pruning lost no SKU
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -293,3 +305,99 @@ def test_a_token_file_that_is_a_fifo_or_a_device_is_refused_not_read(tmp_path):
     (tmp_path / "big").write_text("x" * 5000)
     with pytest.raises(Products10kError, match="over the limit of 4096"):
         read_token(tmp_path / "big")
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    """A small tmpfs at ``folder``, where this machine lets the tests mount one (root, no sandbox)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_full_disk_is_a_507_in_words_and_the_previous_version_is_still_served(project, tmp_path):
+    """--versions on a real full file system (a 256 KB tmpfs, filled): the enrolment is a 507 that
+    says why, its staging folder is gone at once, version 0 is still served; with room again the
+    next enrolment is version 1. (Where no tmpfs can be mounted, test_versions.py injects the fault.)"""
+    root = project[0]
+    versions = tmp_path / "versions"
+    if not _mount_tmpfs(versions, "256k"):
+        pytest.skip(
+            "cannot mount a tmpfs here: the full disk is covered by fault injection in test_versions.py"
+        )
+    proc = None
+    try:
+        proc, base = start(root, tmp_path)
+        filler = versions / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):  # fill it, unbuffered: writes stop with ENOSPC
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        status, reply = call(base, "/v1/skus/920001/images", [("a.jpg", photo(1))], token=TOKEN)
+        assert status == 507, reply
+        assert "no space left" in reply["error"] and "version 0 is still served" in reply["error"]
+        assert sorted(p.name for p in versions.iterdir() if p.name != "lost+found") == [".lock", "filler"]
+        assert call(base, "/healthz")[1]["index"]["version"] == 0
+        assert call(base, "/v1/recognize?mode=knn", [("q.jpg", photo(1))])[0] == 200  # still answering
+        filler.unlink()
+        assert _enrol(base, 920001, 1) == 1 and _knn_top(base, 1) == 920001
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        subprocess.run(["umount", str(versions)], capture_output=True, timeout=30)
+
+
+def _wait_for_version(base: str, number: int, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if call(base, "/healthz")[1]["index"]["version"] == number:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{base} is not at index version {number} after {seconds} s")
+
+
+def test_a_writer_and_two_followers_each_killed_in_turn_lose_nothing_acknowledged(project, tmp_path):
+    """One writer and two read-only followers (--follow) on one versions folder, across a compaction
+    (--compact-every 2): each follower serves every acknowledged enrolment within seconds; a follower,
+    then the writer, then the other follower killed with SIGKILL and started again loses none."""
+    root = project[0]
+    follow = ("--follow", "--poll-s", "0.2")
+    procs = {"writer": start(root, tmp_path, "--compact-every", "2")}
+    procs.update({name: start(root, tmp_path, *follow) for name in ("f1", "f2")})
+    acknowledged: dict[int, int] = {}  # SKU -> the photo it was enrolled with
+
+    def enrol_and_check(sku: int, shift: int) -> None:
+        acknowledged[sku] = shift
+        number = _enrol(procs["writer"][1], sku, shift)
+        for name in ("f1", "f2"):
+            _wait_for_version(procs[name][1], number)
+            assert all(_knn_top(procs[name][1], s) == sku for sku, s in acknowledged.items()), name
+
+    def kill_and_restart(name: str) -> None:
+        proc, _ = procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        procs[name] = start(root, tmp_path, *(() if name == "writer" else follow), *(
+            ("--compact-every", "2") if name == "writer" else ()))  # fmt: skip
+
+    try:
+        enrol_and_check(960001, 1)
+        status, reply = call(procs["f1"][1], "/v1/skus/960009/images", [("a.jpg", photo(9))], token=TOKEN)
+        assert status == 403 and "follows" in reply["error"]  # followers never write
+        kill_and_restart("f1")
+        enrol_and_check(960002, 2)  # version 2: written whole (the compaction)
+        kill_and_restart("writer")
+        enrol_and_check(960003, 3)
+        kill_and_restart("f2")
+        enrol_and_check(960004, 4)  # version 4: whole again
+        for name in procs:
+            assert call(procs[name][1], "/healthz")[1]["index"]["version"] == 4
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
