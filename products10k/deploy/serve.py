@@ -39,12 +39,10 @@ The service imports no torch, albumentations, pandas or DVC (the ``serve`` insta
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -57,11 +55,12 @@ from starlette.routing import Route
 
 from products10k import common
 from products10k.common import Products10kError
+from products10k.deploy import connections
 from products10k.deploy.batching import Batcher
+from products10k.deploy.options import parse_args, read_token
 from products10k.deploy.runtime import MODES, ExportedModel, Scorer
-from products10k.deploy.uploads import Limits, RequestError, read_images
+from products10k.deploy.uploads import InFlight, Limits, RequestError, declared_bytes, drain, read_images
 from products10k.deploy.versions import DiskFull, IndexVersion, VersionStore
-from products10k.imaging.archive import read_file
 from products10k.imaging.images import ImageDefect, ImageLimits
 from products10k.knn import thumbnail_jpeg
 
@@ -111,13 +110,35 @@ class Service:
             )
         self.enrol_lock = asyncio.Lock()
         self.batcher = Batcher(self.model, batch_size, batch_wait_ms / 1000)
-        self.decoders = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
+        self.decode_threads = common.process_cores()
+        self.decoders = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="decode")
+        self.inflight = InFlight(self.limits.max_inflight_bytes, self.limits.queue_wait_s)
 
     # -- reading requests
 
-    async def read_images(self, request: Request) -> list[tuple[str, bytes | None, str]]:
-        """The request's images as (source, bytes or None, error), zips expanded (uploads.py)."""
-        return await read_images(request, self.limits, self.image_limits)
+    @contextlib.asynccontextmanager
+    async def uploads(self, request: Request):
+        """The request's images as (source, bytes or None, error), zips expanded (uploads.py), read
+        within the request's share of the in-flight budget, which it holds until the block ends.
+
+        RequestError: 413 over a limit (what a client still sends is read and dropped first), 503
+        with Retry-After when the budget has no room for it within ``--queue-wait-s``."""
+        try:
+            size = declared_bytes(request, self.limits)
+        except RequestError:
+            await drain(request, 4 * self.limits.max_request_bytes)
+            raise
+        if not await self.inflight.acquire(size):
+            raise RequestError(
+                503,
+                f"busy: {self.inflight.used} bytes of uploads are being read, over what this service holds "
+                f"at once with this one ({self.inflight.budget}); try again shortly",
+                headers={"Retry-After": "2"},
+            )
+        try:
+            yield await read_images(request, self.limits, self.image_limits)
+        finally:
+            await self.inflight.release(size)
 
     async def embed(self, items) -> tuple[list, np.ndarray, np.ndarray, list[int]]:
         """Decode and prepare every readable image on the decode threads, run them through the batcher.
@@ -131,12 +152,17 @@ class Service:
             except ImageDefect as exc:
                 return None, f"{exc.reason}: {exc.detail}"
 
-        loaded = await asyncio.gather(
-            *(
-                loop.run_in_executor(self.decoders, load, data) if data is not None else _done((None, error))
-                for _, data, error in items
-            )
-        )
+        turns = asyncio.Semaphore(self.decode_threads)
+
+        async def decode(data: bytes | None, error: str):
+            if data is None:
+                return None, error
+            # a request has at most one image per decode thread queued: a 64-image request cannot put
+            # 64 decodes ahead of another client's one; they interleave
+            async with turns:
+                return await loop.run_in_executor(self.decoders, load, data)
+
+        loaded = await asyncio.gather(*(decode(data, error) for _, data, error in items))
         errors = [error for _, error in loaded]
         ok = [i for i, (x, _) in enumerate(loaded) if x is not None]
         if not ok:
@@ -179,6 +205,11 @@ class Service:
                 "enrolment": self.token is not None and not self.following,
                 "follows": self.following,
                 "batches": {"runs": self.batcher.batches, "images": self.batcher.images},
+                "uploads": {
+                    "bytes_in_flight": self.inflight.used,
+                    "budget_bytes": self.inflight.budget,
+                    "refused_busy": self.inflight.refused,
+                },
             }
         )
 
@@ -213,10 +244,10 @@ class Service:
         if not 1 <= top_k <= self.limits.max_top_k:
             return _error(400, f"top_k must be between 1 and {self.limits.max_top_k}")
         try:
-            items = await self.read_images(request)
+            async with self.uploads(request) as items:
+                errors, logits, embedding, ok = await self.embed(items)
         except RequestError as exc:
-            return _error(exc.status, str(exc))
-        errors, logits, embedding, ok = await self.embed(items)
+            return _error(exc.status, str(exc), exc.headers)
         results = [
             {"source": name, "status": "error" if error else "ok", "error": error, "skus": [], "scores": []}
             for (name, _, _), error in zip(items, errors, strict=True)
@@ -249,10 +280,10 @@ class Service:
         if sku is None:
             return _error(400, f"SKU id '{raw[:40]}' is not {common.SKU_ID_RULE}")
         try:
-            items = await self.read_images(request)
+            async with self.uploads(request) as items:
+                errors, _, embedding, ok = await self.embed(items)
         except RequestError as exc:
-            return _error(exc.status, str(exc))
-        errors, _, embedding, ok = await self.embed(items)
+            return _error(exc.status, str(exc), exc.headers)
         skipped = [{"source": name, "error": e} for (name, _, _), e in zip(items, errors, strict=True) if e]
         if not ok:
             return JSONResponse(
@@ -326,12 +357,8 @@ class Service:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-async def _done(value):
-    return value
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def create_app(service: Service) -> Starlette:
@@ -357,82 +384,8 @@ def create_app(service: Service) -> Starlette:
 # --- command line -------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="products10k-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--model", required=True, type=Path, help="export folder (model.onnx + preprocess.json)")
-    p.add_argument("--index", type=Path, help="index folder (models/<member>/index): knn, fused, enrolment")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token enrolment requires")
-    p.add_argument(
-        "--versions", type=Path, help="where enrolled index versions go (default <index>.versions)"
-    )
-    p.add_argument("--max-request-mb", type=float, default=32.0)
-    p.add_argument("--max-images", type=int, default=64, help="images per request, zip members included")
-    p.add_argument(
-        "--max-inflated-mb", type=float, default=128.0, help="bytes zip members of one request may declare"
-    )
-    p.add_argument(
-        "--max-pixels", type=int, default=None, help="decoded pixels per image (default: the export's)"
-    )
-    p.add_argument(
-        "--keep-versions", type=int, default=3, help="enrolled index versions kept (older ones removed)"
-    )
-    p.add_argument(
-        "--compact-every",
-        type=int,
-        default=256,
-        help="enrolments kept as small segments before a version is written whole again",
-    )
-    p.add_argument(
-        "--follow",
-        action="store_true",
-        help="a read-only replica: serve the versions another service (the writer) publishes under "
-        "--versions, picking up each within --poll-s; no enrolment",
-    )
-    p.add_argument("--poll-s", type=float, default=1.0, help="how often a follower looks for a new version")
-    p.add_argument("--batch-size", type=int, default=32, help="largest batch the model runs")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an image waits for a batch")
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
-    args = p.parse_args(argv)
-    if args.max_images < 1 or args.batch_size < 1 or args.max_request_mb <= 0 or args.batch_wait_ms < 0:
-        p.error("--max-images and --batch-size must be >= 1, --max-request-mb > 0, --batch-wait-ms >= 0")
-    if (
-        args.keep_versions < 1
-        or args.compact_every < 1
-        or args.poll_s <= 0
-        or args.max_inflated_mb <= 0
-        or (args.max_pixels is not None and args.max_pixels < 1)
-    ):
-        p.error(
-            "--keep-versions, --compact-every and --max-pixels must be >= 1, "
-            "--max-inflated-mb and --poll-s > 0"
-        )
-    if args.follow and args.index is None:
-        p.error("--follow needs --index (and the writer's --versions): a follower serves its versions")
-    return args
-
-
-def read_token(path: Path) -> str:
-    try:  # bounded, and a regular file only: --token-file /dev/zero or a FIFO must not hang start-up
-        token = read_file(path, 4096).decode("utf-8").strip()
-    except ImageDefect as exc:
-        raise Products10kError(f"{path}: the token file is {exc.detail}") from None
-    except UnicodeDecodeError as exc:
-        raise Products10kError(
-            f"{path}: the token file is not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from None
-    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
-        raise Products10kError(f"{path}: the token must be at least 16 printable characters, no spaces")
-    return token
-
-
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     common.setup_logging()
     try:
         service = Service(
@@ -445,6 +398,10 @@ def main(argv: list[str] | None = None) -> None:
                 args.max_images,
                 max_inflated_bytes=int(args.max_inflated_mb * 2**20),
                 max_pixels=args.max_pixels,
+                max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+                queue_wait_s=args.queue_wait_s,
+                min_upload_bytes_per_s=int(args.min_upload_kbps * 1024),
+                upload_grace_s=args.upload_grace_s,
             ),
             batch_size=args.batch_size,
             batch_wait_ms=args.batch_wait_ms,
@@ -464,7 +421,19 @@ def main(argv: list[str] | None = None) -> None:
         args.host,
         args.port,
     )
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info", access_log=False)
+    try:
+        connections.run(
+            create_app(service),
+            args.host,
+            args.port,
+            header_timeout_s=args.header_timeout_s,
+            max_connections=args.max_connections,
+            log_level="info",
+            access_log=False,
+        )
+    except ValueError as exc:  # a --max-connections the open-file limit cannot hold
+        log.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

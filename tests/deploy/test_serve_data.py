@@ -294,7 +294,7 @@ def test_a_corrupt_model_index_or_token_file_stops_start_up_with_a_message(proje
 
 def test_a_token_file_that_is_a_fifo_or_a_device_is_refused_not_read(tmp_path):
     from products10k.common import Products10kError
-    from products10k.deploy.serve import read_token
+    from products10k.deploy.options import read_token
 
     os.mkfifo(tmp_path / "fifo")  # open() alone would wait for a writer
     (tmp_path / "zero").symlink_to("/dev/zero")  # read() alone would never end
