@@ -8,11 +8,14 @@ need training and tuning. The index holds only vectors; labels, names and the la
 live beside it (``gallery.npz``), so SKUs can be enrolled by appending to both.
 
 **Vote.** The k nearest gallery images vote for their SKU, each with weight
-``exp(cos / temperature)`` (``softmax``) or 1 (``count``); the kNN probability of a SKU is
-``(1 - smoothing) x its vote share + smoothing / K``. The smoothing keeps every probability
-above 0 (a row whose SKU got no vote still has a finite log-likelihood for the fusion fit), and
-its form is exactly what a predictions file represents: the voted labels' probabilities plus an
-equal share of the rest for every other label (``SplitScores``, ``combine_topk``).
+``exp(cos / temperature)`` (``softmax``) or 1 (``count``), or each SKU among them is scored by its
+best match alone, ``exp(max cos / temperature)`` (``best``: a score that does not grow with the
+number of the SKU's gallery photos, so a SKU enrolled from 5 photos is not outvoted by a look-alike
+with 200); the kNN probability of a SKU is ``(1 - smoothing) x its vote share + smoothing / K``.
+The smoothing keeps every probability above 0 (a row whose SKU got no vote still has a finite
+log-likelihood for the fusion fit), and its form is exactly what a predictions file represents:
+the voted labels' probabilities plus an equal share of the rest for every other label
+(``SplitScores``, ``combine_topk``).
 
 **Fusion.** ``(1 - w) x classifier softmax + w x kNN probability``: the two are combined like two
 ensemble members (``products10k.ensemble``), ``w`` maximising the val log-likelihood
@@ -225,19 +228,25 @@ def vote(
     """
     n, k = neighbour_labels.shape
     k_keep = min(k, num_classes)
-    if kind == "softmax":
+    if kind in ("softmax", "best"):
         # relative to the row's best similarity: exp() cannot overflow, the shares are unchanged
         weights = np.exp((sims - sims[:, :1]) / temperature).astype(np.float64)
     elif kind == "count":
         weights = np.ones_like(sims, dtype=np.float64)
     else:
-        raise ValueError(f"unknown vote '{kind}' (softmax | count)")
+        raise ValueError(f"unknown vote '{kind}' (softmax | count | best)")
     floor = smoothing / num_classes
     topk_labels = np.empty((n, k_keep), dtype=np.int32)
     topk_probs = np.full((n, k_keep), floor, dtype=np.float64)
     for i in range(n):
         voted, inverse = np.unique(neighbour_labels[i], return_inverse=True)
-        share = np.bincount(inverse, weights=weights[i], minlength=len(voted))
+        if kind == "best":
+            # each SKU by its best match alone: a SKU's score does not grow with its gallery photos,
+            # so 5 enrolled photos stand against a look-alike's 200 on their closeness alone
+            share = np.zeros(len(voted))
+            np.maximum.at(share, inverse, weights[i])
+        else:
+            share = np.bincount(inverse, weights=weights[i], minlength=len(voted))
         share /= share.sum()
         order = np.lexsort((voted, -share))[:k_keep]  # highest share first, then the lower label
         m = len(order)
@@ -327,3 +336,38 @@ def fuse(
         label_logprob=fused.label_logprob.astype(np.float32),
         prob_error=fused.error_bound.astype(np.float32),  # estimates: an ensemble of this carries it on
     )
+
+
+def fuse_with_enrolled(
+    logits: np.ndarray, knn: SplitScores, weight: float, num_classes: int, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fusion when the index names SKUs the classifier was never trained on (enrolled ones): the
+    classifier's score of such a SKU is unknown, not 0. (top-k labels, probabilities), (n, top_k) each.
+
+    ``logits``: the classifier's (n, K0) over the SKUs it knows (labels 0..K0-1); ``knn``: the kNN's
+    probabilities over all ``num_classes`` labels. The kNN alone decides how much goes to the enrolled
+    SKUs (its mass m on them), and the usual fusion shares the rest among the trained ones:
+
+        p(enrolled s) = p_knn(s);   p(trained s) = (1 - w)(1 - m) p_cls(s) + w p_knn(s)
+
+    which sums to 1 and is the plain fusion when m = 0. A zero classifier score instead would cap an
+    enrolled SKU at w x its kNN probability: the classifier, sure of a look-alike, outvoted it.
+    """
+    known = logits.shape[1]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    p_cls = np.exp(shifted)
+    p_cls /= p_cls.sum(axis=1, keepdims=True)
+    rows = np.arange(len(logits))[:, None]
+    # the kNN's dense probabilities: its kept labels, and the left-out mass shared equally elsewhere
+    kept = np.exp(knn.topk_logits.astype(np.float64) - knn.logsumexp[:, None])
+    rest = np.clip(1.0 - kept.sum(axis=1), 0.0, None) / max(num_classes - kept.shape[1], 1)
+    p_knn = np.repeat(rest[:, None], num_classes, axis=1)
+    p_knn[rows, knn.topk_labels] = kept
+    enrolled_mass = p_knn[:, known:].sum(axis=1, keepdims=True)
+    fused = p_knn.copy()
+    fused[:, :known] = (1.0 - weight) * (1.0 - enrolled_mass) * p_cls + weight * p_knn[:, :known]
+    top_k = min(top_k, num_classes)
+    top = np.argpartition(-fused, top_k - 1, axis=1)[:, :top_k]
+    order = np.argsort(-fused[rows, top], axis=1, kind="stable")
+    labels = top[rows, order]
+    return labels, fused[rows, labels].astype(np.float32)

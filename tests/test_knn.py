@@ -121,3 +121,61 @@ def test_enrol_appends_new_skus_after_the_known_ones_and_save_load(tmp_path):
     (tmp_path / "index" / "gallery.npz").unlink()
     with pytest.raises(Products10kError, match="gallery.npz is missing"):
         load_gallery(tmp_path / "index")
+
+
+def test_the_best_match_vote_names_a_sku_with_5_photos_beside_a_look_alike_with_200():
+    """An enrolled SKU (5 gallery photos) and a trained look-alike (200, cosine 0.88 between their
+    centres), queried with the first's photos: the k = 10 softmax vote goes to the look-alike with
+    the most photos near the query, the best match per SKU does not; the look-alike's own photos
+    are still named as it."""
+    rng = np.random.default_rng(0)
+    dim = 32
+
+    def around(centre, n):
+        x = centre + 0.4 * rng.normal(size=(n, dim)) / np.sqrt(dim)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    new = rng.normal(size=dim)
+    new /= np.linalg.norm(new)
+    look_alike = new + 0.5 * rng.normal(size=dim) / np.sqrt(dim)
+    look_alike /= np.linalg.norm(look_alike)
+    vectors = np.concatenate([around(new, 5), around(look_alike, 200)])
+    labels = np.r_[np.zeros(5, int), np.ones(200, int)]
+    gallery = build_gallery(vectors, labels, [f"{i}.jpg" for i in range(205)], np.array([7, 8]), {})
+
+    def named(queries, label: int, kind: str) -> float:
+        names, labels = np.arange(len(queries)).astype(str), np.full(len(queries), label)
+        scores, _ = knn_search(gallery, queries, names, labels, k=10, kind=kind, temperature=0.05,
+                               smoothing=0.01, batch=64)  # fmt: skip
+        return float((scores.topk_labels[:, 0] == label).mean())
+
+    queries = around(new, 200)
+    assert named(queries, 0, "best") >= 0.8
+    assert named(queries, 0, "softmax") <= 0.65 and named(queries, 0, "count") <= 0.5  # swamped
+    assert named(around(look_alike, 200), 1, "best") >= 0.95  # the look-alike loses nothing
+
+
+def test_fusion_treats_an_enrolled_skus_classifier_score_as_unknown():
+    from products10k.knn import fuse_with_enrolled
+
+    # 3 trained SKUs (labels 0-2) and 1 enrolled (3); the classifier is sure of the look-alike (0),
+    # the kNN's neighbours are mostly the enrolled SKU's
+    logits = np.array([[8.0, 2.0, 1.0], [0.0, 5.0, 0.0]], np.float32)
+    labels = np.array([[3, 0], [1, 2]])
+    sims = np.array([[0.95, 0.90], [0.9, 0.5]], np.float32)
+    knn = vote(sims, labels, 4, kind="best", temperature=0.1, smoothing=0.01, names=["a", "b"], labels=[3, 1])
+    top, probs = fuse_with_enrolled(logits, knn, 0.5, 4, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)  # a distribution over all 4 SKUs
+    assert top[0, 0] == 3  # named: a zero classifier score gave it 0.5 x p_knn, under the look-alike's
+    p_knn = np.exp(knn.topk_logits[0, 0])
+    assert 0.5 * p_knn < 0.5 * (1 - 1e-3) + 0.5 * np.exp(knn.topk_logits[0, 1])  # the old rule's loss
+    assert top[1, 0] == 1  # a query of a trained SKU: as before
+
+    # no enrolled SKU: the plain fusion
+    plain_knn = vote(sims, np.array([[0, 1], [1, 2]]), 3, kind="softmax", temperature=0.1, smoothing=0.01,
+                     names=["a", "b"], labels=[0, 1])  # fmt: skip
+    top, probs = fuse_with_enrolled(logits, plain_knn, 0.3, 3, 3)
+    cls = SplitScores.from_logits(np.array(["a", "b"]), np.array([0, 1]), logits, 3)
+    expected = fuse(cls, plain_knn, 0.3, 3, 3)
+    np.testing.assert_array_equal(top, expected.topk_labels)
+    np.testing.assert_allclose(probs, np.exp(expected.topk_logits), rtol=1e-5)

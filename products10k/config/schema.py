@@ -382,13 +382,18 @@ class RetrievalConfig(Section):
 
     phase: Phase  # whose checkpoint embeds (one index per ensemble member)
     k: int = Field(ge=1)  # neighbours that vote
-    vote: Literal["softmax", "count"]  # softmax: weight exp(similarity / temperature); count: 1 each
+    # softmax: weight exp(similarity / temperature); count: 1 each; best: each SKU by its best match
+    vote: Literal["softmax", "count", "best"]
     temperature: float = Field(gt=0.0)
     # kNN probability = (1 - smoothing) x vote share + smoothing / K: no SKU gets probability 0,
     # so the fusion weight fit (val log-likelihood) is finite for rows whose SKU got no vote
     smoothing: float = Field(gt=0.0, lt=1.0)
     batch_size: int = Field(ge=1)  # images per embedding batch
     search_batch: int = Field(ge=1)  # queries per Faiss search call (progress and memory)
+    # the enrolment check: SKUs cut to enrol_shots gallery images, their val images queried
+    # (metrics/<member>/retrieval.json "enrolment"); 0 turns it off
+    enrol_check_skus: int = Field(ge=0)
+    enrol_shots: int = Field(ge=1)
 
 
 class ExportConfig(Section):

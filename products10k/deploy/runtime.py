@@ -8,8 +8,8 @@ OpenCV and NumPy, checked against it by a test). The runtime imports no torch, a
 pandas or DVC: numpy, OpenCV, Pillow (the decoder's header reads), onnxruntime and Faiss.
 ``Scorer`` turns a batch of model outputs into top-k SKU ids and scores, with the classifier, kNN
 over an index folder, or their fusion with the weight the index stage fitted on val. An index that
-names SKUs the classifier does not know (``products10k-enrol``) extends the label space: the
-classifier gives those SKUs probability 0, kNN can name them.
+names SKUs the classifier does not know (``products10k-enrol``) extends the label space: kNN can
+name them, and the fusion treats their classifier score as unknown, not 0 (``knn.fuse_with_enrolled``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from products10k.common import Products10kError
 from products10k.imaging.images import ImageDefect, ImageLimits, decode_rgb, prepare_image
-from products10k.knn import Gallery, load_gallery, search, vote
+from products10k.knn import Gallery, fuse_with_enrolled, load_gallery, search, vote
 from products10k.scores import SplitScores, combine_topk
 
 MODES = ("classifier", "knn", "fused")
@@ -180,6 +180,9 @@ class Scorer:
         if self.mode == "fused":
             w = float(self.gallery.meta["fusion_weight"])
             weights = [1.0 - w, w]
+            if logits.shape[1] < num_classes:  # enrolled SKUs: the classifier cannot say, see knn.py
+                labels, probs = fuse_with_enrolled(logits, members[1], w, num_classes, self.top_k)
+                return TopK(self.skus[labels], probs)
         top = combine_topk(members, weights, num_classes, self.top_k)
         return TopK(self.skus[top.labels], top.probs)
 

@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from products10k import common
@@ -42,6 +43,7 @@ from products10k.knn import (
     knn_search,
     save_gallery,
     thumbnail_jpeg,
+    vote,
 )
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
@@ -147,9 +149,16 @@ def build_index(
         **_split_metrics(classifier, knn, fused, splits, label_map, evaluate.tail_max_images),
         "nearest_train_similarity": _closeness(nearest, splits),
     }
+    if searched is None and cfg.enrol_check_skus:  # under cv the refit's gallery has no val to query
+        metrics["enrolment"] = enrolment_check(gallery, val_vectors, splits["val"], splits["train"], cfg)
     save_gallery(gallery, outputs.index, thumbs=_thumbnails(splits["train"], inputs.images_root, skus))
     _write_scores(outputs, fused, knn, skus)
     common.write_json(outputs.metrics, metrics)
+    _log_summary(member, metrics)
+    return metrics
+
+
+def _log_summary(member: str, metrics: dict) -> None:
     test = metrics["test"]
     if "top1" in test["knn"]:
         log.info(
@@ -158,9 +167,17 @@ def build_index(
             test["classifier"]["top1"],
             test["knn"]["top1"],
             test["fused"]["top1"],
-            weight,
+            metrics["fusion_weight"],
         )
-    return metrics
+    for kind, rule in metrics.get("enrolment", {}).get("by_vote", {}).items():
+        log.info(
+            "%s: enrolment check, %s vote: SKUs cut to %d photos named %.3f, the others %.3f",
+            member,
+            kind,
+            metrics["enrolment"]["shots"],
+            rule["enrolled"]["top1"],
+            rule["trained"]["top1"],
+        )
 
 
 def _gallery(embed, rows, skus: np.ndarray, meta: dict, info: DistInfo):
@@ -208,6 +225,56 @@ def _fold_knn(member: str, inputs: IndexInputs, splits: dict, label_map, cfg, ev
     # test's closeness: its median over the folds' galleries, each the size of val's
     test_sims = np.median(np.stack(nearest["test"]), axis=0)
     return knn, concat_scores(single_val), {"val": np.concatenate(nearest["val"]), "test": test_sims}
+
+
+#: the vote rules the enrolment check compares (knn.vote)
+VOTES = ("softmax", "count", "best")
+
+
+def enrolment_check(
+    gallery, val_vectors: np.ndarray, val, train, cfg: RetrievalConfig, seed: int = 0
+) -> dict:
+    """Enrolled-vs-trained top-1 on val, for each vote rule: ``cfg.enrol_check_skus`` SKUs chosen at
+    random (``seed``) among those with more than ``cfg.enrol_shots`` training images and a val image
+    are cut to their first ``enrol_shots`` gallery images (the others masked out of the search, not
+    copied), as SKUs enrolled from a few photos would be; every val image is then searched. The
+    model was trained on these SKUs, so their figure is optimistic for SKUs it never saw."""
+    shots = cfg.enrol_shots
+    n_train = train["label"].value_counts()
+    eligible = np.intersect1d(n_train[n_train > shots].index.to_numpy(), val["label"].unique())
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(eligible, min(cfg.enrol_check_skus, len(eligible)), False)
+    )
+    if not len(chosen):
+        return {"skus": 0, "note": f"no SKU has more than {shots} training images and a val image"}
+    positions = np.arange(len(train))
+    is_chosen = train["label"].isin(chosen).to_numpy()
+    order = train.assign(position=positions)[is_chosen].sort_values(["label", "name"])
+    masked = order.groupby("label").cumcount().to_numpy() >= shots  # beyond each one's first shots
+    hidden = order["position"].to_numpy()[masked].astype(np.int64)
+    keep = faiss.IDSelectorNot(faiss.IDSelectorBatch(hidden))
+    k = min(cfg.k, gallery.index.ntotal - len(hidden))
+    sims, ids = gallery.index.search(
+        np.ascontiguousarray(val_vectors), k, params=faiss.SearchParameters(sel=keep)
+    )
+    labels = val["label"].to_numpy()
+    enrolled = np.isin(labels, chosen)
+    out = {"skus": int(len(chosen)), "shots": shots, "val_rows": {"enrolled": int(enrolled.sum()),
+           "trained": int((~enrolled).sum())}, "by_vote": {}}  # fmt: skip
+    for kind in VOTES:
+        scores = vote(sims, gallery.labels[ids], gallery.num_classes, kind=kind, temperature=cfg.temperature,
+                      smoothing=cfg.smoothing, names=val["name"], labels=labels)  # fmt: skip
+        hit = scores.topk_labels[:, 0] == labels
+        rates = {part: _rate(hit[rows]) for part, rows in (("enrolled", enrolled), ("trained", ~enrolled))}
+        ratio = rates["enrolled"]["top1"] / rates["trained"]["top1"] if rates["trained"]["top1"] else None
+        out["by_vote"][kind] = {**rates, "ratio": None if ratio is None else round(ratio, 3)}
+    return out
+
+
+def _rate(hit: np.ndarray) -> dict:
+    """top-1 rate of ``hit`` with its binomial standard error."""
+    p = float(hit.mean()) if len(hit) else 0.0
+    return {"top1": round(p, 4), "se": round(float(np.sqrt(p * (1 - p) / max(len(hit), 1))), 4)}
 
 
 def _read_splits(inputs: IndexInputs, label_map) -> dict:

@@ -176,3 +176,35 @@ def test_evaluate_and_index_over_two_ranks_write_what_one_process_writes(tmp_pat
     assert written == outputs
     for path in outputs:
         assert (two / path).read_bytes() == (one / path).read_bytes(), path
+
+
+def test_the_enrolment_check_cuts_the_chosen_skus_to_their_first_shots_and_scores_each_vote():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from products10k.knn import build_gallery
+    from products10k.retrieval.index import enrolment_check
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(3, 16))
+    # SKU 0: 5 photos near its centre, 7 more near SKU 1's; SKU 1: 12 photos; SKU 2: only 5 (so it
+    # cannot be the SKU chosen: the check needs more than enrol_shots training images)
+    where = np.r_[np.zeros(5, int), np.ones(7, int), np.ones(12, int), np.full(5, 2)]
+    names = [f"{sku}-{i:02d}.jpg" for sku, n in ((0, 12), (1, 12), (2, 5)) for i in range(n)]
+    train = pd.DataFrame({"name": names, "label": np.r_[np.zeros(12, int), np.ones(12, int), np.full(5, 2)]})
+    vectors = centres[where] + 0.05 * rng.normal(size=(len(where), 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    gallery = build_gallery(vectors, train["label"], train["name"], np.array([10, 11, 12]), {})
+    # val: an exact copy of SKU 0's 9th photo (one of those cut) and of SKU 2's first
+    val = train.iloc[[8, 24]].reset_index(drop=True)
+    cfg = SimpleNamespace(k=3, enrol_shots=5, enrol_check_skus=1, temperature=0.05, smoothing=0.01)
+    out = enrolment_check(gallery, vectors[[8, 24]], val, train, cfg)
+    assert out["skus"] == 1 and out["val_rows"] == {"enrolled": 1, "trained": 1}
+    assert set(out["by_vote"]) == {"softmax", "count", "best"}
+    for rule in out["by_vote"].values():
+        assert rule["trained"]["top1"] == 1.0
+        # the copy's own photo (similarity 1) is out of the search: what is near it is SKU 1's
+        assert rule["enrolled"]["top1"] == 0.0
+    sims, ids = gallery.index.search(vectors[[8]], 1)
+    assert ids[0, 0] == 8  # without the cut, the query finds its own copy: the check above can fail
