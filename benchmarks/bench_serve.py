@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--model models/export] [--index models/m0/index]
         [--clients 8] [--seconds 20] [--screenshot docs/serve_page.png]
+        [--soak-s 120 [--only-soak] [--enrol-every-s 2] [--compact-every 16] [--poll-s 0.5]]
 
 1. Starts the service (a fresh process) and records its cold start (process start to the first
    200 from /healthz) and idle memory (RSS).
@@ -13,12 +14,19 @@
    photo, taken before and after), none may fail.
 4. The offline figure beside it: the same photos through the runtime in batches of 32 in-process
    (decode, prepare, crop, onnxruntime), images/s.
-5. With ``--soak-s S``, a soak: ``--clients`` clients for S seconds while a new SKU is enrolled
-   every ``--enrol-every-s`` and the service is killed with SIGKILL half-way and started again on
-   the same ``--versions``: requests/s, p99, failures (those in the restart window counted apart),
-   the restart's seconds, acknowledged enrolments, SKUs lost (acknowledged but absent from the
-   newest version after the run: must be 0), version folders left (``--keep-versions 3``) and the
-   peak RSS of each server process.
+5. With ``--soak-s S``, a soak of three services on one ``--versions`` folder: a writer (the only
+   one that takes enrolments, ``--compact-every 16`` so the soak crosses compactions) and two
+   read-only followers (``--follow --poll-s 0.5``). ``--clients`` clients for S seconds, client k on
+   service k % 3, while a new SKU is enrolled on the writer every ``--enrol-every-s``; each service
+   killed with SIGKILL in turn (follower 1 at 1/4, the writer at 1/2, follower 2 at 3/4) and
+   started again at once with the same arguments. Per service: requests/s, p50/p99, failures (those
+   in its own restart window counted apart), kill-to-first-200 seconds, peak RSS of each process,
+   and the SKUs lost (acknowledged but not named top-1 by kNN for the photo enrolled: must be 0).
+   Beside it: acknowledged enrolments, SKUs absent from the newest version on disk (must be 0), the
+   followers' lag (acknowledgement to a follower's /healthz naming that version, p50/max), how long
+   the slower follower took to reach the writer's version after the last enrolment, and version
+   folders left (``--keep-versions 3``). ``--only-soak`` skips 1-4 (results then go to
+   benchmarks/results/serve_soak.json unless ``--out`` says otherwise).
 
 Results: benchmarks/results/serve.json. Needs `make repro`'s export and index.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +45,7 @@ import threading
 import time
 import uuid
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +58,7 @@ from tests.deploy.test_serve import chromium_driver, multipart  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
 NEW_SKU = 990_000_001
+RESULTS = Path(__file__).parent / "results"
 
 
 def post(conn: http.client.HTTPConnection, path: str, files, token: str | None = None) -> tuple[int, dict]:
@@ -67,14 +78,18 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def load(port: int, photos: list[tuple[str, bytes]], clients: int, seconds: float, during=None) -> dict:
-    """``clients`` threads posting one photo per request for ``seconds``; ``during`` runs mid-way."""
+def load(port: int | list[int], photos, clients: int, seconds: float, during=None, at: float = 0.5) -> dict:
+    """``clients`` threads posting one photo per request for ``seconds``, client k to ``port[k %
+    len(port)]``; ``during`` runs at ``at`` of the run. Records: (latency s, status, photo, reply,
+    end time, index of the port)."""
+    ports = [port] if isinstance(port, int) else port
     stop = time.perf_counter() + seconds
-    records: list[tuple[float, int, str, dict | None]] = []
+    records: list[tuple[float, int, str, dict | None, float, int]] = []
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        target = k % len(ports)
+        conn = http.client.HTTPConnection("127.0.0.1", ports[target], timeout=60)
         i = k
         while time.perf_counter() < stop:
             name, data = photos[i % len(photos)]
@@ -85,10 +100,10 @@ def load(port: int, photos: list[tuple[str, bytes]], clients: int, seconds: floa
             except (OSError, http.client.HTTPException, ValueError):
                 status, reply = 0, None
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn = http.client.HTTPConnection("127.0.0.1", ports[target], timeout=60)
                 time.sleep(0.05)  # the service is down (the soak's restart): retry, not spin
             with lock:
-                records.append((time.perf_counter() - t0, status, name, reply, time.perf_counter()))
+                records.append((time.perf_counter() - t0, status, name, reply, time.perf_counter(), target))
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -96,13 +111,18 @@ def load(port: int, photos: list[tuple[str, bytes]], clients: int, seconds: floa
     for t in threads:
         t.start()
     if during is not None:
-        time.sleep(seconds / 2)
+        time.sleep(seconds * at)
         during()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    latencies = np.array([r[0] for r in records]) * 1000
+    return {**summarize(records, time.perf_counter() - started), "records": records}
+
+
+def summarize(records, elapsed: float) -> dict:
     ok = [r for r in records if _answered(r[1], r[3])]
+    # latency of the answered requests: a refused connection while a service restarts fails in
+    # microseconds and would pull the percentiles down
+    latencies = np.array([r[0] for r in ok] or [np.nan]) * 1000
     return {
         "requests": len(records),
         "failed": len(records) - len(ok),
@@ -110,7 +130,6 @@ def load(port: int, photos: list[tuple[str, bytes]], clients: int, seconds: floa
         "latency_ms": {
             p: round(float(np.percentile(latencies, int(p[1:]))), 1) for p in ("p50", "p95", "p99")
         },
-        "records": records,
     }
 
 
@@ -156,9 +175,16 @@ def main() -> None:
         "--server-python", default=sys.executable, help="the interpreter of an install to serve from"
     )
     p.add_argument("--soak-s", type=float, default=0.0, help="also soak for this long (0: no soak)")
+    p.add_argument("--only-soak", action="store_true", help="the soak alone (steps 1-4 skipped)")
     p.add_argument("--enrol-every-s", type=float, default=2.0, help="soak: a new SKU this often")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
+    p.add_argument("--compact-every", type=int, default=16, help="soak: the writer's --compact-every")
+    p.add_argument("--poll-s", type=float, default=0.5, help="soak: the followers' --poll-s")
+    p.add_argument("--soak-logs", type=Path, help="soak: keep the three services' logs in this folder")
+    p.add_argument("--out", type=Path, help="default: results/serve.json (serve_soak.json with --only-soak)")
     args = p.parse_args()
+    if args.only_soak and args.soak_s <= 0:
+        p.error("--only-soak needs --soak-s")
+    out = args.out or RESULTS / ("serve_soak.json" if args.only_soak else "serve.json")
     photos = test_photos()
     result = {
         "machine": describe(),
@@ -166,78 +192,78 @@ def main() -> None:
         "seconds": args.seconds,
         "server": args.server_python,
     }
-    result["offline_images_per_s"] = offline_images_per_s(args.model, photos)
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        token = uuid.uuid4().hex
-        (tmp / "token").write_text(token)
-        port = free_port()
-        cmd = [args.server_python, "-m", "products10k.deploy.serve", "--model", str(args.model), "--index",
-               str(args.index), "--port", str(port), "--token-file", str(tmp / "token"), "--versions",
-               str(tmp / "versions")]  # fmt: skip
-        t0 = time.perf_counter()
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            while True:
-                try:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                    conn.request("GET", "/healthz")
-                    if conn.getresponse().status == 200:
-                        break
-                except OSError:
-                    time.sleep(0.05)
-            result["cold_start_s"] = round(time.perf_counter() - t0, 2)
-            result["idle_rss_mb"] = round(rss_mb(server.pid), 1)
-
-            steady = load(port, photos, args.clients, args.seconds)
-            result["steady"] = {k: v for k, v in steady.items() if k != "records"}
-            health = json.loads(_get(port, "/healthz"))
-            result["images_per_model_run"] = round(health["batches"]["images"] / health["batches"]["runs"], 2)
-            if args.screenshot:  # before the enrolment: a photo the index has never seen
-                screenshot(port, photos[-1], args.screenshot)
-
-            before = answers(port, photos)
-            new_photos = [(f"new{i}.jpg", photos[i][1]) for i in range(5)]
-
-            def enrol() -> None:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                status, reply = post(conn, f"/v1/skus/{NEW_SKU}/images", new_photos, token)
-                result["enrolment"] = {"status": status, "index_version": reply.get("index_version")}
-
-            swap = load(port, photos, args.clients, args.seconds, during=enrol)
-            after = answers(port, photos)
-            mixed = 0
-            for _, status, name, reply, _ in swap["records"]:
-                if status != 200:
-                    continue
-                version, r = reply["index_version"], reply["results"][0]
-                expected = before[name] if version == before[name][0] else after[name]
-                mixed += not (expected[0] == version and same(expected, r["skus"], r["scores"]))
-            result["during_enrolment"] = {k: v for k, v in swap.items() if k != "records"}
-            result["during_enrolment"]["mixed_answers"] = mixed
-            result["during_enrolment"]["versions_seen"] = sorted(
-                {r[3]["index_version"] for r in swap["records"] if r[3]}
-            )
-            result["peak_rss_mb"] = round(rss_mb(server.pid, "VmHWM"), 1)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        if args.only_soak:
+            del result["seconds"]  # the load's seconds: not run
+        else:
+            result["offline_images_per_s"] = offline_images_per_s(args.model, photos)
+            result.update(bench_load(args, photos, tmp))
         if args.soak_s > 0:
             result["soak"] = {"seconds": args.soak_s, "enrol_every_s": args.enrol_every_s}
             result["soak"].update(soak(args, photos, tmp))
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def bench_load(args, photos, tmp: Path) -> dict:
+    """Steps 1-3 of the docstring on one fresh service."""
+    result: dict = {}
+    token = uuid.uuid4().hex
+    (tmp / "token").write_text(token)
+    port = free_port()
+    cmd = [args.server_python, "-m", "products10k.deploy.serve", "--model", str(args.model), "--index",
+           str(args.index), "--port", str(port), "--token-file", str(tmp / "token"), "--versions",
+           str(tmp / "versions")]  # fmt: skip
+    server, result["cold_start_s"] = start_server(cmd, port)
+    try:
+        result["idle_rss_mb"] = round(rss_mb(server.pid), 1)
+        steady = load(port, photos, args.clients, args.seconds)
+        result["steady"] = {k: v for k, v in steady.items() if k != "records"}
+        health = json.loads(_get(port, "/healthz"))
+        result["images_per_model_run"] = round(health["batches"]["images"] / health["batches"]["runs"], 2)
+        if args.screenshot:  # before the enrolment: a photo the index has never seen
+            screenshot(port, photos[-1], args.screenshot)
+
+        before = answers(port, photos)
+        new_photos = [(f"new{i}.jpg", photos[i][1]) for i in range(5)]
+
+        def enrol() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            status, reply = post(conn, f"/v1/skus/{NEW_SKU}/images", new_photos, token)
+            result["enrolment"] = {"status": status, "index_version": reply.get("index_version")}
+
+        swap = load(port, photos, args.clients, args.seconds, during=enrol)
+        after = answers(port, photos)
+        mixed = 0
+        for _, status, name, reply, *_ in swap["records"]:
+            if status != 200:
+                continue
+            version, r = reply["index_version"], reply["results"][0]
+            expected = before[name] if version == before[name][0] else after[name]
+            mixed += not (expected[0] == version and same(expected, r["skus"], r["scores"]))
+        result["during_enrolment"] = {k: v for k, v in swap.items() if k != "records"}
+        result["during_enrolment"]["mixed_answers"] = mixed
+        result["during_enrolment"]["versions_seen"] = sorted(
+            {r[3]["index_version"] for r in swap["records"] if r[3]}
+        )
+        result["peak_rss_mb"] = round(rss_mb(server.pid, "VmHWM"), 1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return result
 
 
 def _answered(status: int, reply: dict | None) -> bool:
     return status == 200 and reply["results"][0]["status"] == "ok"
 
 
-def start_server(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
-    """The service started and answering /healthz, and the seconds that took."""
+def start_server(cmd: list[str], port: int, log: Path | None = None) -> tuple[subprocess.Popen, float]:
+    """The service started and answering /healthz, and the seconds that took; its output appended to
+    ``log`` (a restarted process after the killed one's) or dropped."""
     t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log, "ab") if log else open(os.devnull, "wb") as sink:
+        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     while server.poll() is None:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -246,82 +272,295 @@ def start_server(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
                 return server, round(time.perf_counter() - t0, 2)
         except OSError:
             time.sleep(0.05)
-    raise SystemExit(f"the service did not start: {' '.join(cmd)}")
+    raise SystemExit(f"the service did not start: {' '.join(cmd)}" + (f" (log: {log})" if log else ""))
+
+
+# --- the soak: a writer and two followers -----------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    """One of the soak's services: its command line, and each process run under it."""
+
+    name: str
+    cmd: list[str]
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+    peaks_mb: list[float] = field(default_factory=list)  # VmHWM of each process, read before it ends
+    restarts: list[tuple[float, float]] = field(default_factory=list)  # (SIGKILL sent, first 200)
+
+    def start(self) -> None:
+        self.proc, _ = start_server(self.cmd, self.port, self.log)
+
+    def kill_and_restart(self) -> None:
+        self.peaks_mb.append(rss_mb(self.proc.pid, "VmHWM"))
+        t0 = time.perf_counter()
+        self.proc.kill()
+        self.proc.wait()
+        with open(self.log, "ab") as f:
+            f.write(b"=== bench_serve: SIGKILL, started again ===\n")
+        self.start()
+        self.restarts.append((t0, time.perf_counter()))
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.peaks_mb.append(rss_mb(self.proc.pid, "VmHWM"))
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def version(self) -> int:
+        return json.loads(_get(self.port, "/healthz"))["index"]["version"]
+
+
+class VersionWatch:
+    """Polls each follower's /healthz every ``period`` on its own thread and notes when each first
+    served each index version. Polling all the time, rather than per enrolment, keeps a slow
+    follower's wait from delaying the next enrolment's measurement."""
+
+    def __init__(self, followers: list[Replica], period: float = 0.05):
+        self.followers, self.period = followers, period
+        self.first_seen: dict[str, dict[int, float]] = {f.name: {} for f in followers}
+        self.seen = {f.name: -1 for f in followers}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        conns: dict[str, http.client.HTTPConnection] = {}
+        while not self.stop.is_set():
+            for f in self.followers:
+                if f.name not in conns:
+                    conns[f.name] = http.client.HTTPConnection("127.0.0.1", f.port, timeout=5)
+                conn = conns[f.name]
+                try:
+                    conn.request("GET", "/healthz")
+                    version = json.loads(conn.getresponse().read())["index"]["version"]
+                except (OSError, http.client.HTTPException, ValueError):
+                    conns.pop(f.name).close()  # down (its restart): a new connection next round
+                    continue
+                now = time.perf_counter()
+                # a follower may skip versions (two published within one poll): serving version v
+                # serves every enrolment up to v
+                for v in range(self.seen[f.name] + 1, version + 1):
+                    self.first_seen[f.name].setdefault(v, now)
+                self.seen[f.name] = max(self.seen[f.name], version)
+            self.stop.wait(self.period)
+        for conn in conns.values():
+            conn.close()
+
+    def wait_for(self, version: int, timeout: float) -> bool:
+        deadline = time.perf_counter() + timeout
+        while min(self.seen.values()) < version:
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(self.period)
+        return True
+
+
+def enrolment_photos(args, n: int) -> list[tuple[str, bytes]]:
+    """``n`` test photos (after the 64 the clients send) that kNN must name top-1 as the SKU they are
+    enrolled as, whatever else is enrolled: each farther from every gallery vector and from the
+    others than a similarity at which its k neighbours could outvote its own match (similarity 1).
+    Any photo would do to check that an enrolment is present; this one makes "not named" mean lost."""
+    from products10k.deploy.runtime import ExportedModel
+    from products10k.imaging.images import ImageDefect
+    from products10k.knn import load_gallery, search
+
+    model, gallery = ExportedModel(args.model), load_gallery(args.index)
+    meta = gallery.meta
+    if meta["vote"] not in ("softmax", "best"):
+        raise SystemExit(f"the soak's kNN check needs a softmax or best vote, not '{meta['vote']}'")
+    # softmax: a neighbour at similarity s weighs exp((s - 1) / T) against the photo's own 1; k of them
+    # below this ceiling weigh under 1/2 together ("best" only needs s < 1)
+    ceiling = 1 + meta["temperature"] * math.log(0.5 / meta["k"])
+    pool, inputs = [], []
+    for name, data in test_photos(64 + 4 * n)[64:]:
+        try:
+            inputs.append(model.load(data))
+        except ImageDefect:
+            continue
+        pool.append((name, data))
+    emb = np.concatenate([model.run(np.stack(inputs[i : i + 32]))[1] for i in range(0, len(inputs), 32)])
+    sims, _ = search(gallery.index, emb, 1, batch=64, progress=False)
+    chosen: list[int] = []
+    for i in np.flatnonzero(sims[:, 0] < ceiling):
+        if len(chosen) == n:
+            break
+        if not chosen or float(np.max(emb[chosen] @ emb[i])) < ceiling:
+            chosen.append(int(i))
+    if len(chosen) < n:
+        raise SystemExit(f"only {len(chosen)} test photos are distinct enough to enrol, {n} needed")
+    return [pool[i] for i in chosen]
 
 
 def soak(args, photos, tmp: Path) -> dict:
-    """Clients, enrolments every few seconds and a kill -9 with a restart half-way (docstring, 5)."""
-    from products10k.deploy.versions import list_versions
-    from products10k.knn import load_gallery
-
+    """A writer and two followers under clients and enrolments, each killed in turn (docstring, 5)."""
     token = uuid.uuid4().hex
     (tmp / "token").write_text(token)
-    port = free_port()
-    versions = tmp / "soak-versions"
-    cmd = [args.server_python, "-m", "products10k.deploy.serve", "--model", str(args.model), "--index",
-           str(args.index), "--port", str(port), "--token-file", str(tmp / "token"), "--versions",
-           str(versions), "--keep-versions", "3"]  # fmt: skip
-    server, _ = start_server(cmd, port)
-    acked: list[int] = []
-    stop = threading.Event()
-    peaks = []
+    versions, logs = tmp / "soak-versions", args.soak_logs or tmp / "soak-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    to_enrol = enrolment_photos(args, int(args.soak_s / args.enrol_every_s) + 2)
+    common = [args.server_python, "-m", "products10k.deploy.serve", "--model", str(args.model), "--index",
+              str(args.index), "--versions", str(versions), "--keep-versions", "3"]  # fmt: skip
+    roles = {
+        "writer": ["--token-file", str(tmp / "token"), "--compact-every", str(args.compact_every)],
+        "follower1": ["--follow", "--poll-s", str(args.poll_s)],
+        "follower2": ["--follow", "--poll-s", str(args.poll_s)],
+    }
+    replicas = []
+    for name, extra in roles.items():
+        port = free_port()
+        replicas.append(Replica(name, [*common, "--port", str(port), *extra], port, logs / f"{name}.log"))
+    writer, followers = replicas[0], replicas[1:]
+    acked: list[tuple[int, tuple[str, bytes], int, float]] = []  # (SKU, photo, version, acknowledged at)
+    refused: list[int | str] = []  # the status or error of each enrolment not acknowledged
+    stop, watch = threading.Event(), VersionWatch(followers)
 
     def enroller() -> None:
-        k = 0
-        while not stop.wait(args.enrol_every_s):
+        for k, photo in enumerate(to_enrol):
+            if stop.wait(args.enrol_every_s):
+                return
             sku = NEW_SKU + 1000 + k
-            name, data = photos[k % len(photos)]
-            k += 1
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                status, _ = post(conn, f"/v1/skus/{sku}/images", [(name, data)], token)
+                conn = http.client.HTTPConnection("127.0.0.1", writer.port, timeout=120)
+                status, reply = post(conn, f"/v1/skus/{sku}/images", [photo], token)
                 conn.close()
-            except (OSError, http.client.HTTPException, ValueError):
-                continue  # the service was down: not acknowledged, so not owed
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                refused.append(type(exc).__name__)  # the writer was down: not acknowledged, so not owed
+                continue
             if status == 201:
-                acked.append(sku)
+                acked.append((sku, photo, reply["index_version"], time.perf_counter()))
+            else:
+                refused.append(status)
 
-    restart: dict = {}
-
-    def kill_and_restart() -> None:
-        nonlocal server
-        peaks.append(rss_mb(server.pid, "VmHWM"))
-        restart["at_s"] = round(args.soak_s / 2, 1)
-        t0 = time.perf_counter()
-        server.kill()
-        server.wait()
-        server, _ = start_server(cmd, port)
-        restart["down_s"] = round(time.perf_counter() - t0, 2)
-        restart["window"] = (t0, time.perf_counter())
+    def kill_in_turn() -> None:  # follower 1 at 1/4 of the soak, the writer at 1/2, follower 2 at 3/4
+        for i, replica in enumerate((followers[0], writer, followers[1]), 1):
+            time.sleep(max(0.0, started + args.soak_s * i / 4 - time.perf_counter()))
+            replica.kill_and_restart()
 
     thread = threading.Thread(target=enroller)
-    thread.start()
     try:
-        result = load(port, photos, args.clients, args.soak_s, during=kill_and_restart)
-    finally:
+        for replica in replicas:  # the writer first: it clears a killed enrolment's staging folder
+            replica.start()
+        watch.thread.start()
+        thread.start()
+        started = time.perf_counter()  # the soak's clock: the kills and the restarts' at_s count from here
+        result = load([r.port for r in replicas], photos, args.clients, args.soak_s, kill_in_turn, at=0)
         stop.set()
         thread.join()
-        peaks.append(rss_mb(server.pid, "VmHWM"))
-        server.terminate()
-        server.wait(timeout=30)
-    number, newest = list_versions(versions)[-1] if list_versions(versions) else (0, args.index)
-    present = {int(s) for s in load_gallery(newest).skus}
-    down_from, down_to = restart.get("window", (0.0, 0.0))
-    failed_outside = sum(
-        1
-        for _, status, _, reply, end in result["records"]
-        if not (status == 200 and reply["results"][0]["status"] == "ok")
-        and not down_from <= end <= down_to + 1.0
+        final = converge(writer, watch, acked)
+        lost = {r.name: not_named(r.port, acked) for r in replicas}
+    finally:
+        stop.set()
+        watch.stop.set()
+        for replica in replicas:
+            replica.stop()
+    return soak_summary(args, replicas, result, started, acked, refused, watch, final, lost, versions)
+
+
+def converge(writer: Replica, watch: VersionWatch, acked) -> dict:
+    """Wait (60 s at most) until both followers serve the writer's version; how long after the last
+    acknowledged enrolment the slower one got there (from the watch's first sighting, so a follower
+    already there counts its real lag, not the time this wait began)."""
+    target = writer.version()
+    reached = watch.wait_for(target, timeout=60)
+    watch.stop.set()
+    watch.thread.join()
+    out: dict = {"writer_version": target, "followers_reached_it": reached}
+    out["follower_versions"] = dict(watch.seen)
+    if reached and acked:
+        slowest = max(watch.first_seen[name][target] for name in watch.first_seen)
+        out["slower_follower_after_last_enrolment_s"] = round(slowest - acked[-1][3], 2)
+    return out
+
+
+def not_named(port: int, acked) -> list[int]:
+    """The acknowledged SKUs this service's kNN does not name top-1 for the photo each was enrolled
+    with (16 photos a request)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    missing = []
+    for start in range(0, len(acked), 16):
+        chunk = acked[start : start + 16]
+        status, reply = post(conn, "/v1/recognize?mode=knn&top_k=1", [photo for _, photo, _, _ in chunk])
+        if status != 200:
+            raise SystemExit(f"port {port}: the kNN check was answered {status}: {reply}")
+        for (sku, *_), r in zip(chunk, reply["results"], strict=True):
+            if r["skus"][:1] != [sku]:
+                missing.append(sku)
+    conn.close()
+    return missing
+
+
+def soak_summary(args, replicas, result, started, acked, refused, watch, final, lost, versions) -> dict:
+    from products10k.deploy.runtime import ExportedModel
+    from products10k.deploy.versions import list_versions, load_version
+
+    records = result["records"]
+    services = {}
+    for index, r in enumerate(replicas):
+        mine = [rec for rec in records if rec[5] == index]
+        failed = [rec for rec in mine if not _answered(rec[1], rec[3])]
+        # a request fails only while its own service is down: the slack covers the requests sent in the
+        # last moments before the first 200 (their retry sleeps), as the single-service soak did
+        in_window = [f for f in failed if any(kill <= f[4] <= up + 1.0 for kill, up in r.restarts)]
+        services[r.name] = {
+            "clients": len(range(index, args.clients, len(replicas))),
+            **summarize(mine, args.soak_s),
+            "failed_in_its_restart_window": len(in_window),
+            "restart": [{"at_s": round(k - started, 1), "down_s": round(up - k, 2)} for k, up in r.restarts],
+            "peak_rss_mb_per_process": [round(p, 1) for p in r.peaks_mb],
+            "skus_lost": len(lost[r.name]),
+        }
+        if lost[r.name]:
+            services[r.name]["skus_lost_ids"] = lost[r.name]
+    on_disk = list_versions(versions)
+    number = on_disk[-1][0] if on_disk else 0
+    # as a restarted service reads it: the newest version is its base plus the segments after it
+    newest = load_version(ExportedModel(args.model), args.index, versions, number, None)
+    present = {int(s) for s in newest.gallery.skus}
+    total = summarize(records, args.soak_s)
+    total["failed_outside_restart"] = total["failed"] - sum(
+        s["failed_in_its_restart_window"] for s in services.values()
     )
     return {
-        **{k: v for k, v in result.items() if k != "records"},
-        "failed_outside_restart": failed_outside,  # must be 0: a request fails only while the service is down
-        "restart": {k: v for k, v in restart.items() if k != "window"},
+        "compact_every": args.compact_every,
+        "poll_s": args.poll_s,
+        "keep_versions": 3,
+        "total": total,
+        "services": services,
         "enrolments_acknowledged": len(acked),
-        "skus_lost": len([s for s in acked if s not in present]),
+        "enrolments_not_acknowledged": refused,
+        "skus_absent_from_newest_version_on_disk": len([s for s, *_ in acked if s not in present]),
         "newest_version": number,
-        "version_folders_left": len(list_versions(versions)),
-        "peak_rss_mb_per_process": [round(p, 1) for p in peaks],
+        "whole_versions_written": number // args.compact_every,
+        "follower_lag_s": follower_lags(replicas[1:], watch, acked),
+        "convergence": final,
+        "version_folders_left": len(on_disk),
+    }
+
+
+def follower_lags(followers: list[Replica], watch: VersionWatch, acked) -> dict:
+    """Seconds from each acknowledgement to each follower first serving that version (or a later one),
+    p50/p99/max, and the max again leaving out the waits a follower's own restart was part of."""
+    lags, calm = [], []
+    for f in followers:
+        for _, _, version, acked_at in acked:
+            seen = watch.first_seen[f.name].get(version)
+            if seen is None:
+                continue
+            lags.append(seen - acked_at)
+            if not any(kill <= seen and acked_at <= up for kill, up in f.restarts):
+                calm.append(seen - acked_at)
+    if not lags:
+        return {"samples": 0, "of": len(followers) * len(acked)}
+    return {
+        "samples": len(lags),
+        "of": len(followers) * len(acked),
+        "p50": round(float(np.median(lags)), 2),
+        "p99": round(float(np.percentile(lags, 99)), 2),
+        "max": round(max(lags), 2),
+        "max_outside_own_restart": round(max(calm), 2) if calm else None,
     }
 
 
