@@ -1,16 +1,20 @@
 """New SKUs without retraining, measured: hold K SKUs out of training entirely, enrol them into
 the kNN index from at most ``--shots`` images each, and score their test images.
 
-On the embedded default (params.yaml's synthetic data and training recipe):
+On the embedded default (params.yaml's synthetic data and training recipe) or, with ``--data
+digits``, on real images (scikit-learn's handwritten digits, benchmarks/digits_data.py):
 
 1. generate and prepare the data (the download and prepare stages, in a temporary folder);
 2. pick ``--holdout`` SKUs at random (``--seed``) among those with >= ``--shots`` training
    images; drop every one of their training and val images; relabel the rest;
 3. train the ``train`` phase on what is left (the stage script, params.yaml's recipe);
 4. build the index of the remaining training images, fit the fusion weight on val (as the
-   index stage does), then enrol the held-out SKUs from their first ``--shots`` training images;
-5. score every test image: top-1 of the classifier, kNN and fusion on the SKUs the model was
-   trained on, and of kNN and fusion on the held-out SKUs (the classifier cannot name them).
+   index stage does, once per vote rule), then enrol the held-out SKUs from their first
+   ``--shots`` training images;
+5. score every test image: top-1 and top-5 of the classifier on the SKUs the model was trained
+   on, and of kNN and fusion (``knn.fuse_with_enrolled``, what products10k-predict and the service
+   run) under each vote rule (``softmax``, ``count``, ``best``: knn.py) on the trained and on the
+   held-out SKUs (the classifier cannot name those), each with a 95% interval.
 
 Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 
@@ -19,9 +23,10 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 - ``linear``: params.yaml's recipe as it is (the default head);
 - ``arcface`` / ``cosface``: the same with ``model.head`` set to that margin head.
 
-Writes benchmarks/results/enrol.json and prints the table for the README.
+Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/retrieval.md.
 
     python benchmarks/bench_enrol.py --holdout 8 --shots 5 --rows imagenet,linear,arcface
+    python benchmarks/bench_enrol.py --data digits --holdout 2 --out benchmarks/results/enrol_digits.json
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
-from products10k.knn import build_gallery, enrol, fit_fusion_weight, fuse, knn_scores  # noqa: E402
+from products10k.knn import build_gallery, enrol, fit_fusion_weight, fuse_with_enrolled, knn_scores  # noqa: E402
 from products10k.models.checkpoint import load_model  # noqa: E402
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
 from products10k.retrieval.embed import embed_rows, embedding_transform  # noqa: E402
@@ -54,16 +59,19 @@ def run(*args: str, cwd: Path) -> None:
     subprocess.run([sys.executable, *args], cwd=cwd, check=True)
 
 
-def prepare_data(work: Path) -> Path:
-    run(
-        str(ROOT / "stages/download.py"),
-        "--params",
-        str(ROOT / "params.yaml"),
-        "--out",
-        str(work / "raw"),
-        cwd=work,
-    )
-    run(str(ROOT / "stages/prepare.py"), "--params", str(ROOT / "params.yaml"), "--raw", str(work / "raw"),
+def prepare_data(work: Path, data: str, params: dict) -> Path:
+    """The download and prepare stages in ``work``: params.yaml's synthetic data, or the digits."""
+    params_file = ROOT / "params.yaml"
+    if data == "digits":
+        from benchmarks.digits_data import write_digits
+
+        write_digits(work / "digits")
+        tree = json.loads(json.dumps(params))
+        tree["data"].update({"source": "dir", "dir": str(work / "digits")})
+        params_file = work / "params-data.yaml"
+        params_file.write_text(__import__("yaml").safe_dump(tree))
+    run(str(ROOT / "stages/download.py"), "--params", str(params_file), "--out", str(work / "raw"), cwd=work)
+    run(str(ROOT / "stages/prepare.py"), "--params", str(params_file), "--raw", str(work / "raw"),
         "--out", str(work / "prepared"), cwd=work)  # fmt: skip
     return work / "prepared"
 
@@ -131,7 +139,8 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
 
 
 def score_row(model, meta, params, prepared, reduced, held, shots_rows) -> dict:
-    """Top-1 of classifier, kNN and fusion on trained and held-out SKUs' test images, after enrolment."""
+    """Top-1 and top-5 of the classifier, and of kNN and fusion under each vote rule, on the trained
+    and the held-out SKUs' test images after enrolment (each with a 95% interval)."""
     retrieval = params["retrieval"]
     label_map = read_label_map(reduced / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
     train = read_prepared(reduced / "train.csv", label_map)
@@ -140,39 +149,75 @@ def score_row(model, meta, params, prepared, reduced, held, shots_rows) -> dict:
     def embed(df):
         return embed_rows(model, meta, df, prepared, batch_size=64)
 
-    vote = dict(k=retrieval["k"], kind=retrieval["vote"], temperature=retrieval["temperature"],
-                smoothing=retrieval["smoothing"], batch=retrieval["search_batch"])  # fmt: skip
     gallery = build_gallery(embed(train), train["label"], train["name"], label_map["sku"], {})
     num_known = gallery.num_classes
-    # the fusion weight as the index stage fits it: on val, before any enrolment
     val_cls = classifier_scores(model, meta, val, prepared, num_known)
-    val_knn = knn_scores(gallery, embed(val), val["name"], val["label"], **vote)
-    weight = fit_fusion_weight(val_cls, val_knn)
+    val_vectors = embed(val)
+    weights = {}  # the fusion weight as the index stage fits it: on val, before any enrolment, per rule
+    for kind in VOTES:
+        val_knn = knn_scores(gallery, val_vectors, val["name"], val["label"], **_vote(retrieval, kind))
+        weights[kind] = fit_fusion_weight(val_cls, val_knn)
     enrol(gallery, embed(shots_rows), shots_rows["sku"].to_numpy(), shots_rows["name"].to_numpy())
 
     test = pd.read_csv(prepared / "test.csv", dtype={"name": str})
     label_of = {int(s): i for i, s in enumerate(gallery.skus)}
     test["label"] = test["sku"].map(lambda s: label_of.get(int(s), -1)).astype(int)
-    scores = {
-        "classifier": classifier_scores(model, meta, test, prepared, gallery.num_classes),
-        "knn": knn_scores(gallery, embed(test), test["name"], test["label"], **vote),
-    }
-    scores["fused"] = fuse(scores["classifier"], scores["knn"], weight, gallery.num_classes, 5)
+    truth = test["label"].to_numpy()
     is_held = test["sku"].isin(held).to_numpy()
+    logits = classifier_logits(model, meta, test, prepared)
+    test_vectors = embed(test)
+    classifier = np.argsort(-logits, axis=1)[:, :5]
     result = {
-        "fusion_weight": weight,
-        "trained_skus": {"n_images": int((~is_held).sum())},
-        "held_out_skus": {"n_images": int(is_held.sum())},
+        "trained_skus": {
+            "n_images": int((~is_held).sum()),
+            "classifier": _rates(classifier, truth, ~is_held),
+        },
+        "held_out_skus": {"n_images": int(is_held.sum()), "classifier": _rates(classifier, truth, is_held)},
+        "fusion_weight": weights,
     }
-    for name, s in scores.items():
-        hit = s.topk_labels[:, 0] == test["label"].to_numpy()
-        result["trained_skus"][name] = float(hit[~is_held].mean())
-        result["held_out_skus"][name] = float(hit[is_held].mean())
+    for kind in VOTES:
+        knn = knn_scores(gallery, test_vectors, test["name"], test["label"], **_vote(retrieval, kind))
+        fused, _ = fuse_with_enrolled(logits, knn, weights[kind], gallery.num_classes, 5)
+        for part, rows in (("trained_skus", ~is_held), ("held_out_skus", is_held)):
+            result[part][f"knn_{kind}"] = _rates(knn.topk_labels[:, :5], truth, rows)
+            result[part][f"fused_{kind}"] = _rates(fused, truth, rows)
     return result
+
+
+VOTES = ("softmax", "count", "best")
+
+
+def _vote(retrieval: dict, kind: str) -> dict:
+    return dict(k=retrieval["k"], kind=kind, temperature=retrieval["temperature"],
+                smoothing=retrieval["smoothing"], batch=retrieval["search_batch"])  # fmt: skip
+
+
+def _rates(top: np.ndarray, truth: np.ndarray, rows: np.ndarray) -> dict:
+    """top-1 and top-5 of the ``rows`` of ``top`` (labels, best first), each with a 95% interval (normal
+    approximation of the binomial: rows as independent draws)."""
+    out = {}
+    for k in (1, 5):
+        hit = (top[rows, :k] == truth[rows, None]).any(axis=1)
+        p = float(hit.mean()) if len(hit) else float("nan")
+        half = 1.96 * np.sqrt(p * (1 - p) / max(len(hit), 1))
+        out[f"top{k}"] = round(p, 4)
+        out[f"top{k}_ci95"] = [round(max(p - half, 0.0), 4), round(min(p + half, 1.0), 4)]
+    return out
+
+
+def classifier_logits(model, meta, df, prepared: Path) -> np.ndarray:
+    """The classifier's single centre-crop logits over the SKUs it was trained on, (N, K0)."""
+    transform, resize = embedding_transform(meta)
+    ds = PreparedImageDataset(df, prepared, transform, min_side=resize)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64)
+    with torch.inference_mode():
+        return np.concatenate([model(x).float().numpy() for x, *_ in loader])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=("default", "digits"), default="default",
+                   help="the embedded default, or scikit-learn's digits (digits_data.py)")  # fmt: skip
     p.add_argument("--holdout", type=int, default=8, help="SKUs left out of training")
     p.add_argument("--shots", type=int, default=5, help="enrolment images per held-out SKU (at most)")
     p.add_argument("--seed", type=int, default=0)
@@ -189,18 +234,20 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepared = prepare_data(work)
+        prepared = prepare_data(work, args.data, params)
         held, shots_rows, reduced = hold_out(prepared, work / "reduced", args.holdout, args.shots, args.seed)
         for row in rows:
             model, meta = train_row(row, params, reduced, prepared, work)
             results[row] = score_row(model, meta, params, prepared, reduced, held, shots_rows)
             if row == "imagenet":  # an untrained head: its classifier and fusion mean nothing
                 for part in ("trained_skus", "held_out_skus"):
-                    results[row][part]["classifier"] = results[row][part]["fused"] = None
+                    for key in [k for k in results[row][part] if k == "classifier" or k.startswith("fused")]:
+                        results[row][part][key] = None
                 results[row]["fusion_weight"] = None
     report = {
         "machine": describe(),
         "torch": torch.__version__,
+        "data": args.data,
         "arch": params["model"]["arch"],
         "pretrained": params["model"]["pretrained"],
         "holdout": args.holdout,
@@ -213,17 +260,29 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    print("\n| embedding | trained SKUs: classifier | kNN | fused | held-out SKUs: kNN | fused |")
-    print("|---|---|---|---|---|---|")
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """The README/docs table: per embedding and vote rule, top-1 on trained and held-out SKUs."""
 
     def f(x):
-        return "–" if x is None else f"{x:.3f}"
+        return "–" if x is None else f"{x['top1']:.3f} [{x['top1_ci95'][0]:.2f}, {x['top1_ci95'][1]:.2f}]"
 
+    lines = [
+        "| embedding | vote | trained: classifier | trained: kNN | trained: fused | held-out: kNN "
+        "| held-out: fused | held-out kNN top-5 | ratio (kNN) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row, r in results.items():
         t, h = r["trained_skus"], r["held_out_skus"]
-        cells = [t["classifier"], t["knn"], t["fused"], h["knn"], h["fused"]]
-        print(f"| {row} | " + " | ".join(f(x) for x in cells) + " |")
+        for kind in VOTES:
+            knn_t, knn_h = t[f"knn_{kind}"], h[f"knn_{kind}"]
+            ratio = knn_h["top1"] / knn_t["top1"] if knn_t["top1"] else float("nan")
+            cells = [f(t["classifier"]), f(knn_t), f(t[f"fused_{kind}"]), f(knn_h), f(h[f"fused_{kind}"]),
+                     f"{knn_h['top5']:.3f}", f"{ratio:.2f}×"]  # fmt: skip
+            lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
