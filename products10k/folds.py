@@ -27,12 +27,14 @@ phase's output folder, and the refit writes ``<out>`` itself (:func:`fold_dir`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from products10k.common import ConfigError, DataError, write_bytes, write_csv
+from products10k.config.stage import StageFiles, option
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +158,13 @@ def write_folds(
         int((held.groupby("sku")[FOLD_COLUMN].nunique() == folds).sum()),
         int((pool[FOLD_COLUMN] < 0).sum()),
     )  # fmt: skip
+
+
+@dataclass
+class FoldsFiles(StageFiles):
+    """The folds stage's files (its command line: stages/folds.py)."""
+
+    train: Path = option("prepared train.csv")
+    val: Path = option("prepared val.csv")
+    out_train: Path = option("the training table every phase reads")
+    out_val: Path = option("the val table (under cv: every image)")

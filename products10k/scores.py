@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from products10k import common
-from products10k.common import ConfigError, DataError, Products10kError
+from products10k.common import DataError, Products10kError
 
 #: rows per block when probabilities are averaged over the full label space (combine_topk)
 BLOCK_ROWS = 2048
@@ -138,12 +138,6 @@ class TopKWriter:
             logsumexp=self.logsumexp,
             label_logprob=self.label_logprob,
         )
-
-
-def require_evaluated_phase(phase: str, phases, where: str, key: str = "phase") -> None:
-    """Raise ConfigError unless ``phase`` is one of ``evaluate.phases`` (``key`` names its source)."""
-    if phase not in phases:
-        raise ConfigError(f"{where}: {key} '{phase}' is not in evaluate.phases ({', '.join(phases)})")
 
 
 #: the single centre crop's top-1 label of every test row (the paper's protocol), beside the TTA

@@ -8,7 +8,6 @@ Run (as dvc.yaml does):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,27 +17,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import BalanceConfig, load_section
-from products10k.prepared.balance import balance
+from products10k.config.stage import StageParams, stage_parser
+from products10k.prepared.balance import BalanceFiles, balance
 
 log = logging.getLogger("stages.balance")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="params file (section 'balance')")
-    parser.add_argument("--train", required=True, help="prepared train.csv")
-    parser.add_argument("--out", required=True, help="balanced CSV to write (same columns as --train)")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = stage_parser(__doc__, BalanceFiles).parse_args(argv)
     run_stage(log, _run, args)
 
 
-def _run(args: argparse.Namespace) -> None:
-    balance(args.train, args.out, load_section(args.params, "balance", BalanceConfig))
+def _run(args) -> None:
+    files = BalanceFiles.of(args)
+    balance(files.train, files.out, StageParams(args.params).typed("balance").balance)
 
 
 if __name__ == "__main__":

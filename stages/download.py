@@ -8,7 +8,6 @@ zipped or extracted) or `kaggle` (the official Kaggle CLI). Run (as dvc.yaml doe
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,30 +17,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import DataConfig, load_section
-from products10k.raw.download import download
+from products10k.config.stage import StageParams, stage_parser
+from products10k.raw.download import DownloadFiles, download
 
 log = logging.getLogger("stages.download")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="params file (section 'data')")
-    parser.add_argument(
-        "--out", required=True, help="folder to fill with train.zip, test.zip, train.csv, test_kaggletest.csv"
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = stage_parser(__doc__, DownloadFiles).parse_args(argv)
     run_stage(log, _run, args)
 
 
-def _run(args: argparse.Namespace) -> None:
-    cfg = load_section(args.params, "data", DataConfig)
-    # A relative data.dir is relative to params.yaml, wherever the command is started from.
-    download(cfg, args.out, base_dir=Path(args.params).resolve().parent)
+def _run(args) -> None:
+    # a relative data.dir is relative to params.yaml, wherever the command is started from
+    data = StageParams(args.params).typed("data").data
+    download(data, DownloadFiles.of(args).out, base_dir=Path(args.params).resolve().parent)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Run (as dvc.yaml does):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -19,30 +18,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import CVConfig, load_section
-from products10k.folds import write_folds
+from products10k.config.stage import StageParams, stage_parser
+from products10k.folds import FoldsFiles, write_folds
 
 log = logging.getLogger("stages.folds")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, type=Path, help="params file (section 'cv')")
-    parser.add_argument("--train", required=True, type=Path, help="prepared train.csv")
-    parser.add_argument("--val", required=True, type=Path, help="prepared val.csv")
-    parser.add_argument("--out-train", required=True, type=Path, help="the training table every phase reads")
-    parser.add_argument("--out-val", required=True, type=Path, help="the val table (under cv: every image)")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = stage_parser(__doc__, FoldsFiles).parse_args(argv)
     run_stage(log, _run, args)
 
 
-def _run(args: argparse.Namespace) -> None:
-    cfg = load_section(args.params, "cv", CVConfig)
-    write_folds(args.train, args.val, args.out_train, args.out_val, cfg.folds, cfg.seed)
+def _run(args) -> None:
+    files, cv = FoldsFiles.of(args), StageParams(args.params).typed("cv").cv
+    write_folds(files.train, files.val, files.out_train, files.out_val, cv.folds, cv.seed)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Reads the ``prepare`` section of the params file; see products10k/prepared/prepa
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -19,31 +18,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import PrepareConfig, load_section
-from products10k.prepared.prepare import prepare
+from products10k.config.stage import StageParams, stage_parser
+from products10k.prepared.prepare import PrepareFiles, prepare
 
 log = logging.getLogger("stages.prepare")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="params file (section 'prepare')")
-    parser.add_argument(
-        "--raw", required=True, help="folder with train.zip, test.zip, train.csv, test_kaggletest.csv"
-    )
-    parser.add_argument(
-        "--out", required=True, help="output folder (images/, train/val/test/label_map CSVs, report.json)"
-    )
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = stage_parser(__doc__, PrepareFiles).parse_args(argv)
     run_stage(log, _run, args)
 
 
-def _run(args: argparse.Namespace) -> None:
-    prepare(args.raw, args.out, load_section(args.params, "prepare", PrepareConfig))
+def _run(args) -> None:
+    files = PrepareFiles.of(args)
+    prepare(files.raw, files.out, StageParams(args.params).typed("prepare").prepare)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ A re-run after a kill resumes from ``<out>/last.pt`` when the settings are uncha
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -29,7 +28,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import PHASES, CVConfig, DistConfig, load_yaml, member_params, section
+from products10k.config import CVConfig, DistConfig, load_yaml, member_params, section
+from products10k.config.stage import stage_parser
 from products10k.dist.group import process_group
 from products10k.folds import check_folds, fold_plan
 from products10k.training.loop import Callbacks, PhasePaths, PhaseSettings, run_phase
@@ -37,33 +37,9 @@ from products10k.training.loop import Callbacks, PhasePaths, PhaseSettings, run_
 log = logging.getLogger("stages.train")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", required=True, choices=PHASES)
-    p.add_argument("--member", required=True, help="ensemble member name (ensemble.members.<name>)")
-    p.add_argument("--params", required=True, type=Path)
-    p.add_argument("--train-csv", required=True, type=Path, help="train.csv or balanced.csv")
-    p.add_argument("--val-csv", required=True, type=Path)
-    p.add_argument("--label-map", required=True, type=Path)
-    p.add_argument("--images", required=True, type=Path, help="prepared root holding images/shard-*.bin")
-    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (best.pt, last.pt)")
-    p.add_argument("--live", type=Path, default=None, help="DVCLive folder (rank 0 logs there)")
-    p.add_argument("--init", type=Path, default=None, help="checkpoint to start from (finetunes)")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    paths = PhasePaths(
-        train_csv=args.train_csv,
-        val_csv=args.val_csv,
-        label_map=args.label_map,
-        images=args.images,
-        out=args.out,
-        live=args.live,
-        init=args.init,
-    )
-    result = run_stage(log, train_phase, args.params, args.phase, args.member, paths)
+    args = stage_parser(__doc__, PhasePaths, member=True, phase=True).parse_args(argv)
+    result = run_stage(log, train_phase, args.params, args.phase, args.member, PhasePaths.of(args))
     if result["is_main"]:  # one summary line, on the node that runs dvc (not torchrun's RANK 0)
         folds = result["folds"]
         log.info(

@@ -26,6 +26,7 @@ import pandas as pd
 
 from products10k import common
 from products10k.config import EvaluateConfig, TTAConfig
+from products10k.config.stage import StageFiles, option
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
@@ -53,25 +54,26 @@ def tta_metrics(pred, rows: pd.DataFrame, n_train: dict, tail_max_images: int) -
 
 
 @dataclass
-class EvalOutputs:
-    metrics: Path
-    predictions: Path
-    per_group: Path
-    confused: Path
-    gallery: Path
+class EvalFiles(StageFiles):
+    """The evaluate stage's files (its command line: stages/evaluate.py)."""
+
+    checkpoint: Path = option("best.pt of the phase")
+    label_map: Path = option("prepared label_map.csv")
+    train: Path = option("train CSV (gallery exemplars of each SKU)")
+    val: Path = option("val CSV")
+    test: Path = option("test CSV")
+    images_root: Path = option("folder holding images/shard-*.bin")
+    metrics: Path = option("output: metrics JSON")
+    predictions: Path = option("output: predictions .npz (val and test)")
+    per_group: Path = option("output: per-group CSV")
+    confused: Path = option("output: most confused pairs CSV")
+    gallery: Path = option("output: error gallery PNG")
 
 
 def evaluate_phase(
-    *,
     member: str,
     phase: str,
-    checkpoint: str | Path,
-    label_map_path: str | Path,
-    train_path: str | Path,
-    val_path: str | Path,
-    test_path: str | Path,
-    images_root: str | Path,
-    outputs: EvalOutputs,
+    files: EvalFiles,
     cfg: EvaluateConfig,
     tta: TTAConfig,
     folds: int,
@@ -86,6 +88,8 @@ def evaluate_phase(
     them, computes the metrics and writes every output, and the other ranks return None.
     """
     info = info or DistInfo()
+    checkpoint, label_map_path, images_root = files.checkpoint, files.label_map, files.images_root
+    val_path, test_path = files.val, files.test
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
     val = read_prepared(val_path, label_map, allow_empty=True)
     check_folds(val, folds, val_path)
@@ -114,13 +118,11 @@ def evaluate_phase(
     }
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     single_top1 = test_single.topk_labels[:, 0] if len(test_single) else None
-    save_predictions(
-        outputs.predictions, val=val_scores, test=test_scores, skus=skus, single_top1=single_top1
-    )
+    save_predictions(files.predictions, val=val_scores, test=test_scores, skus=skus, single_top1=single_top1)
 
-    _write_plots(outputs, test_single, test, label_map, train_path, images_root, cfg, f"{member}/{phase}")
+    _write_plots(files, test_single, test, label_map, cfg, f"{member}/{phase}")
 
-    common.write_json(outputs.metrics, metrics)
+    common.write_json(files.metrics, metrics)
     log.info(
         "%s/%s: val top1 %.4f, test top1 %.4f single crop / %.4f TTA (public %.4f, private %.4f)%s",
         member,
@@ -256,19 +258,21 @@ def _predict_splits(
     return results
 
 
-def _write_plots(outputs: EvalOutputs, test_single, test, label_map, train_path, images_root, cfg, name: str):
+def _write_plots(files: EvalFiles, test_single, test, label_map, cfg, name: str):
     """Per-group top-1, confused pairs and the error gallery, all of the single centre crop (the
     figure test.top1 reports)."""
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     test_top = test_single.topk_labels
-    common.write_csv(outputs.per_group, per_group_table(test_top, test))
+    common.write_csv(files.per_group, per_group_table(test_top, test))
     sku_group = dict(zip(label_map["sku"], label_map["group"], strict=True))
     pairs = confused_pairs(test_top[:, 0], test["label"].to_numpy(), skus, sku_group, top=cfg.top_confused)
-    common.write_csv(outputs.confused, pairs)
+    common.write_csv(files.confused, pairs)
 
-    train = read_prepared(train_path, label_map)
+    train = read_prepared(files.train, label_map)
     exemplars = train.drop_duplicates("label", keep="first").set_index("label")
     errors = worst_errors(test_single, cfg.gallery_size)
     title = f"{name}: {len(errors)} most confident test errors"
-    image = draw_gallery(errors, test, exemplars, skus, ImageStore(images_root), cfg.gallery_tile, title)
-    common.write_bytes(outputs.gallery, encode_png(image))
+    image = draw_gallery(
+        errors, test, exemplars, skus, ImageStore(files.images_root), cfg.gallery_tile, title
+    )
+    common.write_bytes(files.gallery, encode_png(image))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch import nn
 from products10k import common
 from products10k.common import Products10kError
 from products10k.config import ExportConfig, PrepareConfig
+from products10k.config.stage import StageFiles, option
 from products10k.data.datasets import PreparedImageDataset
 from products10k.models.checkpoint import check_labels, load_model
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
@@ -98,18 +100,21 @@ def preprocess_spec(
     }
 
 
-def export_model(
-    *,
-    checkpoint: Path,
-    label_map_path: Path,
-    test_path: Path,
-    images_root: Path,
-    out: Path,
-    metrics_path: Path,
-    cfg: ExportConfig,
-    prepare: PrepareConfig,
-) -> dict:
-    """Export, check against PyTorch, publish ``out`` whole; return the check's metrics."""
+@dataclass
+class ExportFiles(StageFiles):
+    """The export stage's files (its command line: stages/export.py)."""
+
+    checkpoint: Path = option("best.pt of export.member/export.phase")
+    label_map: Path = option("prepared label_map.csv")
+    test: Path = option("prepared test CSV (images for the check)")
+    images_root: Path = option("folder holding images/shard-*.bin")
+    out: Path = option("output folder: model.onnx, preprocess.json")
+    metrics: Path = option("output: the check's metrics JSON")
+
+
+def export_model(files: ExportFiles, cfg: ExportConfig, prepare: PrepareConfig) -> dict:
+    """Export, check against PyTorch, publish ``files.out`` whole; return the check's metrics."""
+    checkpoint, label_map_path, out = files.checkpoint, files.label_map, files.out
     label_map = read_label_map(label_map_path, LABEL_MAP_ALL_COLUMNS)
     if not checkpoint.is_file():
         raise Products10kError(
@@ -120,7 +125,7 @@ def export_model(
     check_labels(meta, label_map, checkpoint, label_map_path)
     net = ExportedNet(model).eval()
     images = _check_batch(
-        meta, read_prepared(test_path, label_map, usage=True), images_root, cfg.check_images
+        meta, read_prepared(files.test, label_map, usage=True), files.images_root, cfg.check_images
     )
 
     staging = out.with_name(out.name + ".tmp")
@@ -139,7 +144,7 @@ def export_model(
             f"{metrics['max_abs_logit_diff']:.3g} (> {LOGIT_ATOL}) on {metrics['n_images']} test images"
         )
     common.swap_in(staging, out)
-    common.write_json(metrics_path, metrics)
+    common.write_json(files.metrics, metrics)
     log.info(
         "exported %s to %s: max |logit diff| %.2e, top-1 agreement %.4f on %d images",
         checkpoint,

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from products10k.common import DataError, write_csv
 from products10k.config import BalanceConfig
+from products10k.config.stage import StageFiles, option
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +66,11 @@ def balance(train_csv: str | os.PathLike, out_csv: str | os.PathLike, cfg: Balan
         "every image" if cfg.per_class is None else f"at most {cfg.per_class} per SKU",
     )
     return out
+
+
+@dataclass
+class BalanceFiles(StageFiles):
+    """The balance stage's files (its command line: stages/balance.py)."""
+
+    train: Path = option("prepared train.csv")
+    out: Path = option("balanced CSV to write (same columns as --train)")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from products10k.common import DataError, ordered_map, pause_point, resolve_n_jobs, write_csv, write_json
 from products10k.config import PrepareConfig
+from products10k.config.stage import StageFiles, option
 from products10k.imaging.images import ImageLimits, prepare_zip_members
 from products10k.prepared.contract import PREPARED_COLUMNS, TEST_COLUMNS
 from products10k.prepared.shards import ShardWriter, remove_stale_staging
@@ -388,3 +389,11 @@ def _report(
         "excluded": excluded["train"] + excluded["test"],
         "unsafe_entries": unsafe,
     }
+
+
+@dataclass
+class PrepareFiles(StageFiles):
+    """The prepare stage's files (its command line: stages/prepare.py)."""
+
+    raw: Path = option("folder with train.zip, test.zip, train.csv, test_kaggletest.csv")
+    out: Path = option("output folder (images/, train/val/test/label_map CSVs, report.json)")

@@ -27,12 +27,14 @@ import os
 import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from products10k.common import DataError, current_umask, swap_in
 from products10k.config import DataConfig, KaggleConfig
+from products10k.config.stage import StageFiles, option
 from products10k.raw import kaggle
 from products10k.raw.contract import RAW_CSV_COLUMNS, RAW_FILES, ZIP_ROOTS, unsafe_member
 from products10k.raw.synthetic import generate, zip_info
@@ -267,3 +269,10 @@ def fetch_kaggle(cfg: KaggleConfig, dest: str | os.PathLike) -> None:
     # moving is safe because these files are ours.
     assemble_from_dir(root, dest, link="move")
     shutil.rmtree(work)
+
+
+@dataclass
+class DownloadFiles(StageFiles):
+    """The download stage's files (its command line: stages/download.py)."""
+
+    out: Path = option("folder to fill with train.zip, test.zip, train.csv, test_kaggletest.csv")

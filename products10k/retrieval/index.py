@@ -31,6 +31,7 @@ import numpy as np
 
 from products10k import common
 from products10k.config import EvaluateConfig, RetrievalConfig
+from products10k.config.stage import StageFiles, option
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
 from products10k.estimate import val_weights
@@ -66,28 +67,26 @@ UNFITTED_WEIGHT = 0.5
 
 
 @dataclass
-class IndexInputs:
-    checkpoint: Path
-    label_map: Path
-    train: Path
-    val: Path
-    test: Path
-    images_root: Path
-    classifier: Path  # the evaluate stage's predictions of the same member and retrieval.phase
+class IndexFiles(StageFiles):
+    """The index stage's files (its command line: stages/index.py)."""
 
-
-@dataclass
-class IndexOutputs:
-    index: Path
-    fused: Path
-    metrics: Path
-    knn: Path | None = None  # the kNN's own predictions: a candidate of submit.phase: auto
+    checkpoint: Path = option("best.pt of retrieval.phase")
+    label_map: Path = option("prepared label_map.csv")
+    train: Path = option("train CSV: the gallery")
+    val: Path = option("val CSV: fits the fusion weight")
+    test: Path = option("test CSV")
+    images_root: Path = option("folder holding images/shard-*.bin")
+    classifier: Path = option("evaluate's predictions of the same member and retrieval.phase")
+    index: Path = option("output folder: index.faiss, gallery.npz, meta.json")
+    fused: Path = option("output: fused predictions (.npz)")
+    metrics: Path = option("output: metrics JSON")
+    knn: Path | None = option("output: the kNN's own predictions (.npz), a candidate of submit.phase: auto",
+                              optional=True)  # fmt: skip
 
 
 def build_index(
     member: str,
-    inputs: IndexInputs,
-    outputs: IndexOutputs,
+    files: IndexFiles,
     cfg: RetrievalConfig,
     evaluate: EvaluateConfig,
     folds: int,
@@ -102,19 +101,19 @@ def build_index(
     the index, searches and writes every output; the other ranks return None.
     """
     info = info or DistInfo()
-    label_map = read_label_map(inputs.label_map, LABEL_MAP_ALL_COLUMNS)
+    label_map = read_label_map(files.label_map, LABEL_MAP_ALL_COLUMNS)
     skus = label_map["sku"].to_numpy(dtype=np.int64)
-    splits = _read_splits(inputs, label_map)
-    check_folds(splits["val"], folds, inputs.val)
+    splits = _read_splits(files, label_map)
+    check_folds(splits["val"], folds, files.val)
     splits["val"] = out_of_fold(splits["val"], folds)
-    classifier = load_predictions(inputs.classifier, member)
-    searched = _fold_knn(member, inputs, splits, label_map, cfg, evaluate, folds, info) if folds else None
-    model, meta = load_member_checkpoint(inputs.checkpoint, member, cfg.phase, label_map, inputs.label_map)
-    embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, f"{member}/{cfg.phase}", info)
+    classifier = load_predictions(files.classifier, member)
+    searched = _fold_knn(member, files, splits, label_map, cfg, evaluate, folds, info) if folds else None
+    model, meta = load_member_checkpoint(files.checkpoint, member, cfg.phase, label_map, files.label_map)
+    embed = _embedder(model, meta, files.images_root, cfg, evaluate, f"{member}/{cfg.phase}", info)
 
     # every rank embeds its shard (a single process: all rows); rank 0 gets them all and builds the
     # gallery before the queries are embedded, so the train vectors are held once at a time
-    gallery = _gallery(embed, splits["train"], skus, _index_meta(member, inputs.checkpoint, meta, cfg), info)
+    gallery = _gallery(embed, splits["train"], skus, _index_meta(member, files.checkpoint, meta, cfg), info)
     if searched is None:
         # the classifier's single centre crop of val, from the embedding pass: what predict computes
         val_vectors, single_val = embed(splits["val"], "val", with_logits=True)
@@ -123,11 +122,11 @@ def build_index(
             knn, nearest = {}, {}
             for split, vectors in (("val", val_vectors), ("test", test_vectors)):
                 knn[split], nearest[split] = _search(gallery, vectors, splits[split], cfg)
-                _check_same_rows(classifier, split, knn[split], inputs.classifier)  # before the next search
+                _check_same_rows(classifier, split, knn[split], files.classifier)  # before the next search
     elif info.is_main:
         knn, single_val, nearest = searched
         for split in knn:
-            _check_same_rows(classifier, split, knn[split], inputs.classifier)
+            _check_same_rows(classifier, split, knn[split], files.classifier)
     if not info.is_main:
         return None
 
@@ -151,9 +150,9 @@ def build_index(
     }
     if searched is None and cfg.enrol_check_skus:  # under cv the refit's gallery has no val to query
         metrics["enrolment"] = enrolment_check(gallery, val_vectors, splits["val"], splits["train"], cfg)
-    save_gallery(gallery, outputs.index, thumbs=_thumbnails(splits["train"], inputs.images_root, skus))
-    _write_scores(outputs, fused, knn, skus)
-    common.write_json(outputs.metrics, metrics)
+    save_gallery(gallery, files.index, thumbs=_thumbnails(splits["train"], files.images_root, skus))
+    _write_scores(files, fused, knn, skus)
+    common.write_json(files.metrics, metrics)
     _log_summary(member, metrics)
     return metrics
 
@@ -192,17 +191,17 @@ def _gallery(embed, rows, skus: np.ndarray, meta: dict, info: DistInfo):
     return gallery
 
 
-def _fold_knn(member: str, inputs: IndexInputs, splits: dict, label_map, cfg, evaluate, folds: int, info):
+def _fold_knn(member: str, files: IndexFiles, splits: dict, label_map, cfg, evaluate, folds: int, info):
     """Under cv: each fold's model embeds its own training rows as a gallery and searches the val rows
     it held out and test. Rank 0 gets the out-of-fold val kNN and single-crop classifier scores (val's
     order: products10k/folds.py) and the folds' mean test kNN; other ranks None."""
     skus = label_map["sku"].to_numpy(dtype=np.int64)
     found, nearest, single_val = {"val": [], "test": []}, {"val": [], "test": []}, []
     for fold in range(folds):
-        checkpoint = fold_dir(inputs.checkpoint, fold)
-        model, meta = load_member_checkpoint(checkpoint, member, cfg.phase, label_map, inputs.label_map)
+        checkpoint = fold_dir(files.checkpoint, fold)
+        model, meta = load_member_checkpoint(checkpoint, member, cfg.phase, label_map, files.label_map)
         name = f"{member}/{cfg.phase}/fold{fold}"
-        embed = _embedder(model, meta, inputs.images_root, cfg, evaluate, name, info)
+        embed = _embedder(model, meta, files.images_root, cfg, evaluate, name, info)
         gallery_rows, held_out = fold_view(splits["train"], splits["val"], fold)
         gallery = _gallery(embed, gallery_rows, skus, _index_meta(member, checkpoint, meta, cfg), info)
         val_vectors, single = embed(held_out, "val", with_logits=True)
@@ -277,20 +276,20 @@ def _rate(hit: np.ndarray) -> dict:
     return {"top1": round(p, 4), "se": round(float(np.sqrt(p * (1 - p) / max(len(hit), 1))), 4)}
 
 
-def _read_splits(inputs: IndexInputs, label_map) -> dict:
+def _read_splits(files: IndexFiles, label_map) -> dict:
     """train (the gallery), val (fits the fusion weight) and test, checked against the label map."""
     return {
-        "train": read_prepared(inputs.train, label_map),
-        "val": read_prepared(inputs.val, label_map, allow_empty=True),
-        "test": read_prepared(inputs.test, label_map, usage=True, allow_empty=True),
+        "train": read_prepared(files.train, label_map),
+        "val": read_prepared(files.val, label_map, allow_empty=True),
+        "test": read_prepared(files.test, label_map, usage=True, allow_empty=True),
     }
 
 
-def _write_scores(outputs: IndexOutputs, fused: dict, knn: dict, skus: np.ndarray) -> None:
+def _write_scores(files: IndexFiles, fused: dict, knn: dict, skus: np.ndarray) -> None:
     """The fused predictions (the submit stage's candidate) and, if asked for, the kNN's own."""
-    save_predictions(outputs.fused, val=fused["val"], test=fused["test"], skus=skus)
-    if outputs.knn is not None:
-        save_predictions(outputs.knn, val=knn["val"], test=knn["test"], skus=skus)
+    save_predictions(files.fused, val=fused["val"], test=fused["test"], skus=skus)
+    if files.knn is not None:
+        save_predictions(files.knn, val=knn["val"], test=knn["test"], skus=skus)
 
 
 def _search(gallery, vectors: np.ndarray, rows, cfg: RetrievalConfig) -> tuple[SplitScores, np.ndarray]:

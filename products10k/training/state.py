@@ -39,6 +39,7 @@ from products10k.config import (
     phase_config,
     section,
 )
+from products10k.config.stage import StageFiles, option
 from products10k.data.datasets import ClassBalancedSampler, EpochSampler, PreparedImageDataset
 from products10k.data.transforms import eval_transform, resolve_resize, train_transform
 from products10k.dist.devices import amp_dtype, host_cores, host_transfer, needs_grad_scaler, train_workers
@@ -95,16 +96,16 @@ class PhaseSettings:
 
 
 @dataclass(frozen=True)
-class PhasePaths:
-    """Every file a phase reads or writes (all from the stage's command line)."""
+class PhasePaths(StageFiles):
+    """Every file a phase reads or writes: the train stage's command line (stages/train.py)."""
 
-    train_csv: Path
-    val_csv: Path
-    label_map: Path
-    images: Path
-    out: Path
-    live: Path | None = None
-    init: Path | None = None  # checkpoint to start from (finetune phases)
+    train_csv: Path = option("train.csv or balanced.csv")
+    val_csv: Path = option("val CSV")
+    label_map: Path = option("prepared label_map.csv")
+    images: Path = option("prepared root holding images/shard-*.bin")
+    out: Path = option("checkpoint folder (best.pt, last.pt)")
+    live: Path | None = option("DVCLive folder (rank 0 logs there)", optional=True)
+    init: Path | None = option("checkpoint to start from (finetunes)", optional=True)
     fold: int | None = None  # under cv: the fold this model holds out; None: the refit or the single split
 
     def for_fold(self, fold: int | None) -> PhasePaths:
