@@ -15,6 +15,8 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from products10k.imaging.defects import DECODE_CEILING
+
 #: The paper's Table 1 rows, in order; each is a training phase and an evaluate stage per member.
 Phase = Literal["train", "finetune_balanced", "finetune_accuracy"]
 PHASES: tuple[str, ...] = get_args(Phase)
@@ -160,8 +162,8 @@ class PrepareConfig(Section):
     max_unseen_test_fraction: Fraction01
     jpeg_quality: int = Field(ge=1, le=100)
     # decoded pixels per image (imaging/images.py): a JPEG over it is decoded reduced, others excluded
-    # at most Pillow's own refusal, twice its MAX_IMAGE_PIXELS (images.MAX_PIXELS_CEILING; a test checks)
-    max_pixels: int = Field(ge=1_000_000, le=178_956_970)
+    # at most Pillow's own refusal, twice its MAX_IMAGE_PIXELS (imaging/defects.py; a test checks)
+    max_pixels: int = Field(ge=1_000_000, le=DECODE_CEILING)
     max_aspect_ratio: float = Field(ge=2.0, le=1000.0)  # longer / shorter side; a thinner image is too-large
     max_file_mb: float = Field(
         gt=0.0, le=4096.0
@@ -373,6 +375,7 @@ class SubmitConfig(Section):
     reference: Phase | Literal["knn", "fused"]
     confidence: float = Field(gt=0.5, lt=1.0)  # of the intervals, before the Bonferroni correction
     top_k: int = Field(ge=1)
+    rerank_k: int = Field(ge=1)  # labels per row logit adjustment may re-rank
     kaggle: KaggleSubmitConfig
 
 
@@ -390,6 +393,7 @@ class RetrievalConfig(Section):
     smoothing: float = Field(gt=0.0, lt=1.0)
     batch_size: int = Field(ge=1)  # images per embedding batch
     search_batch: int = Field(ge=1)  # queries per Faiss search call (progress and memory)
+    unfitted_weight: float = Field(ge=0.0, le=1.0)  # the fusion weight without labelled val rows
     # the enrolment check: SKUs cut to enrol_shots gallery images, their val images queried
     # (metrics/<member>/retrieval.json "enrolment"); 0 turns it off
     enrol_check_skus: int = Field(ge=0)

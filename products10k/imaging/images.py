@@ -56,7 +56,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from products10k.imaging.archive import open_zip, read_member
-from products10k.imaging.defects import ImageDefect
+from products10k.imaging.defects import DECODE_CEILING, ImageDefect
 from products10k.imaging.headers import FORMATS, HeaderError, png_chunk_overrun, read_header
 
 # The reduced-decode flags OpenCV offers, largest reduction first.
@@ -65,8 +65,8 @@ _JPEG_SOI = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND"
-#: Pillow refuses headers above twice its MAX_IMAGE_PIXELS, so a budget above that cannot be honoured
-MAX_PIXELS_CEILING = 2 * Image.MAX_IMAGE_PIXELS
+#: the ceiling of any budget (imaging/defects.py, its one home)
+MAX_PIXELS_CEILING = DECODE_CEILING
 
 
 @dataclass(frozen=True)

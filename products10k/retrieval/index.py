@@ -62,9 +62,6 @@ from products10k.scores import (
 
 log = logging.getLogger(__name__)
 
-#: the fusion weight without labelled val rows to fit it on (prepare.val_fraction: 0)
-UNFITTED_WEIGHT = 0.5
-
 
 @dataclass
 class IndexFiles(StageFiles):
@@ -134,8 +131,10 @@ def build_index(
     # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
     # fitted on val weighted to the SKU mix test follows (evaluate.target_prior), as every val choice
     row_weight = val_weights(knn["val"].labels, label_map, evaluate.target_prior)
-    weight = _fusion_weight(classifier.val, knn["val"], member, "TTA", row_weight)
-    deploy_weight = _fusion_weight(single_val, knn["val"], member, "single-crop", row_weight)
+    weight = _fusion_weight(classifier.val, knn["val"], member, "TTA", row_weight, cfg.unfitted_weight)
+    deploy_weight = _fusion_weight(
+        single_val, knn["val"], member, "single-crop", row_weight, cfg.unfitted_weight
+    )
     gallery.meta["fusion_weight"] = deploy_weight  # what products10k-predict --mode fused applies
     gallery.meta["fusion_weight_fitted_on"] = "val, single centre crop (as products10k-predict)"
     fused = {s: fuse(getattr(classifier, s), knn[s], weight, len(skus), evaluate.top_k) for s in knn}
@@ -428,13 +427,17 @@ def _check_same_rows(classifier, split: str, knn: SplitScores, path: Path) -> No
 
 
 def _fusion_weight(
-    classifier_val: SplitScores, knn_val: SplitScores, member: str, scores: str, row_weight: np.ndarray
+    classifier_val: SplitScores,
+    knn_val: SplitScores,
+    member: str,
+    scores: str,
+    row_weight: np.ndarray,
+    unfitted: float,
 ) -> float:
+    """The kNN weight fitted on val (``unfitted``, retrieval.unfitted_weight, without labelled rows)."""
     if not (classifier_val.labels >= 0).any():
-        log.warning(
-            "%s: no labelled val rows to fit the kNN fusion weight on; using %.1f", member, UNFITTED_WEIGHT
-        )
-        return UNFITTED_WEIGHT
+        log.warning("%s: no labelled val rows to fit the kNN fusion weight on; using %.2f", member, unfitted)
+        return unfitted
     weight = fit_fusion_weight(classifier_val, knn_val, row_weight)
     log.info(
         "%s: kNN fusion weight (%s classifier) fitted on %d val rows: %.3f",

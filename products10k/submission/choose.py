@@ -14,7 +14,7 @@ Post-hoc logit adjustment (Menon et al., ICLR 2021): a classifier trained on a l
 carries the training prior in its scores; subtracting ``tau * log prior(y)`` from each label's log
 probability removes it (``tau = 1`` is the Bayes-optimal correction for a balanced target). ``tau``
 is fitted on the val estimate over ``submit.tau_grid`` (``submit.logit_adjust: auto``) or set. It
-re-ranks the ``RERANK_K`` most likely labels of each row (the predictions files keep the top-k;
+re-ranks the ``submit.rerank_k`` most likely labels of each row (the predictions files keep the top-k;
 a label outside them would need a probability over 1/e^(tau x the prior ratio) higher to come back).
 
 Every (candidate, tau) is scored: the candidates are the evaluated phases' TTA'd classifier
@@ -41,7 +41,6 @@ import numpy as np
 from products10k.estimate import coverage, estimate, paired_gain, row_weights, target_prior
 
 __all__ = [
-    "RERANK_K",
     "NoiseAwareChoice",
     "adjust",
     "best",
@@ -51,9 +50,6 @@ __all__ = [
     "score_taus",
     "target_prior",
 ]
-
-#: labels per row that logit adjustment may re-rank
-RERANK_K = 50
 
 
 def adjust(

@@ -47,7 +47,7 @@ def submit(files: SubmitFiles, settings, members: list[str]) -> dict:
         members=members,
         candidates=candidates,
         # with a phase named, the choice is among its taus, against its plain output
-        choice=ChoiceSpec(evaluate.target_prior, taus, cfg.reference, cfg.confidence),
+        choice=ChoiceSpec(evaluate.target_prior, taus, cfg.reference, cfg.confidence, cfg.rerank_k),
         weights_spec=settings.ensemble.weights,
         label_map_path=files.label_map,
         test_list_path=files.test_list,

@@ -33,7 +33,6 @@ from products10k.estimate import log_train_prior
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.scores import combine_topk, load_predictions, log_likelihood, topk_indices
 from products10k.submission.choose import (
-    RERANK_K,
     NoiseAwareChoice,
     adjust,
     best,
@@ -216,13 +215,15 @@ def align_to_test_list(
 class ChoiceSpec:
     """How the submission is chosen on val (products10k/submission/choose.py): the SKU mix test
     follows (``evaluate.target_prior``), the logit-adjustment taus to try, the reference output the
-    choice starts from (``submit.reference``; None: the first candidate) and the confidence of the
-    intervals (``submit.confidence``)."""
+    choice starts from (``submit.reference``; None: the first candidate), the confidence of the
+    intervals (``submit.confidence``) and how many labels per row logit adjustment re-ranks
+    (``submit.rerank_k``)."""
 
     target_prior: str
     taus: tuple[float, ...]
     reference: str | None
     confidence: float
+    rerank_k: int
 
 
 def make_submission(
@@ -256,7 +257,7 @@ def make_submission(
     target = target_prior(choice.target_prior, label_map)
     log_prior = log_train_prior(label_map)
     reference = choice.reference if choice.reference in candidates else next(iter(candidates))
-    k = max(top_k, RERANK_K)
+    k = max(top_k, choice.rerank_k)
     ensembles = (  # one at a time, the reference's first: memory stays one candidate's besides the pick's
         (name, _ensemble(members, candidates[name], weights_spec, skus, label_map_path, k, target))
         for name in [reference, *(name for name in candidates if name != reference)]

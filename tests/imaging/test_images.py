@@ -250,10 +250,17 @@ def test_reduced_decode_flag_obeys_the_budget_before_min_side():
 
 
 def test_the_params_ceiling_is_pillows():
+    import os
+
+    from PIL import Image
+
     from products10k.config.schema import PrepareConfig
+    from products10k.imaging.defects import DECODE_CEILING
     from products10k.imaging.images import MAX_PIXELS_CEILING
 
-    assert PrepareConfig.model_fields["max_pixels"].metadata[1].le == MAX_PIXELS_CEILING
+    assert DECODE_CEILING == 2 * Image.MAX_IMAGE_PIXELS == MAX_PIXELS_CEILING  # Pillow's refusal
+    assert PrepareConfig.model_fields["max_pixels"].metadata[1].le == DECODE_CEILING
+    assert os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] == str(DECODE_CEILING)
 
 
 # --- animations: a frame past the screen or canvas is judged before any decoder runs --------------

@@ -110,7 +110,7 @@ def _choice_inputs(tmp_path, val_labels, rights: dict) -> dict:
 
 
 def _spec(target_prior, reference, taus=(0.0,)):
-    return ChoiceSpec(target_prior=target_prior, taus=taus, reference=reference, confidence=0.95)
+    return ChoiceSpec(target_prior=target_prior, taus=taus, reference=reference, confidence=0.95, rerank_k=50)
 
 
 def test_the_submission_is_chosen_by_the_val_estimate_not_by_val_top1(tmp_path):

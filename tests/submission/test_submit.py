@@ -182,7 +182,7 @@ def submit_inputs(tmp_path):
         "members": ["m0", "m1"],
         "prediction_paths": {"m0": preds / "m0.npz", "m1": preds / "m1.npz"},
         "weights_spec": "fit",
-        "choice": ChoiceSpec(target_prior="train", taus=(0.0,), reference=None, confidence=0.95),
+        "choice": ChoiceSpec(target_prior="train", taus=(0.0,), reference=None, confidence=0.95, rerank_k=50),
         "label_map_path": _label_map(tmp_path / "label_map.csv"),
         "test_list_path": tl_path,
         "out": tmp_path / "sub" / "submission.csv",
