@@ -65,13 +65,13 @@ class InFlight:
 
     async def acquire(self, n: int) -> bool:
         async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.used + n <= self.budget), self.wait_s
-                )
-            except TimeoutError:
-                self.refused += 1
-                return False
+            if self.used + n > self.budget:  # waits only when there is no room (a 0 s wait still admits)
+                try:
+                    room = self._changed.wait_for(lambda: self.used + n <= self.budget)
+                    await asyncio.wait_for(room, self.wait_s)
+                except TimeoutError:
+                    self.refused += 1
+                    return False
             self.used += n
             return True
 

@@ -102,3 +102,23 @@ def test_a_body_slower_than_the_floor_rate_is_cut_with_408_and_others_are_answer
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_budget_admits_what_fits_waits_for_room_and_refuses_after_its_wait():
+    import asyncio
+
+    from products10k.deploy.uploads import InFlight
+
+    async def scenario():
+        now = InFlight(10, wait_s=0.0)  # no waiting at all: what fits is still admitted
+        assert await now.acquire(5) and await now.acquire(5)
+        assert not await now.acquire(1) and now.refused == 1
+        patient = InFlight(10, wait_s=5.0)
+        assert await patient.acquire(8)
+        waiting = asyncio.create_task(patient.acquire(4))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # no room yet: it waits, its body unread
+        await patient.release(8)
+        assert await waiting and patient.used == 4
+
+    asyncio.run(scenario())
