@@ -262,7 +262,10 @@ class Service:
             {"mode": mode, "index_version": None if version is None else version.number, "results": results}
         )
 
-    async def enrol_sku(self, request: Request) -> Response:
+    def refused_writer(self, request: Request) -> Response | None:
+        """The answer to a request that may not write (None: it may): writes are off without
+        --token-file (403), a follower never writes (403), and the bearer token must match (401).
+        Every route that changes the index asks this first."""
         if self.token is None:
             return _error(403, "enrolment is off: start the service with --token-file")
         if self.following:
@@ -273,6 +276,11 @@ class Service:
         # the scheme is case-insensitive (RFC 9110); the token is compared in constant time
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             return _error(401, "a valid 'Authorization: Bearer <token>' header is required")
+        return None
+
+    async def enrol_sku(self, request: Request) -> Response:
+        if (refused := self.refused_writer(request)) is not None:
+            return refused
         if self.version is None:
             return _error(400, "enrolment needs an index: start the service with --index")
         raw = request.path_params["sku_id"]
