@@ -307,19 +307,13 @@ class Service:
             try:
                 with self.reading(current):  # read from while the new version is built
                     version = await loop.run_in_executor(None, self.store.enrol, embedding, sku, names, thumb)
-            except DiskFull as exc:
+            except (DiskFull, OSError) as exc:  # a full disk is a 507, another write error a 500
                 log.error("enrolment of SKU %d not saved: %s", sku, exc)
+                full = isinstance(exc, DiskFull)
+                why = f"no space left for index versions ({exc})" if full else exc.strerror or str(exc)
                 return _error(
-                    507,
-                    f"the enrolment was not saved: no space left for index versions ({exc}); "
-                    f"version {current.number} is still served",
-                )
-            except OSError as exc:
-                log.error("enrolment of SKU %d not saved: %s", sku, exc)
-                return _error(
-                    500,
-                    f"the enrolment was not saved: {exc.strerror or exc}; "
-                    f"version {current.number} is still served",
+                    507 if full else 500,
+                    f"the enrolment was not saved: {why}; version {current.number} is still served",
                 )
             self.store.publish(version)  # the swap: one assignment
         log.info("enrolled %d image(s) of SKU %d -> index version %d", len(ok), sku, version.number)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -228,7 +229,7 @@ def write_segment(
             f.flush()
             os.fsync(f.fileno())  # acknowledged means on disk: the rename below must not outrun the data
 
-    try:
+    with _disk_full_said(versions_dir, staging):
         if folder.exists():  # a version once written is never replaced
             raise RuntimeError(f"{folder} exists: the versions lock should have made this impossible")
         shutil.rmtree(staging, ignore_errors=True)
@@ -243,11 +244,6 @@ def write_segment(
         common.pause_point(f"publish {folder.parent.name}/{folder.name}")
         os.replace(staging, folder)
         _fsync_dir(versions_dir)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno in DISK_FULL:
-            raise DiskFull(f"{versions_dir}: {exc.strerror}") from None
-        raise
     return folder
 
 
@@ -265,20 +261,27 @@ def write_whole(
     gallery = compose(base, delta)
     whole = Gallery(flat, gallery.labels, gallery.names, gallery.skus, gallery.meta)
     carried = {sku: path.read_bytes() for sku, path in delta.thumbs.items()}
-    try:
+    with _disk_full_said(versions_dir):  # save_gallery removes its own staging folder on a failure
         save_gallery(whole, folder, thumbs={**carried, **thumbs}, thumbs_from=current.base_folder)
         _fsync_dir(versions_dir)
-    except OSError as exc:
-        shutil.rmtree(folder.with_name(folder.name + ".tmp"), ignore_errors=True)
-        if exc.errno in DISK_FULL:
-            raise DiskFull(f"{versions_dir}: {exc.strerror}") from None
-        raise
     return whole
 
 
-def _npz(**arrays) -> bytes:
-    import io
+@contextlib.contextmanager
+def _disk_full_said(versions_dir: Path, staging: Path | None = None):
+    """A write error inside the block removes ``staging`` at once (not at the next start); a full
+    device (or quota) becomes DiskFull, which the service answers 507."""
+    try:
+        yield
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in DISK_FULL:
+            raise DiskFull(f"{versions_dir}: {exc.strerror}") from None
+        raise
 
+
+def _npz(**arrays) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
