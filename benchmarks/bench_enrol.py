@@ -21,7 +21,12 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 - ``imagenet``: the pretrained backbone as it comes, no training at all (the zero-training
   reference; its classifier head is untrained, so only kNN counts, and no fusion weight is fitted);
 - ``linear``: params.yaml's recipe as it is (the default head);
-- ``arcface`` / ``cosface``: the same with ``model.head`` set to that margin head.
+- ``arcface`` / ``cosface``: the same with ``model.head`` set to that margin head;
+- ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
+  cosine is the mean of the two), its classifier ``linear``'s.
+
+Vote rules: knn.py's ``softmax``, ``count``, ``best`` and ``centroid`` (each SKU by the cosine to
+its prototype, the mean of its gallery vectors: one vector per SKU whatever its photo count).
 
 Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/retrieval.md.
 
@@ -48,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
-from products10k.knn import build_gallery, enrol, fit_fusion_weight, fuse_with_enrolled, knn_scores  # noqa: E402
+from products10k.knn import VOTES, build_gallery, enrol, fit_fusion_weight, fuse_with_enrolled, knn_scores  # noqa: E402
 from products10k.models.checkpoint import load_model  # noqa: E402
 from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
 from products10k.retrieval.embed import embed_rows, embedding_transform  # noqa: E402
@@ -126,6 +131,8 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
         meta = {"resolution": params["train"]["resolution"], "resize": params["train"]["resize"],
                 "normalize": input_normalization(cfg.arch)}  # fmt: skip
         return model, meta
+    if (work / f"model-{row}" / "best.pt").is_file():  # trained for an earlier row (concat's linear)
+        return load_model(work / f"model-{row}" / "best.pt")
     row_params = json.loads(json.dumps(params))
     if row != "linear":
         row_params["model"]["head"] = row
@@ -138,16 +145,28 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
     return load_model(work / f"model-{row}" / "best.pt")
 
 
-def score_row(model, meta, params, prepared, reduced, held, shots_rows) -> dict:
+def embedder(model, meta, prepared: Path, also=None):
+    """Unit embeddings of a prepared CSV's rows by ``model``; with ``also`` (a second (model, meta)),
+    both models' unit embeddings side by side, scaled by 1/sqrt(2): the cosine of the concatenation is
+    the mean of the two cosines."""
+
+    def embed(df):
+        vectors = embed_rows(model, meta, df, prepared, batch_size=64)
+        if also is None:
+            return vectors
+        second = embed_rows(*also, df, prepared, batch_size=64)
+        return np.concatenate([vectors, second], axis=1) / np.sqrt(2.0)
+
+    return embed
+
+
+def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -> dict:
     """Top-1 and top-5 of the classifier, and of kNN and fusion under each vote rule, on the trained
     and the held-out SKUs' test images after enrolment (each with a 95% interval)."""
     retrieval = params["retrieval"]
     label_map = read_label_map(reduced / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
     train = read_prepared(reduced / "train.csv", label_map)
     val = read_prepared(reduced / "val.csv", label_map)
-
-    def embed(df):
-        return embed_rows(model, meta, df, prepared, batch_size=64)
 
     gallery = build_gallery(embed(train), train["label"], train["name"], label_map["sku"], {})
     num_known = gallery.num_classes
@@ -174,17 +193,26 @@ def score_row(model, meta, params, prepared, reduced, held, shots_rows) -> dict:
         },
         "held_out_skus": {"n_images": int(is_held.sum()), "classifier": _rates(classifier, truth, is_held)},
         "fusion_weight": weights,
+        "trained_by_gallery_photos": {},  # kNN top-1 of the trained SKUs by their gallery photo count
     }
+    photos = np.bincount(gallery.labels, minlength=gallery.num_classes)[np.maximum(truth, 0)]
     for kind in VOTES:
         knn = knn_scores(gallery, test_vectors, test["name"], test["label"], **_vote(retrieval, kind))
         fused, _ = fuse_with_enrolled(logits, knn, weights[kind], gallery.num_classes, 5)
         for part, rows in (("trained_skus", ~is_held), ("held_out_skus", is_held)):
             result[part][f"knn_{kind}"] = _rates(knn.topk_labels[:, :5], truth, rows)
             result[part][f"fused_{kind}"] = _rates(fused, truth, rows)
+        result["trained_by_gallery_photos"][kind] = {
+            f"{low}-{high}": {"n_images": int(rows.sum()), **_rates(knn.topk_labels[:, :5], truth, rows)}
+            for low, high in PHOTO_BUCKETS
+            if (rows := ~is_held & (photos >= low) & (photos <= high)).any()
+        }
     return result
 
 
-VOTES = ("softmax", "count", "best")
+#: gallery photo counts the trained SKUs' kNN top-1 is broken down by (a rule that names SKUs with
+#: few photos better may name those with many worse)
+PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
 
 
 def _vote(retrieval: dict, kind: str) -> dict:
@@ -222,11 +250,12 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=5, help="enrolment images per held-out SKU (at most)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default="imagenet,linear,arcface",
-                   help="comma-separated: imagenet (no training), linear, arcface, cosface")  # fmt: skip
+                   help="comma-separated: imagenet (no training), linear, arcface, cosface, concat "
+                        "(linear's embedding beside ImageNet's)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")
     args = p.parse_args()
     rows = args.rows.split(",")
-    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface"}
+    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", "concat"}
     if unknown:
         p.error(f"unknown --rows entries: {', '.join(sorted(unknown))}")
     params = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())
@@ -237,8 +266,10 @@ def main() -> None:
         prepared = prepare_data(work, args.data, params)
         held, shots_rows, reduced = hold_out(prepared, work / "reduced", args.holdout, args.shots, args.seed)
         for row in rows:
-            model, meta = train_row(row, params, reduced, prepared, work)
-            results[row] = score_row(model, meta, params, prepared, reduced, held, shots_rows)
+            model, meta = train_row("linear" if row == "concat" else row, params, reduced, prepared, work)
+            also = train_row("imagenet", params, reduced, prepared, work) if row == "concat" else None
+            embed = embedder(model, meta, prepared, also)
+            results[row] = score_row(model, meta, embed, params, prepared, reduced, held, shots_rows)
             if row == "imagenet":  # an untrained head: its classifier and fusion mean nothing
                 for part in ("trained_skus", "held_out_skus"):
                     for key in [k for k in results[row][part] if k == "classifier" or k.startswith("fused")]:
@@ -281,6 +312,14 @@ def table(results: dict) -> str:
             ratio = knn_h["top1"] / knn_t["top1"] if knn_t["top1"] else float("nan")
             cells = [f(t["classifier"]), f(knn_t), f(t[f"fused_{kind}"]), f(knn_h), f(h[f"fused_{kind}"]),
                      f"{knn_h['top5']:.3f}", f"{ratio:.2f}×"]  # fmt: skip
+            lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
+    buckets = [f"{low}-{high}" for low, high in PHOTO_BUCKETS]
+    lines += ["", "Trained SKUs' kNN top-1 by their gallery photos:", "",
+              "| embedding | vote | " + " | ".join(f"{b} photos" for b in buckets) + " |",
+              "|---|---|" + "---|" * len(buckets)]  # fmt: skip
+    for row, r in results.items():
+        for kind, by in r["trained_by_gallery_photos"].items():
+            cells = [f(by[b]) + f" (n={by[b]['n_images']})" if b in by else "–" for b in buckets]
             lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,7 +11,10 @@ live beside it (``gallery.npz``), so SKUs can be enrolled by appending to both.
 ``exp(cos / temperature)`` (``softmax``) or 1 (``count``), or each SKU among them is scored by its
 best match alone, ``exp(max cos / temperature)`` (``best``: a score that does not grow with the
 number of the SKU's gallery photos, so a SKU enrolled from 5 photos is not outvoted by a look-alike
-with 200); the kNN probability of a SKU is ``(1 - smoothing) x its vote share + smoothing / K``.
+with 200); or (``centroid``) the k nearest SKU prototypes, each SKU's mean gallery vector
+(:class:`Prototypes`), are scored as ``best`` scores images: one vector per SKU, whatever its photo
+count, and an average that a single odd photo of a look-alike cannot win with.
+The kNN probability of a SKU is ``(1 - smoothing) x its vote share + smoothing / K``.
 The smoothing keeps every probability above 0 (a row whose SKU got no vote still has a finite
 log-likelihood for the fusion fit), and its form is exactly what a predictions file represents:
 the voted labels' probabilities plus an equal share of the rest for every other label
@@ -30,7 +33,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -49,6 +52,45 @@ META_FILE = "meta.json"
 THUMBS_DIR = "thumbs"  # <sku>.jpg: one small photo per SKU (products10k-serve's page)
 
 
+#: the vote rules (``retrieval.vote``)
+VOTES = ("softmax", "count", "best", "centroid")
+
+
+@dataclass(frozen=True)
+class Prototypes:
+    """Each label's gallery vectors summed, and how many there are: the ``centroid`` rule's SKU
+    prototypes (the normalised sums) kept as sums, so that enrolling a few images updates them."""
+
+    sums: np.ndarray  # (K, D) float32
+    counts: np.ndarray  # (K,) int64
+
+    @classmethod
+    def of(cls, vectors: np.ndarray, labels: np.ndarray, num_classes: int) -> Prototypes:
+        empty = cls(np.zeros((num_classes, vectors.shape[1]), np.float32), np.zeros(num_classes, np.int64))
+        return empty.plus(vectors, labels, num_classes)
+
+    def plus(self, vectors: np.ndarray, labels: np.ndarray, num_classes: int) -> Prototypes:
+        """These prototypes with ``vectors`` of ``labels`` added (new labels up to ``num_classes``)."""
+        sums = np.zeros((num_classes, self.sums.shape[1]), np.float32)
+        counts = np.zeros(num_classes, np.int64)
+        sums[: len(self.sums)], counts[: len(self.counts)] = self.sums, self.counts
+        labels = np.asarray(labels, np.int64)
+        if len(labels):  # rows grouped by label and summed per group (np.add.at is ~50x slower)
+            order = np.argsort(labels, kind="stable")
+            grouped = labels[order]
+            starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+            sums[grouped[starts]] += np.add.reduceat(np.asarray(vectors, np.float32)[order], starts, axis=0)
+            counts += np.bincount(labels, minlength=num_classes)
+        return Prototypes(sums, counts)
+
+    def gallery(self, skus: np.ndarray) -> Gallery:
+        """A gallery of one unit vector per label that has images (its ``labels`` are those labels)."""
+        present = np.flatnonzero(self.counts > 0)
+        means = self.sums[present]
+        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        return build_gallery(means, present, present.astype(str), skus, {})
+
+
 @dataclass
 class Gallery:
     """An index and what its rows are: ``labels[i]`` of vector ``i``, ``skus[label]`` its SKU id."""
@@ -58,10 +100,54 @@ class Gallery:
     names: np.ndarray  # (N,) str image name of each gallery vector
     skus: np.ndarray  # (K,) int64 label -> SKU id; enrolled SKUs are appended
     meta: dict
+    # the centroid rule's prototypes and their gallery, computed at first use and kept up to date
+    # by enrol(); a composed version (deploy/versions.py) starts from its base's
+    _prototypes: Prototypes | None = field(default=None, repr=False, compare=False)
+    _centroids: Gallery | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.skus)
+
+    def prototypes(self) -> Prototypes:
+        """Each label's summed gallery vectors (read from the index once, in blocks)."""
+        if self._prototypes is None or len(self._prototypes.counts) != self.num_classes:
+            protos = Prototypes.of(np.zeros((0, self.index.d), np.float32), [], self.num_classes)
+            for start, block in stored_vectors(self.index):
+                protos = protos.plus(block, self.labels[start : start + len(block)], self.num_classes)
+            self._prototypes = protos
+        return self._prototypes
+
+    def centroids(self) -> Gallery:
+        """The gallery of SKU prototypes the ``centroid`` rule searches."""
+        if self._centroids is None or self._centroids.num_classes != self.num_classes:
+            self._centroids = self.prototypes().gallery(self.skus)
+        return self._centroids
+
+    @property
+    def cached_prototypes(self) -> Prototypes | None:
+        """The prototypes if they were computed (:meth:`prototypes`), else None."""
+        return self._prototypes
+
+    def with_prototypes(self, protos: Prototypes | None) -> Gallery:
+        """This gallery, its prototypes given (None: computed at first use)."""
+        self._prototypes, self._centroids = protos, None
+        return self
+
+
+def stored_vectors(index: faiss.Index, block: int = 65536):
+    """(first id, (n, D) float32 vectors) blocks of every vector a flat index, or a
+    ``faiss.IndexShards`` of flat ones with successive ids, holds, in id order."""
+    if isinstance(index, faiss.IndexShards):
+        offset = 0
+        for i in range(index.count()):
+            shard = faiss.downcast_index(index.at(i))
+            for start, vectors in stored_vectors(shard, block):
+                yield offset + start, vectors
+            offset += shard.ntotal
+        return
+    for start in range(0, index.ntotal, block):
+        yield start, index.reconstruct_n(start, min(block, index.ntotal - start))
 
 
 def build_gallery(vectors: np.ndarray, labels, names, skus, meta: dict) -> Gallery:
@@ -187,8 +273,11 @@ def enrol(gallery: Gallery, vectors: np.ndarray, skus, names) -> dict:
         label_of[sku] = len(label_of)
     gallery.skus = np.concatenate([gallery.skus, np.asarray(new, dtype=np.int64)])
     gallery.index.add(vectors)
-    gallery.labels = np.concatenate([gallery.labels, np.array([label_of[int(s)] for s in skus], np.int64)])
+    added = np.array([label_of[int(s)] for s in skus], np.int64)
+    gallery.labels = np.concatenate([gallery.labels, added])
     gallery.names = np.concatenate([gallery.names, np.asarray(names).astype(str)])
+    if gallery.cached_prototypes is not None:  # kept current rather than read back from the index
+        gallery.with_prototypes(gallery.cached_prototypes.plus(vectors, added, gallery.num_classes))
     return {"images": int(len(skus)), "skus": int(len(set(skus.tolist()))), "new_skus": len(new)}
 
 
@@ -234,7 +323,7 @@ def vote(
     elif kind == "count":
         weights = np.ones_like(sims, dtype=np.float64)
     else:
-        raise ValueError(f"unknown vote '{kind}' (softmax | count | best)")
+        raise ValueError(f"unknown vote '{kind}' (softmax | count | best; centroid: knn_scores)")
     floor = smoothing / num_classes
     topk_labels = np.empty((n, k_keep), dtype=np.int32)
     topk_probs = np.full((n, k_keep), floor, dtype=np.float64)
@@ -272,38 +361,53 @@ def vote(
 
 
 def knn_scores(
-    gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch
-):
-    """Search the gallery and vote: the kNN :class:`SplitScores` of ``queries``."""
-    return knn_search(
-        gallery,
-        queries,
-        names,
-        labels,
-        k=k,
-        kind=kind,
-        temperature=temperature,
-        smoothing=smoothing,
-        batch=batch,
-    )[0]
+    gallery: Gallery,
+    queries: np.ndarray,
+    names,
+    labels,
+    *,
+    k,
+    kind,
+    temperature,
+    smoothing,
+    batch,
+    progress: bool = True,
+) -> SplitScores:
+    """Search the gallery and vote: the kNN :class:`SplitScores` of ``queries`` (``centroid``: the
+    SKU prototypes are searched, each scored by its cosine as ``best`` scores an image)."""
+    if kind not in VOTES:
+        raise ValueError(f"unknown vote '{kind}' ({' | '.join(VOTES)})")
+    searched = gallery.centroids() if kind == "centroid" else gallery
+    sims, ids = search(searched.index, queries, k, batch, progress=progress)
+    return _voted(gallery, searched, sims, ids, kind, temperature, smoothing, names, labels)
 
 
 def knn_search(
     gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch
 ) -> tuple[SplitScores, np.ndarray]:
     """:func:`knn_scores` and each query's cosine similarity to its nearest gallery image, (N,)."""
-    sims, ids = search(gallery.index, queries, k, batch)
-    scores = vote(
+    if kind == "centroid":  # the prototypes vote; the nearest image is one more (k = 1) search
+        rule = dict(k=k, kind=kind, temperature=temperature, smoothing=smoothing, batch=batch)
+        sims, _ = search(gallery.index, queries, 1, batch, desc="nearest")
+        scores = knn_scores(gallery, queries, names, labels, **rule)
+    else:
+        sims, ids = search(gallery.index, queries, k, batch)
+        scores = _voted(gallery, gallery, sims, ids, kind, temperature, smoothing, names, labels)
+    return scores, sims[:, 0] if sims.shape[1] else np.zeros(len(queries), np.float32)
+
+
+def _voted(gallery, searched, sims, ids, kind, temperature, smoothing, names, labels) -> SplitScores:
+    """:func:`vote` over ``searched`` (the gallery, or its prototypes) as labels of ``gallery``."""
+    return vote(
         sims,
-        gallery.labels[ids],
+        searched.labels[ids],
         gallery.num_classes,
-        kind=kind,
+        kind="best" if kind == "centroid" else kind,
         temperature=temperature,
         smoothing=smoothing,
         names=names,
         labels=labels,
     )
-    return scores, sims[:, 0] if sims.shape[1] else np.zeros(len(queries), np.float32)
 
 
 def fit_fusion_weight(

@@ -150,9 +150,33 @@ def test_the_best_match_vote_names_a_sku_with_5_photos_beside_a_look_alike_with_
         return float((scores.topk_labels[:, 0] == label).mean())
 
     queries = around(new, 200)
-    assert named(queries, 0, "best") >= 0.8
+    assert named(queries, 0, "best") >= 0.8 and named(queries, 0, "centroid") >= 0.8
     assert named(queries, 0, "softmax") <= 0.65 and named(queries, 0, "count") <= 0.5  # swamped
-    assert named(around(look_alike, 200), 1, "best") >= 0.95  # the look-alike loses nothing
+    for kind in ("best", "centroid"):
+        assert named(around(look_alike, 200), 1, kind) >= 0.95  # the look-alike loses nothing
+
+
+def test_centroid_prototypes_follow_enrolment_and_equal_a_gallery_built_whole():
+    """The centroid rule scores each SKU by the cosine to its mean gallery vector; enrolling keeps the
+    prototypes current (no read-back), equal to those of a gallery built with every vector at once."""
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.normal(size=(30, 8)))
+    labels = np.repeat([0, 1, 2], 10)
+    gallery = build_gallery(vectors[:20], labels[:20], np.arange(20).astype(str), [5, 6], {})
+    protos = gallery.prototypes()
+    assert np.allclose(protos.sums[1], vectors[10:20].sum(axis=0), atol=1e-5)
+    assert protos.counts.tolist() == [10, 10]
+    enrol(gallery, vectors[20:], np.full(10, 7), np.arange(20, 30).astype(str))
+    assert gallery.cached_prototypes is not protos  # updated by enrol, not recomputed
+    whole = build_gallery(vectors, labels, np.arange(30).astype(str), [5, 6, 7], {})
+    assert np.allclose(gallery.cached_prototypes.sums, whole.prototypes().sums, atol=1e-5)
+    assert gallery.cached_prototypes.counts.tolist() == [10, 10, 10]
+    # a query at SKU 7's mean is named 7 with the highest probability; every SKU keeps a share
+    mean = unit(vectors[20:].mean(axis=0, keepdims=True))
+    scores = knn_scores(gallery, mean, ["q"], [2], k=3, kind="centroid", temperature=0.05,
+                        smoothing=0.01, batch=8)  # fmt: skip
+    assert gallery.skus[scores.topk_labels[0, 0]] == 7
+    assert np.isclose(np.exp(scores.topk_logits[0]).sum(), 1.0, atol=1e-5)
 
 
 def test_fusion_treats_an_enrolled_skus_classifier_score_as_unknown():

@@ -385,8 +385,9 @@ class RetrievalConfig(Section):
 
     phase: Phase  # whose checkpoint embeds (one index per ensemble member)
     k: int = Field(ge=1)  # neighbours that vote
-    # softmax: weight exp(similarity / temperature); count: 1 each; best: each SKU by its best match
-    vote: Literal["softmax", "count", "best"]
+    # softmax: weight exp(similarity / temperature); count: 1 each; best: each SKU by its best match;
+    # centroid: each SKU by its prototype (the mean of its gallery vectors): knn.py
+    vote: Literal["softmax", "count", "best", "centroid"]
     temperature: float = Field(gt=0.0)
     # kNN probability = (1 - smoothing) x vote share + smoothing / K: no SKU gets probability 0,
     # so the fusion weight fit (val log-likelihood) is finite for rows whose SKU got no vote

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from products10k.common import Products10kError
 from products10k.imaging.images import ImageDefect, ImageLimits, decode_rgb, prepare_image
-from products10k.knn import Gallery, fuse_with_enrolled, load_gallery, search, vote
+from products10k.knn import Gallery, fuse_with_enrolled, knn_scores, load_gallery
 from products10k.scores import SplitScores, combine_topk
 
 MODES = ("classifier", "knn", "fused")
@@ -163,18 +163,18 @@ class Scorer:
             weights.append(1.0)
         if self.mode in ("knn", "fused"):
             meta = self.gallery.meta
-            sims, ids = search(self.gallery.index, embedding, meta["k"], batch=max(n, 1), progress=False)
+            rule = {key: meta[key] for key in ("k", "temperature", "smoothing")}
             members.append(
-                vote(
-                    sims,
-                    self.gallery.labels[ids],
-                    num_classes,
+                knn_scores(
+                    self.gallery,
+                    embedding,
+                    np.arange(n),
+                    np.full(n, -1),
                     kind=meta["vote"],
-                    temperature=meta["temperature"],
-                    smoothing=meta["smoothing"],
-                    names=np.arange(n),
-                    labels=np.full(n, -1),
-                )
+                    batch=max(n, 1),
+                    progress=False,
+                    **rule,
+                )  # fmt: skip
             )
             weights.append(1.0)
         if self.mode == "fused":

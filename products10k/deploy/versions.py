@@ -113,7 +113,11 @@ def compose(base: Gallery, delta: Delta) -> Gallery:
     index.add_shard(added.index)
     meta = {**base.meta, "enrolled": [*base.meta.get("enrolled", []), *delta.records]}
     labels = np.concatenate([base.labels, added.labels])
-    return Gallery(index, labels, np.concatenate([base.names, added.names]), added.skus, meta)
+    gallery = Gallery(index, labels, np.concatenate([base.names, added.names]), added.skus, meta)
+    # the centroid rule's prototypes: the base's (read from it once, shared by every version on it)
+    # plus the delta's, so an enrolment never reads the whole index back
+    protos = base.prototypes() if base.meta.get("vote") == "centroid" else base.cached_prototypes
+    return gallery.with_prototypes(protos and protos.plus(delta.vectors, added.labels, added.num_classes))
 
 
 def list_versions(versions_dir: Path) -> list[tuple[int, Path]]:
@@ -260,6 +264,7 @@ def write_whole(
     flat.add(np.ascontiguousarray(delta.vectors, np.float32))
     gallery = compose(base, delta)
     whole = Gallery(flat, gallery.labels, gallery.names, gallery.skus, gallery.meta)
+    whole.with_prototypes(gallery.cached_prototypes)
     carried = {sku: path.read_bytes() for sku, path in delta.thumbs.items()}
     with _disk_full_said(versions_dir):  # save_gallery removes its own staging folder on a failure
         save_gallery(whole, folder, thumbs={**carried, **thumbs}, thumbs_from=current.base_folder)

@@ -38,9 +38,13 @@ from products10k.estimate import val_weights
 from products10k.folds import check_folds, fold_dir, fold_view, out_of_fold
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.knn import (
+    VOTES,
+    Gallery,
+    Prototypes,
     build_gallery,
     fit_fusion_weight,
     fuse,
+    knn_scores,
     knn_search,
     save_gallery,
     thumbnail_jpeg,
@@ -225,10 +229,6 @@ def _fold_knn(member: str, files: IndexFiles, splits: dict, label_map, cfg, eval
     return knn, concat_scores(single_val), {"val": np.concatenate(nearest["val"]), "test": test_sims}
 
 
-#: the vote rules the enrolment check compares (knn.vote)
-VOTES = ("softmax", "count", "best")
-
-
 def enrolment_check(
     gallery, val_vectors: np.ndarray, val, train, cfg: RetrievalConfig, seed: int = 0
 ) -> dict:
@@ -259,14 +259,28 @@ def enrolment_check(
     enrolled = np.isin(labels, chosen)
     out = {"skus": int(len(chosen)), "shots": shots, "val_rows": {"enrolled": int(enrolled.sum()),
            "trained": int((~enrolled).sum())}, "by_vote": {}}  # fmt: skip
+    cut = _cut_prototypes(gallery, hidden)
     for kind in VOTES:
-        scores = vote(sims, gallery.labels[ids], gallery.num_classes, kind=kind, temperature=cfg.temperature,
-                      smoothing=cfg.smoothing, names=val["name"], labels=labels)  # fmt: skip
+        rule = dict(temperature=cfg.temperature, smoothing=cfg.smoothing, names=val["name"], labels=labels)
+        if kind == "centroid":
+            scores = knn_scores(cut, val_vectors, k=cfg.k, kind=kind, batch=cfg.search_batch, **rule)
+        else:
+            scores = vote(sims, gallery.labels[ids], gallery.num_classes, kind=kind, **rule)
         hit = scores.topk_labels[:, 0] == labels
         rates = {part: _rate(hit[rows]) for part, rows in (("enrolled", enrolled), ("trained", ~enrolled))}
         ratio = rates["enrolled"]["top1"] / rates["trained"]["top1"] if rates["trained"]["top1"] else None
         out["by_vote"][kind] = {**rates, "ratio": None if ratio is None else round(ratio, 3)}
     return out
+
+
+def _cut_prototypes(gallery: Gallery, hidden: np.ndarray) -> Gallery:
+    """``gallery`` whose SKU prototypes leave out the vectors at ``hidden`` (the centroid rule's view
+    of the SKUs cut to a few photos); only the prototypes are searched in it."""
+    whole = gallery.prototypes()
+    vectors = gallery.index.reconstruct_batch(hidden) if len(hidden) else np.zeros((0, gallery.index.d))
+    out = Prototypes.of(vectors, gallery.labels[hidden], gallery.num_classes)
+    cut = Prototypes(whole.sums - out.sums, whole.counts - out.counts)
+    return Gallery(gallery.index, gallery.labels, gallery.names, gallery.skus, {}).with_prototypes(cut)
 
 
 def _rate(hit: np.ndarray) -> dict:

@@ -13,7 +13,7 @@ import pytest
 from products10k.deploy import enrol as enrol_tool
 from products10k.deploy.runtime import ExportedModel
 from products10k.deploy.versions import DiskFull, VersionStore, list_versions
-from products10k.knn import search
+from products10k.knn import Prototypes, search, stored_vectors
 
 
 def unit(n: int, dim: int, seed: int) -> np.ndarray:
@@ -40,12 +40,18 @@ def test_segments_compaction_restart_and_a_follower_read_what_the_writer_served(
     dim = writer.current.gallery.index.d
     queries = unit(20, dim, 99)
     served = {}
+    writer.current.gallery.prototypes()  # the centroid rule's: then each version adds its delta's
     for i in range(7):  # v1, v2 segments, v3 whole, v4, v5 segments, v6 whole, v7 a segment
         version = writer.enrol(
             unit(5, dim, i), 930000 + i % 3, [f"{i}-{j}.jpg" for j in range(5)], b"\xff\xd8"
         )
         writer.publish(version)
         served[version.number] = answers(version, queries)
+        gallery = version.gallery  # the prototypes carried along equal those read from every vector
+        read = np.concatenate([block for _, block in stored_vectors(gallery.index, block=7)])
+        whole = Prototypes.of(read, gallery.labels, gallery.num_classes)
+        np.testing.assert_allclose(gallery.cached_prototypes.sums, whole.sums, atol=1e-4)
+        assert np.array_equal(gallery.cached_prototypes.counts, whole.counts)
         seen = follower.newer()  # the follower reads only the segments it lacks, on the same base
         follower.current = seen
         assert seen.number == version.number and seen.gallery.index.ntotal == version.gallery.index.ntotal
