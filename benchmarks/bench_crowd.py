@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_serve import rss_mb, start_server, test_photos  # noqa: E402
+from harness import write_results  # noqa: E402
 from machine import describe  # noqa: E402
 
 from tests.deploy.test_serve import multipart  # noqa: E402
@@ -145,7 +146,7 @@ def main() -> None:
         "crowds": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result["crowds"], indent=1))
 
 

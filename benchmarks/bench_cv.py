@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.digits_data import write_digits  # noqa: E402
+from benchmarks.harness import write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from products10k.estimate import paired_gain  # noqa: E402
 from products10k.scores import load_predictions  # noqa: E402
@@ -162,7 +163,7 @@ def main() -> None:
             report = bench(args.data, args.folds, Path(tmp))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"cv_{args.data}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(path, report)
     print(report["machine"])
     print(table(report))
     print(f"wrote {path}")

@@ -31,7 +31,7 @@ import numpy as np
 from machine import describe
 from tqdm import tqdm
 
-from products10k.prepared.shards import ShardWriter
+from products10k.contracts.shards import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = 197_307

@@ -51,12 +51,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import params as load_params  # noqa: E402
+from benchmarks.harness import write_params, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
+from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
-from products10k.knn import VOTES, build_gallery, enrol, fit_fusion_weight, fuse_with_enrolled, knn_scores  # noqa: E402
+from products10k.data.transforms import embedding_transform  # noqa: E402
+from products10k.ensemble import fit_fusion_weight  # noqa: E402
+from products10k.knn import VOTES, build_gallery, enrol, fuse_with_enrolled, knn_scores  # noqa: E402
 from products10k.models.checkpoint import load_model  # noqa: E402
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
-from products10k.retrieval.embed import embed_rows, embedding_transform  # noqa: E402
+from products10k.retrieval.embed import embed_rows  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
 
 
@@ -74,7 +78,7 @@ def prepare_data(work: Path, data: str, params: dict) -> Path:
         tree = json.loads(json.dumps(params))
         tree["data"].update({"source": "dir", "dir": str(work / "digits")})
         params_file = work / "params-data.yaml"
-        params_file.write_text(__import__("yaml").safe_dump(tree))
+        write_params(params_file, tree)
     run(str(ROOT / "stages/download.py"), "--params", str(params_file), "--out", str(work / "raw"), cwd=work)
     run(str(ROOT / "stages/prepare.py"), "--params", str(params_file), "--raw", str(work / "raw"),
         "--out", str(work / "prepared"), cwd=work)  # fmt: skip
@@ -137,7 +141,7 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
     if row != "linear":
         row_params["model"]["head"] = row
     params_file = work / f"params-{row}.yaml"
-    params_file.write_text(__import__("yaml").safe_dump(row_params))
+    write_params(params_file, row_params)
     run(str(ROOT / "stages/train.py"), "--phase", "train", "--member", "m0",
         "--params", str(params_file), "--train-csv", str(reduced / "train.csv"),
         "--val-csv", str(reduced / "val.csv"), "--label-map", str(reduced / "label_map.csv"),
@@ -258,7 +262,7 @@ def main() -> None:
     unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", "concat"}
     if unknown:
         p.error(f"unknown --rows entries: {', '.join(sorted(unknown))}")
-    params = __import__("yaml").safe_load((ROOT / "params.yaml").read_text())
+    params = load_params()
     started = time.time()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,7 +294,7 @@ def main() -> None:
         "rows": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(table(results))
 
 

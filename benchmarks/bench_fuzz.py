@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import write_results  # noqa: E402
 from machine import describe  # noqa: E402
 
 from tests.hostile import FORMATS, fuzz  # noqa: E402
@@ -47,7 +48,7 @@ def main() -> None:
         result[fmt] = report
         print(fmt, json.dumps(report), flush=True)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result, indent=1))
 
 

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import params as load_params  # noqa: E402
+from benchmarks.harness import write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from products10k.knn import build_gallery, fit_fusion_weight, fuse, knn_scores  # noqa: E402
+from products10k.ensemble import fit_fusion_weight  # noqa: E402
+from products10k.knn import build_gallery, fuse, knn_scores  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
 
 GALLERY, TEST, VAL, CLASSES, TOP_K = 141_931, 55_376, 5_000, 9_691, 100
@@ -70,7 +72,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=960)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "index.json")
     args = p.parse_args()
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["retrieval"]
+    cfg = load_params()["retrieval"]
     vote = dict(k=cfg["k"], kind=cfg["vote"], temperature=cfg["temperature"], smoothing=cfg["smoothing"],
                 batch=cfg["search_batch"])  # fmt: skip
     rng = np.random.default_rng(0)
@@ -114,7 +116,7 @@ def main() -> None:
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -30,11 +30,11 @@ import torch
 from machine import describe
 
 from products10k.config import ModelConfig, PhaseConfig, TTAConfig, load_section
+from products10k.contracts.shards import ShardWriter
 from products10k.dist.devices import amp_dtype, resolve_device
 from products10k.evaluation.predict import predict
 from products10k.evaluation.views import build_views
 from products10k.models.model import create_model
-from products10k.prepared.shards import ShardWriter
 
 log = logging.getLogger("bench_inference")
 ROOT = Path(__file__).resolve().parents[1]

@@ -41,9 +41,10 @@ from machine import describe  # noqa: E402
 from products10k.config import PhaseConfig, load_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+from products10k.contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resolve_resize  # noqa: E402
+from products10k.contracts.shards import ShardWriter  # noqa: E402
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
-from products10k.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_resize, train_transform  # noqa: E402
-from products10k.prepared.shards import ShardWriter  # noqa: E402
+from products10k.data.transforms import train_transform  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 

@@ -11,7 +11,6 @@ Random weights: speed does not depend on them. Writes benchmarks/results/onnx.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import params as load_params  # noqa: E402
+from benchmarks.harness import write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from products10k.config import ModelConfig, from_dict  # noqa: E402
 from products10k.export.export import ExportedNet, _export_onnx  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per runtime and resolution")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "onnx.json")
     args = p.parse_args()
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_params()
     model_params = dict(params["model"], **({"arch": args.arch} if args.arch else {}))
     cfg = from_dict(ModelConfig, model_params, "params.yaml", "model")
     resolutions = args.resolutions or [params["train"]["resolution"], 448]
@@ -96,7 +96,7 @@ def main() -> None:
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.out, report)
     print(f"\n{cfg.arch}, {NUM_CLASSES} classes, batch {args.batch}, {threads} threads ({describe()})")
     print("| resolution | PyTorch eager img/s | onnxruntime img/s | speed-up |\n|---|---|---|---|")
     for r in rows:

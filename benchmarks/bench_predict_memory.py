@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import write_results  # noqa: E402
 from machine import describe  # noqa: E402
 
 RUN = """
@@ -74,7 +75,7 @@ def main() -> None:
     result["full_decode_minus_small_mb"] = round(
         result["giant_photo_full_decode_peak_mb"] - result["small_photo_peak_mb"], 1
     )
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps(result, indent=2))
 
 

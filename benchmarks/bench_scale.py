@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psutil
 import yaml
+from harness import params as load_params
+from harness import parse_sets, write_params, write_results
 from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,23 @@ def images_of(work: Path, stage: str, params: dict) -> int:
     return rows("test.csv")
 
 
+def clone(work: Path, preset: str, overrides: dict) -> Path:
+    """A fresh clone of the repository at ``work`` with ``preset`` applied and ``overrides`` set,
+    committed; its package (not the editable install's) and the venv's tools first on the paths."""
+    if work.exists():
+        shutil.rmtree(work)
+    run(["git", "clone", "-q", str(ROOT), str(work)], cwd=ROOT)
+    venv_bin = Path(sys.executable).parent
+    os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ['PATH']}"  # dvc.yaml's python/torchrun
+    os.environ["PYTHONPATH"] = str(work)  # the clone's package, not the editable install's
+    apply = [sys.executable, "-m", "products10k.config.presets", "apply", preset, "--params", "params.yaml"]
+    run(apply, work)
+    if overrides:
+        write_params(work / "params.yaml", load_params(overrides, path=work / "params.yaml"))
+    run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam", "scale"], work)
+    return work
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/p10k-scale"))
@@ -153,31 +172,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra dotted override, key=yaml-value")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     args = p.parse_args()
-
-    work = args.workdir.resolve()
-    if work.exists():
-        shutil.rmtree(work)
-    run(["git", "clone", "-q", str(ROOT), str(work)], cwd=ROOT)
-    venv_bin = Path(sys.executable).parent
-    env_path = f"{venv_bin}{os.pathsep}{os.environ['PATH']}"
-    os.environ["PATH"] = env_path  # dvc.yaml's cmds call python/torchrun from the venv
-    os.environ["PYTHONPATH"] = str(work)  # the clone's package, not the editable install's
-    run(
-        [sys.executable, "-m", "products10k.config.presets", "apply", args.preset, "--params", "params.yaml"],
-        work,
-    )
-    if args.set:
-        params = yaml.safe_load((work / "params.yaml").read_text())
-        for item in args.set:
-            key, value = item.split("=", 1)
-            node = params
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = yaml.safe_load(value)
-        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qam", "scale"], work)
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    work = clone(args.workdir.resolve(), args.preset, parse_sets(args.set))
+    params = load_params(path=work / "params.yaml")
     logs = work / "bench-logs"
     logs.mkdir()
 
@@ -232,7 +228,7 @@ def main() -> None:
     total_min, peak_gib = summary["total_wall_s"] / 60, summary["max_peak_pss"] / 2**30
     print(f"total {total_min:.1f} min, max peak memory (PSS, process tree) {peak_gib:.2f} GiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_results(args.out, summary)
 
 
 if __name__ == "__main__":

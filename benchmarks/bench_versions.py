@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from products10k.deploy.runtime import ExportedModel  # noqa: E402
 from products10k.deploy.versions import VersionStore  # noqa: E402
@@ -166,7 +167,7 @@ def main() -> None:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
 
 

@@ -34,45 +34,22 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-#: what a scratch project needs of the working tree (data and outputs are made there)
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "products10k", "presets", ".dvcignore", ".gitignore"]
+# the sibling modules (this script runs as a file on the GPU box, with benchmarks/ first on sys.path)
+from gpu_peer import peer
+from gpu_run import ROOT, TINY, dvclive_epochs, make_project, outcome, run_timed, tool_env, write_params
+
 #: seconds each step may take at most, before the run's remaining budget cuts it shorter
 STEP_CAPS = {"repro": 240, "repro448": 180, "peer": 200, "bench": 150}
 PHASES = ("train", "finetune_balanced", "finetune_accuracy")
-#: --tiny: a few synthetic SKUs at 32 px, one short epoch a phase (the tests' tiny pipeline)
-TINY = {
-    "data.synthetic.num_groups": 2,
-    "data.synthetic.skus_per_group": 3,
-    "data.synthetic.train_max_per_sku": 6,
-    "data.synthetic.train_min_per_sku": 2,
-    "data.synthetic.test_per_sku": 2,
-    "prepare.size": 48,
-    "prepare.val_min_images": 2,
-    "balance.per_class": 2,
-    "model.arch": "resnet10t",
-    "model.pretrained": False,
-    "train.epochs": 1,
-    "train.resolution": 32,
-    "train.batch_size": 8,
-    "finetune_balanced.epochs": 1,
-    "finetune_accuracy.epochs": 1,
-    "evaluate.batch_size": 16,
-    "evaluate.gallery_size": 3,
-    "evaluate.gallery_tile": 48,
-}
 
 
 # --- the run's record ------------------------------------------------------------------------
@@ -105,115 +82,6 @@ class Record:
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(text)
             tmp.replace(self.out / name)
-
-
-# --- running things --------------------------------------------------------------------------
-
-
-def run_timed(cmd: list[str], cwd: Path, env: dict, timeout: float, log_path: Path) -> dict:
-    """Run ``cmd`` with every output line time-stamped into ``log_path``; kill its whole process
-    group at ``timeout``. Returns the exit code (None: killed), seconds and the stamped lines."""
-    lines: list[tuple[float, str]] = []
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-    def pump() -> None:
-        with open(log_path, "w") as log:
-            for line in proc.stdout:
-                stamp = time.perf_counter() - t0
-                lines.append((stamp, line.rstrip("\n")))
-                log.write(f"{stamp:8.1f} {line}")
-                log.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=max(timeout, 1.0))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # stage processes, torchrun, DataLoader workers
-        proc.wait()
-        code = None
-    reader.join(timeout=10)
-    return {"code": code, "seconds": round(time.perf_counter() - t0, 1), "lines": lines}
-
-
-def outcome(result: dict, timeout: float) -> dict:
-    if result["code"] == 0:
-        return {"status": "ok", "seconds": result["seconds"]}
-    status = f"timed out after {timeout:.0f} s" if result["code"] is None else f"exit {result['code']}"
-    return {
-        "status": status,
-        "seconds": result["seconds"],
-        "tail": [line for _, line in result["lines"][-25:]],
-    }
-
-
-def tool_env(bin_dir: Path) -> dict:
-    """Stage commands call ``python``: a folder holding ``python`` -> this interpreter goes first
-    on PATH (a GPU image may have ``python3`` alone), with the target folder's scripts."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    shim = bin_dir / "python"  # a script, not a link: a link to a venv's python leaves the venv
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    shim.chmod(0o755)
-    env = dict(os.environ)
-    extra = [str(bin_dir)]
-    if os.environ.get("P10K_GPU_CHECK_TARGET"):
-        extra.append(str(Path(os.environ["P10K_GPU_CHECK_TARGET"]) / "bin"))
-    env["PATH"] = os.pathsep.join([*extra, str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    for key in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
-        env.setdefault(key, "gpu-check")
-    for key in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
-        env.setdefault(key, "gpu-check@localhost")
-    return env
-
-
-def set_dotted(tree: dict, overrides: dict) -> dict:
-    for dotted, value in overrides.items():
-        node = tree
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
-def make_project(dest: Path, overrides: dict, env: dict) -> Path:
-    """A scratch copy of the project with ``overrides`` in params.yaml, git and DVC initialised."""
-    dest.mkdir(parents=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    write_params(dest, overrides)
-    git = shutil.which("git") is not None  # a bare GPU image may lack it: DVC then runs without git
-    cmds = [["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]] if git else []
-    cmds = cmds or [[sys.executable, "-m", "dvc", "init", "-q", "--no-scm"]]
-    for cmd in cmds:
-        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
-    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
-    if git:  # DVCLive (and dvc exp) want a commit to stand on
-        for cmd in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "gpu-check"]):
-            subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
-    return dest
-
-
-def write_params(project: Path, overrides: dict) -> None:
-    import yaml
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    set_dotted(params, overrides)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 # --- step 0: install ---------------------------------------------------------------------------
@@ -298,17 +166,6 @@ def stage_seconds(lines: list[tuple[float, str]], end: float) -> dict:
     return out
 
 
-def dvclive_epochs(folder: Path) -> dict:
-    """Per-epoch img/s and data wait of a training phase from its DVCLive plots."""
-    out = {}
-    for key in ("throughput", "data_wait"):
-        tsv = folder / "plots" / "metrics" / f"{key}.tsv"
-        if tsv.exists():
-            rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line.strip()]
-            out[key] = [round(float(r[-1]), 4) for r in rows]
-    return out
-
-
 def nested(tree: dict, *keys):
     for key in keys:
         if not isinstance(tree, dict) or key not in tree:
@@ -364,200 +221,6 @@ def bench(device: str, tiny: bool, compile_: bool, env: dict, timeout: float, wo
     report = outcome(result, timeout)
     report["rows"] = json.loads(out.read_text())["rows"] if out.exists() else []
     return report
-
-
-# --- step 3: the project's training beside timm's train.py ---------------------------------------
-
-
-def write_imagefolder(prepared: Path, dest: Path) -> dict:
-    """train/ and val/ of the prepared set as ``<split>/<label>/<name>``: the very JPEG bytes the
-    project's loader decodes (the shards hold them as written), so both sides read the same files."""
-    import pandas as pd
-
-    from products10k.prepared.shards import ImageStore
-
-    store = ImageStore(prepared)
-    counts = {}
-    for split in ("train", "val"):
-        df = pd.read_csv(prepared / f"{split}.csv")
-        for row in df.itertuples():
-            folder = dest / split / f"{row.label:05d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / Path(row.name).name).write_bytes(
-                bytes(store.read_bytes(row.shard, row.offset, row.length))
-            )
-        counts[split] = len(df)
-    return counts
-
-
-def timm_epochs(lines: list[str], batch: int) -> list[dict]:
-    """img/s and data-wait share of each epoch from timm's last "Train: E [..]" line of it:
-    the epoch's mean update time and mean data time (its AverageMeters restart every epoch)."""
-    pattern = re.compile(
-        r"Train: (\d+) \[.*?Time: [\d.]+s,\s+[\d.]+/s\s+\(([\d.]+)s,.*?Data: [\d.]+ \(([\d.]+)\)"
-    )
-    last: dict[int, tuple[float, float]] = {}
-    for line in lines:
-        m = pattern.search(line)
-        if m:
-            last[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
-    return [{"throughput": batch / t, "data_wait": d / t} for _, (t, d) in sorted(last.items()) if t > 0]
-
-
-def steady(epochs: list[float]) -> float | None:
-    """The median over the epochs after the first (which pays for autotuning and worker start)."""
-    rest = epochs[1:] or epochs
-    return round(statistics.median(rest), 4) if rest else None
-
-
-def peer(args, env: dict, timeout: float, work: Path) -> dict:
-    deadline = time.perf_counter() + timeout
-    s = peer_settings(args)
-    per_sku = s["images"] // s["classes"]
-    overrides = {**(TINY if args.tiny else {}), "data.synthetic.train_images": s["images"]}
-    overrides["data.synthetic.train_min_per_sku"] = max(2, per_sku // 2)
-    overrides["data.synthetic.train_max_per_sku"] = 2 * per_sku
-    overrides["data.synthetic.test_images"] = s["classes"]
-    overrides["prepare.val_min_images"] = 2
-    project = make_project(work / "peer", overrides, env)
-    prep = run_timed(
-        [sys.executable, "-m", "dvc", "repro", "prepare"],
-        project,
-        env,
-        deadline - time.perf_counter(),
-        work / "peer_prepare.log",
-    )
-    report: dict = {"settings": s, "prepare": outcome(prep, timeout)}
-    if prep["code"] != 0:
-        report["status"] = "prepare failed"
-        return report
-    prepared = project / "data" / "prepared"
-    report["images"] = write_imagefolder(prepared, work / "imagefolder")
-
-    # the project's train stage, with the augmentation timm's train.py applies by default
-    write_params(project, {**overrides, **peer_overrides(s)})
-    ours_cmd = [
-        sys.executable,
-        "stages/train.py",
-        "--phase",
-        "train",
-        "--member",
-        "m0",
-        "--params",
-        "params.yaml",
-    ]
-    ours_cmd += ["--train-csv", str(prepared / "train.csv"), "--val-csv", str(prepared / "val.csv")]
-    ours_cmd += ["--label-map", str(prepared / "label_map.csv"), "--images", str(prepared)]
-    ours_cmd += ["--out", str(work / "ours_ckpt"), "--live", str(work / "ours_live")]
-    ours = run_timed(
-        ours_cmd,
-        project,
-        env,
-        (deadline - time.perf_counter()) / (2 if args.timm_train else 1),
-        work / "peer_ours.log",
-    )
-    epochs = dvclive_epochs(work / "ours_live")
-    report["ours"] = {
-        **outcome(ours, timeout),
-        "epochs": epochs,
-        "img_per_s": steady(epochs.get("throughput", [])),
-        "data_wait": steady(epochs.get("data_wait", [])),
-    }
-    if not args.timm_train:
-        report["timm"] = {"status": "not run: no --timm-train (timm's train.py from its repository)"}
-        report["status"] = report["ours"]["status"]
-        return report
-    timm_cmd = [sys.executable, str(args.timm_train.resolve()), str(work / "imagefolder")]
-    timm_cmd += [
-        "--train-split",
-        "train",
-        "--val-split",
-        "val",
-        "--model",
-        s["arch"],
-        "--num-classes",
-        str(s["classes"]),
-    ]
-    timm_cmd += ["--img-size", str(s["resolution"]), "-b", str(s["batch"]), "--epochs", str(s["epochs"])]
-    timm_cmd += [
-        "--opt",
-        "adam",
-        "--lr",
-        "3e-4",
-        "--weight-decay",
-        "1e-4",
-        "--sched",
-        "cosine",
-        "--warmup-epochs",
-        "0",
-    ]
-    timm_cmd += [
-        "-j",
-        str(s["workers"]),
-        "--pin-mem",
-        "--log-interval",
-        "10",
-        "--output",
-        str(work / "timm_out"),
-    ]
-    timm_cmd += ["--device", args.device, "--seed", "0", "--checkpoint-hist", "1"]
-    if s["amp"]:
-        timm_cmd += ["--amp", "--amp-dtype", "bfloat16"]
-    if s["channels_last"]:
-        timm_cmd.append("--channels-last")
-    timm = run_timed(timm_cmd, work, env, deadline - time.perf_counter(), work / "peer_timm.log")
-    t_epochs = timm_epochs([line for _, line in timm["lines"]], s["batch"])
-    report["timm"] = {
-        **outcome(timm, timeout),
-        "command": " ".join(timm_cmd[1:]),
-        "epochs": {k: [round(e[k], 4) for e in t_epochs] for k in ("throughput", "data_wait")},
-        "img_per_s": steady([e["throughput"] for e in t_epochs]),
-        "data_wait": steady([e["data_wait"] for e in t_epochs]),
-    }
-    if report["ours"]["img_per_s"] and report["timm"]["img_per_s"]:
-        report["ratio"] = round(report["ours"]["img_per_s"] / report["timm"]["img_per_s"], 2)
-    report["status"] = "ok" if report["ours"]["status"] == report["timm"]["status"] == "ok" else "failed"
-    return report
-
-
-def peer_settings(args) -> dict:
-    workers = max(1, min(15, len(os.sched_getaffinity(0)) - 1))
-    if args.tiny:
-        return {
-            "arch": "resnet10t",
-            "resolution": 32,
-            "batch": 8,
-            "epochs": 2,
-            "workers": min(2, workers),
-            "images": 48,
-            "classes": 6,
-            "amp": args.device == "cuda",
-            "channels_last": True,
-        }
-    return {
-        "arch": "efficientnet_b3",
-        "resolution": 448,
-        "batch": 64,
-        "epochs": args.peer_epochs,
-        "workers": workers,
-        "images": args.peer_images,
-        "classes": 48,
-        "amp": args.device == "cuda",
-        "channels_last": True,
-    }
-
-
-def peer_overrides(s: dict) -> dict:
-    """The project's train phase set as timm's train.py runs by default: RandomResizedCrop(0.08-1),
-    flip, colour jitter 0.4, no erasing, label smoothing 0.1, Adam, cosine, no warm-up."""
-    return {
-        "model.arch": s["arch"], "model.pretrained": False, "model.drop_rate": 0.0,
-        "train.resolution": s["resolution"], "train.resize": None, "train.batch_size": s["batch"],
-        "train.epochs": s["epochs"], "train.num_workers": s["workers"], "train.crop": "random_resized",
-        "train.rrc_scale": [0.08, 1.0], "train.color_jitter": 0.4, "train.random_erasing": 0.0,
-        "train.label_smoothing": 0.1, "train.warmup_epochs": 0, "train.schedule": "cosine",
-        "train.amp": "bf16" if s["amp"] else "off", "train.channels_last": s["channels_last"],
-    }  # fmt: skip
 
 
 # --- the Markdown table ----------------------------------------------------------------------

@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness import params as load_params  # noqa: E402
+from benchmarks.harness import write_params, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from products10k.config import apply_overrides  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "default_sweep.json"
 CHART = ROOT / "reports" / "default_sweep.png"
@@ -70,8 +69,7 @@ RUNS: dict[str, tuple[str, str | None, dict]] = {
 def run_one(name: str, phase: str, init: Path | None, overrides: dict, work: Path) -> dict:
     folder = work / name.replace(" ", "_").replace(",", "")
     folder.mkdir(parents=True)
-    params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(folder / "params.yaml", load_params(overrides))
     prepared = ROOT / "data" / "prepared"
     csv = "train.csv" if phase == "train" else "balanced.csv"
     cmd = [sys.executable, str(ROOT / "stages/train.py"), "--phase", phase, "--member", "m0",
@@ -155,7 +153,7 @@ def main() -> None:
     else:
         report = sweep()
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(RESULTS, report)
     plot(report)
     print(f"wrote {CHART}")
 

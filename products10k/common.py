@@ -1,4 +1,7 @@
-"""What every stage shares: its errors, logging, atomic writes, seeding, the stage runner, a thread map.
+"""What every stage and the runtime share: errors, logging, atomic writes, the stage runner, a thread map.
+
+NumPy and the standard library only: the deployed runtime stands on this module (torch-side helpers
+live with their users: ``save_torch`` in models/checkpoint.py, ``seed_everything`` in dist/devices.py).
 
 - Errors: a :class:`Products10kError` is a problem the user can fix (bad params, bad data, a
   missing input); its message names the file, row, column or params key. :func:`run_stage` logs it
@@ -21,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import sys
@@ -32,8 +34,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
 
 T = TypeVar("T")
 
@@ -198,15 +198,6 @@ def write_csv(path: str | os.PathLike, df, **kwargs) -> None:
         df.to_csv(tmp, **kwargs)
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    import torch
-
-    # through a file object: given a path, torch.save names the archive's root folder after the file,
-    # here a random temporary name, and the same checkpoint would differ byte by byte between runs
-    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-
-
 # --- fault injection ---------------------------------------------------------------------------
 
 
@@ -230,23 +221,6 @@ def pause_point(name: str) -> None:
         f.write(f"{os.getpid()}\n")
     while not (folder / "released").exists():  # until killed or released
         time.sleep(0.1)
-
-
-# --- seeding -------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (if importable) from one integer."""
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    try:
-        import torch
-    except ImportError:  # data stages do not need torch
-        return
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 # --- the stage runner ----------------------------------------------------------------------

@@ -99,3 +99,13 @@ def resolve_weights(
     else:
         raise Products10kError(f"ensemble.weights is {spec!r}, expected 'fit', 'equal' or a mapping")
     return {m: float(w) for m, w in zip(members, weights, strict=True)}
+
+
+def fit_fusion_weight(
+    classifier: SplitScores, knn: SplitScores, row_weight: np.ndarray | None = None
+) -> float:
+    """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities
+    (rows weighted by ``row_weight``: the val estimate's, products10k/estimate.py)."""
+    if not (classifier.labels >= 0).any():
+        raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")
+    return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels, row_weight)[1])

@@ -6,7 +6,7 @@ Each val row gets its SKU's target mass shared among that SKU's val rows (``row_
 weighted val mix is ``evaluate.target_prior`` restricted to the SKUs val has (``coverage`` says how
 much of the target that is). Every choice made on val uses these weights: the best epoch
 (training/state.py, epoch.py), the fusion weight (knn.py), the ensemble weights
-(ensemble.py) and the submission itself (submission/choose.py).
+(ensemble.py) and the submission itself (products10k/choose.py).
 
 numpy and pandas only: the ground floor every stage family may import.
 """

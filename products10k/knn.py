@@ -21,9 +21,9 @@ the voted labels' probabilities plus an equal share of the rest for every other 
 (``SplitScores``, ``combine_topk``).
 
 **Fusion.** ``(1 - w) x classifier softmax + w x kNN probability``: the two are combined like two
-ensemble members (``products10k.ensemble``), ``w`` maximising the val log-likelihood
-(a concave fit, SLSQP), so the result is a predictions file the submit stage reads as it reads
-the classifier's.
+ensemble members, ``w`` maximising the val log-likelihood (``ensemble.fit_fusion_weight``, on
+the pipeline side: a concave fit, SLSQP), so the result is a predictions file the submit stage
+reads as it reads the classifier's.
 """
 
 from __future__ import annotations
@@ -408,18 +408,6 @@ def _voted(gallery, searched, sims, ids, kind, temperature, smoothing, names, la
         names=names,
         labels=labels,
     )
-
-
-def fit_fusion_weight(
-    classifier: SplitScores, knn: SplitScores, row_weight: np.ndarray | None = None
-) -> float:
-    """The kNN weight ``w`` in [0, 1] maximising the val log-likelihood of the fused probabilities
-    (rows weighted by ``row_weight``: the val estimate's, products10k/estimate.py)."""
-    from products10k.ensemble import fit_weights  # scipy: not for the deploy runtime's imports
-
-    if not (classifier.labels >= 0).any():
-        raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")
-    return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels, row_weight)[1])
 
 
 def fuse(

@@ -26,8 +26,9 @@ from pathlib import Path
 # a copy of the repository, where an editable install would import the workspace's code instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from products10k.common import run_stage, seed_everything
+from products10k.common import run_stage
 from products10k.config.stage import StageParams, stage_parser
+from products10k.dist.devices import seed_everything
 from products10k.dist.group import process_group
 from products10k.evaluation.evaluate import EvalFiles, evaluate_phase
 

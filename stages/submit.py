@@ -13,7 +13,7 @@ the evaluate stages), ``knn/`` and ``fused/`` (the members' kNN predictions and 
 + kNN fusion, written by the index stages). ``submit.phase`` names one of them, or ``auto``: each
 is scored on val by the estimate of ``evaluate.target_prior``, with every logit-adjustment tau of
 ``submit.tau_grid`` (``submit.logit_adjust: auto``), and the best is submitted; every candidate's
-figures go into the metrics (products10k/submission/choose.py).
+figures go into the metrics (products10k/choose.py).
 Test images the prepare stage excluded (``--report``) have no prediction: they get the most
 frequent training SKU, with a warning, and are counted in ``test.fallback_rows`` (see
 products10k/submission/submit.py).

@@ -21,25 +21,20 @@ import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 # this checkout's products10k, not an installed copy: `dvc exp run --queue`/`--temp` run the stage in
 # a copy of the repository, where an editable install would import the workspace's code instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from products10k.common import run_stage
-from products10k.config import CVConfig, DistConfig, load_yaml, member_params, section
-from products10k.config.stage import stage_parser
-from products10k.dist.group import process_group
-from products10k.folds import check_folds, fold_plan
-from products10k.training.loop import Callbacks, PhasePaths, PhaseSettings, run_phase
+from products10k.config.stage import StageParams, stage_parser
+from products10k.training.loop import PhasePaths, train_phase
 
 log = logging.getLogger("stages.train")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__, PhasePaths, member=True, phase=True).parse_args(argv)
-    result = run_stage(log, train_phase, args.params, args.phase, args.member, PhasePaths.of(args))
+    result = run_stage(log, _train, args)
     if result["is_main"]:  # one summary line, on the node that runs dvc (not torchrun's RANK 0)
         folds = result["folds"]
         log.info(
@@ -52,28 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
-def train_phase(
-    params_path: Path, phase: str, member: str, paths: PhasePaths, callbacks: Callbacks | None = None
-) -> dict:
-    """Read params.yaml once (the member's overrides applied), then train the phase inside the
-    process group (one process unless torchrun started this one): its one model, or under cv each
-    fold's model and then the refit on every image (products10k/folds.py). A run killed
-    in fold i resumes there: the folds before it find their last epoch done."""
-    where = str(params_path)
-    params = member_params(load_yaml(params_path), member, where)
-    with process_group(section(params, "dist", DistConfig, where), params, where) as info:
-        # typed after the ranks compared their params: a value one node alone holds is named there
-        settings = PhaseSettings.from_params(params, phase, member, where)
-        folds = section(params, "cv", CVConfig, where).folds
-        check_folds(pd.read_csv(paths.val_csv), folds, paths.val_csv)
-        results = []
-        for fold in fold_plan(folds):
-            if fold is not None or folds:
-                log.info(
-                    "%s@%s: %s", phase, member, f"fold {fold} of {folds}" if fold is not None else "the refit"
-                )
-            results.append(run_phase(settings, paths.for_fold(fold), info, callbacks))
-        return {**results[-1], "folds": results[:-1]}
+def _train(args) -> dict:
+    params = StageParams(args.params).for_member(args.member)
+    return train_phase(params, args.phase, args.member, PhasePaths.of(args))
 
 
 if __name__ == "__main__":

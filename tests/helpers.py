@@ -31,10 +31,10 @@ import torch
 import yaml
 from PIL import Image
 
-from products10k import common
 from products10k.config import PHASES, SECTIONS, apply_overrides, from_dict
+from products10k.contracts.shards import ShardWriter
+from products10k.models.checkpoint import save_torch
 from products10k.models.model import create_model, model_config_dict
-from products10k.prepared.shards import ShardWriter
 
 # --- a project copy driven by the real dvc CLI ---------------------------------------------------
 
@@ -269,7 +269,10 @@ def phase_args(data: Path, out: Path, phase: str = "train", csv: str = "train.cs
 
 def train_phase(params_path, phase: str, member: str, paths, callbacks=None) -> dict:
     """One phase as ``stages/train.py`` runs it: params.yaml read once, the process group around it."""
-    return stage_module("train").train_phase(Path(params_path), phase, member, paths, callbacks)
+    from products10k.config.stage import StageParams
+    from products10k.training.loop import train_phase as run
+
+    return run(StageParams(params_path).for_member(member), phase, member, paths, callbacks)
 
 
 def stage_module(name: str):
@@ -359,7 +362,7 @@ def make_checkpoint(
     torch.manual_seed(seed)
     cfg = config("model", arch="resnet10t", pretrained=False)
     model = create_model(cfg, len(skus), pretrained=False).eval()
-    common.save_torch(
+    save_torch(
         path,
         {
             "model": model.state_dict(),

@@ -143,7 +143,7 @@ def test_a_checkpoint_saved_twice_is_the_same_bytes(tmp_path):
     # an uninterrupted run's, and torch.save given a path names the archive after the temporary file
     import torch
 
-    from products10k.common import save_torch
+    from products10k.models.checkpoint import save_torch
 
     saved = []
     for _ in range(2):

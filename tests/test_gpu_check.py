@@ -18,6 +18,8 @@ from tests.helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_peer  # noqa: E402
+import gpu_run  # noqa: E402
 
 # timm's train.py logs one of these every --log-interval updates and at the last one of an epoch;
 # the parenthesised figures are the epoch's running means
@@ -35,11 +37,11 @@ TIMM_LINES = [
 
 
 def test_timm_epochs_are_read_from_the_last_line_of_each_epoch():
-    epochs = gpu_check.timm_epochs(TIMM_LINES, batch=64)
+    epochs = gpu_peer.timm_epochs(TIMM_LINES, batch=64)
     assert [round(e["throughput"], 1) for e in epochs] == [640.0, 800.0]
     assert [round(e["data_wait"], 3) for e in epochs] == [0.3, 0.05]
-    assert gpu_check.steady([e["throughput"] for e in epochs]) == 800.0  # the first epoch left out
-    assert gpu_check.steady([5.0]) == 5.0 and gpu_check.steady([]) is None
+    assert gpu_peer.steady([e["throughput"] for e in epochs]) == 800.0  # the first epoch left out
+    assert gpu_peer.steady([5.0]) == 5.0 and gpu_peer.steady([]) is None
 
 
 def test_stage_seconds_come_from_dvcs_running_stage_lines():
@@ -58,10 +60,10 @@ def test_a_step_past_its_time_is_killed_with_its_children_and_keeps_its_output(t
     code = "import pathlib, subprocess, time; p = subprocess.Popen(['sleep', '60'])"
     code += f"; pathlib.Path({str(pid_file)!r}).write_text(str(p.pid)); print('started', flush=True)"
     code += "; time.sleep(60)"
-    result = gpu_check.run_timed([sys.executable, "-c", code], tmp_path, {}, 2.0, tmp_path / "log")
+    result = gpu_run.run_timed([sys.executable, "-c", code], tmp_path, {}, 2.0, tmp_path / "log")
     assert result["code"] is None and result["seconds"] < 20
     assert [line for _, line in result["lines"]] == ["started"]
-    assert "timed out after 2 s" in gpu_check.outcome(result, 2.0)["status"]
+    assert "timed out after 2 s" in gpu_run.outcome(result, 2.0)["status"]
     assert "started" in (tmp_path / "log").read_text()
     # this grandchild's own pid (any other `sleep 60` on the machine is none of this test's business)
     grandchild = int(pid_file.read_text())

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from products10k.common import Products10kError
+from products10k.ensemble import fit_fusion_weight
 from products10k.knn import (
     build_gallery,
     enrol,
-    fit_fusion_weight,
     fuse,
     knn_scores,
     knn_search,

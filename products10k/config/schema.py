@@ -301,7 +301,7 @@ class EvaluateConfig(Section):
     top_confused: int = Field(ge=0)
     gallery_size: int = Field(ge=0)
     gallery_tile: int = Field(ge=1)
-    # the SKU mix test follows, which val's estimate is weighted to (submission/choose.py):
+    # the SKU mix test follows, which val's estimate is weighted to (products10k/choose.py):
     # uniform | train | a CSV file of sku,weight
     target_prior: str = Field(min_length=1)
 

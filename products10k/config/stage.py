@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 from products10k.common import ConfigError
-from products10k.config.load import load_yaml, member_names, section
+from products10k.config.load import load_yaml, member_names, member_params, section
 from products10k.config.schema import PHASES, SECTIONS
 
 F = TypeVar("F", bound="StageFiles")
@@ -90,6 +90,11 @@ class StageParams:
         self.path = Path(path)
         self.where = str(path)
         self.tree = load_yaml(path) if tree is None else tree
+
+    def for_member(self, member: str) -> StageParams:
+        """These params with ensemble member ``member``'s overrides applied (an unknown member is a
+        ConfigError naming it): what a member's training phase runs on."""
+        return StageParams(self.path, member_params(self.tree, member, self.where))
 
     def section(self, name: str):
         """Section ``name`` typed by the schema (a ConfigError names the file and the key)."""

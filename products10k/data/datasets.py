@@ -1,6 +1,6 @@
 """Training/evaluation datasets over the prepared CSVs and packed image shards, plus samplers.
 
-Images are read from ``data/prepared/images/shard-*.bin`` (memory-mapped, see prepared/shards.py) and
+Images are read from ``data/prepared/images/shard-*.bin`` (memory-mapped, see contracts/shards.py) and
 decoded with OpenCV. When the target shorter side is at most half of the stored one, the JPEG is
 decoded at reduced scale (libjpeg DCT scaling: ``IMREAD_REDUCED_COLOR_2/4/8``), which is several
 times cheaper than a full decode followed by a resize.
@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from products10k.contracts.shards import ImageStore
 from products10k.data.transforms import seed_sample
 from products10k.imaging.images import reduced_decode_flag
-from products10k.prepared.shards import ImageStore
 
 
 class PreparedImageDataset(Dataset):

@@ -2,8 +2,8 @@
 
 Training resizes the shorter side to ``resize`` and takes a random ``resolution`` crop (or a
 random-resized crop); evaluation resizes the same way and takes the centre crop. ``resize``
-defaults to ``round(resolution * RESIZE_RATIO)``: the paper's 256/224 and 512/448 ratio, so
-``-S train.resolution=224`` alone gives the low-resolution baseline.
+defaults to ``round(resolution * 8 / 7)`` (``contracts.preprocessing``): the paper's 256/224 and
+512/448 ratio, so ``-S train.resolution=224`` alone gives the low-resolution baseline.
 
 Each training sample is augmented from a seed of its own (:func:`seed_sample`, drawn by the
 sampler in the main process): the augmentation of an image depends on neither the DataLoader
@@ -13,21 +13,13 @@ worker that loads it nor the worker count.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from fractions import Fraction
 
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
 from products10k.config import PhaseConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: the resize rule: shorter side = resolution x 8/7 (the paper's 256/224 and 512/448)
-RESIZE_RATIO = Fraction(8, 7)
-#: what a checkpoint without stored constants was trained with (every model before they were stored)
-DEFAULT_NORMALIZE = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-
+from products10k.contracts.preprocessing import DEFAULT_NORMALIZE, resolve_resize
 
 #: odd 64-bit constants (splitmix64's) that spread a sample seed over its transforms' seeds
 _GOLDEN, _MIX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
@@ -54,15 +46,6 @@ def _walk(transform) -> Iterator:
             yield from _walk(child)
 
 
-def resolve_resize(resolution: int, resize: int | None) -> int:
-    """Shorter side before cropping: ``resize`` if set, else ``round(resolution * RESIZE_RATIO)``."""
-    if resize is not None:
-        if resize < resolution:
-            raise ValueError(f"resize ({resize}) must be >= resolution ({resolution})")
-        return int(resize)
-    return round(resolution * RESIZE_RATIO)
-
-
 def eval_transform(resize: int, resolution: int, normalize: dict | None = None) -> A.Compose:
     """Shorter side to ``resize``, centre crop ``resolution``, normalise, CHW float tensor.
 
@@ -79,6 +62,14 @@ def eval_transform(resize: int, resolution: int, normalize: dict | None = None) 
             ToTensorV2(),
         ]
     )
+
+
+def embedding_transform(meta: dict):
+    """The centre-crop transform a checkpoint's metadata asks for (resolution, resize, normalize),
+    and its resize: what the index embeds with and the export checks against."""
+    resolution = int(meta["resolution"])
+    resize = resolve_resize(resolution, meta.get("resize"))
+    return eval_transform(resize, resolution, meta.get("normalize")), resize
 
 
 def train_transform(cfg: PhaseConfig, normalize: dict | None = None) -> A.Compose:

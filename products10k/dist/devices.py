@@ -7,7 +7,9 @@ as defaults), so every branch of the GPU path is tested on a CPU-only machine.
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 
 from products10k.common import ConfigError, process_cores
@@ -111,3 +113,13 @@ def train_workers(configured: int | str, device: torch.device, cores: int) -> in
     if configured == "auto":
         return max(1, cores - 1) if device.type == "cuda" else 0
     return int(configured)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch from one integer."""
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)

@@ -27,6 +27,8 @@ import pandas as pd
 from products10k import common
 from products10k.config import EvaluateConfig, TTAConfig
 from products10k.config.stage import StageFiles, option
+from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.contracts.shards import ImageStore
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo
 from products10k.evaluation.gallery import draw_gallery, encode_png, worst_errors
@@ -35,8 +37,6 @@ from products10k.evaluation.views import build_views
 from products10k.folds import check_folds, fold_dir, held_out, out_of_fold
 from products10k.metrics import confused_pairs, per_group_table, split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.prepared.shards import ImageStore
 from products10k.scores import SplitScores, concat_scores, mean_scores, save_predictions
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from products10k.prepared.shards import ImageStore
+from products10k.contracts.shards import ImageStore
 from products10k.scores import SplitScores
 
 HEADER = 36

@@ -22,7 +22,8 @@ from albumentations.pytorch import ToTensorV2
 
 from products10k.common import ConfigError
 from products10k.config import TTAConfig
-from products10k.data.transforms import DEFAULT_NORMALIZE, eval_transform, resolve_resize
+from products10k.contracts.preprocessing import DEFAULT_NORMALIZE, resolve_resize
+from products10k.data.transforms import eval_transform
 
 FIVE_CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 

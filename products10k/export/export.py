@@ -34,10 +34,10 @@ from products10k import common
 from products10k.common import Products10kError
 from products10k.config import ExportConfig, PrepareConfig
 from products10k.config.stage import StageFiles, option
+from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.data.datasets import PreparedImageDataset
+from products10k.data.transforms import embedding_transform
 from products10k.models.checkpoint import check_labels, load_model
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.retrieval.embed import embedding_transform
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,16 @@ checkpoint can never execute code.
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from products10k.common import Products10kError
+from products10k.common import Products10kError, atomic_path
 from products10k.config import ModelConfig, from_dict
 
 #: keys holding tensors/optimizer state; everything else is metadata
@@ -125,3 +127,11 @@ def load_member_checkpoint(path: str | Path, member: str, phase: str, label_map:
     model, meta = load_model(path, map_location="cpu")
     check_labels(meta, label_map, path, map_path)
     return model, meta
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save`` of ``obj`` to ``path``, atomically (a killed run leaves no half checkpoint)."""
+    # through a file object: given a path, torch.save names the archive's root folder after the file,
+    # here a random temporary name, and the same checkpoint would differ byte by byte between runs
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)

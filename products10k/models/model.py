@@ -25,7 +25,7 @@ from torch import nn
 
 from products10k.common import ConfigError, Products10kError
 from products10k.config import ModelConfig
-from products10k.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from products10k.contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from products10k.models import weights
 
 log = logging.getLogger(__name__)

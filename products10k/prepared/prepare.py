@@ -3,7 +3,7 @@
 Input (``data/raw``, made by the download stage): ``train.zip`` (images under ``train/``),
 ``test.zip`` (images under ``test/``), ``train.csv`` and ``test_kaggletest.csv``.
 
-Output (``data/prepared``): ``images/shard-*.bin`` (see prepared/shards.py), ``train.csv``, ``val.csv``,
+Output (``data/prepared``): ``images/shard-*.bin`` (see contracts/shards.py), ``train.csv``, ``val.csv``,
 ``test.csv`` (columns :data:`products10k.columns.PREPARED_COLUMNS`, test adds ``Usage``),
 ``label_map.csv`` and ``report.json`` (counts, and every excluded image with its file, line and reason).
 
@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 from products10k.common import DataError, ordered_map, pause_point, resolve_n_jobs, write_csv, write_json
 from products10k.config import PrepareConfig
 from products10k.config.stage import StageFiles, option
+from products10k.contracts.prepared import PREPARED_COLUMNS, TEST_COLUMNS
+from products10k.contracts.raw import TEST_CSV, TEST_ZIP, TRAIN_CSV, TRAIN_ZIP, unsafe_member
+from products10k.contracts.shards import ShardWriter, remove_stale_staging
 from products10k.imaging.images import ImageLimits, prepare_zip_members
-from products10k.prepared.contract import PREPARED_COLUMNS, TEST_COLUMNS
-from products10k.prepared.shards import ShardWriter, remove_stale_staging
 from products10k.prepared.tables import (
     check_unseen_test_skus,
     load_test_table,
@@ -53,7 +54,6 @@ from products10k.prepared.tables import (
     make_label_map,
     split_train_val,
 )
-from products10k.raw.contract import TEST_CSV, TEST_ZIP, TRAIN_CSV, TRAIN_ZIP, unsafe_member
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from products10k.common import DataError
-from products10k.raw.contract import RAW_CSV_COLUMNS, TEST_CSV, TRAIN_CSV
+from products10k.contracts.raw import RAW_CSV_COLUMNS, TEST_CSV, TRAIN_CSV
 
 USAGE_VALUES = ("Public", "Private")
 DOMAIN_VALUES = ("inshop", "customer", "unknown")
@@ -219,7 +219,7 @@ def split_train_val(
 
     ``tail_images``: the smaller SKUs that still have at least ``tail_min_images`` images give this
     many each (a leave-out): without it val holds the head alone, and no estimate made on val can see
-    what a method does to the tail (submission/choose.py). It costs each such SKU one of its few
+    what a method does to the tail (products10k/choose.py). It costs each such SKU one of its few
     training images; with 0, the split is exactly what it was before the option existed.
 
     Not ``StratifiedShuffleSplit``: it refuses splits where the validation (or training) part has

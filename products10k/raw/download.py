@@ -35,8 +35,8 @@ from tqdm import tqdm
 from products10k.common import DataError, current_umask, swap_in
 from products10k.config import DataConfig, KaggleConfig
 from products10k.config.stage import StageFiles, option
-from products10k.raw import kaggle
-from products10k.raw.contract import RAW_CSV_COLUMNS, RAW_FILES, ZIP_ROOTS, unsafe_member
+from products10k.contracts import kaggle
+from products10k.contracts.raw import RAW_CSV_COLUMNS, RAW_FILES, ZIP_ROOTS, unsafe_member
 from products10k.raw.synthetic import generate, zip_info
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ Within a group the SKUs cycle through ``medium_variants`` distinct (mark, stripe
 4 x 4): with 8 SKUs and 4 variants every SKU shares its mark and stripes with one other SKU of its
 group, and only the code tells the two apart - what a low-resolution model cannot read.
 
-Output is the official layout (``products10k.raw.contract``): ``train.zip`` (``train/<n>.jpg``),
+Output is the official layout (``products10k.contracts.raw``): ``train.zip`` (``train/<n>.jpg``),
 ``test.zip`` (``test/<7 digits>.jpg``), ``train.csv`` (``name,class,group,domain``) and
 ``test_kaggletest.csv`` (``name,class,Usage,domain``). The same params give byte-identical files:
 every image draws from its own RNG seeded by (seed, split, row), JPEGs are encoded by cv2 with

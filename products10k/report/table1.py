@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from products10k import common
+from products10k import choose, common
 from products10k.common import Products10kError
 from products10k.config import (
     EvaluateConfig,
@@ -79,7 +79,6 @@ from products10k.report.experiments import (
 )
 from products10k.report.stats import paired_bootstrap, seed_spread
 from products10k.scores import SINGLE_TOP1, Predictions, load_predictions
-from products10k.submission import choose
 
 log = logging.getLogger("products10k.table1")
 
@@ -124,7 +123,7 @@ class Adjustment:
 def adjusted_hits(scores: Predictions, label_map: pd.DataFrame, tau, adjustment: Adjustment):
     """(test top-1 hits after logit adjustment, the tau used, val's estimate at that tau):
     ``auto`` fits tau on val's estimate over the grid, exactly as the submit stage does
-    (submission/choose.py)."""
+    (products10k/choose.py)."""
     log_prior = log_train_prior(label_map)
     target = choose.target_prior(adjustment.target_prior, label_map)
     weights = choose.row_weights(scores.val.labels, target)

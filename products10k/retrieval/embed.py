@@ -23,15 +23,8 @@ from tqdm.auto import tqdm
 
 from products10k.common import DataError
 from products10k.data.datasets import PreparedImageDataset
-from products10k.data.transforms import eval_transform, resolve_resize
+from products10k.data.transforms import embedding_transform
 from products10k.dist.devices import host_transfer, to_inference, to_model_input
-
-
-def embedding_transform(meta: dict):
-    """The centre-crop transform a checkpoint's metadata asks for (resolution, resize, normalize)."""
-    resolution = int(meta["resolution"])
-    resize = resolve_resize(resolution, meta.get("resize"))
-    return eval_transform(resize, resolution, meta.get("normalize")), resize
 
 
 @torch.inference_mode()

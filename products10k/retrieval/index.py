@@ -32,8 +32,11 @@ import numpy as np
 from products10k import common
 from products10k.config import EvaluateConfig, RetrievalConfig
 from products10k.config.stage import StageFiles, option
+from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.contracts.shards import ImageStore
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
+from products10k.ensemble import fit_fusion_weight
 from products10k.estimate import val_weights
 from products10k.folds import check_folds, fold_dir, fold_view, out_of_fold
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
@@ -42,7 +45,6 @@ from products10k.knn import (
     Gallery,
     Prototypes,
     build_gallery,
-    fit_fusion_weight,
     fuse,
     knn_scores,
     knn_search,
@@ -52,8 +54,6 @@ from products10k.knn import (
 )
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.prepared.shards import ImageStore
 from products10k.retrieval.embed import embed_rows
 from products10k.scores import (
     SplitScores,

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from products10k.common import Products10kError
+from products10k.contracts import kaggle
 from products10k.metrics import hit_rates, leaderboard_masks
-from products10k.raw import kaggle
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """One training phase (train / finetune_balanced / finetune_accuracy), single-process or DDP.
 
-``run_phase`` is what ``stages/train.py`` calls (with the phase's settings, read once from
-params.yaml there, inside the process group) and reads as the phase does: build the state
+``train_phase`` is what ``stages/train.py`` calls: params.yaml read once, the process group joined,
+then ``run_phase`` per model (one, or under cv each fold's and the refit). ``run_phase`` reads as
+the phase does: build the state
 (data, model, optimizer, resume point), then per epoch ``train_one_epoch``, ``validate`` and, on
 rank 0, ``best.pt`` / ``last.pt`` written atomically and the epoch logged with DVCLive.
 ``best.pt`` is the phase's output, the weights the next phase and evaluation read: the epoch with
@@ -20,7 +21,11 @@ from __future__ import annotations
 
 import logging
 
-from products10k.dist.group import DistInfo
+import pandas as pd
+
+from products10k.config.stage import StageParams
+from products10k.dist.group import DistInfo, process_group
+from products10k.folds import check_folds, fold_plan
 from products10k.training.epoch import freeze_batchnorm, optimizer_step, train_one_epoch, validate
 from products10k.training.live import LiveLog, log_epoch, log_start
 from products10k.training.optim import current_lr
@@ -47,6 +52,7 @@ __all__ = [
     "freeze_batchnorm",
     "optimizer_step",
     "run_phase",
+    "train_phase",
     "train_one_epoch",
     "validate",
 ]
@@ -90,3 +96,26 @@ def run_phase(
         callbacks.on_end(state)
     live.end()
     return {"best_val_top1": state.best_top1, "history": state.history, "is_main": info.is_main}
+
+
+def train_phase(
+    params: StageParams, phase: str, member: str, paths: PhasePaths, callbacks: Callbacks | None = None
+) -> dict:
+    """Train the phase on ``params`` (read once by the stage script, the member's overrides applied)
+    inside the process group (one process unless torchrun started this one): its one model, or under
+    cv each fold's model and then the refit on every image (products10k/folds.py). A run killed in
+    fold i resumes there: the folds before it find their last epoch done."""
+    tree, where = params.tree, params.where
+    with process_group(params.section("dist"), tree, where) as info:
+        # typed after the ranks compared their params: a value one node alone holds is named there
+        settings = PhaseSettings.from_params(tree, phase, member, where)
+        folds = params.section("cv").folds
+        check_folds(pd.read_csv(paths.val_csv), folds, paths.val_csv)
+        results = []
+        for fold in fold_plan(folds):
+            if fold is not None or folds:
+                log.info(
+                    "%s@%s: %s", phase, member, f"fold {fold} of {folds}" if fold is not None else "the refit"
+                )
+            results.append(run_phase(settings, paths.for_fold(fold), info, callbacks))
+        return {**results[-1], "folds": results[:-1]}

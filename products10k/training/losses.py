@@ -12,7 +12,7 @@ Balanced softmax (Ren et al., NeurIPS 2020): trained on long-tailed draws, softm
 posterior of the training mix, so tail SKUs lose every close call. Adding ``log prior(y)`` (the
 sampler's SKU mix) to the logits inside the loss lets the model learn the *balanced* posterior
 instead; at test time the raw logits are used. It is the training-time twin of post-hoc logit
-adjustment (submission/choose.py).
+adjustment (products10k/choose.py).
 
 All losses take per-sample ``weight``s (0 for the DDP samplers' padding entries) and average over
 the weight sum, so padding never counts.

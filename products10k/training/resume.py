@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from products10k.common import (
-    Products10kError,
-    save_torch,
-)
+from products10k.common import Products10kError
 from products10k.dist.group import (
     broadcast_object,
 )
@@ -26,8 +23,8 @@ def save_epoch(state: PhaseState, epoch: int, row: dict, improved: bool) -> None
     state.paths.out.mkdir(parents=True, exist_ok=True)
     top1 = row.get("val/top1", float("nan"))
     if improved:
-        save_torch(state.paths.out / "best.pt", checkpoint(state, epoch + 1, top1, with_state=False))
-    save_torch(state.paths.out / "last.pt", checkpoint(state, epoch + 1, top1, with_state=True))
+        ckpt_lib.save_torch(state.paths.out / "best.pt", checkpoint(state, epoch + 1, top1, with_state=False))
+    ckpt_lib.save_torch(state.paths.out / "last.pt", checkpoint(state, epoch + 1, top1, with_state=True))
 
 
 #: the per-epoch figures that measure the machine, not the model

@@ -26,11 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from products10k.common import (
-    ConfigError,
-    file_sha256,
-    seed_everything,
-)
+from products10k.common import ConfigError, file_sha256
 from products10k.config import (
     DistConfig,
     EvaluateConfig,
@@ -40,9 +36,18 @@ from products10k.config import (
     section,
 )
 from products10k.config.stage import StageFiles, option
+from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
+from products10k.contracts.preprocessing import resolve_resize
 from products10k.data.datasets import ClassBalancedSampler, EpochSampler, PreparedImageDataset
-from products10k.data.transforms import eval_transform, resolve_resize, train_transform
-from products10k.dist.devices import amp_dtype, host_cores, host_transfer, needs_grad_scaler, train_workers
+from products10k.data.transforms import eval_transform, train_transform
+from products10k.dist.devices import (
+    amp_dtype,
+    host_cores,
+    host_transfer,
+    needs_grad_scaler,
+    seed_everything,
+    train_workers,
+)
 from products10k.dist.group import (
     DistInfo,
     broadcast_object,
@@ -51,7 +56,6 @@ from products10k.estimate import val_weights
 from products10k.folds import fold_dir, fold_view
 from products10k.models import checkpoint as ckpt_lib
 from products10k.models.model import create_model, input_normalization, sync_batchnorm
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.training.losses import PhaseLoss, log_prior
 from products10k.training.optim import create_scheduler
 

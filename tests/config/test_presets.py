@@ -16,7 +16,7 @@ from products10k.config import (
 )
 from products10k.config.presets import apply_preset, available
 from products10k.config.presets import main as presets_main
-from products10k.data.transforms import resolve_resize
+from products10k.contracts.preprocessing import resolve_resize
 from tests.helpers import ROOT
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from products10k.contracts.prepared import read_label_map, read_prepared
 from products10k.data.datasets import (
     ClassBalancedSampler,
     EpochSampler,
@@ -11,7 +12,6 @@ from products10k.data.datasets import (
 from products10k.data.transforms import (
     eval_transform,
 )
-from products10k.prepared.contract import read_label_map, read_prepared
 from tests.helpers import make_training_data
 
 

@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from products10k.common import ConfigError
-from products10k.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    eval_transform,
-    resolve_resize,
-    seed_sample,
-    train_transform,
-)
+from products10k.contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD, resolve_resize
+from products10k.data.transforms import eval_transform, seed_sample, train_transform
 from tests.helpers import config
 
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from products10k.contracts.shards import ImageStore, ShardWriter
 from products10k.data.transforms import eval_transform
 from products10k.deploy import enrol, predict
 from products10k.deploy.runtime import ExportedModel
 from products10k.imaging.images import prepare_image
 from products10k.models.checkpoint import load_model
-from products10k.prepared.shards import ImageStore, ShardWriter
 from tests.helpers import limits
 
 

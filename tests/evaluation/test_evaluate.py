@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
+from products10k.contracts.shards import ImageStore
 from products10k.evaluation.views import build_views
 from products10k.metrics import hits_at
 from products10k.models.checkpoint import load_model
-from products10k.prepared.shards import ImageStore
 from products10k.scores import load_predictions
 from tests.helpers import (
     EVAL_SKUS,

@@ -7,11 +7,12 @@ import torch
 from scipy.special import logsumexp
 
 from products10k.common import ConfigError, DataError
-from products10k.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from products10k.contracts.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from products10k.contracts.shards import ImageStore
+from products10k.data.transforms import eval_transform
 from products10k.evaluation.predict import Prediction, ViewsDataset, predict
 from products10k.evaluation.views import BaseView, build_views
 from products10k.models.checkpoint import load_model
-from products10k.prepared.shards import ImageStore
 from products10k.scores import SplitScores
 from tests.helpers import config, make_checkpoint, make_eval_data
 

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from products10k.common import Products10kError, save_torch
+from products10k.common import Products10kError
 from products10k.config import ModelConfig
 from products10k.models import checkpoint as ckpt_lib
+from products10k.models.checkpoint import save_torch
 from products10k.models.model import create_model, model_config_dict
 from tests.helpers import config
 

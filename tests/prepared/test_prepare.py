@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from products10k.common import DataError
+from products10k.contracts.shards import ImageStore
 from products10k.imaging.images import ImageDefect, decode_rgb
 from products10k.prepared import prepare as prepare_mod
 from products10k.prepared.prepare import PREPARED_COLUMNS, prepare
-from products10k.prepared.shards import ImageStore
 from tests.helpers import (
     RAW_GROUPS,
     RAW_TRAIN_COUNTS,

@@ -17,7 +17,7 @@ import yaml
 
 import products10k.raw.download as dl
 from products10k.common import DataError
-from products10k.raw import kaggle
+from products10k.contracts import kaggle
 from tests.helpers import ROOT, config, dvc, make_project, write_project_params
 
 RAW = ("train.zip", "test.zip", "train.csv", "test_kaggletest.csv")

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
+from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.data.datasets import PreparedImageDataset
+from products10k.data.transforms import embedding_transform
 from products10k.knn import load_gallery
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_model
-from products10k.prepared.contract import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
-from products10k.retrieval.embed import embedding_transform
 from products10k.scores import load_predictions
 from tests.helpers import (
     ROOT,
@@ -105,7 +105,8 @@ def test_the_deploy_fusion_weight_is_fitted_on_the_single_crop_logits_of_the_emb
 ):
     """predict --mode fused has one centre crop of the classifier, not the evaluate stage's TTA
     average: the weight in the index's meta.json is fitted on what the embedding pass computes."""
-    from products10k.knn import fit_fusion_weight, knn_scores
+    from products10k.ensemble import fit_fusion_weight
+    from products10k.knn import knn_scores
     from products10k.retrieval import index as index_mod
     from products10k.scores import SplitScores
 

@@ -10,17 +10,16 @@ import pandas as pd
 import pytest
 
 from products10k.common import DataError, Products10kError
-from products10k.raw.kaggle import submit_command
+from products10k.contracts.kaggle import submit_command
 from products10k.scores import SplitScores, save_predictions
-from products10k.submission.leaderboard import kaggle_submit, score_submission
-from products10k.submission.submit import (
-    ChoiceSpec,
+from products10k.submission.format import (
     align_to_test_list,
     build_submission,
-    make_submission,
     read_excluded_test_names,
     validate_submission,
 )
+from products10k.submission.leaderboard import kaggle_submit, score_submission
+from products10k.submission.submit import ChoiceSpec, make_submission
 from tests.helpers import TINY_PREPARE, config, jpeg_bytes, make_raw_data, stage_module, write_project_params
 
 SKUS = np.array([501, 502, 503, 504])  # label -> original SKU id

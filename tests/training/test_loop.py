@@ -80,9 +80,9 @@ def test_each_phase_writes_contract_checkpoints_and_learns(pipeline, phase):
     model, meta = ckpt_lib.load_model(out / "best.pt")
     assert meta["val_top1"] == best["val_top1"]
     # saved weights are the evaluated (EMA) ones: reloading reproduces the recorded val top-1
+    from products10k.contracts.prepared import read_prepared
     from products10k.data.datasets import PreparedImageDataset
     from products10k.data.transforms import eval_transform
-    from products10k.prepared.contract import read_prepared
 
     ds = PreparedImageDataset(read_prepared(data / "val.csv"), data, eval_transform(37, 32))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -186,9 +186,9 @@ def test_val_estimate_weights_val_to_the_target_prior(tmp_path):
     """The estimate is val top-1 re-weighted to evaluate.target_prior: on a balanced val under
     `train`'s mix it is top-1 itself; under a mix that is all one SKU it is that SKU's accuracy
     (counted here from the saved model's own val predictions)."""
+    from products10k.contracts.prepared import read_label_map, read_prepared
     from products10k.data.datasets import PreparedImageDataset
     from products10k.data.transforms import eval_transform
-    from products10k.prepared.contract import read_label_map, read_prepared
 
     data = make_training_data(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=4)
     plain = write_params(tmp_path / "p.yaml", train={"epochs": 1}, evaluate={"target_prior": "train"})

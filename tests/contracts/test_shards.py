@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from products10k.common import DataError
-from products10k.prepared.shards import ImageStore, ShardWriter
+from products10k.contracts.shards import ImageStore, ShardWriter
 
 
 def _jpeg(color, size=(40, 60)):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from products10k.common import DataError
-from products10k.prepared.contract import read_label_map, read_prepared
+from products10k.contracts.prepared import read_label_map, read_prepared
 from tests.helpers import make_eval_data, make_training_data
 
 

@@ -1,4 +1,4 @@
-"""submission/choose.py: the val estimate of the test metric, logit adjustment, and the choice on val."""
+"""products10k/choose.py: the val estimate of the test metric, logit adjustment, and the choice on val."""
 
 import json
 
@@ -6,10 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from products10k.common import ConfigError, DataError
-from products10k.estimate import paired_gain
-from products10k.scores import SplitScores, save_predictions
-from products10k.submission.choose import (
+from products10k.choose import (
     adjust,
     best,
     coverage,
@@ -18,6 +15,9 @@ from products10k.submission.choose import (
     score_taus,
     target_prior,
 )
+from products10k.common import ConfigError, DataError
+from products10k.estimate import paired_gain
+from products10k.scores import SplitScores, save_predictions
 from products10k.submission.submit import ChoiceSpec, make_submission
 from tests.submission.test_submit import _report, _test_list
 
