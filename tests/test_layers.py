@@ -9,6 +9,10 @@ runtime (pyproject's console scripts) imports only what the base install brings;
 from __future__ import annotations
 
 import ast
+import contextlib
+import re
+import sys
+import tomllib
 
 import networkx as nx
 import pytest
@@ -104,3 +108,88 @@ def test_params_are_read_at_the_entry_points_alone():
                 if name in READERS:
                     readers.append(f"{rel}:{node.lineno} {name}()")
     assert not readers, f"params.yaml read below the entry points (pass typed sections in): {readers}"
+
+
+#: the longest import chain between rooms (export -> models -> contracts -> common is 4)
+MAX_FLOORS = 6
+
+
+def test_the_longest_import_chain_between_rooms_is_at_most_6():
+    longest = nx.dag_longest_path(import_graph())
+    assert len(longest) <= MAX_FLOORS, f"import chain of {len(longest)} rooms: {' -> '.join(longest)}"
+
+
+def _module_imports(path) -> tuple[set[str], set[str]]:
+    """(products10k modules, top-level third-party names) a file imports, function-level ones too."""
+    ours, theirs = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == "products10k":
+                ours.add(name)
+            elif name.split(".")[0] not in sys.stdlib_module_names:
+                theirs.add(name.split(".")[0])
+    return ours, theirs
+
+
+def _closure(entry: str) -> set:
+    """Every products10k source file that ``entry`` (a module) reaches through imports."""
+    seen, todo = set(), [entry]
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        path = ROOT.joinpath(*parts).with_suffix(".py")
+        if not path.is_file():
+            path = ROOT.joinpath(*parts, "__init__.py")
+        if not path.is_file() or path in seen:
+            continue
+        seen.add(path)
+        for parent in range(2, len(parts)):  # importing a.b.c runs a/__init__ and a/b/__init__
+            todo.append(".".join(parts[:parent]))
+        todo.extend(_module_imports(path)[0])
+    return seen
+
+
+def _installed_with(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install: themselves and, transitively, what they require."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    found, todo = set(), [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        if norm(req.name) in found or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        found.add(norm(req.name))
+        with contextlib.suppress(PackageNotFoundError):
+            todo.extend(Requirement(r) for r in requires(req.name) or [])
+    return found
+
+
+def test_the_runtime_imports_only_what_its_install_brings():
+    """Each console script of pyproject (the deployed runtime) reaches only modules whose third-party
+    imports the base install brings (plus the extra named after the script, as ``serve``), read from
+    pyproject's own dependency lists, not from a hand list."""
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dist_of = {name: {re.sub(r"[-_.]+", "-", d).lower() for d in dists}
+               for name, dists in packages_distributions().items()}  # fmt: skip
+    wrong = []
+    for script, target in project["scripts"].items():
+        extra = project["optional-dependencies"].get(script.removeprefix("products10k-"), [])
+        allowed = _installed_with([*project["dependencies"], *extra])
+        for path in sorted(_closure(target.split(":")[0])):
+            for name in sorted(_module_imports(path)[1]):
+                if not dist_of.get(name, {name}) & allowed:
+                    wrong.append(f"{script}: {path.relative_to(ROOT)} imports {name}")
+    assert not wrong, "the runtime imports what its install does not bring:\n" + "\n".join(wrong)
