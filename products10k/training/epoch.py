@@ -46,21 +46,21 @@ def train_one_epoch(
     """Train ``epoch`` (0-based) on this rank; return its loss, top-1, throughput and data wait."""
     cfg, info = state.cfg, state.info
     loader = _epoch_loader(state, epoch)
-    state.model.train()
+    state.net.model.train()
     if cfg.freeze_bn:
-        freeze_batchnorm(state.raw)
+        freeze_batchnorm(state.net.raw)
     if cfg.freeze_backbone:  # fixed features: BN statistics, dropout and drop-path as at inference
-        state.raw.backbone.eval()
-        state.raw.pool.eval()
+        state.net.raw.backbone.eval()
+        state.net.raw.pool.eval()
     bar = tqdm(
         loader,
-        total=state.batches_per_epoch,
+        total=state.data.batches_per_epoch,
         desc=f"{state.name} epoch {epoch + 1}/{cfg.epochs}",
         disable=not info.is_main,
         leave=False,
         mininterval=1.0,
     )
-    update_sizes = state.train_sampler.update_sizes(state.micro_batch, cfg.grad_accum)
+    update_sizes = state.data.train_sampler.update_sizes(state.data.micro_batch, cfg.grad_accum)
     # running sums stay on the device: reading them every step would sync the host with the GPU
     # each step; they are read for the progress bar every BAR_EVERY steps and at the end
     sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss*w, correct*w, w
@@ -69,9 +69,9 @@ def train_one_epoch(
     bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
     data_wait = 0.0  # seconds blocked on the DataLoader: the loader starves the GPU if large
     t0 = time.perf_counter()
-    state.optimizer.zero_grad(set_to_none=True)
+    state.net.optimizer.zero_grad(set_to_none=True)
     batches = iter(bar)
-    for step in range(state.batches_per_epoch):
+    for step in range(state.data.batches_per_epoch):
         t_wait = time.perf_counter()
         try:
             images, target, index, weight = next(batches)
@@ -79,7 +79,7 @@ def train_one_epoch(
             break
         data_wait += time.perf_counter() - t_wait
         images, target, weight = _to_device(state, images, target, weight)
-        last_micro = (step + 1) % cfg.grad_accum == 0 or (step + 1) == state.batches_per_epoch
+        last_micro = (step + 1) % cfg.grad_accum == 0 or (step + 1) == state.data.batches_per_epoch
         # the update's gradient is the mean over its global sample count (x world: DDP averages)
         scale = info.world / max(float(update_sizes[step // cfg.grad_accum]), 1.0)
         logits, loss_sum = _forward_backward(state, images, target, weight, scale, bad_step, step, last_micro)
@@ -95,7 +95,8 @@ def train_one_epoch(
         if info.is_main and step % BAR_EVERY == 0:
             running_loss, _, running_count = sums.tolist()
             bar.set_postfix(
-                loss=f"{running_loss / max(running_count, 1):.3f}", lr=f"{current_lr(state.optimizer):.2e}"
+                loss=f"{running_loss / max(running_count, 1):.3f}",
+                lr=f"{current_lr(state.net.optimizer):.2e}",
             )
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -116,11 +117,11 @@ def _epoch_loader(state: PhaseState, epoch: int) -> DataLoader:
     seed = _epoch_seed(state.cfg.seed, epoch, state.info.rank)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    state.train_sampler.set_epoch(epoch)
-    if state.train_loader is None:
-        samples = SeededSamples(state.train_sampler)
-        state.train_loader = _loader(state, state.train_ds, samples, state.micro_batch)
-    return state.train_loader
+    state.data.train_sampler.set_epoch(epoch)
+    if state.data.train_loader is None:
+        samples = SeededSamples(state.data.train_sampler)
+        state.data.train_loader = _loader(state, state.data.train_ds, samples, state.data.micro_batch)
+    return state.data.train_loader
 
 
 def _forward_backward(
@@ -139,17 +140,17 @@ def _forward_backward(
     """
     sync = contextlib.nullcontext()
     if state.info.enabled and not last_micro:
-        sync = state.model.no_sync()
+        sync = state.net.model.no_sync()
     with sync:
         with _autocast(state):
-            logits = state.model(images, target)
-            loss_sum = state.criterion(logits, target, weight, reduction="sum")
+            logits = state.net.model(images, target)
+            loss_sum = state.net.criterion(logits, target, weight, reduction="sum")
         finite = torch.isfinite(loss_sum.detach())
         bad_step.copy_(torch.where((bad_step < 0) & ~finite, step, bad_step))
         # A NaN/inf loss poisons its gradients (x NaN; exactly x 1.0 otherwise), so the DDP
         # all-reduce makes them non-finite on every rank and all ranks stop at once.
         poison = torch.where(finite, 1.0, float("nan")).to(loss_sum.dtype)
-        state.scaler.scale(loss_sum * poison * scale).backward()
+        state.net.scaler.scale(loss_sum * poison * scale).backward()
     return logits, loss_sum
 
 
@@ -161,8 +162,8 @@ def optimizer_step(state: PhaseState, bad_step: torch.Tensor, epoch: int, step: 
     scaler's routine overflow (it skips the step and lowers the scale), so there only a NaN/inf
     loss stops; its flag is all-reduced as the loss is local to a rank.
     """
-    cfg, scaler, optimizer = state.cfg, state.scaler, state.optimizer
-    params = [p for p in state.raw.parameters() if p.grad is not None]
+    cfg, scaler, optimizer = state.cfg, state.net.scaler, state.net.optimizer
+    params = [p for p in state.net.raw.parameters() if p.grad is not None]
     norm = None
     if cfg.clip_grad is not None:
         scaler.unscale_(optimizer)
@@ -181,16 +182,16 @@ def optimizer_step(state: PhaseState, bad_step: torch.Tensor, epoch: int, step: 
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    state.global_step += 1
-    state.scheduler.step_update(state.global_step)
-    if state.ema is not None:
-        state.ema.update(state.raw, step=state.global_step)
+    state.progress.global_step += 1
+    state.net.scheduler.step_update(state.progress.global_step)
+    if state.net.ema is not None:
+        state.net.ema.update(state.net.raw, step=state.progress.global_step)
 
 
 def _non_finite(state: PhaseState, what: str, epoch: int, step: int) -> Products10kError:
     return Products10kError(
         f"{state.name}: {what} NaN/inf at epoch {epoch + 1}, step {step + 1} "
-        f"(global step {state.global_step}); stopped before the optimizer step. The last good "
+        f"(global step {state.progress.global_step}); stopped before the optimizer step. The last good "
         f"checkpoint is kept in {state.paths.out / 'last.pt'}. Lower {state.phase}.lr, enable "
         "clip_grad or use amp: off."
     )
@@ -200,10 +201,10 @@ def _non_finite(state: PhaseState, what: str, epoch: int, step: int) -> Products
 def validate(state: PhaseState) -> dict:
     """Loss and top-1 of the evaluated model (EMA if on) on val, counts summed over ranks."""
     info, cfg = state.info, state.cfg
-    model = state.eval_model
+    model = state.net.eval_model
     model.eval()
-    eval_bs = cfg.eval_batch_size or 2 * state.micro_batch * cfg.grad_accum
-    loader = _loader(state, state.val_ds, state.val_sampler, eval_bs, persistent=False)
+    eval_bs = cfg.eval_batch_size or 2 * state.data.micro_batch * cfg.grad_accum
+    loader = _loader(state, state.data.val_ds, state.data.val_sampler, eval_bs, persistent=False)
     ce = nn.CrossEntropyLoss(reduction="none")
     # loss*w, hits*w, w, hits*estimate weight, estimate weight: on the device, no per-step sync
     sums = torch.zeros(5, dtype=torch.float64, device=info.device)
@@ -211,7 +212,9 @@ def validate(state: PhaseState) -> dict:
         loader, desc="validate", disable=not info.is_main, leave=False, mininterval=1.0
     ):
         # the estimate's weight of each row; DDP's padding rows (weight 0) count for nothing
-        est = (state.val_weight[index] * weight.double()).to(info.device, non_blocking=state.non_blocking)
+        est = (state.data.val_weight[index] * weight.double()).to(
+            info.device, non_blocking=state.net.non_blocking
+        )
         images, target, weight = _to_device(state, images, target, weight)
         with _autocast(state):
             logits = model(images)  # the head computes in float32 (Products10kNet.forward)
@@ -249,7 +252,7 @@ def _loader(state: PhaseState, ds, sampler, batch_size: int, persistent: bool = 
     """``persistent``: the workers live as long as the loader (the training loader's: the phase).
     Validation's are started per epoch: idle through the training epoch, they would hold their
     memory next to the training workers' on every rank."""
-    workers = state.num_workers
+    workers = state.data.num_workers
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -267,7 +270,7 @@ def _loader(state: PhaseState, ds, sampler, batch_size: int, persistent: bool = 
 
 
 def _to_device(state: PhaseState, images, target, weight):
-    device, non_blocking = state.info.device, state.non_blocking
+    device, non_blocking = state.info.device, state.net.non_blocking
     images = images.to(device, non_blocking=non_blocking)
     if state.cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -277,6 +280,6 @@ def _to_device(state: PhaseState, images, target, weight):
 
 
 def _autocast(state: PhaseState):
-    if state.amp_dtype is None:
+    if state.net.amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(state.info.device.type, dtype=state.amp_dtype)
+    return torch.autocast(state.info.device.type, dtype=state.net.amp_dtype)

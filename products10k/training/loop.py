@@ -66,26 +66,26 @@ def run_phase(
     state = build_state(settings, paths, info)
     start = resume(state)
     live = LiveLog(paths.live, info.is_main)
-    for row in state.history:  # a resumed run's curves start at epoch 1, not at the resume
+    for row in state.progress.history:  # a resumed run's curves start at epoch 1, not at the resume
         live.log_epoch(row)
     log_start(state)
     for epoch in range(start, state.cfg.epochs):
         # lr as the epoch starts (the schedule is stepped per update within the epoch)
-        row = {"epoch": epoch + 1, "lr": current_lr(state.optimizer)}
+        row = {"epoch": epoch + 1, "lr": current_lr(state.net.optimizer)}
         row.update(train_one_epoch(state, epoch, callbacks.on_batch))
         # checkpoint: last, or no val split (prepare.val_fraction: 0): best.pt = the last epoch
         improved = True
-        if len(state.val_ds):
+        if len(state.data.val_ds):
             row.update(validate(state))
             if state.cfg.checkpoint == "best":
                 # the best epoch by val's estimate of the test metric (val weighted to
                 # evaluate.target_prior), not by val top-1, which follows train's SKU mix
-                improved = row["val/estimate"] > state.best_estimate
-            state.best_top1 = max(state.best_top1, row["val/top1"])
-            state.best_estimate = max(state.best_estimate, row["val/estimate"])
-            row["val/best_top1"] = state.best_top1
-            row["val/best_estimate"] = state.best_estimate
-        state.history.append(row)
+                improved = row["val/estimate"] > state.progress.best_estimate
+            state.progress.best_top1 = max(state.progress.best_top1, row["val/top1"])
+            state.progress.best_estimate = max(state.progress.best_estimate, row["val/estimate"])
+            row["val/best_top1"] = state.progress.best_top1
+            row["val/best_estimate"] = state.progress.best_estimate
+        state.progress.history.append(row)
         if info.is_main:
             save_epoch(state, epoch, row, improved)
             live.log_epoch(row)
@@ -95,7 +95,11 @@ def run_phase(
     if callbacks.on_end is not None:
         callbacks.on_end(state)
     live.end()
-    return {"best_val_top1": state.best_top1, "history": state.history, "is_main": info.is_main}
+    return {
+        "best_val_top1": state.progress.best_top1,
+        "history": state.progress.history,
+        "is_main": info.is_main,
+    }
 
 
 def train_phase(

@@ -38,38 +38,38 @@ def _without_timings(row: dict) -> dict:
 def checkpoint(state: PhaseState, epoch: int, val_top1: float, with_state: bool) -> dict:
     """The checkpoint contract (products10k.models.checkpoint) of ``state`` after ``epoch``."""
     ck = {
-        "model": {k: v.detach().cpu() for k, v in state.eval_model.state_dict().items()},
-        "model_config": model_config_dict(state.model_cfg, len(state.label_map)),
+        "model": {k: v.detach().cpu() for k, v in state.net.eval_model.state_dict().items()},
+        "model_config": model_config_dict(state.model_cfg, len(state.data.label_map)),
         "labels": state.labels,
         "phase": state.phase,
         "member": state.member,
         "epoch": epoch,
         "epochs": state.cfg.epochs,
         "resolution": state.cfg.resolution,
-        "resize": state.resize,
-        "normalize": dict(state.normalize),
+        "resize": state.data.resize,
+        "normalize": dict(state.data.normalize),
         "val_top1": float(val_top1),
-        "best_val_top1": float(state.best_top1),
-        "best_val_estimate": float(state.best_estimate),
+        "best_val_top1": float(state.progress.best_top1),
+        "best_val_estimate": float(state.progress.best_estimate),
         "phase_config": state.cfg.model_dump(),
         # last.pt keeps the whole history (a resume replays it into DVCLive); best.pt, the published
         # model, leaves out the wall-clock figures, so that the same training gives the same bytes:
         # its hash names the model in the next phase's resume fingerprint, preprocess.json and the
         # index's meta.json
-        "history": [row if with_state else _without_timings(row) for row in state.history],
+        "history": [row if with_state else _without_timings(row) for row in state.progress.history],
         "fingerprint": state.fingerprint,
     }
     if with_state:
         ck["train_state"] = {
             # the raw weights only when they differ from ck["model"] (EMA): without EMA the
             # evaluated weights are the raw ones, and a second copy would add 100 MB at 9.7k SKUs
-            "model": state.raw.state_dict() if state.ema is not None else None,
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "scaler": state.scaler.state_dict(),
-            "ema": state.ema.state_dict() if state.ema is not None else None,
+            "model": state.net.raw.state_dict() if state.net.ema is not None else None,
+            "optimizer": state.net.optimizer.state_dict(),
+            "scheduler": state.net.scheduler.state_dict(),
+            "scaler": state.net.scaler.state_dict(),
+            "ema": state.net.ema.state_dict() if state.net.ema is not None else None,
             # no RNG states: every random stream is re-seeded per epoch (see the docstring)
-            "global_step": int(state.global_step),
+            "global_step": int(state.progress.global_step),
         }
     return ck
 
@@ -84,22 +84,22 @@ def resume(state: PhaseState) -> int:
     ck = broadcast_object(_resume_checkpoint(state) if state.info.is_main else None, state.info)
     if ck is None:
         return 0
-    state.history = list(ck.get("history", []))
-    state.best_top1 = float(ck.get("best_val_top1", -1.0))
-    state.best_estimate = float(ck.get("best_val_estimate", -1.0))
+    state.progress.history = list(ck.get("history", []))
+    state.progress.best_top1 = float(ck.get("best_val_top1", -1.0))
+    state.progress.best_estimate = float(ck.get("best_val_estimate", -1.0))
     if ck["epoch"] >= state.cfg.epochs:
         # killed after its final last.pt but before DVC recorded the stage: nothing to redo
         log.info("%s is this phase's finished run (epoch %d): keeping it", last, ck["epoch"])
         return int(ck["epoch"])
     st = ck["train_state"]
-    state.raw.load_state_dict(st["model"] if st.get("model") is not None else ck["model"])
-    state.optimizer.load_state_dict(st["optimizer"])
-    state.scheduler.load_state_dict(st["scheduler"])
-    state.scaler.load_state_dict(st["scaler"])
-    if state.ema is not None and st.get("ema") is not None:
-        state.ema.load_state_dict(st["ema"])
-    state.global_step = int(st["global_step"])
-    state.scheduler.step_update(state.global_step)
+    state.net.raw.load_state_dict(st["model"] if st.get("model") is not None else ck["model"])
+    state.net.optimizer.load_state_dict(st["optimizer"])
+    state.net.scheduler.load_state_dict(st["scheduler"])
+    state.net.scaler.load_state_dict(st["scaler"])
+    if state.net.ema is not None and st.get("ema") is not None:
+        state.net.ema.load_state_dict(st["ema"])
+    state.progress.global_step = int(st["global_step"])
+    state.net.scheduler.step_update(state.progress.global_step)
     log.info("resuming %s from %s after epoch %d", state.name, last, ck["epoch"])
     return int(ck["epoch"])
 

@@ -134,15 +134,9 @@ class Callbacks:
 
 
 @dataclass
-class PhaseState:
-    """Everything one rank holds while it trains a phase; built by :func:`build_state`."""
+class PhaseData:
+    """What the phase reads: its images, their order, and how they are cut into batches."""
 
-    phase: str
-    member: str
-    paths: PhasePaths
-    cfg: PhaseConfig
-    model_cfg: ModelConfig
-    info: DistInfo
     label_map: pd.DataFrame
     normalize: dict  # the backbone's input normalisation (timm's pretrained config), kept in checkpoints
     resize: int
@@ -150,12 +144,20 @@ class PhaseState:
     num_workers: int  # DataLoader workers per rank: train.num_workers, auto resolved for the device
     # computed once: len(sampler) shards the whole epoch's order (O(images)), too slow per step
     batches_per_epoch: int
-    amp_dtype: torch.dtype | None
-    non_blocking: bool  # asynchronous host-to-device copies (CUDA only)
     train_ds: PreparedImageDataset
     val_ds: PreparedImageDataset
     train_sampler: EpochSampler | ClassBalancedSampler
     val_sampler: EpochSampler
+    # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
+    val_weight: torch.Tensor
+    # built at the first epoch, kept for the phase: its workers persist across epochs
+    train_loader: DataLoader | None = None
+
+
+@dataclass
+class PhaseNet:
+    """The model and what steps it: optimiser, schedule, loss, mixed precision."""
+
     raw: nn.Module  # the model itself: what is saved, EMA'd and clipped
     model: nn.Module  # what runs forward: raw, DDP-wrapped and/or compiled
     ema: ModelEmaV3 | None
@@ -163,25 +165,44 @@ class PhaseState:
     scheduler: Scheduler
     scaler: torch.amp.GradScaler
     criterion: PhaseLoss
-    fingerprint: str
-    # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
-    val_weight: torch.Tensor
-    # built at the first epoch, kept for the phase: its workers persist across epochs
-    train_loader: DataLoader | None = None
-    global_step: int = 0
-    best_top1: float = -1.0
-    best_estimate: float = -1.0  # what checkpoint: best selects on
-    history: list[dict] = field(default_factory=list)
-
-    @property
-    def labels(self) -> list[int]:
-        """The SKU id of every label, in label order."""
-        return [int(s) for s in self.label_map["sku"]]
+    amp_dtype: torch.dtype | None
+    non_blocking: bool  # asynchronous host-to-device copies (CUDA only)
 
     @property
     def eval_model(self) -> nn.Module:
         """What is validated and saved as ``model``: the EMA weights when EMA is on."""
         return self.ema.module if self.ema is not None else self.raw
+
+
+@dataclass
+class PhaseProgress:
+    """How far the phase has come: what ``last.pt`` carries to a resumed run."""
+
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_estimate: float = -1.0  # what checkpoint: best selects on
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PhaseState:
+    """Everything one rank holds while it trains a phase, in named parts; built by :func:`build_state`."""
+
+    phase: str
+    member: str
+    paths: PhasePaths
+    cfg: PhaseConfig
+    model_cfg: ModelConfig
+    info: DistInfo
+    fingerprint: str  # the settings a resumed run must share (rank 0's; "" on the others)
+    data: PhaseData
+    net: PhaseNet
+    progress: PhaseProgress = field(default_factory=PhaseProgress)
+
+    @property
+    def labels(self) -> list[int]:
+        """The SKU id of every label, in label order."""
+        return [int(s) for s in self.data.label_map["sku"]]
 
     @property
     def name(self) -> str:
@@ -236,29 +257,33 @@ def build_state(settings: PhaseSettings, paths: PhasePaths, info: DistInfo) -> P
         cfg=cfg,
         model_cfg=model_cfg,
         info=info,
-        label_map=label_map,
-        normalize=normalize,
-        resize=resize,
-        micro_batch=micro_batch,
-        num_workers=train_workers(cfg.num_workers, info.device, host_cores()),
-        batches_per_epoch=batches_per_epoch,
-        amp_dtype=dtype,
-        non_blocking=host_transfer(info.device)["non_blocking"],
-        train_ds=data.train_ds,
-        val_ds=data.val_ds,
-        train_sampler=train_sampler,
-        val_sampler=val_sampler,
-        raw=raw,
-        model=model,
-        ema=ema,
-        optimizer=optimizer,
-        scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
-        scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
-        # on the device: balanced softmax's logit offset would be copied there at every step
-        criterion=_criterion(cfg, data.train_ds.labels, len(label_map), settings.name).to(info.device),
         # rank 0 alone resumes and writes checkpoints: only its node need hold the input files
         fingerprint=fingerprint(settings, info.world, paths, info.device.type, dtype) if info.is_main else "",
-        val_weight=data.val_weight,
+        data=PhaseData(
+            label_map=label_map,
+            normalize=normalize,
+            resize=resize,
+            micro_batch=micro_batch,
+            num_workers=train_workers(cfg.num_workers, info.device, host_cores()),
+            batches_per_epoch=batches_per_epoch,
+            train_ds=data.train_ds,
+            val_ds=data.val_ds,
+            train_sampler=train_sampler,
+            val_sampler=val_sampler,
+            val_weight=data.val_weight,
+        ),
+        net=PhaseNet(
+            raw=raw,
+            model=model,
+            ema=ema,
+            optimizer=optimizer,
+            scheduler=create_scheduler(optimizer, cfg, updates_per_epoch),
+            scaler=torch.amp.GradScaler(info.device.type, enabled=needs_grad_scaler(dtype)),
+            # on the device: balanced softmax's logit offset would be copied there at every step
+            criterion=_criterion(cfg, data.train_ds.labels, len(label_map), settings.name).to(info.device),
+            amp_dtype=dtype,
+            non_blocking=host_transfer(info.device)["non_blocking"],
+        ),
     )
 
 

@@ -109,15 +109,18 @@ def _runner(scaler_enabled: bool, grad: float, clip=None):
     model = nn.Linear(1, 1, bias=False)
     model.weight.grad = torch.full_like(model.weight, grad)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    runner = types.SimpleNamespace(
-        cfg=types.SimpleNamespace(clip_grad=clip),
+    net = types.SimpleNamespace(
         raw=model,
         optimizer=opt,
         scaler=FakeScaler(scaler_enabled),
-        info=DistInfo(),
-        global_step=0,
         scheduler=types.SimpleNamespace(step_update=lambda step: None),
         ema=None,
+    )
+    runner = types.SimpleNamespace(
+        cfg=types.SimpleNamespace(clip_grad=clip),
+        net=net,
+        info=DistInfo(),
+        progress=types.SimpleNamespace(global_step=0),
         phase="train",
         name="train@m0",
         paths=types.SimpleNamespace(out=Path("models/m0/train")),
@@ -129,12 +132,12 @@ def test_fp16_overflow_is_left_to_the_scaler_but_a_nan_loss_stops():
     # fp16: an inf gradient with finite losses is the scaler's routine overflow - step, no stop
     runner = _runner(scaler_enabled=True, grad=float("inf"), clip=1.0)
     optimizer_step(runner, torch.tensor(-1), epoch=0, step=3)
-    assert runner.scaler.calls == ["unscale_", "step", "update"] and runner.global_step == 1
+    assert runner.net.scaler.calls == ["unscale_", "step", "update"] and runner.progress.global_step == 1
     # a NaN loss flagged at step 2 stops the run before the optimizer step, naming that step
     runner = _runner(scaler_enabled=True, grad=1.0)
     with pytest.raises(Products10kError, match="loss is NaN/inf at epoch 1, step 3"):
         optimizer_step(runner, torch.tensor(2), epoch=0, step=3)
-    assert "step" not in runner.scaler.calls and runner.global_step == 0
+    assert "step" not in runner.net.scaler.calls and runner.progress.global_step == 0
 
 
 def test_without_a_scaler_a_non_finite_gradient_stops():
@@ -143,7 +146,7 @@ def test_without_a_scaler_a_non_finite_gradient_stops():
         optimizer_step(runner, torch.tensor(-1), epoch=1, step=0)
     runner = _runner(scaler_enabled=False, grad=0.5)
     optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
-    assert runner.scaler.calls == ["step", "update"] and runner.global_step == 1
+    assert runner.net.scaler.calls == ["step", "update"] and runner.progress.global_step == 1
 
 
 def test_the_head_computes_in_float32_under_autocast():
@@ -157,10 +160,10 @@ def test_the_head_computes_in_float32_under_autocast():
 
 def test_gradient_clipping_bounds_the_step():
     runner = _runner(scaler_enabled=False, grad=10.0, clip=1.0)
-    before = runner.raw.weight.detach().clone()
+    before = runner.net.raw.weight.detach().clone()
     optimizer_step(runner, torch.tensor(-1), epoch=0, step=0)
     # SGD lr 0.1 on a single weight: the clipped gradient (norm 1) moves it by 0.1, not by 1.0
-    assert float((before - runner.raw.weight.detach()).abs().sum()) == pytest.approx(0.1, rel=1e-5)
+    assert float((before - runner.net.raw.weight.detach()).abs().sum()) == pytest.approx(0.1, rel=1e-5)
 
 
 def test_auto_amp_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch):

@@ -29,8 +29,8 @@ def cv_run(tmp_path_factory):
             {
                 "phase": state.phase,
                 "fold": state.paths.fold,
-                "train": set(state.train_ds.names),
-                "val": set(state.val_ds.names),
+                "train": set(state.data.train_ds.names),
+                "val": set(state.data.val_ds.names),
                 "init": state.paths.init,
                 "out": state.paths.out,
             }

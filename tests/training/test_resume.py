@@ -144,7 +144,7 @@ def test_the_worker_count_changes_nothing_so_a_resume_may_change_it(tmp_path):
         seen: list[list[int]] = [[], []]  # the indices of each epoch, in order
 
         def on_batch(state, index, weight, seen=seen):
-            seen[len(state.history)].extend(index.tolist())
+            seen[len(state.progress.history)].extend(index.tolist())
 
         train_phase(params, "train", "m0", paths, Callbacks(on_batch=on_batch))
         weights.append(torch.load(paths.out / "last.pt", weights_only=True)["model"])
