@@ -47,10 +47,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_serve_soak import soak  # noqa: E402
 from harness import write_results  # noqa: E402
 from machine import describe  # noqa: E402
 from serve_client import NEW_SKU, answers, get_bytes, load, post, rss_mb, same, start_server, test_photos  # noqa: E402
+from serve_soak import soak  # noqa: E402
 
 from tests.deploy.test_serve import chromium_driver  # noqa: E402
 from tests.helpers import free_port  # noqa: E402

@@ -1,4 +1,4 @@
-"""The clients bench_serve.py and bench_serve_soak.py drive products10k-serve with: a multipart post,
+"""The clients bench_serve.py and serve_soak.py drive products10k-serve with: a multipart post,
 a timed load of concurrent keep-alive clients, the answers a service gives, a service started and
 waited for, a process's memory."""
 
