@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -32,23 +29,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.digits_data import write_digits  # noqa: E402
-from benchmarks.harness import write_results  # noqa: E402
+from benchmarks.harness import clone_head, digits_overrides, run_tool, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from products10k.estimate import paired_gain  # noqa: E402
 from products10k.scores import load_predictions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PHASES = ("train", "finetune_balanced", "finetune_accuracy")
-
-
-def _run(cmd: list[str], cwd: Path) -> float:
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def _json(path: Path) -> dict:
@@ -110,15 +97,11 @@ def _test_gains(project: Path) -> dict:
 
 
 def bench(data: str, folds: list[int], work: Path) -> dict:
-    project = work / "project"
-    _run(["git", "clone", "-q", str(ROOT), str(project)], work)
-    overrides = []
-    if data == "digits":
-        print(write_digits(work / "digits"))
-        overrides = ["-S", "data.source=dir", "-S", f"data.dir={work / 'digits'}"]
+    project = clone_head(work)
+    overrides = digits_overrides(work) if data == "digits" else []
     runs = {}
     for k in folds:
-        seconds = _run(["dvc", "exp", "run", "-S", f"cv.folds={k}", *overrides], project)
+        seconds = run_tool(["dvc", "exp", "run", "-S", f"cv.folds={k}", *overrides], project)
         runs[str(k)] = {"seconds": round(seconds, 1), **_outputs(project)}
         print(f"cv.folds={k}: {seconds / 60:.1f} min, submission {runs[str(k)]['submission']}", flush=True)
     return {"data": data, "machine": describe(), "runs": runs}

@@ -10,7 +10,10 @@ params writer: the GPU box check runs it with nothing but its own python3 before
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +26,19 @@ from products10k.config import apply_overrides, load_section, load_yaml  # noqa:
 
 PARAMS = ROOT / "params.yaml"
 
-__all__ = ["PARAMS", "ROOT", "describe", "params", "parse_sets", "typed", "write_params", "write_results"]
+__all__ = [
+    "PARAMS",
+    "ROOT",
+    "clone_head",
+    "describe",
+    "digits_overrides",
+    "params",
+    "parse_sets",
+    "run_tool",
+    "typed",
+    "write_params",
+    "write_results",
+]
 
 
 def params(overrides: dict | None = None, path: Path = PARAMS) -> dict:
@@ -64,3 +79,31 @@ def write_results(path: Path, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     report = report if "machine" in report else {"machine": describe(), **report}
     common.write_text(path, json.dumps(report, indent=2) + "\n")
+
+
+def run_tool(cmd: list[str], cwd: Path) -> float:
+    """Run ``cmd`` in ``cwd`` with this checkout's .venv/bin first on PATH (dvc, torchrun); return its
+    seconds, or stop with the tail of its output when it fails."""
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def clone_head(work: Path) -> Path:
+    """A fresh clone of this repository's HEAD (commit first) at ``work``/project, for a benchmark
+    that runs the real pipeline with ``dvc exp run``."""
+    project = Path(work) / "project"
+    run_tool(["git", "clone", "-q", str(ROOT), str(project)], Path(work))
+    return project
+
+
+def digits_overrides(work: Path) -> list[str]:
+    """Write scikit-learn's digits under ``work``/digits (benchmarks/digits_data.py) and return the
+    ``dvc exp run`` arguments that make them the pipeline's data."""
+    from benchmarks.digits_data import write_digits
+
+    print(write_digits(Path(work) / "digits"))
+    return ["-S", "data.source=dir", "-S", f"data.dir={Path(work) / 'digits'}"]
