@@ -221,7 +221,8 @@ PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
 
 def _vote(retrieval: dict, kind: str) -> dict:
     return dict(k=retrieval["k"], kind=kind, temperature=retrieval["temperature"],
-                smoothing=retrieval["smoothing"], batch=retrieval["search_batch"])  # fmt: skip
+                smoothing=retrieval["smoothing"], batch=retrieval["search_batch"],
+                shots=retrieval["vote_shots"])  # fmt: skip
 
 
 def _rates(top: np.ndarray, truth: np.ndarray, rows: np.ndarray) -> dict:

@@ -74,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_params()["retrieval"]
     vote = dict(k=cfg["k"], kind=cfg["vote"], temperature=cfg["temperature"], smoothing=cfg["smoothing"],
-                batch=cfg["search_batch"])  # fmt: skip
+                batch=cfg["search_batch"], shots=cfg["vote_shots"])  # fmt: skip
     rng = np.random.default_rng(0)
     seconds = {}
     gallery_labels = rng.integers(0, CLASSES, GALLERY)

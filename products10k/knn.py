@@ -7,18 +7,9 @@ an approximate index (IVF, HNSW) would trade recall for a speed the job does not
 need training and tuning. The index holds only vectors; labels, names and the label -> SKU map
 live beside it (``gallery.npz``), so SKUs can be enrolled by appending to both.
 
-**Vote.** The k nearest gallery images vote for their SKU, each with weight
-``exp(cos / temperature)`` (``softmax``) or 1 (``count``), or each SKU among them is scored by its
-best match alone, ``exp(max cos / temperature)`` (``best``: a score that does not grow with the
-number of the SKU's gallery photos, so a SKU enrolled from 5 photos is not outvoted by a look-alike
-with 200); or (``centroid``) the k nearest SKU prototypes, each SKU's mean gallery vector
-(:class:`Prototypes`), are scored as ``best`` scores images: one vector per SKU, whatever its photo
-count, and an average that a single odd photo of a look-alike cannot win with.
-The kNN probability of a SKU is ``(1 - smoothing) x its vote share + smoothing / K``.
-The smoothing keeps every probability above 0 (a row whose SKU got no vote still has a finite
-log-likelihood for the fusion fit), and its form is exactly what a predictions file represents:
-the voted labels' probabilities plus an equal share of the rest for every other label
-(``SplitScores``, ``combine_topk``).
+**Vote.** The k nearest gallery images name a SKU by one of the rules of ``retrieval.vote``
+(products10k/votes.py: ``softmax``, ``count``, ``best``, ``centroid``, ``expected_best``); the
+kNN probabilities are a predictions block (``SplitScores``).
 
 **Fusion.** ``(1 - w) x classifier softmax + w x kNN probability``: the two are combined like two
 ensemble members, ``w`` maximising the val log-likelihood (``ensemble.fit_fusion_weight``, on
@@ -43,6 +34,7 @@ from tqdm.auto import tqdm
 from products10k import common
 from products10k.common import DataError, Products10kError
 from products10k.scores import SplitScores, combine_topk
+from products10k.votes import VOTES, Members, expected_best, vote
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +42,6 @@ INDEX_FILE = "index.faiss"
 GALLERY_FILE = "gallery.npz"
 META_FILE = "meta.json"
 THUMBS_DIR = "thumbs"  # <sku>.jpg: one small photo per SKU (products10k-serve's page)
-
-
-#: the vote rules (``retrieval.vote``)
-VOTES = ("softmax", "count", "best", "centroid")
 
 
 @dataclass(frozen=True)
@@ -104,6 +92,7 @@ class Gallery:
     # by enrol(); a composed version (deploy/versions.py) starts from its base's
     _prototypes: Prototypes | None = field(default=None, repr=False, compare=False)
     _centroids: Gallery | None = field(default=None, repr=False, compare=False)
+    _members: Members | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -123,6 +112,13 @@ class Gallery:
         if self._centroids is None or self._centroids.num_classes != self.num_classes:
             self._centroids = self.prototypes().gallery(self.skus)
         return self._centroids
+
+    def members(self) -> Members:
+        """Each label's gallery ids, grouped (the ``expected_best`` rule's lookup), kept while the
+        gallery holds the same number of vectors (enrolment appends)."""
+        if self._members is None or len(self._members.ids) != len(self.labels):
+            self._members = Members(self.labels, self.num_classes)
+        return self._members
 
     @property
     def cached_prototypes(self) -> Prototypes | None:
@@ -298,68 +294,6 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, batch: int, desc: st
     return sims, ids
 
 
-def vote(
-    sims: np.ndarray,
-    neighbour_labels: np.ndarray,
-    num_classes: int,
-    *,
-    kind: str,
-    temperature: float,
-    smoothing: float,
-    names,
-    labels,
-) -> SplitScores:
-    """kNN class probabilities as a :class:`SplitScores` (see the module docstring).
-
-    Each row keeps ``k`` = number of neighbours labels: the voted ones by decreasing probability,
-    then (rows with fewer distinct voted labels) the lowest unvoted labels at ``smoothing / K``,
-    so that labels are unique within a row as ``combine_topk`` requires.
-    """
-    n, k = neighbour_labels.shape
-    k_keep = min(k, num_classes)
-    if kind in ("softmax", "best"):
-        # relative to the row's best similarity: exp() cannot overflow, the shares are unchanged
-        weights = np.exp((sims - sims[:, :1]) / temperature).astype(np.float64)
-    elif kind == "count":
-        weights = np.ones_like(sims, dtype=np.float64)
-    else:
-        raise ValueError(f"unknown vote '{kind}' (softmax | count | best; centroid: knn_scores)")
-    floor = smoothing / num_classes
-    topk_labels = np.empty((n, k_keep), dtype=np.int32)
-    topk_probs = np.full((n, k_keep), floor, dtype=np.float64)
-    for i in range(n):
-        voted, inverse = np.unique(neighbour_labels[i], return_inverse=True)
-        if kind == "best":
-            # each SKU by its best match alone: a SKU's score does not grow with its gallery photos,
-            # so 5 enrolled photos stand against a look-alike's 200 on their closeness alone
-            share = np.zeros(len(voted))
-            np.maximum.at(share, inverse, weights[i])
-        else:
-            share = np.bincount(inverse, weights=weights[i], minlength=len(voted))
-        share /= share.sum()
-        order = np.lexsort((voted, -share))[:k_keep]  # highest share first, then the lower label
-        m = len(order)
-        topk_labels[i, :m] = voted[order]
-        topk_probs[i, :m] += (1.0 - smoothing) * share[order]
-        if m < k_keep:
-            fill = np.setdiff1d(np.arange(min(num_classes, k_keep + m)), voted[order], assume_unique=True)
-            topk_labels[i, m:] = fill[: k_keep - m]
-    labels = np.asarray(labels, dtype=np.int64)
-    label_prob = np.full(n, floor)
-    for i in np.flatnonzero(labels >= 0):
-        hit = np.flatnonzero(topk_labels[i] == labels[i])
-        if len(hit):
-            label_prob[i] = topk_probs[i, hit[0]]
-    return SplitScores(
-        names=np.asarray(names).astype(str),
-        labels=labels,
-        topk_labels=topk_labels,
-        topk_logits=np.log(topk_probs).astype(np.float32),
-        logsumexp=np.zeros(n, dtype=np.float32),  # probabilities: they already sum to 1
-        label_logprob=np.where(labels >= 0, np.log(label_prob), np.nan).astype(np.float32),
-    )
-
-
 def knn_scores(
     gallery: Gallery,
     queries: np.ndarray,
@@ -371,43 +305,46 @@ def knn_scores(
     temperature,
     smoothing,
     batch,
+    shots: int = 5,
     progress: bool = True,
 ) -> SplitScores:
     """Search the gallery and vote: the kNN :class:`SplitScores` of ``queries`` (``centroid``: the
-    SKU prototypes are searched, each scored by its cosine as ``best`` scores an image)."""
+    SKU prototypes are searched, each scored by its cosine as ``best`` scores an image;
+    ``expected_best``: each SKU among the neighbours by the expected best of ``shots`` photos)."""
     if kind not in VOTES:
         raise ValueError(f"unknown vote '{kind}' ({' | '.join(VOTES)})")
     searched = gallery.centroids() if kind == "centroid" else gallery
     sims, ids = search(searched.index, queries, k, batch, progress=progress)
-    return _voted(gallery, searched, sims, ids, kind, temperature, smoothing, names, labels)
+    rule = dict(kind=kind, temperature=temperature, smoothing=smoothing, shots=shots)
+    return voted(gallery, searched, queries, sims, ids, names=names, labels=labels, **rule)
 
 
 def knn_search(
-    gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch
+    gallery: Gallery, queries: np.ndarray, names, labels, *, k, kind, temperature, smoothing, batch, shots=5
 ) -> tuple[SplitScores, np.ndarray]:
     """:func:`knn_scores` and each query's cosine similarity to its nearest gallery image, (N,)."""
+    rule = dict(kind=kind, temperature=temperature, smoothing=smoothing, shots=shots)
     if kind == "centroid":  # the prototypes vote; the nearest image is one more (k = 1) search
-        rule = dict(k=k, kind=kind, temperature=temperature, smoothing=smoothing, batch=batch)
         sims, _ = search(gallery.index, queries, 1, batch, desc="nearest")
-        scores = knn_scores(gallery, queries, names, labels, **rule)
+        scores = knn_scores(gallery, queries, names, labels, k=k, batch=batch, **rule)
     else:
         sims, ids = search(gallery.index, queries, k, batch)
-        scores = _voted(gallery, gallery, sims, ids, kind, temperature, smoothing, names, labels)
+        scores = voted(gallery, gallery, queries, sims, ids, names=names, labels=labels, **rule)
     return scores, sims[:, 0] if sims.shape[1] else np.zeros(len(queries), np.float32)
 
 
-def _voted(gallery, searched, sims, ids, kind, temperature, smoothing, names, labels) -> SplitScores:
-    """:func:`vote` over ``searched`` (the gallery, or its prototypes) as labels of ``gallery``."""
-    return vote(
-        sims,
-        searched.labels[ids],
-        gallery.num_classes,
-        kind="best" if kind == "centroid" else kind,
-        temperature=temperature,
-        smoothing=smoothing,
-        names=names,
-        labels=labels,
-    )
+def voted(gallery, searched, queries, sims, ids, *, kind, temperature, smoothing, shots, names, labels,
+          hidden=None) -> SplitScores:  # fmt: skip
+    """The rule ``kind`` over what a search of ``searched`` (the gallery, or its prototypes) found, as
+    labels of ``gallery`` (``hidden``: gallery ids the search left out, which no rule may read)."""
+    rule = dict(temperature=temperature, smoothing=smoothing, names=names, labels=labels)
+    found = searched.labels[ids]
+    if kind == "expected_best":
+        members = (
+            gallery.members() if hidden is None else Members(gallery.labels, gallery.num_classes, hidden)
+        )
+        return expected_best(gallery.index, members, queries, found, gallery.num_classes, shots=shots, **rule)
+    return vote(sims, found, gallery.num_classes, kind="best" if kind == "centroid" else kind, **rule)
 
 
 def fuse(

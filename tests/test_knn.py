@@ -151,8 +151,9 @@ def test_the_best_match_vote_names_a_sku_with_5_photos_beside_a_look_alike_with_
 
     queries = around(new, 200)
     assert named(queries, 0, "best") >= 0.8 and named(queries, 0, "centroid") >= 0.8
+    assert named(queries, 0, "expected_best") >= 0.8
     assert named(queries, 0, "softmax") <= 0.65 and named(queries, 0, "count") <= 0.5  # swamped
-    for kind in ("best", "centroid"):
+    for kind in ("best", "centroid", "expected_best"):
         assert named(around(look_alike, 200), 1, kind) >= 0.95  # the look-alike loses nothing
 
 
@@ -203,3 +204,60 @@ def test_fusion_treats_an_enrolled_skus_classifier_score_as_unknown():
     expected = fuse(cls, plain_knn, 0.3, 3, 3)
     np.testing.assert_array_equal(top, expected.topk_labels)
     np.testing.assert_allclose(probs, np.exp(expected.topk_logits), rtol=1e-5)
+
+
+def test_expected_best_weights_are_the_mean_best_of_every_draw_of_shots_photos():
+    import itertools
+
+    from products10k.votes import expected_max_weights
+
+    rng = np.random.default_rng(5)
+    for n, shots in ((7, 3), (10, 4), (9, 1), (5, 5), (3, 5)):
+        sims = np.sort(rng.normal(size=n))[::-1]
+        draws = [max(c) for c in itertools.combinations(sims, min(shots, n))]
+        assert expected_max_weights(n, shots) @ sims == pytest.approx(np.mean(draws), rel=1e-9)
+
+
+def test_expected_best_judges_every_sku_by_the_same_number_of_photos():
+    """Two SKUs whose photos spread alike around the query, one with 5 photos and one with 200, in 200
+    draws: the best of 200 photos beats the best of 5 by chance alone, so ``best`` names the larger
+    SKU nearly every time; judged as if each had 5 photos, each is named about half the time."""
+    dim = 16
+    rng = np.random.default_rng(2)
+    rule = dict(k=205, temperature=0.05, smoothing=0.01, batch=8)
+    small_named = {"best": 0, "expected_best": 0}
+    for _ in range(200):
+        query = unit(rng.normal(size=(1, dim)))
+        photos = unit(query + 0.9 * rng.normal(size=(205, dim)) / np.sqrt(dim))
+        labels = np.r_[np.zeros(5, int), np.ones(200, int)]
+        gallery = build_gallery(photos, labels, np.arange(205).astype(str), np.array([7, 8]), {})
+        for kind in small_named:
+            scores = knn_scores(gallery, query, ["q"], [0], kind=kind, shots=5, progress=False, **rule)
+            small_named[kind] += int(scores.topk_labels[0, 0] == 0)
+    assert small_named["best"] <= 10  # ~5/205 of the time
+    assert 70 <= small_named["expected_best"] <= 130
+    assert all(n > 0 for n in small_named.values())
+
+
+def test_expected_best_reads_a_sharded_gallery_as_the_same_gallery_whole():
+    import faiss
+
+    from products10k.knn import Gallery
+
+    rng = np.random.default_rng(4)
+    vectors = unit(rng.normal(size=(40, 8)))
+    labels = rng.integers(0, 5, 40)
+    names = np.arange(40).astype(str)
+    whole = build_gallery(vectors, labels, names, np.arange(5) + 100, {})
+    shards = faiss.IndexShards(8, False, True)
+    for part in (vectors[:25], vectors[25:]):
+        shard = faiss.IndexFlatIP(8)
+        shard.add(part)
+        shards.add_shard(shard)
+    sharded = Gallery(shards, labels, names, np.arange(5) + 100, {})
+    queries = unit(rng.normal(size=(6, 8)))
+    rule = dict(k=6, kind="expected_best", temperature=0.1, smoothing=0.01, batch=4, shots=3)
+    a = knn_scores(whole, queries, np.arange(6), np.full(6, -1), **rule)
+    b = knn_scores(sharded, queries, np.arange(6), np.full(6, -1), **rule)
+    assert np.array_equal(a.topk_labels, b.topk_labels)
+    np.testing.assert_allclose(a.topk_logits, b.topk_logits, rtol=1e-5)

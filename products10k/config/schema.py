@@ -386,9 +386,11 @@ class RetrievalConfig(Section):
     phase: Phase  # whose checkpoint embeds (one index per ensemble member)
     k: int = Field(ge=1)  # neighbours that vote
     # softmax: weight exp(similarity / temperature); count: 1 each; best: each SKU by its best match;
-    # centroid: each SKU by its prototype (the mean of its gallery vectors): knn.py
-    vote: Literal["softmax", "count", "best", "centroid"]
+    # centroid: each SKU by its prototype (the mean of its gallery vectors); expected_best: each SKU
+    # by the expected best match of vote_shots of its photos drawn at random: votes.py
+    vote: Literal["softmax", "count", "best", "centroid", "expected_best"]
     temperature: float = Field(gt=0.0)
+    vote_shots: int = Field(ge=1)  # expected_best: every SKU judged as if it had this many photos
     # kNN probability = (1 - smoothing) x vote share + smoothing / K: no SKU gets probability 0,
     # so the fusion weight fit (val log-likelihood) is finite for rows whose SKU got no vote
     smoothing: float = Field(gt=0.0, lt=1.0)

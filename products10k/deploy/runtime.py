@@ -171,6 +171,7 @@ class Scorer:
                     np.arange(n),
                     np.full(n, -1),
                     kind=meta["vote"],
+                    shots=meta.get("vote_shots", 5),  # indexes built before expected_best lack it
                     batch=max(n, 1),
                     progress=False,
                     **rule,

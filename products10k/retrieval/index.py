@@ -50,7 +50,7 @@ from products10k.knn import (
     knn_search,
     save_gallery,
     thumbnail_jpeg,
-    vote,
+    voted,
 )
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
@@ -265,7 +265,8 @@ def enrolment_check(
         if kind == "centroid":
             scores = knn_scores(cut, val_vectors, k=cfg.k, kind=kind, batch=cfg.search_batch, **rule)
         else:
-            scores = vote(sims, gallery.labels[ids], gallery.num_classes, kind=kind, **rule)
+            scores = voted(gallery, gallery, val_vectors, sims, ids, kind=kind, shots=cfg.vote_shots,
+                           hidden=hidden, **rule)  # fmt: skip
         hit = scores.topk_labels[:, 0] == labels
         rates = {part: _rate(hit[rows]) for part, rows in (("enrolled", enrolled), ("trained", ~enrolled))}
         ratio = rates["enrolled"]["top1"] / rates["trained"]["top1"] if rates["trained"]["top1"] else None
@@ -318,6 +319,7 @@ def _search(gallery, vectors: np.ndarray, rows, cfg: RetrievalConfig) -> tuple[S
         temperature=cfg.temperature,
         smoothing=cfg.smoothing,
         batch=cfg.search_batch,
+        shots=cfg.vote_shots,
     )
 
 
@@ -426,6 +428,7 @@ def _index_meta(member: str, checkpoint: Path, meta: dict, cfg: RetrievalConfig)
         "normalize": meta.get("normalize"),
         "k": cfg.k,
         "vote": cfg.vote,
+        "vote_shots": cfg.vote_shots,
         "temperature": cfg.temperature,
         "smoothing": cfg.smoothing,
     }

@@ -200,11 +200,17 @@ def test_the_enrolment_check_cuts_the_chosen_skus_to_their_first_shots_and_score
     # val: an exact copy of SKU 0's 9th photo (one of those cut) and of SKU 2's first
     val = train.iloc[[8, 24]].reset_index(drop=True)
     cfg = SimpleNamespace(
-        k=3, enrol_shots=5, enrol_check_skus=1, temperature=0.05, smoothing=0.01, search_batch=64
+        k=3,
+        enrol_shots=5,
+        enrol_check_skus=1,
+        temperature=0.05,
+        smoothing=0.01,
+        search_batch=64,
+        vote_shots=5,
     )
     out = enrolment_check(gallery, vectors[[8, 24]], val, train, cfg)
     assert out["skus"] == 1 and out["val_rows"] == {"enrolled": 1, "trained": 1}
-    assert set(out["by_vote"]) == {"softmax", "count", "best", "centroid"}
+    assert set(out["by_vote"]) == {"softmax", "count", "best", "centroid", "expected_best"}
     for rule in out["by_vote"].values():
         assert rule["trained"]["top1"] == 1.0
         # the copy's own photo (similarity 1) is out of the search: what is near it is SKU 1's
