@@ -24,9 +24,13 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 - ``arcface`` / ``cosface``: the same with ``model.head`` set to that margin head;
 - ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
   cosine is the mean of the two), its classifier ``linear``'s.
+- ``linear-stage`` / ``imagenet-stage``: that model's embedding taken one step earlier, from its
+  backbone's last stage before the head convolution (timm ``forward_intermediates``; 320 channels
+  against 1,280 for tf_efficientnet_lite0), average-pooled: less specialised to the trained SKUs.
 
-Vote rules: knn.py's ``softmax``, ``count``, ``best`` and ``centroid`` (each SKU by the cosine to
-its prototype, the mean of its gallery vectors: one vector per SKU whatever its photo count).
+Vote rules: votes.py's ``softmax``, ``count``, ``best``, ``centroid`` (each SKU by the cosine to
+its prototype, the mean of its gallery vectors: one vector per SKU whatever its photo count) and
+``expected_best`` (each SKU by the expected best match of ``retrieval.vote_shots`` of its photos).
 
 Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/retrieval.md.
 
@@ -149,6 +153,26 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
     return load_model(work / f"model-{row}" / "best.pt")
 
 
+class LastStage(torch.nn.Module):
+    """``model`` whose embedding is its backbone's last stage before the head convolution, pooled: the
+    classifier is the model's own."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.model.backbone.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+        return maps.float().mean(dim=(2, 3))
+
+
+#: each row's trained model (a row that only embeds differently reuses it)
+ROW_MODEL = {"concat": "linear", "linear-stage": "linear", "imagenet-stage": "imagenet"}
+
+
 def embedder(model, meta, prepared: Path, also=None):
     """Unit embeddings of a prepared CSV's rows by ``model``; with ``also`` (a second (model, meta)),
     both models' unit embeddings side by side, scaled by 1/sqrt(2): the cosine of the concatenation is
@@ -256,11 +280,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default="imagenet,linear,arcface",
                    help="comma-separated: imagenet (no training), linear, arcface, cosface, concat "
-                        "(linear's embedding beside ImageNet's)")  # fmt: skip
+                        "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
+                        "last stage before the head convolution)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")
     args = p.parse_args()
     rows = args.rows.split(",")
-    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", "concat"}
+    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", *ROW_MODEL}
     if unknown:
         p.error(f"unknown --rows entries: {', '.join(sorted(unknown))}")
     params = load_params()
@@ -271,11 +296,13 @@ def main() -> None:
         prepared = prepare_data(work, args.data, params)
         held, shots_rows, reduced = hold_out(prepared, work / "reduced", args.holdout, args.shots, args.seed)
         for row in rows:
-            model, meta = train_row("linear" if row == "concat" else row, params, reduced, prepared, work)
+            model, meta = train_row(ROW_MODEL.get(row, row), params, reduced, prepared, work)
+            if row.endswith("-stage"):
+                model = LastStage(model)
             also = train_row("imagenet", params, reduced, prepared, work) if row == "concat" else None
             embed = embedder(model, meta, prepared, also)
             results[row] = score_row(model, meta, embed, params, prepared, reduced, held, shots_rows)
-            if row == "imagenet":  # an untrained head: its classifier and fusion mean nothing
+            if row.startswith("imagenet"):  # an untrained head: its classifier and fusion mean nothing
                 for part in ("trained_skus", "held_out_skus"):
                     for key in [k for k in results[row][part] if k == "classifier" or k.startswith("fused")]:
                         results[row][part][key] = None
