@@ -201,18 +201,33 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
     val_cls = classifier_scores(model, meta, val, prepared, num_known)
     val_vectors = embed(val)
     weights = {}  # the fusion weight as the index stage fits it: on val, before any enrolment, per rule
-    for kind in VOTES:
-        val_knn = knn_scores(gallery, val_vectors, val["name"], val["label"], **_vote(retrieval, kind))
-        weights[kind] = fit_fusion_weight(val_cls, val_knn)
+    for rule in RULES:
+        val_knn = knn_scores(gallery, val_vectors, val["name"], val["label"], **_vote(retrieval, rule))
+        weights[rule] = fit_fusion_weight(val_cls, val_knn)
+    test = pd.read_csv(prepared / "test.csv", dtype={"name": str})
+    is_held = test["sku"].isin(held).to_numpy()
+    test_vectors = embed(test)
+    # the trained SKUs' kNN top-1 before the enrolment: what enrolling costs them
+    before = {}
+    trained_rows = test[~is_held]
+    known = (
+        trained_rows["sku"]
+        .map({int(s): i for i, s in enumerate(gallery.skus)})
+        .fillna(-1)
+        .astype(int)
+        .to_numpy()
+    )
+    for rule in RULES:
+        knn = knn_scores(
+            gallery, test_vectors[~is_held], trained_rows["name"], known, **_vote(retrieval, rule)
+        )
+        before[rule] = _rates(knn.topk_labels[:, :5], known, np.ones(len(known), bool))
     enrol(gallery, embed(shots_rows), shots_rows["sku"].to_numpy(), shots_rows["name"].to_numpy())
 
-    test = pd.read_csv(prepared / "test.csv", dtype={"name": str})
     label_of = {int(s): i for i, s in enumerate(gallery.skus)}
     test["label"] = test["sku"].map(lambda s: label_of.get(int(s), -1)).astype(int)
     truth = test["label"].to_numpy()
-    is_held = test["sku"].isin(held).to_numpy()
     logits = classifier_logits(model, meta, test, prepared)
-    test_vectors = embed(test)
     classifier = np.argsort(-logits, axis=1)[:, :5]
     result = {
         "trained_skus": {
@@ -224,12 +239,13 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
         "trained_by_gallery_photos": {},  # kNN top-1 of the trained SKUs by their gallery photo count
     }
     photos = np.bincount(gallery.labels, minlength=gallery.num_classes)[np.maximum(truth, 0)]
-    for kind in VOTES:
+    for kind in RULES:
         knn = knn_scores(gallery, test_vectors, test["name"], test["label"], **_vote(retrieval, kind))
         fused, _ = fuse_with_enrolled(logits, knn, weights[kind], gallery.num_classes, 5)
         for part, rows in (("trained_skus", ~is_held), ("held_out_skus", is_held)):
             result[part][f"knn_{kind}"] = _rates(knn.topk_labels[:, :5], truth, rows)
             result[part][f"fused_{kind}"] = _rates(fused, truth, rows)
+        result["trained_skus"][f"knn_{kind}_before_enrolment"] = before[kind]
         result["trained_by_gallery_photos"][kind] = {
             f"{low}-{high}": {"n_images": int(rows.sum()), **_rates(knn.topk_labels[:, :5], truth, rows)}
             for low, high in PHOTO_BUCKETS
@@ -243,10 +259,16 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
 PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
 
 
-def _vote(retrieval: dict, kind: str) -> dict:
+#: the rules scored: every vote of votes.py (expected_best with retrieval.vote_shots), and
+#: expected_best judging each SKU by 20 photos (between best, its photos all, and 5)
+RULES = (*VOTES, "expected_best@20")
+
+
+def _vote(retrieval: dict, rule: str) -> dict:
+    kind, _, shots = rule.partition("@")
     return dict(k=retrieval["k"], kind=kind, temperature=retrieval["temperature"],
                 smoothing=retrieval["smoothing"], batch=retrieval["search_batch"],
-                shots=retrieval["vote_shots"])  # fmt: skip
+                shots=int(shots or retrieval["vote_shots"]))  # fmt: skip
 
 
 def _rates(top: np.ndarray, truth: np.ndarray, rows: np.ndarray) -> dict:
@@ -334,16 +356,17 @@ def table(results: dict) -> str:
 
     lines = [
         "| embedding | vote | trained: classifier | trained: kNN | trained: fused | held-out: kNN "
-        "| held-out: fused | held-out kNN top-5 | ratio (kNN) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| held-out: fused | held-out kNN top-5 | ratio (kNN) | trained kNN before enrolment |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, r in results.items():
         t, h = r["trained_skus"], r["held_out_skus"]
-        for kind in VOTES:
+        for kind in RULES:
             knn_t, knn_h = t[f"knn_{kind}"], h[f"knn_{kind}"]
             ratio = knn_h["top1"] / knn_t["top1"] if knn_t["top1"] else float("nan")
             cells = [f(t["classifier"]), f(knn_t), f(t[f"fused_{kind}"]), f(knn_h), f(h[f"fused_{kind}"]),
-                     f"{knn_h['top5']:.3f}", f"{ratio:.2f}×"]  # fmt: skip
+                     f"{knn_h['top5']:.3f}", f"{ratio:.2f}×",
+                     f(t[f"knn_{kind}_before_enrolment"])]  # fmt: skip
             lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
     buckets = [f"{low}-{high}" for low, high in PHOTO_BUCKETS]
     lines += ["", "Trained SKUs' kNN top-1 by their gallery photos:", "",

@@ -124,7 +124,7 @@ def measure(predictions: Path, prepared: Path, member: str, outputs: list[str], 
 def over_seeds(data: str, seeds: list[int], member: str, draws: int, work: Path) -> dict:
     """The pipeline once per seed in a fresh clone (a new val split and training each time), each
     run measured, and every output's figures pooled over the runs."""
-    project = clone_head(work)
+    project = clone_head(work, reuse=True)
     overrides = digits_overrides(work) if data == "digits" else []
     outputs = [*params(path=project / "params.yaml")["evaluate"]["phases"], "knn", "fused"]
     runs = {}
@@ -166,7 +166,12 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", help="run the pipeline once per seed in a fresh clone")
     p.add_argument("--data", choices=("default", "digits"), default="default", help="with --seeds")
-    p.add_argument("--work", type=Path, help="with --seeds: keep the clone here (default: a temp folder)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="with --seeds: keep the clone here, or reuse the one an earlier "
+        "run kept (default: a temp folder)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.seeds:

@@ -92,10 +92,15 @@ def run_tool(cmd: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def clone_head(work: Path) -> Path:
+def clone_head(work: Path, reuse: bool = False) -> Path:
     """A fresh clone of this repository's HEAD (commit first) at ``work``/project, for a benchmark
-    that runs the real pipeline with ``dvc exp run``."""
+    that runs the real pipeline with ``dvc exp run``; ``reuse``: the clone an earlier run left there,
+    as it is (its runs already made come back from DVC's run cache)."""
     project = Path(work) / "project"
+    if reuse and (project / ".git").is_dir():
+        head = subprocess.check_output(["git", "-C", str(project), "rev-parse", "HEAD"], text=True)
+        print(f"reusing {project} at {head.strip()}")
+        return project
     run_tool(["git", "clone", "-q", str(ROOT), str(project)], Path(work))
     return project
 
