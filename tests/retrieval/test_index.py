@@ -199,15 +199,8 @@ def test_the_enrolment_check_cuts_the_chosen_skus_to_their_first_shots_and_score
     gallery = build_gallery(vectors, train["label"], train["name"], np.array([10, 11, 12]), {})
     # val: an exact copy of SKU 0's 9th photo (one of those cut) and of SKU 2's first
     val = train.iloc[[8, 24]].reset_index(drop=True)
-    cfg = SimpleNamespace(
-        k=3,
-        enrol_shots=5,
-        enrol_check_skus=1,
-        temperature=0.05,
-        smoothing=0.01,
-        search_batch=64,
-        vote_shots=5,
-    )
+    cfg = SimpleNamespace(k=3, enrol_shots=5, enrol_check_skus=1, temperature=0.05, smoothing=0.01,
+                          search_batch=64, vote_shots=5)  # fmt: skip
     out = enrolment_check(gallery, vectors[[8, 24]], val, train, cfg)
     assert out["skus"] == 1 and out["val_rows"] == {"enrolled": 1, "trained": 1}
     assert set(out["by_vote"]) == {"softmax", "count", "best", "centroid", "expected_best"}
