@@ -109,3 +109,24 @@ def fit_fusion_weight(
     if not (classifier.labels >= 0).any():
         raise Products10kError("cannot fit the fusion weight: the validation split has no labelled rows")
     return float(fit_weights([classifier.label_logprob, knn.label_logprob], classifier.labels, row_weight)[1])
+
+
+def cross_fit_fusion_weights(
+    classifier: SplitScores, knn: SplitScores, row_weight: np.ndarray, parts: int, seed: int = 0
+) -> tuple[np.ndarray, list[float]]:
+    """The fusion weight cross-fitted over ``parts`` random parts of val: (each row's part, the
+    weight fitted on every other part). Val's fused predictions made with their own part's weight
+    are then out of sample, as test's are, so the submit stage judges the fused candidate on an
+    estimate its weight's fit did not see. The labelled rows (row weight > 0) are dealt evenly over
+    the parts, so every fit has rows; with fewer than 2 of them nothing can be held out: one part,
+    the weight fitted on all of val (in sample)."""
+    labelled = (np.asarray(classifier.labels) >= 0) & (np.asarray(row_weight) > 0)
+    parts = int(min(parts, labelled.sum()))
+    part = np.zeros(len(labelled), dtype=np.int64)
+    if parts < 2:
+        return part, [fit_fusion_weight(classifier, knn, row_weight)]
+    rng = np.random.default_rng(seed)
+    for rows in (np.flatnonzero(labelled), np.flatnonzero(~labelled)):
+        part[rng.permutation(rows)] = np.arange(len(rows)) % parts
+    weights = [fit_fusion_weight(classifier, knn, np.where(part == j, 0.0, row_weight)) for j in range(parts)]
+    return part, weights

@@ -309,6 +309,11 @@ def log_likelihood(label_logprob: np.ndarray, labels: np.ndarray, eps: float = 1
 # --- cross-validation: out-of-fold rows and the fold ensemble -------------------------------
 
 
+def take_rows(scores: SplitScores, rows: np.ndarray) -> SplitScores:
+    """The predictions of ``rows`` (indices or a boolean mask), in that order."""
+    return SplitScores(**{f: getattr(scores, f)[rows] for f in (*ROW_ARRAYS, PROB_ERROR)})
+
+
 def concat_scores(parts: list[SplitScores]) -> SplitScores:
     """Row blocks of one split predicted by different models (the folds' held-out rows), in order."""
     fields = (*ROW_ARRAYS, PROB_ERROR)

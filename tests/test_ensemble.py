@@ -6,7 +6,7 @@ from scipy.special import log_softmax, softmax
 
 from products10k.common import ConfigError
 from products10k.config import EnsembleConfig, from_dict
-from products10k.ensemble import fit_weights, resolve_weights
+from products10k.ensemble import cross_fit_fusion_weights, fit_fusion_weight, fit_weights, resolve_weights
 from products10k.scores import SplitScores, combine_topk, log_likelihood
 
 
@@ -201,3 +201,35 @@ def test_the_fold_ensemble_is_the_mean_of_the_folds_probabilities_and_oof_rows_c
     joined = concat_scores(parts)
     assert len(joined) == 40 and np.array_equal(joined.labels, labels)
     assert np.array_equal(joined.topk_labels[15:], parts[1].topk_labels)
+
+
+def test_the_fusion_weight_cross_fit_never_sees_the_part_it_fuses():
+    """Each part's weight comes from the other parts only: rows of one part that would pull the
+    weight (a kNN that is right exactly there) move every other part's weight and not their own."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 10
+    labels = rng.integers(0, k, size=n)
+    classifier = _scores(_member(labels, k, 2.0, rng), labels, k)
+    knn_logits = _member(labels, k, 0.5, rng)
+    row_weight = np.ones(n)
+    part, weights = cross_fit_fusion_weights(classifier, _scores(knn_logits, labels, k), row_weight, parts=10)
+    assert len(weights) == 10 and np.bincount(part).tolist() == [40] * 10  # the rows dealt evenly
+
+    knn_logits[part == 3, labels[part == 3]] += 8.0  # the kNN now certain and right on part 3
+    again_part, again = cross_fit_fusion_weights(
+        classifier, _scores(knn_logits, labels, k), row_weight, parts=10
+    )
+    assert np.array_equal(again_part, part)  # the parts depend on the rows, not on the scores
+    assert again[3] == pytest.approx(weights[3], abs=1e-6)  # its own fit did not see it
+    assert all(again[j] > weights[j] + 0.01 for j in range(10) if j != 3)  # every other fit did
+
+    unlabelled = labels.copy()
+    unlabelled[2:] = -1  # two labelled rows: two parts of one row each
+    cls = _scores(_member(labels, k, 2.0, rng), unlabelled, k)
+    part, weights = cross_fit_fusion_weights(cls, _scores(knn_logits, unlabelled, k), row_weight, parts=10)
+    assert len(weights) == 2 and sorted(part[:2].tolist()) == [0, 1]
+    unlabelled[1] = -1  # one labelled row: nothing to hold out, the weight fitted on all of val
+    cls = _scores(_member(labels, k, 2.0, rng), unlabelled, k)
+    knn = _scores(knn_logits, unlabelled, k)
+    part, weights = cross_fit_fusion_weights(cls, knn, row_weight, parts=10)
+    assert (part == 0).all() and weights == [pytest.approx(fit_fusion_weight(cls, knn, row_weight))]

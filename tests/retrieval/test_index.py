@@ -73,7 +73,18 @@ def test_index_stage_knn_matches_brute_force_and_metrics_match_the_files(tmp_pat
     assert metrics["test"]["fused"]["top1"] == pytest.approx(block["top1"])
     assert 0.0 <= metrics["fusion_weight"] <= 1.0
     assert gallery.meta["fusion_weight"] == metrics["fusion_weight_single_crop"]  # deploy's: one crop
-    assert set(metrics["val"]) == {"classifier", "knn", "fused_in_sample"}  # its weight was fitted on val
+    assert set(metrics["val"]) == {"classifier", "knn", "fused"}
+    # val's fused rows are fused with a weight cross-fitted on the other parts of val: the file's
+    # val rows are what the metrics read, and the in-sample fit's read is beside it
+    val = read_prepared(prepared / "val.csv", label_map)
+    cross_fit = metrics["fusion_weight_cross_fit"]
+    assert (
+        cross_fit["parts"] == min(10, len(val))
+        and 0.0 <= cross_fit["weight_min"] <= cross_fit["weight_max"] <= 1
+    )
+    assert fused.val.names.tolist() == val["name"].tolist()
+    val_top1 = split_metrics(fused.val.topk_labels, val, n_train, 3)["top1"]
+    assert metrics["val"]["fused"]["top1"] == pytest.approx(val_top1) == cross_fit["val_top1"]["cross_fit"]
     classifier = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert metrics["test"]["classifier"]["top1"] == pytest.approx(classifier["test"]["tta"]["top1"])
     # fused probabilities are a distribution over the SKUs
