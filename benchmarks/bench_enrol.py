@@ -30,7 +30,10 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 
 Vote rules: votes.py's ``softmax``, ``count``, ``best``, ``centroid`` (each SKU by the cosine to
 its prototype, the mean of its gallery vectors: one vector per SKU whatever its photo count) and
-``expected_best`` (each SKU by the expected best match of ``retrieval.vote_shots`` of its photos).
+``expected_best`` (each SKU by the expected best match of ``retrieval.vote_shots`` of its photos),
+and two this benchmark alone measures: ``expected_best@20`` (20 photos) and ``normalised[@k]`` (each
+SKU among the k nearest photos' SKUs by its best match less its impostor baseline,
+impostor_baseline: cohort score normalisation).
 
 Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/retrieval.md.
 
@@ -62,10 +65,11 @@ from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
 from products10k.data.transforms import embedding_transform  # noqa: E402
 from products10k.ensemble import fit_fusion_weight  # noqa: E402
-from products10k.knn import VOTES, build_gallery, enrol, fuse_with_enrolled, knn_scores  # noqa: E402
+from products10k.knn import VOTES, build_gallery, enrol, fuse_with_enrolled, knn_scores, search  # noqa: E402
 from products10k.models.checkpoint import load_model  # noqa: E402
 from products10k.retrieval.embed import embed_rows  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
+from products10k.votes import FlatVectors, shares_as_scores  # noqa: E402
 
 
 def run(*args: str, cwd: Path) -> None:
@@ -202,7 +206,7 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
     val_vectors = embed(val)
     weights = {}  # the fusion weight as the index stage fits it: on val, before any enrolment, per rule
     for rule in RULES:
-        val_knn = knn_scores(gallery, val_vectors, val["name"], val["label"], **_vote(retrieval, rule))
+        val_knn = _knn(gallery, val_vectors, val["name"], val["label"], retrieval, rule)
         weights[rule] = fit_fusion_weight(val_cls, val_knn)
     test = pd.read_csv(prepared / "test.csv", dtype={"name": str})
     is_held = test["sku"].isin(held).to_numpy()
@@ -218,9 +222,7 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
         .to_numpy()
     )
     for rule in RULES:
-        knn = knn_scores(
-            gallery, test_vectors[~is_held], trained_rows["name"], known, **_vote(retrieval, rule)
-        )
+        knn = _knn(gallery, test_vectors[~is_held], trained_rows["name"], known, retrieval, rule)
         before[rule] = _rates(knn.topk_labels[:, :5], known, np.ones(len(known), bool))
     enrol(gallery, embed(shots_rows), shots_rows["sku"].to_numpy(), shots_rows["name"].to_numpy())
 
@@ -240,7 +242,7 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
     }
     photos = np.bincount(gallery.labels, minlength=gallery.num_classes)[np.maximum(truth, 0)]
     for kind in RULES:
-        knn = knn_scores(gallery, test_vectors, test["name"], test["label"], **_vote(retrieval, kind))
+        knn = _knn(gallery, test_vectors, test["name"], test["label"], retrieval, kind)
         fused, _ = fuse_with_enrolled(logits, knn, weights[kind], gallery.num_classes, 5)
         for part, rows in (("trained_skus", ~is_held), ("held_out_skus", is_held)):
             result[part][f"knn_{kind}"] = _rates(knn.topk_labels[:, :5], truth, rows)
@@ -259,9 +261,71 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
 PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
 
 
-#: the rules scored: every vote of votes.py (expected_best with retrieval.vote_shots), and
-#: expected_best judging each SKU by 20 photos (between best, its photos all, and 5)
-RULES = (*VOTES, "expected_best@20")
+#: the rules scored: every vote of votes.py (expected_best with retrieval.vote_shots),
+#: expected_best judging each SKU by 20 photos (between best, its photos all, and 5), and each SKU's
+#: best match less its impostor baseline (impostor_baseline below), among k and 50 neighbours
+RULES = (*VOTES, "expected_best@20", "normalised", "normalised@50")
+
+
+def _knn(gallery, vectors, names, labels, retrieval: dict, rule: str) -> SplitScores:
+    """The kNN scores of ``rule`` (a vote of votes.py, or ``normalised[@k]``)."""
+    if not rule.startswith("normalised"):
+        return knn_scores(gallery, vectors, names, labels, **_vote(retrieval, rule))
+    k = int(rule.partition("@")[2] or retrieval["k"])
+    baseline = impostor_baseline(FlatVectors(gallery.index).views[0], gallery.labels, gallery.num_classes)
+    sims, ids = search(gallery.index, vectors, k, retrieval["search_batch"], progress=False)
+    return normalised_best(sims, gallery.labels[ids], baseline, gallery.num_classes,
+                           temperature=retrieval["temperature"], smoothing=retrieval["smoothing"],
+                           names=names, labels=labels)  # fmt: skip
+
+
+def impostor_baseline(
+    vectors: np.ndarray, labels: np.ndarray, num_classes: int, *, cohort: int = 1000, seed: int = 0,
+    chunk: int = 64,
+) -> np.ndarray:  # fmt: skip
+    """Each SKU's impostor baseline: the mean best match that photos of other SKUs (a fixed random
+    ``cohort`` of the gallery's photos) find among its photos, (num_classes,).
+
+    A SKU's best match to a query grows with its photo count, for other SKUs' queries as much as
+    for its own; so does the best match an impostor's photo finds in it. ``best - baseline`` asks
+    how far a query's best match stands above what any other SKU's photo finds there (cohort score
+    normalisation, as speaker and face verification use): a SKU is not ahead for having more photos,
+    yet is judged by all of them (no draw of a few, which loses the views those leave out)."""
+    vectors = np.asarray(vectors, np.float32)
+    labels = np.asarray(labels)
+    picked = np.sort(
+        np.random.default_rng(seed).choice(len(vectors), min(cohort, len(vectors)), replace=False)
+    )
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=num_classes)
+    present = np.flatnonzero(counts)
+    starts = np.r_[0, np.cumsum(counts)][present]
+    gallery = vectors[order].T
+    total = np.zeros(num_classes)
+    seen = np.zeros(num_classes)
+    for at in range(0, len(picked), chunk):
+        rows = picked[at : at + chunk]
+        best = np.maximum.reduceat(vectors[rows] @ gallery, starts, axis=1).astype(np.float64)
+        impostor = labels[rows][:, None] != present[None, :]  # a SKU's own photos are not impostors
+        total[present] += np.where(impostor, best, 0.0).sum(axis=0)
+        seen[present] += impostor.sum(axis=0)
+    return (total / np.maximum(seen, 1)).astype(np.float32)
+
+
+def normalised_best(
+    sims: np.ndarray, neighbour_labels: np.ndarray, baseline: np.ndarray, num_classes: int,
+    *, temperature: float, smoothing: float, names, labels,
+) -> SplitScores:  # fmt: skip
+    """Each SKU among the neighbours by its best match less its impostor baseline
+    (:func:`impostor_baseline`), ``exp((best - baseline) / T)``."""
+    rows = []
+    for i in range(len(neighbour_labels)):
+        voted, inverse = np.unique(neighbour_labels[i], return_inverse=True)
+        best = np.full(len(voted), -np.inf)
+        np.maximum.at(best, inverse, sims[i])
+        score = best - baseline[voted]
+        rows.append((voted, np.exp((score - score.max()) / temperature)))
+    return shares_as_scores(rows, neighbour_labels.shape[1], num_classes, smoothing, names, labels)
 
 
 def _vote(retrieval: dict, rule: str) -> dict:
