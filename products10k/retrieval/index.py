@@ -38,7 +38,6 @@ from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.contracts.shards import ImageStore
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
-from products10k.ensemble import cross_fit_fusion_weights, fit_fusion_weight
 from products10k.estimate import val_weights
 from products10k.folds import check_folds, fold_dir, fold_view, out_of_fold
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
@@ -47,7 +46,6 @@ from products10k.knn import (
     Gallery,
     Prototypes,
     build_gallery,
-    fuse,
     knn_scores,
     knn_search,
     save_gallery,
@@ -57,6 +55,7 @@ from products10k.knn import (
 from products10k.metrics import split_metrics
 from products10k.models.checkpoint import load_member_checkpoint
 from products10k.retrieval.embed import embed_rows
+from products10k.retrieval.fusion import fused_predictions, fusion_weight
 from products10k.scores import (
     SplitScores,
     TopKWriter,
@@ -64,14 +63,9 @@ from products10k.scores import (
     load_predictions,
     mean_scores,
     save_predictions,
-    take_rows,
 )
 
 log = logging.getLogger(__name__)
-
-#: val's parts for the fusion weight's cross-fit: each fit sees nine tenths of val, as K-fold's
-#: usual 10 keeps the fits close to the one test's weight comes from
-FUSION_CROSS_FIT_PARTS = 10
 
 
 @dataclass
@@ -142,13 +136,13 @@ def build_index(
     # one centre crop of the exported model, whose scores are less smooth: each is fitted on its own.
     # fitted on val weighted to the SKU mix test follows (evaluate.target_prior), as every val choice
     row_weight = val_weights(knn["val"].labels, label_map, evaluate.target_prior)
-    weight = _fusion_weight(classifier.val, knn["val"], member, "TTA", row_weight, cfg.unfitted_weight)
-    deploy_weight = _fusion_weight(
+    weight = fusion_weight(classifier.val, knn["val"], member, "TTA", row_weight, cfg.unfitted_weight)
+    deploy_weight = fusion_weight(
         single_val, knn["val"], member, "single-crop", row_weight, cfg.unfitted_weight
     )
     gallery.meta["fusion_weight"] = deploy_weight  # what products10k-predict --mode fused applies
     gallery.meta["fusion_weight_fitted_on"] = "val, single centre crop (as products10k-predict)"
-    fused, cross_fit = _fused(classifier, knn, weight, row_weight, len(skus), evaluate.top_k)
+    fused, cross_fit = fused_predictions(classifier, knn, weight, row_weight, len(skus), evaluate.top_k)
 
     metrics = {
         "fusion_weight": weight,
@@ -166,37 +160,6 @@ def build_index(
     common.write_json(files.metrics, metrics)
     _log_summary(member, metrics)
     return metrics
-
-
-def _fused(classifier, knn: dict, weight: float, row_weight, num_classes: int, top_k: int):
-    """Val's and test's fused predictions, and the cross-fit's figures. Test is fused with the
-    weight fitted on all of val; each part of val (``FUSION_CROSS_FIT_PARTS``) with the weight fitted
-    on the others, so the fused candidate's val estimate is out of sample, as the classifier's and
-    the kNN's are. The figures show what the in-sample fit would have added: the parts' weights and
-    val's top-1 both ways."""
-    test = fuse(classifier.test, knn["test"], weight, num_classes, top_k)
-    in_sample = fuse(classifier.val, knn["val"], weight, num_classes, top_k)
-    if not (classifier.val.labels >= 0).any():  # no labelled rows: the unfitted weight, nothing fitted
-        return {"val": in_sample, "test": test}, {"parts": 0}
-    part, weights = cross_fit_fusion_weights(classifier.val, knn["val"], row_weight, FUSION_CROSS_FIT_PARTS)
-    blocks, order = [], []
-    for j, w in enumerate(weights):
-        rows = np.flatnonzero(part == j)
-        part_scores = take_rows(classifier.val, rows), take_rows(knn["val"], rows)
-        blocks.append(fuse(*part_scores, w, num_classes, top_k))
-        order.append(rows)
-    val = take_rows(concat_scores(blocks), np.argsort(np.concatenate(order), kind="stable"))
-    labelled = classifier.val.labels >= 0
-    top1 = {
-        name: round(float((s.topk_labels[labelled, 0] == s.labels[labelled]).mean()), 4)
-        for name, s in (("cross_fit", val), ("in_sample", in_sample))
-    }
-    return {"val": val, "test": test}, {
-        "parts": len(weights),
-        "weight_min": round(min(weights), 4),
-        "weight_max": round(max(weights), 4),
-        "val_top1": top1,
-    }
 
 
 def _log_summary(member: str, metrics: dict) -> None:
@@ -478,29 +441,6 @@ def _check_same_rows(classifier, split: str, knn: SplitScores, path: Path) -> No
             f"{path}: its {split} rows are not those of the prepared {split}.csv "
             "(an evaluate output from other data? re-run its evaluate stage)"
         )
-
-
-def _fusion_weight(
-    classifier_val: SplitScores,
-    knn_val: SplitScores,
-    member: str,
-    scores: str,
-    row_weight: np.ndarray,
-    unfitted: float,
-) -> float:
-    """The kNN weight fitted on val (``unfitted``, retrieval.unfitted_weight, without labelled rows)."""
-    if not (classifier_val.labels >= 0).any():
-        log.warning("%s: no labelled val rows to fit the kNN fusion weight on; using %.2f", member, unfitted)
-        return unfitted
-    weight = fit_fusion_weight(classifier_val, knn_val, row_weight)
-    log.info(
-        "%s: kNN fusion weight (%s classifier) fitted on %d val rows: %.3f",
-        member,
-        scores,
-        len(classifier_val),
-        weight,
-    )
-    return weight
 
 
 def _brief(block: dict) -> dict:
