@@ -38,7 +38,7 @@ from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.contracts.shards import ImageStore
 from products10k.dist.devices import amp_dtype, eval_workers, host_cores, resolve_device
 from products10k.dist.group import DistInfo, gather_rows, shard_of
-from products10k.estimate import val_weights
+from products10k.estimate import paired_gain, val_weights
 from products10k.folds import check_folds, fold_dir, fold_view, out_of_fold
 from products10k.imaging.images import MAX_PIXELS_CEILING, ImageLimits
 from products10k.knn import (
@@ -154,7 +154,9 @@ def build_index(
         "nearest_train_similarity": _closeness(nearest, splits),
     }
     if searched is None and cfg.enrol_check_skus:  # under cv the refit's gallery has no val to query
-        metrics["enrolment"] = enrolment_check(gallery, val_vectors, splits["val"], splits["train"], cfg)
+        metrics["enrolment"] = enrolment_check(
+            gallery, val_vectors, splits["val"], splits["train"], cfg, row_weight
+        )
     save_gallery(gallery, files.index, thumbs=_thumbnails(splits["train"], files.images_root, skus))
     _write_scores(files, fused, knn, skus)
     common.write_json(files.metrics, metrics)
@@ -232,13 +234,18 @@ def _fold_knn(member: str, files: IndexFiles, splits: dict, label_map, cfg, eval
 
 
 def enrolment_check(
-    gallery, val_vectors: np.ndarray, val, train, cfg: RetrievalConfig, seed: int = 0
+    gallery, val_vectors: np.ndarray, val, train, cfg: RetrievalConfig, row_weight=None, seed: int = 0
 ) -> dict:
     """Enrolled-vs-trained top-1 on val, for each vote rule: ``cfg.enrol_check_skus`` SKUs chosen at
     random (``seed``) among those with more than ``cfg.enrol_shots`` training images and a val image
     are cut to their first ``enrol_shots`` gallery images (the others masked out of the search, not
     copied), as SKUs enrolled from a few photos would be; every val image is then searched. The
-    model was trained on these SKUs, so their figure is optimistic for SKUs it never saw."""
+    model was trained on these SKUs, so their figure is optimistic for SKUs it never saw.
+
+    ``row_weight`` (the val estimate's, to ``evaluate.target_prior``) weighs the rows as every val
+    choice does: val follows train's SKU mix, where SKUs with many photos are most rows, and a rule
+    that judges SKUs by a few photos costs those most; unweighted, the trained figure reads the
+    head. Each rate also gives the unweighted ``top1_raw``."""
     shots = cfg.enrol_shots
     n_train = train["label"].value_counts()
     eligible = np.intersect1d(n_train[n_train > shots].index.to_numpy(), val["label"].unique())
@@ -258,6 +265,7 @@ def enrolment_check(
         np.ascontiguousarray(val_vectors), k, params=faiss.SearchParameters(sel=keep)
     )
     labels = val["label"].to_numpy()
+    weight = np.ones(len(labels)) if row_weight is None else np.asarray(row_weight, dtype=np.float64)
     enrolled = np.isin(labels, chosen)
     out = {"skus": int(len(chosen)), "shots": shots, "val_rows": {"enrolled": int(enrolled.sum()),
            "trained": int((~enrolled).sum())}, "by_vote": {}}  # fmt: skip
@@ -270,7 +278,8 @@ def enrolment_check(
             scores = voted(gallery, gallery, val_vectors, sims, ids, kind=kind, shots=cfg.vote_shots,
                            hidden=hidden, **rule)  # fmt: skip
         hit = scores.topk_labels[:, 0] == labels
-        rates = {part: _rate(hit[rows]) for part, rows in (("enrolled", enrolled), ("trained", ~enrolled))}
+        parts = (("enrolled", enrolled), ("trained", ~enrolled))
+        rates = {part: _rate(hit[rows], weight[rows]) for part, rows in parts}
         ratio = rates["enrolled"]["top1"] / rates["trained"]["top1"] if rates["trained"]["top1"] else None
         out["by_vote"][kind] = {**rates, "ratio": None if ratio is None else round(ratio, 3)}
     return out
@@ -286,10 +295,13 @@ def _cut_prototypes(gallery: Gallery, hidden: np.ndarray) -> Gallery:
     return Gallery(gallery.index, gallery.labels, gallery.names, gallery.skus, {}).with_prototypes(cut)
 
 
-def _rate(hit: np.ndarray) -> dict:
-    """top-1 rate of ``hit`` with its binomial standard error."""
-    p = float(hit.mean()) if len(hit) else 0.0
-    return {"top1": round(p, 4), "se": round(float(np.sqrt(p * (1 - p) / max(len(hit), 1))), 4)}
+def _rate(hit: np.ndarray, weight: np.ndarray) -> dict:
+    """top-1 of ``hit`` weighted by ``weight`` with its standard error (paired_gain's sandwich
+    variance against nothing), and the unweighted rate."""
+    top1, se = paired_gain(hit, np.zeros(len(hit)), weight) if (weight > 0).any() else (0.0, 0.0)
+    raw = float(hit.mean()) if len(hit) else 0.0
+    se = round(se, 4) if np.isfinite(se) else None  # one row read wrong: no spread to measure
+    return {"top1": round(top1, 4), "se": se, "top1_raw": round(raw, 4)}
 
 
 def _read_splits(files: IndexFiles, label_map) -> dict:

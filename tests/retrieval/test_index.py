@@ -221,3 +221,11 @@ def test_the_enrolment_check_cuts_the_chosen_skus_to_their_first_shots_and_score
         assert rule["enrolled"]["top1"] == 0.0
     sims, ids = gallery.index.search(vectors[[8]], 1)
     assert ids[0, 0] == 8  # without the cut, the query finds its own copy: the check above can fail
+
+    # weighted as every val choice is: a trained row read right weighing 3, one read wrong weighing 1
+    val3 = train.iloc[[8, 24, 25]].reset_index(drop=True)  # + a second photo of SKU 2 ...
+    query = vectors[[8, 24, 25]].copy()
+    query[2] = vectors[13]  # ... queried with a photo of SKU 1's: read wrong
+    out = enrolment_check(gallery, query, val3, train, cfg, row_weight=np.array([1.0, 3.0, 1.0]))
+    trained = out["by_vote"]["best"]["trained"]
+    assert trained["top1_raw"] == 0.5 and trained["top1"] == 0.75 and trained["se"] > 0
