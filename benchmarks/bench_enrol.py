@@ -58,6 +58,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.enrol_rules import (  # noqa: E402
+    doubt,
+    doubt_of,
+    gated,
+    impostor_baseline,
+    normalised_best,
+    novelty,
+    rates,
+)
 from benchmarks.harness import params as load_params  # noqa: E402
 from benchmarks.harness import write_params, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
@@ -69,7 +78,7 @@ from products10k.knn import VOTES, build_gallery, enrol, fuse_with_enrolled, knn
 from products10k.models.checkpoint import load_model  # noqa: E402
 from products10k.retrieval.embed import embed_rows  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
-from products10k.votes import FlatVectors, shares_as_scores  # noqa: E402
+from products10k.votes import FlatVectors  # noqa: E402
 
 
 def run(*args: str, cwd: Path) -> None:
@@ -223,7 +232,8 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
     )
     for rule in RULES:
         knn = _knn(gallery, test_vectors[~is_held], trained_rows["name"], known, retrieval, rule)
-        before[rule] = _rates(knn.topk_labels[:, :5], known, np.ones(len(known), bool))
+        before[rule] = rates(knn.topk_labels[:, :5], known, np.ones(len(known), bool))
+    nearest, _ = search(gallery.index, test_vectors, 1, retrieval["search_batch"], progress=False)
     enrol(gallery, embed(shots_rows), shots_rows["sku"].to_numpy(), shots_rows["name"].to_numpy())
 
     label_of = {int(s): i for i, s in enumerate(gallery.skus)}
@@ -234,25 +244,32 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
     result = {
         "trained_skus": {
             "n_images": int((~is_held).sum()),
-            "classifier": _rates(classifier, truth, ~is_held),
+            "classifier": rates(classifier, truth, ~is_held),
         },
-        "held_out_skus": {"n_images": int(is_held.sum()), "classifier": _rates(classifier, truth, is_held)},
+        "held_out_skus": {"n_images": int(is_held.sum()), "classifier": rates(classifier, truth, is_held)},
         "fusion_weight": weights,
+        "novelty": novelty(logits, nearest[:, 0], is_held),
         "trained_by_gallery_photos": {},  # kNN top-1 of the trained SKUs by their gallery photo count
     }
     photos = np.bincount(gallery.labels, minlength=gallery.num_classes)[np.maximum(truth, 0)]
+    tops = {}
     for kind in RULES:
         knn = _knn(gallery, test_vectors, test["name"], test["label"], retrieval, kind)
+        tops[kind] = knn.topk_labels[:, :5]
         fused, _ = fuse_with_enrolled(logits, knn, weights[kind], gallery.num_classes, 5)
         for part, rows in (("trained_skus", ~is_held), ("held_out_skus", is_held)):
-            result[part][f"knn_{kind}"] = _rates(knn.topk_labels[:, :5], truth, rows)
-            result[part][f"fused_{kind}"] = _rates(fused, truth, rows)
+            result[part][f"knn_{kind}"] = rates(knn.topk_labels[:, :5], truth, rows)
+            result[part][f"fused_{kind}"] = rates(fused, truth, rows)
+        # what enrolling costs the trained SKUs, directly: their photos named as an enrolled SKU
+        to_enrolled = knn.topk_labels[~is_held, 0] >= num_known
+        result["trained_skus"][f"knn_{kind}_named_enrolled"] = round(float(to_enrolled.mean()), 4)
         result["trained_skus"][f"knn_{kind}_before_enrolment"] = before[kind]
         result["trained_by_gallery_photos"][kind] = {
-            f"{low}-{high}": {"n_images": int(rows.sum()), **_rates(knn.topk_labels[:, :5], truth, rows)}
+            f"{low}-{high}": {"n_images": int(rows.sum()), **rates(knn.topk_labels[:, :5], truth, rows)}
             for low, high in PHOTO_BUCKETS
             if (rows := ~is_held & (photos >= low) & (photos <= high)).any()
         }
+    result["gated"] = gated(tops, doubt_of(val_cls), doubt(logits), truth, is_held, num_known)
     return result
 
 
@@ -263,7 +280,7 @@ PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
 
 #: the rules scored: every vote of votes.py (expected_best with retrieval.vote_shots),
 #: expected_best judging each SKU by 20 photos (between best, its photos all, and 5), and each SKU's
-#: best match less its impostor baseline (impostor_baseline below), among k and 50 neighbours
+#: best match less its impostor baseline (enrol_rules.impostor_baseline), among k and 50 neighbours
 RULES = (*VOTES, "expected_best@20", "normalised", "normalised@50")
 
 
@@ -279,73 +296,11 @@ def _knn(gallery, vectors, names, labels, retrieval: dict, rule: str) -> SplitSc
                            names=names, labels=labels)  # fmt: skip
 
 
-def impostor_baseline(
-    vectors: np.ndarray, labels: np.ndarray, num_classes: int, *, cohort: int = 1000, seed: int = 0,
-    chunk: int = 64,
-) -> np.ndarray:  # fmt: skip
-    """Each SKU's impostor baseline: the mean best match that photos of other SKUs (a fixed random
-    ``cohort`` of the gallery's photos) find among its photos, (num_classes,).
-
-    A SKU's best match to a query grows with its photo count, for other SKUs' queries as much as
-    for its own; so does the best match an impostor's photo finds in it. ``best - baseline`` asks
-    how far a query's best match stands above what any other SKU's photo finds there (cohort score
-    normalisation, as speaker and face verification use): a SKU is not ahead for having more photos,
-    yet is judged by all of them (no draw of a few, which loses the views those leave out)."""
-    vectors = np.asarray(vectors, np.float32)
-    labels = np.asarray(labels)
-    picked = np.sort(
-        np.random.default_rng(seed).choice(len(vectors), min(cohort, len(vectors)), replace=False)
-    )
-    order = np.argsort(labels, kind="stable")
-    counts = np.bincount(labels, minlength=num_classes)
-    present = np.flatnonzero(counts)
-    starts = np.r_[0, np.cumsum(counts)][present]
-    gallery = vectors[order].T
-    total = np.zeros(num_classes)
-    seen = np.zeros(num_classes)
-    for at in range(0, len(picked), chunk):
-        rows = picked[at : at + chunk]
-        best = np.maximum.reduceat(vectors[rows] @ gallery, starts, axis=1).astype(np.float64)
-        impostor = labels[rows][:, None] != present[None, :]  # a SKU's own photos are not impostors
-        total[present] += np.where(impostor, best, 0.0).sum(axis=0)
-        seen[present] += impostor.sum(axis=0)
-    return (total / np.maximum(seen, 1)).astype(np.float32)
-
-
-def normalised_best(
-    sims: np.ndarray, neighbour_labels: np.ndarray, baseline: np.ndarray, num_classes: int,
-    *, temperature: float, smoothing: float, names, labels,
-) -> SplitScores:  # fmt: skip
-    """Each SKU among the neighbours by its best match less its impostor baseline
-    (:func:`impostor_baseline`), ``exp((best - baseline) / T)``."""
-    rows = []
-    for i in range(len(neighbour_labels)):
-        voted, inverse = np.unique(neighbour_labels[i], return_inverse=True)
-        best = np.full(len(voted), -np.inf)
-        np.maximum.at(best, inverse, sims[i])
-        score = best - baseline[voted]
-        rows.append((voted, np.exp((score - score.max()) / temperature)))
-    return shares_as_scores(rows, neighbour_labels.shape[1], num_classes, smoothing, names, labels)
-
-
 def _vote(retrieval: dict, rule: str) -> dict:
     kind, _, shots = rule.partition("@")
     return dict(k=retrieval["k"], kind=kind, temperature=retrieval["temperature"],
                 smoothing=retrieval["smoothing"], batch=retrieval["search_batch"],
                 shots=int(shots or retrieval["vote_shots"]))  # fmt: skip
-
-
-def _rates(top: np.ndarray, truth: np.ndarray, rows: np.ndarray) -> dict:
-    """top-1 and top-5 of the ``rows`` of ``top`` (labels, best first), each with a 95% interval (normal
-    approximation of the binomial: rows as independent draws)."""
-    out = {}
-    for k in (1, 5):
-        hit = (top[rows, :k] == truth[rows, None]).any(axis=1)
-        p = float(hit.mean()) if len(hit) else float("nan")
-        half = 1.96 * np.sqrt(p * (1 - p) / max(len(hit), 1))
-        out[f"top{k}"] = round(p, 4)
-        out[f"top{k}_ci95"] = [round(max(p - half, 0.0), 4), round(min(p + half, 1.0), 4)]
-    return out
 
 
 def classifier_logits(model, meta, df, prepared: Path) -> np.ndarray:
@@ -393,6 +348,8 @@ def main() -> None:
                     for key in [k for k in results[row][part] if k == "classifier" or k.startswith("fused")]:
                         results[row][part][key] = None
                 results[row]["fusion_weight"] = None
+                results[row]["novelty"].pop("classifier_doubt_auroc", None)  # its doubt is noise
+                results[row]["gated"] = {}
     report = {
         "machine": describe(),
         "torch": torch.__version__,
@@ -440,7 +397,48 @@ def table(results: dict) -> str:
         for kind, by in r["trained_by_gallery_photos"].items():
             cells = [f(by[b]) + f" (n={by[b]['n_images']})" if b in by else "–" for b in buckets]
             lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
+    lines += ["", NOVELTY_HEAD, "", "| embedding | classifier doubt AUROC | nearest distance AUROC | "
+              + " | ".join(f"named enrolled: {k}" for k in NOVELTY_RULES) + " |",
+              "|---|---|---|" + "---|" * len(NOVELTY_RULES)]  # fmt: skip
+    for row, r in results.items():
+        novelty, t = r.get("novelty", {}), r["trained_skus"]
+        cells = [
+            f"{novelty[k]:.3f}" if k in novelty else "–"
+            for k in ("classifier_doubt_auroc", "nearest_distance_auroc")
+        ]
+        cells += [
+            f"{t[f'knn_{k}_named_enrolled']:.3f}" if f"knn_{k}_named_enrolled" in t else "–"
+            for k in NOVELTY_RULES
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", GATED_HEAD, "", "| embedding | expected_best where doubt is above val's | trained: kNN | "
+              "held-out: kNN | ratio | trained named enrolled |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row, r in results.items():
+        for q, g in r.get("gated", {}).items():
+            ratio = g["held_out"]["top1"] / g["trained"]["top1"] if g["trained"]["top1"] else float("nan")
+            cells = [
+                f"{q[1:]} quantile",
+                f(g["trained"]),
+                f(g["held_out"]),
+                f"{ratio:.2f}×",
+                f"{g['named_enrolled']:.3f}",
+            ]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+GATED_HEAD = (
+    "Each photo judged by `expected_best` where the classifier doubts it more than the given "
+    "quantile of its doubt on val, by `best` elsewhere:"
+)
+
+
+#: the rules whose cost to the trained SKUs the third table shows
+NOVELTY_RULES = ("best", "expected_best", "normalised")
+NOVELTY_HEAD = (
+    "Before any enrolment, how well a held-out SKU's photo stands out from a trained SKU's "
+    "(AUROC, 0.5 = chance), and after it, the trained SKUs' photos the kNN names as an enrolled SKU:"
+)
 
 
 if __name__ == "__main__":

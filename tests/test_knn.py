@@ -264,10 +264,10 @@ def test_expected_best_reads_a_sharded_gallery_as_the_same_gallery_whole():
 
 
 def test_bench_enrol_impostor_baseline_is_the_mean_best_match_other_skus_photos_find():
-    """benchmarks/bench_enrol.py's cohort rule (measured there, not a retrieval.vote): each SKU's
-    baseline against a brute force over every other SKU's photo, and the rule names the SKU whose
-    best match stands furthest above its baseline, not the one with the higher raw best."""
-    from benchmarks.bench_enrol import impostor_baseline, normalised_best
+    """bench_enrol's cohort rule (benchmarks/enrol_rules.py; measured there, not a retrieval.vote):
+    each SKU's baseline against a brute force over every other SKU's photo, and the rule names the
+    SKU whose best match stands furthest above its baseline, not the one with the higher raw best."""
+    from benchmarks.enrol_rules import impostor_baseline, normalised_best
 
     rng = np.random.default_rng(5)
     vectors = unit(rng.normal(size=(30, 6)))
