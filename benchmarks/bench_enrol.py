@@ -39,6 +39,9 @@ Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/r
 
     python benchmarks/bench_enrol.py --holdout 8 --shots 5 --rows imagenet,linear,arcface
     python benchmarks/bench_enrol.py --data digits --holdout 2 --out benchmarks/results/enrol_digits.json
+    # a new product line, no trained group-mate left:
+    python benchmarks/bench_enrol.py --whole-groups --rows imagenet,linear \\
+        --out benchmarks/results/enrol_groups.json
 """
 
 from __future__ import annotations
@@ -102,14 +105,23 @@ def prepare_data(work: Path, data: str, params: dict) -> Path:
     return work / "prepared"
 
 
-def hold_out(prepared: Path, out: Path, k: int, shots: int, seed: int):
-    """Reduced train/val/label map without ``k`` random SKUs; their enrolment rows."""
+def hold_out(prepared: Path, out: Path, k: int, shots: int, seed: int, whole_groups: bool = False):
+    """Reduced train/val/label map without ``k`` random SKUs (``whole_groups``: every SKU of random
+    groups, until there are at least ``k``: a new product line, no trained look-alike of the same
+    group left); their enrolment rows."""
     label_map = read_label_map(prepared / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
     train = pd.read_csv(prepared / "train.csv", dtype={"name": str})
     val = pd.read_csv(prepared / "val.csv", dtype={"name": str})
-    counts = train["sku"].value_counts()
-    eligible = np.sort(counts[counts >= shots].index.to_numpy())
-    held = np.sort(np.random.default_rng(seed).choice(eligible, size=k, replace=False))
+    rng = np.random.default_rng(seed)
+    if whole_groups:
+        groups = rng.permutation(np.sort(train["group"].unique()))
+        sizes = train.groupby("group")["sku"].nunique()[groups].cumsum().to_numpy()
+        chosen = groups[: int(np.searchsorted(sizes, k)) + 1]
+        held = np.sort(train.loc[train["group"].isin(chosen), "sku"].unique())
+    else:
+        counts = train["sku"].value_counts()
+        eligible = np.sort(counts[counts >= shots].index.to_numpy())
+        held = np.sort(rng.choice(eligible, size=k, replace=False))
     kept = label_map[~label_map["sku"].isin(held)].reset_index(drop=True)
     new_label = dict(zip(kept["sku"], range(len(kept)), strict=True))
     kept = kept.assign(label=range(len(kept)))
@@ -319,6 +331,9 @@ def main() -> None:
     p.add_argument("--holdout", type=int, default=8, help="SKUs left out of training")
     p.add_argument("--shots", type=int, default=5, help="enrolment images per held-out SKU (at most)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--whole-groups", action="store_true",
+                   help="hold out whole groups (a new product line), not SKUs among trained "
+                        "group-mates")  # fmt: skip
     p.add_argument("--rows", default="imagenet,linear,arcface",
                    help="comma-separated: imagenet (no training), linear, arcface, cosface, concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
@@ -335,7 +350,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepared = prepare_data(work, args.data, params)
-        held, shots_rows, reduced = hold_out(prepared, work / "reduced", args.holdout, args.shots, args.seed)
+        held, shots_rows, reduced = hold_out(
+            prepared, work / "reduced", args.holdout, args.shots, args.seed, args.whole_groups
+        )
         for row in rows:
             model, meta = train_row(ROW_MODEL.get(row, row), params, reduced, prepared, work)
             if row.endswith("-stage"):
@@ -357,6 +374,7 @@ def main() -> None:
         "arch": params["model"]["arch"],
         "pretrained": params["model"]["pretrained"],
         "holdout": args.holdout,
+        "whole_groups": args.whole_groups,
         "shots": args.shots,
         "seed": args.seed,
         "held_out_sku_ids": [int(s) for s in held],
