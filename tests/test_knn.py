@@ -281,3 +281,24 @@ def test_bench_enrol_impostor_baseline_is_the_mean_best_match_other_skus_photos_
     out = normalised_best(sims, np.array([[0, 1, 1]]), np.array([0.8, 0.5]), 2, temperature=0.05,
                           smoothing=0.0, names=["q"], labels=[1])  # fmt: skip
     assert out.topk_labels[0, 0] == 1  # 0.85 - 0.5 beats 0.90 - 0.8
+
+
+def test_bench_enrol_whole_groups_holds_out_every_sku_of_a_group_and_no_other(tmp_path):
+    """``--whole-groups``: the SKUs held out are whole groups (a new product line), the reduced
+    label map and splits keep every other SKU, relabelled 0..K-1, and the enrolment rows are the
+    held-out SKUs' first photos."""
+    import pandas as pd
+
+    from benchmarks.bench_enrol import hold_out
+    from tests.helpers import EVAL_GROUPS, EVAL_SKUS, make_eval_data
+
+    prepared = make_eval_data(tmp_path / "prepared")
+    held, shots_rows, reduced = hold_out(prepared, tmp_path / "reduced", 1, 2, seed=0, whole_groups=True)
+    group_of = dict(zip(EVAL_SKUS, EVAL_GROUPS, strict=True))
+    groups = {group_of[int(s)] for s in held}
+    assert len(groups) == 1 and sorted(held) == sorted(s for s, g in group_of.items() if g in groups)
+    label_map = pd.read_csv(reduced / "label_map.csv")
+    assert set(label_map["sku"]).isdisjoint(held) and label_map["label"].tolist() == [0, 1]
+    for split in ("train", "val"):
+        assert set(pd.read_csv(reduced / f"{split}.csv")["sku"]) == set(label_map["sku"])
+    assert set(shots_rows["sku"]) == set(held) and shots_rows.groupby("sku").size().max() == 2
