@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from products10k.scores import SplitScores
-from products10k.votes import shares_as_scores
+from products10k.votes import vote
 
 
 def rates(top: np.ndarray, truth: np.ndarray, rows: np.ndarray) -> dict:
@@ -64,15 +64,14 @@ def normalised_best(
     *, temperature: float, smoothing: float, names, labels,
 ) -> SplitScores:  # fmt: skip
     """Each SKU among the neighbours by its best match less its impostor baseline
-    (:func:`impostor_baseline`), ``exp((best - baseline) / T)``."""
-    rows = []
-    for i in range(len(neighbour_labels)):
-        voted, inverse = np.unique(neighbour_labels[i], return_inverse=True)
-        best = np.full(len(voted), -np.inf)
-        np.maximum.at(best, inverse, sims[i])
-        score = best - baseline[voted]
-        rows.append((voted, np.exp((score - score.max()) / temperature)))
-    return shares_as_scores(rows, neighbour_labels.shape[1], num_classes, smoothing, names, labels)
+    (:func:`impostor_baseline`), ``exp((best - baseline) / T)``: votes.py's ``best`` vote over the
+    similarities less their SKU's baseline (the baseline is constant within a SKU, so the best of
+    the shifted similarities is the shifted best), re-sorted best first as that vote reads them."""
+    shifted = sims - baseline[neighbour_labels]
+    order = np.argsort(-shifted, axis=1, kind="stable")
+    best_first = (np.take_along_axis(a, order, axis=1) for a in (shifted, neighbour_labels))
+    return vote(*best_first, num_classes, kind="best", temperature=temperature, smoothing=smoothing,
+                names=names, labels=labels)  # fmt: skip
 
 
 #: quantiles of val's classifier doubt above which a test photo is judged by expected_best
@@ -103,6 +102,7 @@ def doubt(logits: np.ndarray) -> np.ndarray:
 
 
 def doubt_of(scores: SplitScores) -> np.ndarray:
+    """:func:`doubt` from a predictions block (its top label's exact log-probability)."""
     return 1.0 - np.exp(scores.topk_logits[:, 0] - scores.logsumexp)
 
 
