@@ -38,6 +38,7 @@ SERVER = textwrap.dedent(
         return PlainTextResponse("ok")
 
     async def echo(request):
+        logging.getLogger("echo").info("echo request started")  # a test waits for it
         return PlainTextResponse(str(len(await request.body())))
 
     @contextlib.asynccontextmanager
@@ -344,6 +345,12 @@ def test_c_a_server_out_of_descriptors_logs_accept_errors_once_and_recovers(tmp_
         # without the handler)
         busy = connect(port)
         busy.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n")
+        # in progress only once the app has it: on a loaded machine the server may not have read
+        # its head yet when SIGTERM comes, and then closes it as idle
+        deadline = time.monotonic() + 10
+        while "echo request started" not in server_log():
+            assert time.monotonic() < deadline, "the server never started the request"
+            time.sleep(0.05)
         clients = [connect(port) for _ in range(8)]
         time.sleep(0.5)
         os.kill(pid, signal.SIGTERM)
