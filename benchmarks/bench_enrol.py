@@ -22,6 +22,9 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
   reference; its classifier head is untrained, so only kNN counts, and no fusion weight is fitted);
 - ``linear``: params.yaml's recipe as it is (the default head);
 - ``arcface`` / ``cosface``: the same with ``model.head`` set to that margin head;
+- ``supcon``: ``linear`` plus the supervised contrastive loss on the embedding
+  (``train.metric_loss_weight: 1``) over P x K batches (``train.sampler: pk``, 4 images per SKU):
+  a metric-learning embedding, as PaddleClas PP-ShiTu trains its own;
 - ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
   cosine is the mean of the two), its classifier ``linear``'s.
 - ``linear-stage`` / ``imagenet-stage``: that model's embedding taken one step earlier, from its
@@ -73,6 +76,7 @@ from benchmarks.enrol_rules import (  # noqa: E402
 from benchmarks.harness import params as load_params  # noqa: E402
 from benchmarks.harness import write_params, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
+from products10k.config import apply_overrides  # noqa: E402
 from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
 from products10k.data.transforms import embedding_transform  # noqa: E402
@@ -166,9 +170,8 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
         return model, meta
     if (work / f"model-{row}" / "best.pt").is_file():  # trained for an earlier row (concat's linear)
         return load_model(work / f"model-{row}" / "best.pt")
-    row_params = json.loads(json.dumps(params))
-    if row != "linear":
-        row_params["model"]["head"] = row
+    overrides = ROW_PARAMS.get(row, {"model.head": row} if row != "linear" else {})
+    row_params = apply_overrides(params, overrides, f"--rows {row}")
     params_file = work / f"params-{row}.yaml"
     write_params(params_file, row_params)
     run(str(ROOT / "stages/train.py"), "--phase", "train", "--member", "m0",
@@ -196,6 +199,8 @@ class LastStage(torch.nn.Module):
 
 #: each row's trained model (a row that only embeds differently reuses it)
 ROW_MODEL = {"concat": "linear", "linear-stage": "linear", "imagenet-stage": "imagenet"}
+#: a trained row's params.yaml overrides, where its name is not a ``model.head``
+ROW_PARAMS = {"supcon": {"train.sampler": "pk", "train.metric_loss_weight": 1.0}}
 
 
 def embedder(model, meta, prepared: Path, also=None):
@@ -335,13 +340,14 @@ def main() -> None:
                    help="hold out whole groups (a new product line), not SKUs among trained "
                         "group-mates")  # fmt: skip
     p.add_argument("--rows", default="imagenet,linear,arcface",
-                   help="comma-separated: imagenet (no training), linear, arcface, cosface, concat "
+                   help="comma-separated: imagenet (no training), linear, arcface, cosface, supcon "
+                        "(linear + the supervised contrastive loss on P x K batches), concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
                         "last stage before the head convolution)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")
     args = p.parse_args()
     rows = args.rows.split(",")
-    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", *ROW_MODEL}
+    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", *ROW_MODEL, *ROW_PARAMS}
     if unknown:
         p.error(f"unknown --rows entries: {', '.join(sorted(unknown))}")
     params = load_params()

@@ -245,7 +245,12 @@ class PhaseConfig(Section):
     accuracy_loss_weight: Fraction01
     # balanced_softmax (Ren et al. 2020): the loss sees logits + log(prior of what the sampler draws)
     loss: Literal["ce", "balanced_softmax"]
-    sampler: Literal["random", "class_balanced"]
+    sampler: Literal["random", "class_balanced", "pk"]
+    pk_images: int = Field(ge=2)  # pk: images of one SKU per group (each image's positives: k - 1)
+    # supervised contrastive loss (Khosla et al. 2020) on the unit embedding the index compares,
+    # added to the classification loss with this weight; its positives are a batch's same-SKU images
+    metric_loss_weight: float = Field(ge=0.0)
+    metric_temperature: float = Field(gt=0.0)
     freeze_backbone: bool  # only the head learns (cRT, Kang et al. 2020): backbone + pooling fixed
     reset_head: bool  # re-initialise the head as the phase starts (cRT re-learns the classifier)
     grad_accum: int = Field(ge=1)
@@ -268,6 +273,11 @@ class PhaseConfig(Section):
             raise ValueError("rrc_scale must be [min, max] with 0 < min <= max <= 1")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError("milestones must be increasing")
+        if self.sampler == "pk" and self.batch_size % self.pk_images:
+            raise ValueError(
+                f"sampler pk draws groups of pk_images ({self.pk_images}) images of one SKU: "
+                f"batch_size ({self.batch_size}) must be a multiple of it"
+            )
         return self
 
 

@@ -117,8 +117,14 @@ class Products10kNet(nn.Module):
         """
         return F.normalize(self.features(x).float(), dim=1)
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classify(self.features(x), target)
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, with_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits; ``with_features``: (logits, pooled features), for a loss on the embedding (through
+        ``forward``, so that DDP sees the features' gradients)."""
+        features = self.features(x)
+        logits = self.classify(features, target)
+        return (logits, features) if with_features else logits
 
     def classify(self, features: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of pooled ``features`` (the second half of ``forward``)."""

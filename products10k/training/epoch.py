@@ -143,8 +143,12 @@ def _forward_backward(
         sync = state.net.model.no_sync()
     with sync:
         with _autocast(state):
-            logits = state.net.model(images, target)
-            loss_sum = state.net.criterion(logits, target, weight, reduction="sum")
+            features = None
+            if state.net.criterion.metric_weight > 0:
+                logits, features = state.net.model(images, target, with_features=True)
+            else:
+                logits = state.net.model(images, target)
+            loss_sum = state.net.criterion(logits, target, weight, reduction="sum", features=features)
         finite = torch.isfinite(loss_sum.detach())
         bad_step.copy_(torch.where((bad_step < 0) & ~finite, step, bad_step))
         # A NaN/inf loss poisons its gradients (x NaN; exactly x 1.0 otherwise), so the DDP

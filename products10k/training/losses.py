@@ -14,6 +14,12 @@ sampler's SKU mix) to the logits inside the loss lets the model learn the *balan
 instead; at test time the raw logits are used. It is the training-time twin of post-hoc logit
 adjustment (products10k/choose.py).
 
+The supervised contrastive loss (Khosla et al., NeurIPS 2020) pulls a batch's images of one SKU
+together on the unit sphere and pushes the rest apart, on the very vector the kNN index compares:
+cross-entropy only asks each SKU to be separable from the others by a linear head, not that a new
+SKU's images land near each other and away from a look-alike's. ``train.sampler: pk`` gives every
+image positives in its batch. An image with none adds nothing.
+
 All losses take per-sample ``weight``s (0 for the DDP samplers' padding entries) and average over
 the weight sum, so padding never counts.
 """
@@ -44,19 +50,44 @@ def log_prior(labels, num_classes: int) -> torch.Tensor:
     return (counts / counts.sum()).log()
 
 
+def supcon_per_sample(
+    features: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
+    """Each image's supervised contrastive loss, (B,) float32: minus the mean log-probability, over
+    its positives (the batch's other images of its SKU), of picking that positive among every
+    other image, by ``softmax(cosine / temperature)``. Zero-weight images (padding) are neither
+    positives nor negatives; an image without a positive gets 0."""
+    z = F.normalize(features.float(), dim=1)
+    logits = z @ z.T / temperature
+    present = torch.ones_like(target, dtype=torch.bool) if weight is None else weight > 0
+    others = present[None, :] & ~torch.eye(len(target), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(~others, float("-inf"))
+    log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
+    positive = others & (target[:, None] == target[None, :])
+    count = positive.sum(dim=1)
+    total = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
+    return torch.where(count > 0, -total / count.clamp(min=1), torch.zeros_like(total))
+
+
 class PhaseLoss(torch.nn.Module):
     """``(1 - w) * CE(label_smoothing) + w * L_acc``, weighted by per-sample weights; with
-    ``logit_offset`` (balanced softmax: the log prior) both parts see ``logits + logit_offset``."""
+    ``logit_offset`` (balanced softmax: the log prior) both parts see ``logits + logit_offset``;
+    with ``metric_weight`` > 0, plus that times the supervised contrastive loss of the batch's
+    ``features`` (:func:`supcon_per_sample`)."""
 
     def __init__(
         self,
         label_smoothing: float = 0.0,
         accuracy_loss_weight: float = 0.0,
         logit_offset: torch.Tensor | None = None,
+        metric_weight: float = 0.0,
+        metric_temperature: float = 0.1,
     ):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.w = accuracy_loss_weight
+        self.metric_weight = metric_weight
+        self.metric_temperature = metric_temperature
         self.register_buffer("logit_offset", logit_offset, persistent=False)
 
     def forward(
@@ -65,9 +96,11 @@ class PhaseLoss(torch.nn.Module):
         target: torch.Tensor,
         weight: torch.Tensor | None = None,
         reduction: str = "mean",
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The weighted mean loss; ``reduction="sum"``: the weighted sum (the training loop
-        divides it by the optimizer update's global sample count)."""
+        divides it by the optimizer update's global sample count). ``features``: the pooled
+        embeddings of the batch, needed when ``metric_weight`` > 0."""
         per_sample = torch.zeros(target.shape[0], device=logits.device, dtype=torch.float32)
         if self.logit_offset is not None:
             logits = logits.float() + self.logit_offset.to(logits.device)
@@ -78,6 +111,11 @@ class PhaseLoss(torch.nn.Module):
             per_sample = per_sample + (1.0 - self.w) * ce
         if self.w > 0.0:
             per_sample = per_sample + self.w * accuracy_loss_per_sample(logits, target)
+        if self.metric_weight > 0.0:
+            if features is None:
+                raise ValueError("metric_weight > 0 needs the batch's features")
+            metric = supcon_per_sample(features, target, weight, self.metric_temperature)
+            per_sample = per_sample + self.metric_weight * metric
         if weight is None:
             return per_sample.mean()
         weight = weight.to(per_sample.dtype)

@@ -38,7 +38,7 @@ from products10k.config import (
 from products10k.config.stage import StageFiles, option
 from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared
 from products10k.contracts.preprocessing import resolve_resize
-from products10k.data.datasets import ClassBalancedSampler, EpochSampler, PreparedImageDataset
+from products10k.data.datasets import ClassBalancedSampler, EpochSampler, PKSampler, PreparedImageDataset
 from products10k.data.transforms import eval_transform, train_transform
 from products10k.dist.devices import (
     amp_dtype,
@@ -146,7 +146,7 @@ class PhaseData:
     batches_per_epoch: int
     train_ds: PreparedImageDataset
     val_ds: PreparedImageDataset
-    train_sampler: EpochSampler | ClassBalancedSampler
+    train_sampler: EpochSampler | ClassBalancedSampler | PKSampler
     val_sampler: EpochSampler
     # per val row: its weight in the val estimate of the test metric (products10k/estimate.py)
     val_weight: torch.Tensor
@@ -318,11 +318,18 @@ def _phase_data(
 
 def _samplers(
     cfg: PhaseConfig, data: _PhaseData, micro_batch: int, info: DistInfo
-) -> tuple[EpochSampler | ClassBalancedSampler, EpochSampler]:
+) -> tuple[EpochSampler | ClassBalancedSampler | PKSampler, EpochSampler]:
     """This rank's share of each epoch: train's order (shuffled or class-balanced), val's rows."""
     batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
     if cfg.sampler == "class_balanced":
         train = ClassBalancedSampler(data.train_ds.labels, info.rank, info.world, cfg.seed, **batching)
+    elif cfg.sampler == "pk":
+        train = PKSampler(data.train_ds.labels, cfg.pk_images, info.rank, info.world, cfg.seed, **batching)
+        if micro_batch % cfg.pk_images:
+            log.warning(
+                "sampler pk: the per-rank micro-batch (%d) is not a multiple of pk_images (%d), so "
+                "some SKU groups are split over two batches", micro_batch, cfg.pk_images,
+            )  # fmt: skip
     else:
         train = EpochSampler(len(data.train_ds), info.rank, info.world, True, cfg.seed, **batching)
     # eval mode uses running BN statistics: a 1-sample batch is fine there
@@ -379,7 +386,15 @@ def _criterion(cfg: PhaseConfig, labels, num_classes: int, state_name: str) -> P
             log.info("%s: balanced_softmax under class_balanced sampling (a uniform mix) is CE", state_name)
         else:
             offset = log_prior(labels, num_classes)
-    return PhaseLoss(cfg.label_smoothing, cfg.accuracy_loss_weight, offset)
+    if cfg.metric_loss_weight > 0 and cfg.sampler != "pk":
+        log.warning(
+            "%s: metric_loss_weight %g without sampler pk: a random batch holds few images of one SKU, "
+            "and an image without another of its SKU in the batch adds no metric loss",
+            state_name, cfg.metric_loss_weight,
+        )  # fmt: skip
+    return PhaseLoss(
+        cfg.label_smoothing, cfg.accuracy_loss_weight, offset, cfg.metric_loss_weight, cfg.metric_temperature
+    )
 
 
 def fingerprint(

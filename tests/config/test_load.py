@@ -170,3 +170,10 @@ def test_the_embedded_default_params_type_check():
     for phase in ("train", "finetune_balanced", "finetune_accuracy"):
         phase_config(params, phase)
     assert phase_config(params, "finetune_accuracy").accuracy_loss_weight == 1.0
+
+
+def test_pk_batches_must_hold_whole_sku_groups():
+    tree = apply_overrides(params_tree(), {"train.sampler": "pk", "train.pk_images": 5})
+    with pytest.raises(ConfigError, match=r"^p\.yaml: .*batch_size \(32\) must be a multiple of it"):
+        section(tree, "train", SECTIONS["train"], where="p.yaml")
+    section(apply_overrides(tree, {"train.sampler": "random"}), "train", SECTIONS["train"], where="p.yaml")

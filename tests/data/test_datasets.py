@@ -7,6 +7,7 @@ from products10k.contracts.prepared import read_label_map, read_prepared
 from products10k.data.datasets import (
     ClassBalancedSampler,
     EpochSampler,
+    PKSampler,
     PreparedImageDataset,
 )
 from products10k.data.transforms import (
@@ -92,3 +93,44 @@ def test_seeded_samples_give_each_place_of_an_epoch_its_own_seed():
     assert not {s for s, _ in first} & {s for s, _ in samples}
     other_rank = SeededSamples(EpochSampler(10, rank=1, world=2, seed=-1))
     assert not {s for s, _ in first} & {s for s, _ in other_rank}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_pk_sampler_hands_each_rank_whole_groups_of_one_sku(world):
+    labels = np.array([0] * 12 + [1] * 3 + [2] * 20 + [3] * 9)
+    k, micro = 4, 8
+    for epoch in (0, 1):
+        shards = []
+        for rank in range(world):
+            s = PKSampler(labels, k, rank, world, seed=5, batch_size=micro, global_batch=micro * world)
+            s.set_epoch(epoch)
+            shards.append(list(s))
+            assert len(shards[-1]) == len(s) and list(s) == shards[-1]  # the epoch's order is fixed
+            groups = labels[shards[-1]].reshape(-1, k)
+            assert (groups == groups[:, :1]).all()  # every group of k is one SKU
+            index = np.asarray(shards[-1]).reshape(-1, k)
+            bigger = np.bincount(labels)[groups[:, 0]] >= k
+            # a SKU with k images or more: k different images; fewer: drawn with replacement
+            assert all(len(set(row)) == k for row in index[bigger])
+        assert len({len(x) for x in shards}) == 1
+        assert all(i < len(labels) for shard in shards for i in shard)  # no padding
+        sizes = PKSampler(labels, k, 0, world, seed=5, batch_size=micro, global_batch=micro * world)
+        sizes.set_epoch(epoch)
+        assert sizes.update_sizes(micro, 1).sum() == sum(len(x) for x in shards)
+    first = PKSampler(labels, k, seed=5)
+    first.set_epoch(0)
+    second = PKSampler(labels, k, seed=5)
+    second.set_epoch(1)
+    assert list(first) != list(second)
+
+
+def test_pk_sampler_keeps_the_data_s_sku_mix():
+    """SKUs are drawn as often as a random draw draws their images (balanced softmax's prior holds)."""
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    s = PKSampler(labels, 4, seed=0)
+    counts = np.zeros(3)
+    for epoch in range(30):
+        s.set_epoch(epoch)
+        counts += np.bincount(labels[list(s)], minlength=3)
+    shares = counts / counts.sum()
+    assert np.allclose(shares, [0.90, 0.09, 0.01], atol=0.03), shares

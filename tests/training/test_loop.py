@@ -1,6 +1,7 @@
 """The three training phases on a tiny fixture, their params handling, and their faults."""
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -300,6 +301,30 @@ def test_optional_tricks_run(tmp_path, train):
         assert lrs[1] == pytest.approx(lrs[0] * 0.1)
         # grad_accum 2, drop_last: 16 of 18 draws in micro-batches of 4 = 2 optimizer updates an epoch
         assert last["phase_config"]["sampler"] == "class_balanced" and last["train_state"]["global_step"] == 4
+
+
+def test_pk_batches_feed_the_metric_loss_groups_of_one_sku(tmp_path, monkeypatch):
+    """train.sampler pk + metric_loss_weight: every batch the supervised contrastive loss sees is
+    made of whole same-SKU groups, and it adds to the training loss."""
+    from products10k.training import losses
+
+    seen = []
+    real = losses.supcon_per_sample
+
+    def spy(features, target, weight, temperature):
+        out = real(features, target, weight, temperature)
+        seen.append((target.tolist(), float(out.detach().mean())))
+        return out
+
+    monkeypatch.setattr(losses, "supcon_per_sample", spy)
+    data = make_training_data(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2)
+    train = {"epochs": 1, "batch_size": 4, "sampler": "pk", "pk_images": 2, "metric_loss_weight": 1.0}
+    params = write_params(tmp_path / "p.yaml", train=train)
+    result = train_phase(params, "train", "m0", _paths(data, tmp_path))
+    assert len(seen) == 4  # 18 draws, whole batches of 4
+    for target, loss in seen:
+        assert target[0] == target[1] and target[2] == target[3] and loss > 0
+    assert math.isfinite(result["history"][0]["train/loss"])
 
 
 def test_freeze_bn_keeps_running_statistics_and_trains_the_affine_weights(pipeline, tmp_path):

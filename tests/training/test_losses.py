@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from products10k.models.model import MarginHead
-from products10k.training.losses import PhaseLoss, accuracy_loss, accuracy_loss_per_sample, log_prior
+from products10k.training.losses import (
+    PhaseLoss,
+    accuracy_loss,
+    accuracy_loss_per_sample,
+    log_prior,
+    supcon_per_sample,
+)
 
 
 def test_accuracy_loss_matches_hand_computation():
@@ -134,3 +140,44 @@ def test_balanced_softmax_moves_tail_predictions_on_a_skewed_toy_problem():
     logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     uniform = PhaseLoss(logit_offset=log_prior([0, 1, 2], 3))
     assert uniform(logits, target).item() == pytest.approx(PhaseLoss()(logits, target).item(), abs=1e-6)
+
+
+def _supcon_by_hand(z, y, tau):
+    z = torch.nn.functional.normalize(z.double(), dim=1)
+    out = []
+    for i in range(len(y)):
+        others = [a for a in range(len(y)) if a != i]
+        positives = [p for p in others if y[p] == y[i]]
+        if not positives:
+            out.append(0.0)
+            continue
+        denom = sum(math.exp(float(z[i] @ z[a]) / tau) for a in others)
+        log_probs = [math.log(math.exp(float(z[i] @ z[p]) / tau) / denom) for p in positives]
+        out.append(-sum(log_probs) / len(positives))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_supcon_matches_its_definition_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 5, generator=g)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 3])  # SKUs 2 and 3: no positive, no loss
+    got = supcon_per_sample(z, y, None, 0.1)
+    assert torch.allclose(got.double(), _supcon_by_hand(z, y, 0.1), atol=1e-4)
+    assert got[5] == 0 and got[6] == 0 and (got[:5] > 0).all()
+    # a zero-weight (padding) copy of image 0 is neither a positive nor a negative of anyone
+    weight = torch.tensor([1.0] * 7 + [0.0])
+    padded = supcon_per_sample(torch.cat([z, z[:1]]), torch.cat([y, y[:1]]), weight, 0.1)
+    assert torch.allclose(padded[:7], got, atol=1e-5)
+
+
+def test_phase_loss_adds_the_weighted_metric_loss_and_its_gradient_reaches_the_features():
+    g = torch.Generator().manual_seed(1)
+    logits, features = torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    plain = PhaseLoss()(logits, y)
+    mixed = PhaseLoss(metric_weight=0.5, metric_temperature=0.2)(logits, y, features=features)
+    assert torch.isclose(mixed, plain + 0.5 * supcon_per_sample(features, y, None, 0.2).mean())
+    mixed.backward()
+    assert features.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the batch's features"):
+        PhaseLoss(metric_weight=0.5)(logits, y)
