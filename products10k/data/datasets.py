@@ -238,14 +238,18 @@ class ClassBalancedSampler(_ShardedEpochSampler):
 
 
 class PKSampler(_ShardedEpochSampler):
-    """Draw ``n`` samples per epoch as groups of ``k`` images of one SKU (the P x K batches of
-    metric learning: every image has ``k - 1`` positives beside it), then shard the groups whole.
+    """Draw about ``n`` samples per epoch as groups of ``k`` images of one SKU (the P x K batches of
+    metric learning: every image has ``k - 1`` positives beside it), micro-batch by micro-batch.
 
     A group's SKU is drawn with probability proportional to its image count, so an epoch's SKU mix
     is the data's, as under ``random`` (balanced softmax offsets by the same prior); its ``k``
-    images without replacement where the SKU has that many. Groups are dealt to ranks in turn and
-    interleaved so that ``shard_for_rank``'s ``order[rank::world]`` hands each rank whole groups:
-    each rank's micro-batch holds whole groups when it is a multiple of ``k``.
+    images without replacement where the SKU has that many. The draws do not depend on the world
+    size: they are cut into micro-batches of ``batch_size`` (the per-rank batch), dealt to the
+    ranks in turn and interleaved so that ``shard_for_rank``'s ``order[rank::world]`` hands each
+    rank its micro-batches whole. An optimizer update on ``world`` ranks then sees the micro-batches
+    one process sees with ``world`` times the gradient accumulation (a batch-wise loss such as the
+    supervised contrastive one is computed on the same images), and a micro-batch that is a
+    multiple of ``k`` holds whole groups.
     """
 
     def __init__(
@@ -260,36 +264,39 @@ class PKSampler(_ShardedEpochSampler):
     ):
         labels = np.asarray(labels)
         self.k = k
-        order = np.argsort(labels, kind="stable")
         counts = np.bincount(labels)
         self.skus = np.flatnonzero(counts)
-        self.starts = np.r_[0, np.cumsum(counts)][self.skus]
         self.counts = counts[self.skus]
-        self.by_label = order
+        self.starts = np.r_[0, np.cumsum(counts)][self.skus]
+        self.by_label = np.argsort(labels, kind="stable")
         self.sku_weights = torch.as_tensor(self.counts, dtype=torch.double)
         super().__init__(len(labels), rank, world, seed, batch_size, global_batch)
 
-    def _groups(self) -> int:
-        """Groups an epoch draws: as many as fit in ``n`` draws, a whole number per rank."""
-        return max(self.n // (self.k * self.world), 1) * self.world
+    def _micro(self) -> int:
+        return self.batch_size or self.k
+
+    def _drawn(self) -> int:
+        """Draws an epoch keeps: ``n`` rounded down to whole rounds of one micro-batch per rank
+        (at least one round)."""
+        round_size = self._micro() * self.world
+        return max(self.n // round_size, 1) * round_size
 
     def __len__(self) -> int:
-        order = self._used(list(range(self._groups() * self.k)))
+        order = self._used(list(range(self._drawn())))
         return len(shard_for_rank(order, self.n, self.rank, self.world, self.batch_size))
 
     def _order(self) -> list[int]:
         g = self._generator()
-        groups = self._groups()
+        groups = -(-max(self.n, self._drawn()) // self.k)  # the same draws for any world size
         drawn = torch.multinomial(self.sku_weights, groups, replacement=True, generator=g).numpy()
-        out = np.empty((groups, self.k), dtype=np.int64)
+        flat = np.empty((groups, self.k), dtype=np.int64)
         for row, s in enumerate(drawn):
             count = int(self.counts[s])
             if count >= self.k:
                 pick = torch.randperm(count, generator=g)[: self.k].numpy()
             else:
                 pick = torch.randint(count, (self.k,), generator=g).numpy()
-            out[row] = self.by_label[self.starts[s] + pick]
-        # rank r's groups are rows r, r + world, ...: interleave them so that order[r::world] is
-        # rank r's groups back to back
-        per_rank = out.reshape(groups // self.world, self.world, self.k).transpose(1, 0, 2)
-        return per_rank.reshape(self.world, -1).T.reshape(-1).tolist()
+            flat[row] = self.by_label[self.starts[s] + pick]
+        # micro-batch j goes to rank j % world; interleaved, order[rank::world] is that rank's
+        micro = flat.reshape(-1)[: self._drawn()].reshape(-1, self.world, self._micro())
+        return micro.transpose(0, 2, 1).reshape(-1).tolist()

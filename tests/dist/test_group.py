@@ -273,3 +273,35 @@ def test_folds_under_torchrun_train_what_one_process_trains(tmp_path):
         for key, value in ref["model"].items():
             if value.is_floating_point():
                 torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_metric_loss_on_pk_batches_under_torchrun_trains_what_one_process_trains(tmp_path):
+    """train.sampler pk + metric_loss_weight with 2 gloo ranks: each rank's micro-batch is the one
+    a single process with grad_accum 2 sees, so the batch-wise contrastive loss, its gradient
+    through DDP's forward and the weights end the same."""
+    data = make_training_data(
+        tmp_path / "data", num_classes=4, train_per_class=5, val_per_class=2, size=(32, 32)
+    )
+    pk = {**DETERMINISTIC, "sampler": "pk", "pk_images": 2, "metric_loss_weight": 1.0, "drop_last": True}
+    one = write_params(tmp_path / "one.yaml", train={**pk, "grad_accum": 2}, dist=GLOO)
+    paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, tmp_path / "one")
+    train_phase(one, "train", "m0", paths)
+    write_params(tmp_path / "params.yaml", train=pk, dist={**GLOO, "nproc_per_node": 2})
+    args = [
+        str(ROOT / "stages" / "train.py"), "--phase", "train", "--member", "m0", "--params", "params.yaml",
+        "--train-csv", "data/train.csv", "--val-csv", "data/val.csv", "--label-map", "data/label_map.csv",
+        "--images", "data", "--out", "two",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*LAUNCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ref, ddp = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
+    assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] == 2  # 16 of 20 draws: 2 updates of 8
+    for key, value in ref["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
+    assert [r["train/loss"] for r in ddp["history"]] == pytest.approx(
+        [r["train/loss"] for r in ref["history"]]
+    )
