@@ -24,7 +24,8 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 - ``arcface`` / ``cosface``: the same with ``model.head`` set to that margin head;
 - ``supcon``: ``linear`` plus the supervised contrastive loss on the embedding
   (``train.metric_loss_weight: 1``) over P x K batches (``train.sampler: pk``, 4 images per SKU):
-  a metric-learning embedding, as PaddleClas PP-ShiTu trains its own;
+  a metric-learning embedding, as PaddleClas PP-ShiTu trains its own; ``supcon@W`` at loss weight
+  W; ``pk``: the same batches without the loss (what the sampler alone does);
 - ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
   cosine is the mean of the two), its classifier ``linear``'s.
 - ``linear-stage`` / ``imagenet-stage``: that model's embedding taken one step earlier, from its
@@ -170,7 +171,7 @@ def train_row(row: str, params: dict, reduced: Path, prepared: Path, work: Path)
         return model, meta
     if (work / f"model-{row}" / "best.pt").is_file():  # trained for an earlier row (concat's linear)
         return load_model(work / f"model-{row}" / "best.pt")
-    overrides = ROW_PARAMS.get(row, {"model.head": row} if row != "linear" else {})
+    overrides = row_overrides(row)
     row_params = apply_overrides(params, overrides, f"--rows {row}")
     params_file = work / f"params-{row}.yaml"
     write_params(params_file, row_params)
@@ -200,7 +201,19 @@ class LastStage(torch.nn.Module):
 #: each row's trained model (a row that only embeds differently reuses it)
 ROW_MODEL = {"concat": "linear", "linear-stage": "linear", "imagenet-stage": "imagenet"}
 #: a trained row's params.yaml overrides, where its name is not a ``model.head``
-ROW_PARAMS = {"supcon": {"train.sampler": "pk", "train.metric_loss_weight": 1.0}}
+ROW_PARAMS = {
+    "supcon": {"train.sampler": "pk", "train.metric_loss_weight": 1.0},
+    "pk": {"train.sampler": "pk"},  # supcon's batches without its loss: what the sampler alone does
+}
+
+
+def row_overrides(row: str) -> dict:
+    """A trained row's params.yaml overrides: ``ROW_PARAMS``'s, ``supcon@W`` with the loss weight W,
+    or a ``model.head``."""
+    name, _, weight = row.partition("@")
+    if name in ROW_PARAMS:
+        return {**ROW_PARAMS[name], **({"train.metric_loss_weight": float(weight)} if weight else {})}
+    return {"model.head": row} if row != "linear" else {}
 
 
 def embedder(model, meta, prepared: Path, also=None):
@@ -341,13 +354,15 @@ def main() -> None:
                         "group-mates")  # fmt: skip
     p.add_argument("--rows", default="imagenet,linear,arcface",
                    help="comma-separated: imagenet (no training), linear, arcface, cosface, supcon "
-                        "(linear + the supervised contrastive loss on P x K batches), concat "
+                        "(linear + the supervised contrastive loss on P x K batches; supcon@W: at "
+                        "weight W), pk (those batches alone), concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
                         "last stage before the head convolution)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")
     args = p.parse_args()
     rows = args.rows.split(",")
-    unknown = set(rows) - {"imagenet", "linear", "arcface", "cosface", *ROW_MODEL, *ROW_PARAMS}
+    known = {"imagenet", "linear", "arcface", "cosface", *ROW_MODEL, *ROW_PARAMS}
+    unknown = {r for r in rows if r not in known and not (r.startswith("supcon@") and _number(r[7:]))}
     if unknown:
         p.error(f"unknown --rows entries: {', '.join(sorted(unknown))}")
     params = load_params()
@@ -391,6 +406,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, report)
     print(table(results))
+
+
+def _number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def table(results: dict) -> str:

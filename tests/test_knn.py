@@ -302,3 +302,32 @@ def test_bench_enrol_whole_groups_holds_out_every_sku_of_a_group_and_no_other(tm
     for split in ("train", "val"):
         assert set(pd.read_csv(reduced / f"{split}.csv")["sku"]) == set(label_map["sku"])
     assert set(shots_rows["sku"]) == set(held) and shots_rows.groupby("sku").size().max() == 2
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ("supcon", {"train.sampler": "pk", "train.metric_loss_weight": 1.0, "model.head": "linear"}),
+        ("pk", {"train.sampler": "pk", "train.metric_loss_weight": 0.0}),
+        ("supcon@0.3", {"train.sampler": "pk", "train.metric_loss_weight": 0.3}),
+        ("arcface", {"model.head": "arcface", "train.sampler": "random"}),
+        ("linear", {"model.head": "linear", "train.sampler": "random", "train.metric_loss_weight": 0.0}),
+    ],
+)
+def test_bench_enrol_rows_train_the_stage_script_on_their_own_params(tmp_path, monkeypatch, row, expected):
+    """Each trained row of bench_enrol runs the train stage on params.yaml with its own overrides."""
+    import yaml
+
+    from benchmarks import bench_enrol
+    from benchmarks.harness import params as load_params
+
+    seen = {}
+
+    def fake_run(*args, cwd):
+        tree = yaml.safe_load(open(args[args.index("--params") + 1]))
+        seen.update({key: tree[key.split(".")[0]][key.split(".")[1]] for key in expected})
+
+    monkeypatch.setattr(bench_enrol, "run", fake_run)
+    monkeypatch.setattr(bench_enrol, "load_model", lambda path: ("model", {}))
+    assert bench_enrol.train_row(row, load_params(), tmp_path, tmp_path, tmp_path) == ("model", {})
+    assert seen == expected
