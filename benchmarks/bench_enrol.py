@@ -25,7 +25,8 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 - ``supcon``: ``linear`` plus the supervised contrastive loss on the embedding
   (``train.metric_loss_weight: 1``) over P x K batches (``train.sampler: pk``, 4 images per SKU):
   a metric-learning embedding, as PaddleClas PP-ShiTu trains its own; ``supcon@W`` at loss weight
-  W; ``pk``: the same batches without the loss (what the sampler alone does);
+  W; ``pk``: the same batches without the loss (what the sampler alone does); ``supcon-random``: the
+  loss on the default's random batches;
 - ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
   cosine is the mean of the two), its classifier ``linear``'s.
 - ``linear-stage`` / ``imagenet-stage``: that model's embedding taken one step earlier, from its
@@ -66,6 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.enrol_rules import (  # noqa: E402
+    PHOTO_BUCKETS,
+    RULES,
     doubt,
     doubt_of,
     gated,
@@ -74,6 +77,7 @@ from benchmarks.enrol_rules import (  # noqa: E402
     novelty,
     rates,
 )
+from benchmarks.enrol_tables import table  # noqa: E402
 from benchmarks.harness import params as load_params  # noqa: E402
 from benchmarks.harness import write_params, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
@@ -82,7 +86,7 @@ from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map
 from products10k.data.datasets import PreparedImageDataset  # noqa: E402
 from products10k.data.transforms import embedding_transform  # noqa: E402
 from products10k.ensemble import fit_fusion_weight  # noqa: E402
-from products10k.knn import VOTES, build_gallery, enrol, fuse_with_enrolled, knn_scores, search  # noqa: E402
+from products10k.knn import build_gallery, enrol, fuse_with_enrolled, knn_scores, search  # noqa: E402
 from products10k.models.checkpoint import load_model  # noqa: E402
 from products10k.retrieval.embed import embed_rows  # noqa: E402
 from products10k.scores import SplitScores  # noqa: E402
@@ -204,6 +208,7 @@ ROW_MODEL = {"concat": "linear", "linear-stage": "linear", "imagenet-stage": "im
 ROW_PARAMS = {
     "supcon": {"train.sampler": "pk", "train.metric_loss_weight": 1.0},
     "pk": {"train.sampler": "pk"},  # supcon's batches without its loss: what the sampler alone does
+    "supcon-random": {"train.metric_loss_weight": 1.0},  # the loss on random batches (few positives)
 }
 
 
@@ -303,17 +308,6 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
     return result
 
 
-#: gallery photo counts the trained SKUs' kNN top-1 is broken down by (a rule that names SKUs with
-#: few photos better may name those with many worse)
-PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
-
-
-#: the rules scored: every vote of votes.py (expected_best with retrieval.vote_shots),
-#: expected_best judging each SKU by 20 photos (between best, its photos all, and 5), and each SKU's
-#: best match less its impostor baseline (enrol_rules.impostor_baseline), among k and 50 neighbours
-RULES = (*VOTES, "expected_best@20", "normalised", "normalised@50")
-
-
 def _knn(gallery, vectors, names, labels, retrieval: dict, rule: str) -> SplitScores:
     """The kNN scores of ``rule`` (a vote of votes.py, or ``normalised[@k]``)."""
     if not rule.startswith("normalised"):
@@ -355,7 +349,8 @@ def main() -> None:
     p.add_argument("--rows", default="imagenet,linear,arcface",
                    help="comma-separated: imagenet (no training), linear, arcface, cosface, supcon "
                         "(linear + the supervised contrastive loss on P x K batches; supcon@W: at "
-                        "weight W), pk (those batches alone), concat "
+                        "weight W), pk (those batches alone), supcon-random (the loss on random "
+                        "batches), concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
                         "last stage before the head convolution)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")
@@ -413,78 +408,6 @@ def _number(text: str) -> bool:
         return float(text) > 0
     except ValueError:
         return False
-
-
-def table(results: dict) -> str:
-    """The README/docs table: per embedding and vote rule, top-1 on trained and held-out SKUs."""
-
-    def f(x):
-        return "–" if x is None else f"{x['top1']:.3f} [{x['top1_ci95'][0]:.2f}, {x['top1_ci95'][1]:.2f}]"
-
-    lines = [
-        "| embedding | vote | trained: classifier | trained: kNN | trained: fused | held-out: kNN "
-        "| held-out: fused | held-out kNN top-5 | ratio (kNN) | trained kNN before enrolment |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row, r in results.items():
-        t, h = r["trained_skus"], r["held_out_skus"]
-        for kind in RULES:
-            knn_t, knn_h = t[f"knn_{kind}"], h[f"knn_{kind}"]
-            ratio = knn_h["top1"] / knn_t["top1"] if knn_t["top1"] else float("nan")
-            cells = [f(t["classifier"]), f(knn_t), f(t[f"fused_{kind}"]), f(knn_h), f(h[f"fused_{kind}"]),
-                     f"{knn_h['top5']:.3f}", f"{ratio:.2f}×",
-                     f(t[f"knn_{kind}_before_enrolment"])]  # fmt: skip
-            lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
-    buckets = [f"{low}-{high}" for low, high in PHOTO_BUCKETS]
-    lines += ["", "Trained SKUs' kNN top-1 by their gallery photos:", "",
-              "| embedding | vote | " + " | ".join(f"{b} photos" for b in buckets) + " |",
-              "|---|---|" + "---|" * len(buckets)]  # fmt: skip
-    for row, r in results.items():
-        for kind, by in r["trained_by_gallery_photos"].items():
-            cells = [f(by[b]) + f" (n={by[b]['n_images']})" if b in by else "–" for b in buckets]
-            lines.append(f"| {row} | {kind} | " + " | ".join(cells) + " |")
-    lines += ["", NOVELTY_HEAD, "", "| embedding | classifier doubt AUROC | nearest distance AUROC | "
-              + " | ".join(f"named enrolled: {k}" for k in NOVELTY_RULES) + " |",
-              "|---|---|---|" + "---|" * len(NOVELTY_RULES)]  # fmt: skip
-    for row, r in results.items():
-        novelty, t = r.get("novelty", {}), r["trained_skus"]
-        cells = [
-            f"{novelty[k]:.3f}" if k in novelty else "–"
-            for k in ("classifier_doubt_auroc", "nearest_distance_auroc")
-        ]
-        cells += [
-            f"{t[f'knn_{k}_named_enrolled']:.3f}" if f"knn_{k}_named_enrolled" in t else "–"
-            for k in NOVELTY_RULES
-        ]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    lines += ["", GATED_HEAD, "", "| embedding | expected_best where doubt is above val's | trained: kNN | "
-              "held-out: kNN | ratio | trained named enrolled |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for row, r in results.items():
-        for q, g in r.get("gated", {}).items():
-            ratio = g["held_out"]["top1"] / g["trained"]["top1"] if g["trained"]["top1"] else float("nan")
-            cells = [
-                f"{q[1:]} quantile",
-                f(g["trained"]),
-                f(g["held_out"]),
-                f"{ratio:.2f}×",
-                f"{g['named_enrolled']:.3f}",
-            ]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-GATED_HEAD = (
-    "Each photo judged by `expected_best` where the classifier doubts it more than the given "
-    "quantile of its doubt on val, by `best` elsewhere:"
-)
-
-
-#: the rules whose cost to the trained SKUs the third table shows
-NOVELTY_RULES = ("best", "expected_best", "normalised")
-NOVELTY_HEAD = (
-    "Before any enrolment, how well a held-out SKU's photo stands out from a trained SKU's "
-    "(AUROC, 0.5 = chance), and after it, the trained SKUs' photos the kNN names as an enrolled SKU:"
-)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,17 @@ import numpy as np
 from scipy.stats import rankdata
 
 from products10k.scores import SplitScores
-from products10k.votes import vote
+from products10k.votes import VOTES, vote
+
+#: gallery photo counts the trained SKUs' kNN top-1 is broken down by (a rule that names SKUs with
+#: few photos better may name those with many worse)
+PHOTO_BUCKETS = ((1, 10), (11, 29), (30, 9999))
+
+
+#: the rules scored: every vote of votes.py (expected_best with retrieval.vote_shots),
+#: expected_best judging each SKU by 20 photos (between best, its photos all, and 5), and each SKU's
+#: best match less its impostor baseline (enrol_rules.impostor_baseline), among k and 50 neighbours
+RULES = (*VOTES, "expected_best@20", "normalised", "normalised@50")
 
 
 def rates(top: np.ndarray, truth: np.ndarray, rows: np.ndarray) -> dict:
