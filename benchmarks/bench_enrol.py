@@ -26,7 +26,7 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
   (``train.metric_loss_weight: 1``) over P x K batches (``train.sampler: pk``, 4 images per SKU):
   a metric-learning embedding, as PaddleClas PP-ShiTu trains its own; ``supcon@W`` at loss weight
   W; ``pk``: the same batches without the loss (what the sampler alone does); ``supcon-random``: the
-  loss on the default's random batches;
+  loss on the default's random batches; ``supcon-pairs``: on batches of 2 photos per SKU;
 - ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
   cosine is the mean of the two), its classifier ``linear``'s.
 - ``linear-stage`` / ``imagenet-stage``: that model's embedding taken one step earlier, from its
@@ -209,6 +209,8 @@ ROW_PARAMS = {
     "supcon": {"train.sampler": "pk", "train.metric_loss_weight": 1.0},
     "pk": {"train.sampler": "pk"},  # supcon's batches without its loss: what the sampler alone does
     "supcon-random": {"train.metric_loss_weight": 1.0},  # the loss on random batches (few positives)
+    # pairs: 16 SKUs in a batch of 32 instead of 8
+    "supcon-pairs": {"train.sampler": "pk", "train.pk_images": 2, "train.metric_loss_weight": 1.0},
 }
 
 
@@ -350,7 +352,7 @@ def main() -> None:
                    help="comma-separated: imagenet (no training), linear, arcface, cosface, supcon "
                         "(linear + the supervised contrastive loss on P x K batches; supcon@W: at "
                         "weight W), pk (those batches alone), supcon-random (the loss on random "
-                        "batches), concat "
+                        "batches), supcon-pairs (on batches of 2 photos per SKU), concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
                         "last stage before the head convolution)")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")

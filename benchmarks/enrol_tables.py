@@ -2,7 +2,8 @@
 and vote rule, by gallery size, novelty, the doubt switch) and ``summary`` (the embeddings of
 several runs side by side, the figures the enrolment goal is judged on):
 
-    python benchmarks/enrol_tables.py benchmarks/results/enrol.json benchmarks/results/enrol_seed1.json
+    python benchmarks/enrol_tables.py benchmarks/results/enrol.json benchmarks/results/enrol_seed1.json \\
+        benchmarks/results/enrol_metric.json --rows linear,supcon,pk,supcon-random,supcon-pairs
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
         "| trained lose (points) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    entries = []
     for report in reports:
         held = "whole groups" if report.get("whole_groups") else "SKUs"
         run = f"{report['data']}, {held} held out, seed {report['seed']}"
-        for row, r in report["rows"].items():
+        for place, (row, r) in enumerate(report["rows"].items()):
             if rows is not None and row not in rows:
                 continue
             t, h = r["trained_skus"], r["held_out_skus"]
@@ -114,9 +116,27 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
                 after, before = t[f"knn_{kind}"]["top1"], t[f"knn_{kind}_before_enrolment"]["top1"]
                 enrolled = h[f"knn_{kind}"]["top1"]
                 cells += [f"{enrolled:.3f}", f"{enrolled / after:.2f}×", f"{100 * (before - after):.1f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            # one block per run, its embeddings in ``rows``' order
+            order = rows.index(row) if rows is not None else place
+            entries.append(((report["data"], held, report["seed"], order), cells))
+    lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(entries, key=lambda e: e[0])]
     return "\n".join(lines)
 
 
+def read_reports(paths) -> list[dict]:
+    """bench_enrol reports from JSON files: one report each, or ``{"runs": [report, ...]}``."""
+    reports = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        reports += data["runs"] if "runs" in data else [data]
+    return reports
+
+
 if __name__ == "__main__":
-    print(summary([json.loads(Path(f).read_text()) for f in sys.argv[1:]]))
+    import argparse
+
+    p = argparse.ArgumentParser(description="bench_enrol runs' embeddings side by side (summary)")
+    p.add_argument("results", nargs="+", type=Path, help="bench_enrol JSON files")
+    p.add_argument("--rows", help="comma-separated embeddings to show (default: all)")
+    args = p.parse_args()
+    print(summary(read_reports(args.results), tuple(args.rows.split(",")) if args.rows else None))

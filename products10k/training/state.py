@@ -319,7 +319,7 @@ def _phase_data(
 def _samplers(
     cfg: PhaseConfig, data: _PhaseData, micro_batch: int, info: DistInfo
 ) -> tuple[EpochSampler | ClassBalancedSampler | PKSampler, EpochSampler]:
-    """This rank's share of each epoch: train's order (shuffled or class-balanced), val's rows."""
+    """This rank's share of each epoch: train's order (shuffled, class-balanced or P x K), val's rows."""
     batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
     if cfg.sampler == "class_balanced":
         train = ClassBalancedSampler(data.train_ds.labels, info.rank, info.world, cfg.seed, **batching)
