@@ -242,6 +242,31 @@ def test_the_gloo_side_group_under_nccl_waits_dist_timeout_s(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def _one_process_and_two_ranks(root: Path, data: Path, rows: Path, train: dict, **sections) -> None:
+    """The ``train`` phase on ``rows``' train.csv and val.csv, trained in one process with
+    grad_accum 2 (into ``root/one``) and through the launcher with 2 gloo ranks (into ``root/two``):
+    the same global batch."""
+    one = write_params(root / "one.yaml", train={**train, "grad_accum": 2}, dist=GLOO, **sections)
+    paths = PhasePaths(rows / "train.csv", rows / "val.csv", data / "label_map.csv", data, root / "one")
+    train_phase(one, "train", "m0", paths)
+    write_params(root / "params.yaml", train=train, dist={**GLOO, "nproc_per_node": 2}, **sections)
+    rel = rows.relative_to(root)
+    args = [
+        str(ROOT / "stages" / "train.py"), "--phase", "train", "--member", "m0", "--params", "params.yaml",
+        "--train-csv", f"{rel}/train.csv", "--val-csv", f"{rel}/val.csv", "--label-map", "data/label_map.csv",
+        "--images", "data", "--out", "two",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*LAUNCH, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _assert_same_weights(ref: dict, ddp: dict) -> None:
+    for key, value in ref["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_folds_under_torchrun_train_what_one_process_trains(tmp_path):
     """cv.folds: 2 through the launcher with 2 gloo ranks: each fold's model and the refit end as one
     process with the same global batch ends (the fold loop runs in step on every rank)."""
@@ -252,27 +277,11 @@ def test_folds_under_torchrun_train_what_one_process_trains(tmp_path):
     )
     folds = tmp_path / "folds"
     write_folds(data / "train.csv", data / "val.csv", folds / "train.csv", folds / "val.csv", 2, 0)
-    cv = {"folds": 2, "seed": 0}
-    one = write_params(tmp_path / "one.yaml", train={**DETERMINISTIC, "grad_accum": 2}, dist=GLOO, cv=cv)
-    paths = PhasePaths(folds / "train.csv", folds / "val.csv", data / "label_map.csv", data, tmp_path / "one")
-    train_phase(one, "train", "m0", paths)
-    write_params(tmp_path / "params.yaml", train=DETERMINISTIC, dist={**GLOO, "nproc_per_node": 2}, cv=cv)
-    args = [
-        str(ROOT / "stages" / "train.py"), "--phase", "train", "--member", "m0", "--params", "params.yaml",
-        "--train-csv", "folds/train.csv", "--val-csv", "folds/val.csv", "--label-map", "data/label_map.csv",
-        "--images", "data", "--out", "two",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*LAUNCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _one_process_and_two_ranks(tmp_path, data, folds, DETERMINISTIC, cv={"folds": 2, "seed": 0})
     for sub in ("fold0", "fold1", "."):
         ref, ddp = _weights(tmp_path / "one" / sub / "last.pt"), _weights(tmp_path / "two" / sub / "last.pt")
         assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] > 0
-        for key, value in ref["model"].items():
-            if value.is_floating_point():
-                torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
+        _assert_same_weights(ref, ddp)
 
 
 def test_metric_loss_on_pk_batches_under_torchrun_trains_what_one_process_trains(tmp_path):
@@ -283,25 +292,10 @@ def test_metric_loss_on_pk_batches_under_torchrun_trains_what_one_process_trains
         tmp_path / "data", num_classes=4, train_per_class=5, val_per_class=2, size=(32, 32)
     )
     pk = {**DETERMINISTIC, "sampler": "pk", "pk_images": 2, "metric_loss_weight": 1.0, "drop_last": True}
-    one = write_params(tmp_path / "one.yaml", train={**pk, "grad_accum": 2}, dist=GLOO)
-    paths = PhasePaths(data / "train.csv", data / "val.csv", data / "label_map.csv", data, tmp_path / "one")
-    train_phase(one, "train", "m0", paths)
-    write_params(tmp_path / "params.yaml", train=pk, dist={**GLOO, "nproc_per_node": 2})
-    args = [
-        str(ROOT / "stages" / "train.py"), "--phase", "train", "--member", "m0", "--params", "params.yaml",
-        "--train-csv", "data/train.csv", "--val-csv", "data/val.csv", "--label-map", "data/label_map.csv",
-        "--images", "data", "--out", "two",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*LAUNCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _one_process_and_two_ranks(tmp_path, data, data, pk)
     ref, ddp = _weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "two" / "last.pt")
-    assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] == 2  # 16 of 20 draws: 2 updates of 8
-    for key, value in ref["model"].items():
-        if value.is_floating_point():
-            torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
-    assert [r["train/loss"] for r in ddp["history"]] == pytest.approx(
-        [r["train/loss"] for r in ref["history"]]
-    )
+    # 16 of 20 draws: 2 updates of 8
+    assert ddp["train_state"]["global_step"] == ref["train_state"]["global_step"] == 2
+    _assert_same_weights(ref, ddp)
+    losses = [r["train/loss"] for r in ref["history"]]
+    assert [r["train/loss"] for r in ddp["history"]] == pytest.approx(losses)
