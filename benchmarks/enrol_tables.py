@@ -102,7 +102,7 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     entries = []
-    for report in reports:
+    for number, report in enumerate(reports):
         held = "whole groups" if report.get("whole_groups") else "SKUs"
         run = f"{report['data']}, {held} held out, seed {report['seed']}"
         for place, (row, r) in enumerate(report["rows"].items()):
@@ -116,9 +116,9 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
                 after, before = t[f"knn_{kind}"]["top1"], t[f"knn_{kind}_before_enrolment"]["top1"]
                 enrolled = h[f"knn_{kind}"]["top1"]
                 cells += [f"{enrolled:.3f}", f"{enrolled / after:.2f}×", f"{100 * (before - after):.1f}"]
-            # one block per run, its embeddings in ``rows``' order
-            order = rows.index(row) if rows is not None else place
-            entries.append(((report["data"], held, report["seed"], order), cells))
+            # one block per run, its embeddings in ``rows``' order (or the files' and rows' order)
+            order = (rows.index(row),) if rows is not None else (number, place)
+            entries.append(((report["data"], held, report["seed"], *order), cells))
     lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(entries, key=lambda e: e[0])]
     return "\n".join(lines)
 
