@@ -49,6 +49,9 @@ Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/r
     # a new product line, no trained group-mate left:
     python benchmarks/bench_enrol.py --whole-groups --rows imagenet,linear \\
         --out benchmarks/results/enrol_groups.json
+    # every row at a higher resolution (the code that tells group-mates apart: ~5 px at 128)
+    python benchmarks/bench_enrol.py --set train.resolution=192 --rows linear,frozen-bn \
+        --out benchmarks/results/enrol_192.json
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ from benchmarks.enrol_rules import (  # noqa: E402
 )
 from benchmarks.enrol_tables import table  # noqa: E402
 from benchmarks.harness import params as load_params  # noqa: E402
-from benchmarks.harness import write_params, write_results  # noqa: E402
+from benchmarks.harness import parse_sets, write_params, write_results  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from products10k.config import apply_overrides  # noqa: E402
 from products10k.contracts.prepared import LABEL_MAP_ALL_COLUMNS, read_label_map, read_prepared  # noqa: E402
@@ -363,6 +366,8 @@ def main() -> None:
                         "pk-frozen-bn, supcon-frozen-bn (BatchNorm statistics frozen), concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
                         "last stage before the head convolution)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a params.yaml override for every row, e.g. train.resolution=192")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "enrol.json")
     args = p.parse_args()
     rows = args.rows.split(",")
@@ -370,7 +375,8 @@ def main() -> None:
     unknown = {r for r in rows if r not in known and not (r.startswith("supcon@") and _number(r[7:]))}
     if unknown:
         p.error(f"unknown --rows entries: {', '.join(sorted(unknown))}")
-    params = load_params()
+    sets = parse_sets(args.set)
+    params = apply_overrides(load_params(), sets, "--set")
     started = time.time()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,6 +409,7 @@ def main() -> None:
         "whole_groups": args.whole_groups,
         "shots": args.shots,
         "seed": args.seed,
+        "set": sets,
         "held_out_sku_ids": [int(s) for s in held],
         "enrolled_images": int(len(shots_rows)),
         "seconds": round(time.time() - started, 1),
