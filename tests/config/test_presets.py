@@ -37,6 +37,7 @@ def test_paper_preset_gives_the_papers_recipe(tmp_path):
     assert (train.optimizer, train.lr, train.weight_decay, train.batch_size) == ("adam", 3e-4, 1e-4, 64)
     assert (train.schedule, train.milestones, train.gamma) == ("step", (20, 40, 60), 0.1)
     assert (train.color_jitter, train.random_erasing, train.label_smoothing) == (0.0, 0.0, 0.0)
+    assert not train.freeze_bn  # the paper trains BatchNorm (the embedded default freezes it)
     balanced = phase_config(params, "finetune_balanced")
     assert (balanced.lr, balanced.milestones, balanced.accuracy_loss_weight) == (3e-5, (), 0.0)
     accuracy = phase_config(params, "finetune_accuracy")
