@@ -30,6 +30,8 @@ Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
   ``frozen-bn``, ``pk-frozen-bn``, ``supcon-frozen-bn``: ``linear``, ``pk`` and ``supcon`` with
   BatchNorm's running statistics kept at ImageNet's (``train.freeze_bn``, params.yaml's value now:
   results files from before ran ``linear`` with it off); ``trained-bn``: with it off;
+  ``supcon-group``: ``supcon`` with half of each batch's SKUs from its first SKU's product group
+  (``train.pk_group_share: 0.5``: look-alikes side by side, hard negatives for the loss);
 - ``concat``: ``linear``'s embedding beside ImageNet's (each unit vector scaled by 1/sqrt(2), so a
   cosine is the mean of the two), its classifier ``linear``'s.
 - ``linear-stage`` / ``imagenet-stage``: that model's embedding taken one step earlier, from its
@@ -221,6 +223,8 @@ ROW_PARAMS = {
     # with the default's random batches, P x K batches alone and with the loss
     "frozen-bn": {"train.freeze_bn": True},  # params.yaml's own since recipe_frozen_bn_cv5.json
     "trained-bn": {"train.freeze_bn": False},  # the default before it
+    # supcon with half of each batch's SKUs from one product group: look-alikes as hard negatives
+    "supcon-group": {"train.sampler": "pk", "train.metric_loss_weight": 1.0, "train.pk_group_share": 0.5},
     "pk-frozen-bn": {"train.sampler": "pk", "train.freeze_bn": True},
     "supcon-frozen-bn": {"train.sampler": "pk", "train.metric_loss_weight": 1.0, "train.freeze_bn": True},
 }
@@ -365,7 +369,8 @@ def main() -> None:
                         "(linear + the supervised contrastive loss on P x K batches; supcon@W: at "
                         "weight W), pk (those batches alone), supcon-random (the loss on random "
                         "batches), supcon-pairs (on batches of 2 photos per SKU), frozen-bn, "
-                        "pk-frozen-bn, supcon-frozen-bn (BatchNorm statistics frozen), trained-bn, concat "
+                        "pk-frozen-bn, supcon-frozen-bn (BatchNorm statistics frozen), trained-bn, "
+                        "supcon-group (half a batch's SKUs from one product group), concat "
                         "(linear's embedding beside ImageNet's), linear-stage, imagenet-stage (their "
                         "last stage before the head convolution)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

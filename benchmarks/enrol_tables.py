@@ -105,6 +105,7 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
     for number, report in enumerate(reports):
         held = "whole groups" if report.get("whole_groups") else "SKUs"
         run = f"{report['data']}, {held} held out, seed {report['seed']}"
+        run += "".join(f", {key}={value}" for key, value in (report.get("set") or {}).items())
         for place, (row, r) in enumerate(report["rows"].items()):
             if rows is not None and row not in rows:
                 continue

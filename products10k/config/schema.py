@@ -247,6 +247,7 @@ class PhaseConfig(Section):
     loss: Literal["ce", "balanced_softmax"]
     sampler: Literal["random", "class_balanced", "pk"]
     pk_images: int = Field(ge=2)  # pk: images of one SKU per group (each image's positives: k - 1)
+    pk_group_share: Fraction01  # pk: share of a micro-batch's SKUs drawn from its first SKU's product group
     # supervised contrastive loss (Khosla et al. 2020) on the unit embedding the index compares,
     # added to the classification loss with this weight; its positives are a batch's same-SKU images
     metric_loss_weight: float = Field(ge=0.0)
@@ -273,6 +274,8 @@ class PhaseConfig(Section):
             raise ValueError("rrc_scale must be [min, max] with 0 < min <= max <= 1")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError("milestones must be increasing")
+        if self.pk_group_share > 0 and self.sampler != "pk":
+            raise ValueError(f"pk_group_share ({self.pk_group_share}) needs sampler: pk, not {self.sampler}")
         if self.sampler == "pk" and self.batch_size % self.pk_images:
             raise ValueError(
                 f"sampler pk draws groups of pk_images ({self.pk_images}) images of one SKU: "

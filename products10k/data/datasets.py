@@ -250,6 +250,11 @@ class PKSampler(_ShardedEpochSampler):
     one process sees with ``world`` times the gradient accumulation (a batch-wise loss such as the
     supervised contrastive one is computed on the same images), and a micro-batch that is a
     multiple of ``k`` holds whole groups.
+
+    ``group_share`` > 0 (with ``product_groups``, each label's product group): that share of a
+    micro-batch's SKUs is drawn from its first SKU's product group, so look-alikes stand beside
+    each other as hard negatives. They are drawn in proportion to their image count within the
+    group, so each SKU's share of the epoch stays its share of the data.
     """
 
     def __init__(
@@ -261,6 +266,8 @@ class PKSampler(_ShardedEpochSampler):
         seed: int = 0,
         batch_size: int | None = None,
         global_batch: int | None = None,
+        product_groups: np.ndarray | None = None,
+        group_share: float = 0.0,
     ):
         labels = np.asarray(labels)
         self.k = k
@@ -270,6 +277,14 @@ class PKSampler(_ShardedEpochSampler):
         self.starts = np.r_[0, np.cumsum(counts)][self.skus]
         self.by_label = np.argsort(labels, kind="stable")
         self.sku_weights = torch.as_tensor(self.counts, dtype=torch.double)
+        self.group_share = group_share
+        if group_share > 0:
+            if product_groups is None:
+                raise ValueError("PKSampler: group_share needs each label's product group")
+            sku_group = np.asarray(product_groups)[self.skus]
+            # per SKU (an index into self.skus): the SKUs of its product group
+            self.group_members = {g: np.flatnonzero(sku_group == g) for g in np.unique(sku_group)}
+            self.sku_group = sku_group
         super().__init__(len(labels), rank, world, seed, batch_size, global_batch)
 
     def _micro(self) -> int:
@@ -289,6 +304,8 @@ class PKSampler(_ShardedEpochSampler):
         g = self._generator()
         groups = -(-max(self.n, self._drawn()) // self.k)  # the same draws for any world size
         drawn = torch.multinomial(self.sku_weights, groups, replacement=True, generator=g).numpy()
+        if self.group_share > 0:
+            drawn = self._beside_look_alikes(drawn, g)
         flat = np.empty((groups, self.k), dtype=np.int64)
         for row, s in enumerate(drawn):
             count = int(self.counts[s])
@@ -300,3 +317,19 @@ class PKSampler(_ShardedEpochSampler):
         # micro-batch j goes to rank j % world; interleaved, order[rank::world] is that rank's
         micro = flat.reshape(-1)[: self._drawn()].reshape(-1, self.world, self._micro())
         return micro.transpose(0, 2, 1).reshape(-1).tolist()
+
+    def _beside_look_alikes(self, drawn: np.ndarray, g: torch.Generator) -> np.ndarray:
+        """``drawn`` with each micro-batch's SKU slots after the first, up to ``group_share`` of
+        them, redrawn from the first SKU's product group in proportion to image count. The first
+        SKU's group is drawn by its image mass, so every SKU keeps its share of the epoch."""
+        per_batch = max(self._micro() // self.k, 1)
+        same = round(self.group_share * per_batch)
+        out = drawn.copy()
+        if same < 2:  # a micro-batch of one SKU group has no slot to fill
+            return out
+        for start in range(0, len(drawn), per_batch):
+            members = self.group_members[self.sku_group[drawn[start]]]
+            picks = torch.multinomial(self.sku_weights[members], same - 1, replacement=True, generator=g)
+            slots = out[start + 1 : start + same]
+            slots[:] = members[picks.numpy()][: len(slots)]
+        return out

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
@@ -225,7 +226,7 @@ def build_state(settings: PhaseSettings, paths: PhasePaths, info: DistInfo) -> P
     normalize = input_normalization(model_cfg.arch)
     label_map = read_label_map(paths.label_map, LABEL_MAP_ALL_COLUMNS)
     data = _phase_data(cfg, paths, label_map, normalize, resize, settings.target_prior)
-    train_sampler, val_sampler = _samplers(cfg, data, micro_batch, info)
+    train_sampler, val_sampler = _samplers(cfg, data, micro_batch, info, label_map)
     batches_per_epoch = math.ceil(len(train_sampler) / micro_batch)
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
 
@@ -317,14 +318,19 @@ def _phase_data(
 
 
 def _samplers(
-    cfg: PhaseConfig, data: _PhaseData, micro_batch: int, info: DistInfo
+    cfg: PhaseConfig, data: _PhaseData, micro_batch: int, info: DistInfo, label_map: pd.DataFrame
 ) -> tuple[EpochSampler | ClassBalancedSampler | PKSampler, EpochSampler]:
     """This rank's share of each epoch: train's order (shuffled, class-balanced or P x K), val's rows."""
     batching = {"batch_size": micro_batch, "global_batch": cfg.batch_size if cfg.drop_last else None}
     if cfg.sampler == "class_balanced":
         train = ClassBalancedSampler(data.train_ds.labels, info.rank, info.world, cfg.seed, **batching)
     elif cfg.sampler == "pk":
-        train = PKSampler(data.train_ds.labels, cfg.pk_images, info.rank, info.world, cfg.seed, **batching)
+        product_groups = np.zeros(int(label_map["label"].max()) + 1, dtype=np.int64)  # by label
+        product_groups[label_map["label"].to_numpy()] = label_map["group"].to_numpy()
+        train = PKSampler(
+            data.train_ds.labels, cfg.pk_images, info.rank, info.world, cfg.seed, **batching,
+            product_groups=product_groups, group_share=cfg.pk_group_share,
+        )  # fmt: skip
         if micro_batch % cfg.pk_images:
             log.warning(
                 "sampler pk: the per-rank micro-batch (%d) is not a multiple of pk_images (%d), so "

@@ -177,3 +177,7 @@ def test_pk_batches_must_hold_whole_sku_groups():
     with pytest.raises(ConfigError, match=r"^p\.yaml: .*batch_size \(32\) must be a multiple of it"):
         section(tree, "train", SECTIONS["train"], where="p.yaml")
     section(apply_overrides(tree, {"train.sampler": "random"}), "train", SECTIONS["train"], where="p.yaml")
+    shared = apply_overrides(params_tree(), {"train.pk_group_share": 0.5})
+    with pytest.raises(ConfigError, match=r"pk_group_share \(0\.5\) needs sampler: pk, not random"):
+        section(shared, "train", SECTIONS["train"], where="p.yaml")
+    section(apply_overrides(shared, {"train.sampler": "pk"}), "train", SECTIONS["train"], where="p.yaml")

@@ -134,3 +134,29 @@ def test_pk_sampler_keeps_the_data_s_sku_mix():
         counts += np.bincount(labels[list(s)], minlength=3)
     shares = counts / counts.sum()
     assert np.allclose(shares, [0.90, 0.09, 0.01], atol=0.03), shares
+
+
+def test_pk_sampler_puts_look_alikes_of_one_product_group_beside_each_other():
+    """``group_share``: each micro-batch's first SKUs share its first SKU's product group (hard
+    negatives), the rest are drawn from every SKU, and each SKU keeps its share of the data."""
+    labels = np.repeat(np.arange(6), [40, 10, 30, 20, 25, 5])
+    product_groups = np.array([0, 0, 0, 1, 1, 2])
+    k, micro = 2, 8  # 4 SKU groups a micro-batch, 2 of them from the first one's product group
+    s = PKSampler(labels, k, seed=3, batch_size=micro, product_groups=product_groups, group_share=0.5)
+    counts, same_group = np.zeros(6), 0
+    for epoch in range(300):
+        s.set_epoch(epoch)
+        batches = labels[list(s)].reshape(-1, micro)
+        counts += np.bincount(batches.ravel(), minlength=6)
+        for batch in batches:
+            skus = batch[::k]
+            assert product_groups[skus[1]] == product_groups[skus[0]]  # the look-alike slot
+            same_group += product_groups[skus[2]] == product_groups[skus[0]]
+    assert np.allclose(counts / counts.sum(), np.bincount(labels) / len(labels), atol=0.01)
+    assert same_group < 0.6 * 300 * len(batches)  # the other slots draw from every group
+    plain = PKSampler(labels, k, seed=3, batch_size=micro)
+    plain.set_epoch(0)
+    first_two = labels[list(plain)].reshape(-1, micro)[:, [0, k]]
+    assert (product_groups[first_two[:, 0]] != product_groups[first_two[:, 1]]).any()  # 0: as before
+    with pytest.raises(ValueError, match="product group"):
+        PKSampler(labels, k, group_share=0.5)

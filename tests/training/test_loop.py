@@ -303,9 +303,11 @@ def test_optional_tricks_run(tmp_path, train):
         assert last["phase_config"]["sampler"] == "class_balanced" and last["train_state"]["global_step"] == 4
 
 
-def test_pk_batches_feed_the_metric_loss_groups_of_one_sku(tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_share", [0.0, 1.0])
+def test_pk_batches_feed_the_metric_loss_groups_of_one_sku(tmp_path, monkeypatch, group_share):
     """train.sampler pk + metric_loss_weight: every batch the supervised contrastive loss sees is
-    made of whole same-SKU groups, and it adds to the training loss."""
+    made of whole same-SKU groups, and it adds to the training loss; with pk_group_share 1 its SKUs
+    are of one product group (label_map's ``group``: label // 2 here)."""
     from products10k.training import losses
 
     seen = []
@@ -318,12 +320,16 @@ def test_pk_batches_feed_the_metric_loss_groups_of_one_sku(tmp_path, monkeypatch
 
     monkeypatch.setattr(losses, "supcon_per_sample", spy)
     data = make_training_data(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2)
-    train = {"epochs": 1, "batch_size": 4, "sampler": "pk", "pk_images": 2, "metric_loss_weight": 1.0}
+    train = {"epochs": 1, "batch_size": 4, "sampler": "pk", "pk_images": 2, "metric_loss_weight": 1.0,
+             "pk_group_share": group_share}  # fmt: skip
     params = write_params(tmp_path / "p.yaml", train=train)
     result = train_phase(params, "train", "m0", _paths(data, tmp_path))
     assert len(seen) == 4  # 18 draws, whole batches of 4
     for target, loss in seen:
-        assert target[0] == target[1] and target[2] == target[3] and loss > 0
+        assert target[0] == target[1] and target[2] == target[3]
+        assert loss > 0 if target[0] != target[2] else loss >= 0  # one SKU: no negatives
+        if group_share:
+            assert target[0] // 2 == target[2] // 2
     assert math.isfinite(result["history"][0]["train/loss"])
 
 
