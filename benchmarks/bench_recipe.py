@@ -9,7 +9,7 @@ Each seed runs ``dvc exp run -S prepare.seed=S -S train.seed=S`` (a new val spli
 in a fresh clone of HEAD (commit first), once as params.yaml has it and once with the ``--set``
 overrides on top; about 4 min a run on 2 CPU cores. ``--common KEY=VALUE`` sets a key for both
 recipes, for example ``--common cv.folds=5`` to choose on the out-of-fold estimate (every training
-photo read, not ~100 val rows; six trainings a phase, about 27 min a run). One val of ~100 rows
+photo read, not ~100 val rows; six trainings a phase, 18-27 min a run). One val of ~100 rows
 reads an output to about +-0.10, one test of 960 to +-0.03: a gain says something only as far as it
 holds over the seeds.
 Results: benchmarks/results/recipe.json (``--out``).
