@@ -282,7 +282,7 @@ class PKSampler(_ShardedEpochSampler):
             if product_groups is None:
                 raise ValueError("PKSampler: group_share needs each label's product group")
             sku_group = np.asarray(product_groups)[self.skus]
-            # per SKU (an index into self.skus): the SKUs of its product group
+            # per product group: its SKUs, as indices into self.skus
             self.group_members = {g: np.flatnonzero(sku_group == g) for g in np.unique(sku_group)}
             self.sku_group = sku_group
         super().__init__(len(labels), rank, world, seed, batch_size, global_batch)
