@@ -104,8 +104,8 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
     entries = []
     for number, report in enumerate(reports):
         held = "whole groups" if report.get("whole_groups") else "SKUs"
-        run = f"{report['data']}, {held} held out, seed {report['seed']}"
-        run += "".join(f", {key}={value}" for key, value in (report.get("set") or {}).items())
+        setting = "".join(f", {key}={value}" for key, value in (report.get("set") or {}).items())
+        run = f"{report['data']}, {held} held out, seed {report['seed']}{setting}"
         for place, (row, r) in enumerate(report["rows"].items()):
             if rows is not None and row not in rows:
                 continue
@@ -119,7 +119,7 @@ def summary(reports: list[dict], rows: tuple[str, ...] | None = None) -> str:
                 cells += [f"{enrolled:.3f}", f"{enrolled / after:.2f}×", f"{100 * (before - after):.1f}"]
             # one block per run, its embeddings in ``rows``' order (or the files' and rows' order)
             order = (rows.index(row),) if rows is not None else (number, place)
-            entries.append(((report["data"], held, report["seed"], *order), cells))
+            entries.append(((report["data"], held, report["seed"], setting, *order), cells))
     lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(entries, key=lambda e: e[0])]
     return "\n".join(lines)
 
