@@ -106,16 +106,16 @@ def run(*args: str, cwd: Path) -> None:
 
 
 def prepare_data(work: Path, data: str, params: dict) -> Path:
-    """The download and prepare stages in ``work``: params.yaml's synthetic data, or the digits."""
-    params_file = ROOT / "params.yaml"
+    """The download and prepare stages in ``work``: ``params``' synthetic data (``--set`` included:
+    ``data.synthetic.num_groups=24`` generates a larger set), or the digits."""
+    tree = json.loads(json.dumps(params))
     if data == "digits":
         from benchmarks.digits_data import write_digits
 
         write_digits(work / "digits")
-        tree = json.loads(json.dumps(params))
         tree["data"].update({"source": "dir", "dir": str(work / "digits")})
-        params_file = work / "params-data.yaml"
-        write_params(params_file, tree)
+    params_file = work / "params-data.yaml"
+    write_params(params_file, tree)
     run(str(ROOT / "stages/download.py"), "--params", str(params_file), "--out", str(work / "raw"), cwd=work)
     run(str(ROOT / "stages/prepare.py"), "--params", str(params_file), "--raw", str(work / "raw"),
         "--out", str(work / "prepared"), cwd=work)  # fmt: skip

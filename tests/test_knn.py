@@ -331,3 +331,24 @@ def test_bench_enrol_rows_train_the_stage_script_on_their_own_params(tmp_path, m
     monkeypatch.setattr(bench_enrol, "load_model", lambda path: ("model", {}))
     assert bench_enrol.train_row(row, load_params(), tmp_path, tmp_path, tmp_path) == ("model", {})
     assert seen == expected
+
+
+def test_bench_enrol_data_is_generated_from_the_set_overrides(tmp_path, monkeypatch):
+    """``--set data.synthetic.num_groups=24`` reaches the download and prepare stages (a larger set),
+    not only the training rows: both stages read the overridden params file."""
+    import yaml
+
+    from benchmarks import bench_enrol
+    from benchmarks.harness import params as load_params
+    from products10k.config import apply_overrides
+
+    groups = []
+
+    def fake_run(*args, cwd):
+        tree = yaml.safe_load(open(args[args.index("--params") + 1]))
+        groups.append(tree["data"]["synthetic"]["num_groups"])
+
+    monkeypatch.setattr(bench_enrol, "run", fake_run)
+    params = apply_overrides(load_params(), {"data.synthetic.num_groups": 24}, "--set")
+    bench_enrol.prepare_data(tmp_path, "default", params)
+    assert groups == [24, 24]
