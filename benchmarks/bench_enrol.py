@@ -55,6 +55,11 @@ Writes benchmarks/results/enrol.json (``--out``) and prints the table for docs/r
     # every row at a higher resolution (the code that tells group-mates apart: ~5 px at 128)
     python benchmarks/bench_enrol.py --set train.resolution=192 --rows linear,frozen-bn \
         --out benchmarks/results/enrol_192.json
+    # a larger synthetic set (192 SKUs, 96 twin pairs; --set reaches the data stages too), or the
+    # user's own Products-10K folder (data.source=dir)
+    python benchmarks/bench_enrol.py --set data.synthetic.num_groups=24 --rows linear \
+        --out benchmarks/results/enrol_scale.json
+    python benchmarks/bench_enrol.py --set data.source=dir --set data.dir=/data/products10k --rows linear
 """
 
 from __future__ import annotations
