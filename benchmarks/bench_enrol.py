@@ -288,9 +288,11 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
         .astype(int)
         .to_numpy()
     )
+    before_hit = {}  # per trained photo, named right before the enrolment
     for rule in RULES:
         knn = _knn(gallery, test_vectors[~is_held], trained_rows["name"], known, retrieval, rule)
         before[rule] = rates(knn.topk_labels[:, :5], known, np.ones(len(known), bool))
+        before_hit[rule] = knn.topk_labels[:, 0] == known
     nearest, _ = search(gallery.index, test_vectors, 1, retrieval["search_batch"], progress=False)
     enrol(gallery, embed(shots_rows), shots_rows["sku"].to_numpy(), shots_rows["name"].to_numpy())
 
@@ -308,7 +310,9 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
         "fusion_weight": weights,
         "novelty": novelty(logits, nearest[:, 0], is_held),
         "trained_by_gallery_photos": {},  # kNN top-1 of the trained SKUs by their gallery photo count
+        "cost_by_group": {},  # the trained SKUs' loss, split: group-mates of an enrolled SKU, the rest
     }
+    mates = group_mates(prepared, trained_rows["sku"], held)
     photos = np.bincount(gallery.labels, minlength=gallery.num_classes)[np.maximum(truth, 0)]
     tops = {}
     for kind in RULES:
@@ -322,6 +326,8 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
         to_enrolled = knn.topk_labels[~is_held, 0] >= num_known
         result["trained_skus"][f"knn_{kind}_named_enrolled"] = round(float(to_enrolled.mean()), 4)
         result["trained_skus"][f"knn_{kind}_before_enrolment"] = before[kind]
+        after_hit = knn.topk_labels[~is_held, 0] == truth[~is_held]
+        result["cost_by_group"][kind] = cost_split(before_hit[kind], after_hit, mates)
         result["trained_by_gallery_photos"][kind] = {
             f"{low}-{high}": {"n_images": int(rows.sum()), **rates(knn.topk_labels[:, :5], truth, rows)}
             for low, high in PHOTO_BUCKETS
@@ -329,6 +335,27 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
         }
     result["gated"] = gated(tops, doubt_of(val_cls), doubt(logits), truth, is_held, num_known)
     return result
+
+
+def group_mates(prepared: Path, skus: pd.Series, held) -> np.ndarray:
+    """Per photo of ``skus``: is its SKU in the product group (train.csv's ``group``) of a held-out
+    SKU? Its look-alikes are those an enrolment can take photos from."""
+    train = pd.read_csv(prepared / "train.csv", usecols=["sku", "group"])
+    group_of = dict(zip(train["sku"], train["group"], strict=False))
+    held_groups = {group_of[int(s)] for s in held}
+    return skus.map(group_of).isin(held_groups).to_numpy()
+
+
+def cost_split(before_hit: np.ndarray, after_hit: np.ndarray, mates: np.ndarray) -> dict:
+    """The trained SKUs' kNN top-1 before and after the enrolment, and the points lost, for the
+    group-mates of an enrolled SKU and for the rest."""
+    out = {}
+    for part, rows in (("group_mates", mates), ("others", ~mates)):
+        if rows.any():
+            b, a = float(before_hit[rows].mean()), float(after_hit[rows].mean())
+            out[part] = {"n_images": int(rows.sum()), "before": round(b, 4), "after": round(a, 4),
+                         "points_lost": round(100 * (b - a), 1)}  # fmt: skip
+    return out
 
 
 def _knn(gallery, vectors, names, labels, retrieval: dict, rule: str) -> SplitScores:

@@ -352,3 +352,20 @@ def test_bench_enrol_data_is_generated_from_the_set_overrides(tmp_path, monkeypa
     params = apply_overrides(load_params(), {"data.synthetic.num_groups": 24}, "--set")
     bench_enrol.prepare_data(tmp_path, "default", params)
     assert groups == [24, 24]
+
+
+def test_bench_enrol_splits_the_trained_skus_cost_by_the_enrolled_skus_group(tmp_path):
+    """The trained SKUs' loss to an enrolment, split into the group-mates of an enrolled SKU and the
+    rest: photos of a SKU sharing a held-out SKU's group count as mates, the others do not."""
+    import pandas as pd
+
+    from benchmarks.bench_enrol import cost_split, group_mates
+
+    pd.DataFrame({"sku": [1, 2, 3, 4], "group": [10, 10, 20, 20], "name": list("abcd")}).to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    mates = group_mates(tmp_path, pd.Series([2, 2, 3, 4]), held=[1])
+    assert mates.tolist() == [True, True, False, False]
+    split = cost_split(np.array([True, True, True, False]), np.array([False, True, True, False]), mates)
+    assert split["group_mates"] == {"n_images": 2, "before": 1.0, "after": 0.5, "points_lost": 50.0}
+    assert split["others"] == {"n_images": 2, "before": 0.5, "after": 0.5, "points_lost": 0.0}
