@@ -14,7 +14,9 @@ digits``, on real images (scikit-learn's handwritten digits, benchmarks/digits_d
 5. score every test image: top-1 and top-5 of the classifier on the SKUs the model was trained
    on, and of kNN and fusion (``knn.fuse_with_enrolled``, what products10k-predict and the service
    run) under each vote rule (``softmax``, ``count``, ``best``: knn.py) on the trained and on the
-   held-out SKUs (the classifier cannot name those), each with a 95% interval.
+   held-out SKUs (the classifier cannot name those), each with a 95% interval; and what the
+   enrolment costs the trained SKUs, split into the enrolled SKUs' group-mates and the rest
+   (``cost_by_group``).
 
 Steps 3-5 run once per ``--rows`` entry, each a way to get the embedding:
 
