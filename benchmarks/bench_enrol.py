@@ -340,10 +340,10 @@ def score_row(model, meta, embed, params, prepared, reduced, held, shots_rows) -
 
 
 def group_mates(prepared: Path, skus: pd.Series, held) -> np.ndarray:
-    """Per photo of ``skus``: is its SKU in the product group (train.csv's ``group``) of a held-out
-    SKU? Its look-alikes are those an enrolment can take photos from."""
-    train = pd.read_csv(prepared / "train.csv", usecols=["sku", "group"])
-    group_of = dict(zip(train["sku"], train["group"], strict=False))
+    """Per photo of ``skus``: is its SKU in the product group (label_map.csv's ``group``, every SKU
+    before the hold-out) of a held-out SKU? Its look-alikes are those an enrolment can take photos from."""
+    label_map = read_label_map(prepared / "label_map.csv", LABEL_MAP_ALL_COLUMNS)
+    group_of = dict(zip(label_map["sku"], label_map["group"], strict=True))
     held_groups = {group_of[int(s)] for s in held}
     return skus.map(group_of).isin(held_groups).to_numpy()
 

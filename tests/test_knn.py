@@ -361,9 +361,8 @@ def test_bench_enrol_splits_the_trained_skus_cost_by_the_enrolled_skus_group(tmp
 
     from benchmarks.bench_enrol import cost_split, group_mates
 
-    pd.DataFrame({"sku": [1, 2, 3, 4], "group": [10, 10, 20, 20], "name": list("abcd")}).to_csv(
-        tmp_path / "train.csv", index=False
-    )
+    label_map = {"label": [0, 1, 2, 3], "sku": [1, 2, 3, 4], "group": [10, 10, 20, 20], "n_train": 5}
+    pd.DataFrame(label_map).to_csv(tmp_path / "label_map.csv", index=False)
     mates = group_mates(tmp_path, pd.Series([2, 2, 3, 4]), held=[1])
     assert mates.tolist() == [True, True, False, False]
     split = cost_split(np.array([True, True, True, False]), np.array([False, True, True, False]), mates)
